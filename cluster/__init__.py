@@ -1,0 +1,1 @@
+"""Cluster tooling and the placement controller (issue: multi-node cluster and placement)."""

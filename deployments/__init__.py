@@ -1,0 +1,1 @@
+"""Ray Serve applications and ingress (issue: serving path)."""

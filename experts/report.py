@@ -1,0 +1,162 @@
+"""The accuracy report of a built zoo on held-out generated images.
+
+Runs the whole CoE offline exactly as serving does (the router model, then `router.plan`'s rules,
+table, dependency triggers and verdict aggregation, with experts loaded by `ExpertRuntime` from
+their checkpoints), batched per expert, and the monolithic baseline beside it on the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from expertmesh.experts.pcb_aoi import dataset, generator
+from expertmesh.experts.preprocess import to_pixel_values
+from expertmesh.experts.runtime import ExpertRuntime
+from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
+from expertmesh.experts.zoo import BASELINE_DIR, monolithic_spec
+from expertmesh.router.plan import Call, ExpertOutput, Verdict, aggregate, route, triggered_calls
+
+_BATCH = 256
+
+
+class ExpertAccuracy(BaseModel):
+    expert: str
+    accuracy: float
+    num_images: int
+    num_parameters: int
+
+
+class SystemAccuracy(BaseModel):
+    verdict_accuracy: float  # PASS iff the truth is "ok"; UNCERTAIN counts as wrong
+    defect_accuracy: float  # the exact defect label (or "ok")
+    num_uncertain: int
+    num_images: int
+    mean_experts_per_image: float
+    active_parameters_per_image: float
+    total_parameters: int
+
+
+class AccuracyReport(BaseModel):
+    spec: str
+    eval_seed: int
+    num_eval_per_pair: int
+    router_accuracy: float
+    experts: list[ExpertAccuracy]
+    coe: SystemAccuracy
+    monolithic: SystemAccuracy | None
+    seconds: float
+
+
+def _runtime(spec: CoESpec, e: ExpertSpec, zoo_root: Path) -> ExpertRuntime:
+    rt = ExpertRuntime(e, resolve_checkpoint(e, zoo_root), device="cpu", image_limits=spec.image)
+    rt.load()
+    return rt
+
+
+def _predict(rt: ExpertRuntime, images: np.ndarray) -> list:
+    out = []
+    for s in range(0, len(images), _BATCH):
+        out += rt.infer(to_pixel_values(images[s:s + _BATCH], rt.spec.input_size_px))
+    return out
+
+
+def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: bool = True) -> AccuracyReport:
+    t0 = time.perf_counter()
+    zoo_root = Path(zoo_root)
+    eval_seed = spec.seed + dataset.EVAL_SEED_OFFSET
+    pool = dataset.Pool.generate(dataset.eval_counts(spec), eval_seed, desc="generating held-out images", progress=progress)
+    pairs = list(pool.images)
+    images = np.concatenate([pool.images[p] for p in pairs])
+    truth = [p for p in pairs for _ in range(len(pool.images[p]))]
+    runtimes = {e.name: _runtime(spec, e, zoo_root) for e in spec.experts}
+    params = {name: rt.num_parameters for name, rt in runtimes.items()}
+
+    # each expert alone, on the held-out images of the kinds it was trained for
+    per_expert = []
+    for e in tqdm(spec.experts, desc="expert accuracy", disable=not progress, leave=False):
+        samples = dataset.expert_samples(spec, e)
+        x, y = pool.arrays_for(samples, e.labels)
+        preds = _predict(runtimes[e.name], x)
+        acc = float(np.mean([e.labels.index(p.label) == t for p, t in zip(preds, y)]))
+        per_expert.append(ExpertAccuracy(expert=e.name, accuracy=acc, num_images=len(y), num_parameters=params[e.name]))
+
+    # the whole CoE: route, then run the plan in waves, each wave batched per expert
+    router_preds = _predict(runtimes[spec.router.expert], images)
+    router_acc = float(np.mean([p.label == c for p, (c, _) in zip(router_preds, truth)]))
+    pending: dict[int, list[Call]] = {}
+    planned: dict[int, set[str]] = {}
+    outputs: dict[int, list[ExpertOutput]] = defaultdict(list)
+    for i, p in enumerate(router_preds):
+        r = route(spec, p.label, p.score)
+        pending[i] = list(r.calls)
+        planned[i] = {c.expert for c in r.calls}
+    while any(pending.values()):
+        by_expert: dict[str, list[int]] = defaultdict(list)
+        for i, calls in pending.items():
+            for c in calls:
+                by_expert[c.expert].append(i)
+        pending = {i: [] for i in pending}
+        for name, idx in sorted(by_expert.items()):
+            for i, pred in zip(idx, _predict(runtimes[name], images[idx])):
+                out = ExpertOutput(name, pred.label, pred.score)
+                outputs[i].append(out)
+                pending[i] += triggered_calls(spec, out, planned[i])
+    outcomes = [aggregate(spec, outputs[i]) for i in range(len(images))]
+    used = [sum(params[o.expert] for o in outputs[i]) + params[spec.router.expert] for i in range(len(images))]
+    coe = SystemAccuracy(
+        verdict_accuracy=float(np.mean([(o.verdict is Verdict.PASS) == (d == "ok") and o.verdict is not Verdict.UNCERTAIN
+                                        for o, (_, d) in zip(outcomes, truth)])),
+        defect_accuracy=float(np.mean([(o.defect or "ok") == d and o.verdict is not Verdict.UNCERTAIN
+                                       for o, (_, d) in zip(outcomes, truth)])),
+        num_uncertain=sum(o.verdict is Verdict.UNCERTAIN for o in outcomes),
+        num_images=len(images),
+        mean_experts_per_image=float(np.mean([len(outputs[i]) + 1 for i in range(len(images))])),
+        active_parameters_per_image=float(np.mean(used)),
+        total_parameters=sum(params.values()),
+    )
+    mono = None
+    if baseline and (zoo_root / BASELINE_DIR / "model.safetensors").is_file():
+        mspec = monolithic_spec(spec)
+        rt = ExpertRuntime(mspec, zoo_root / BASELINE_DIR, device="cpu", image_limits=spec.image)
+        rt.load()
+        preds = [p.label.split("/") for p in _predict(rt, images)]
+        n = rt.num_parameters
+        mono = SystemAccuracy(
+            verdict_accuracy=float(np.mean([(pd == "ok") == (d == "ok") for (_, pd), (_, d) in zip(preds, truth)])),
+            defect_accuracy=float(np.mean([pd == d for (_, pd), (_, d) in zip(preds, truth)])),
+            num_uncertain=0, num_images=len(images), mean_experts_per_image=1.0,
+            active_parameters_per_image=float(n), total_parameters=n,
+        )
+    return AccuracyReport(spec=spec.name, eval_seed=eval_seed, num_eval_per_pair=spec.num_eval_per_pair,
+                          router_accuracy=router_acc, experts=per_expert, coe=coe, monolithic=mono,
+                          seconds=time.perf_counter() - t0)
+
+
+def format_report(r: AccuracyReport) -> str:
+    lines = [f"Accuracy report: {r.spec}, held-out seed {r.eval_seed}, {r.num_eval_per_pair} images per "
+             f"(component, defect) pair, {r.coe.num_images} images",
+             "", f"{'expert':<24}{'accuracy':>10}{'images':>9}{'params':>11}", "-" * 54]
+    for e in r.experts:
+        lines.append(f"{e.expert:<24}{e.accuracy:>10.4f}{e.num_images:>9}{e.num_parameters:>11,}")
+    lines += ["", f"router accuracy (component type): {r.router_accuracy:.4f}", "",
+              f"{'system':<14}{'verdict acc':>12}{'defect acc':>12}{'uncertain':>10}{'active params':>15}{'total params':>14}",
+              "-" * 77]
+    rows = [("CoE", r.coe)] + ([("monolithic", r.monolithic)] if r.monolithic else [])
+    for name, s in rows:
+        lines.append(f"{name:<14}{s.verdict_accuracy:>12.4f}{s.defect_accuracy:>12.4f}{s.num_uncertain:>10}"
+                     f"{s.active_parameters_per_image:>15,.0f}{s.total_parameters:>14,}")
+    lines.append(f"\nCoE calls {r.coe.mean_experts_per_image:.2f} models per image (router included). "
+                 f"Evaluated in {r.seconds:.1f} s.")
+    return "\n".join(lines)
+
+
+def write_report(r: AccuracyReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r.model_dump(), indent=2))

@@ -1,0 +1,360 @@
+"""The CoE spec: one YAML file describes a Collaboration-of-Experts; pydantic models hold it.
+
+Field-level rules live in validators (their messages name the value and the fix); rules that
+span the file (names that must exist, the dependency graph being acyclic, every expert being
+reachable, checkpoints on disk) live in `check_spec`, which collects *every* problem so a user
+fixes a spec in one pass. `load_spec` runs both and raises `SpecError` listing them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from expertmesh.errors import SpecError, SpecProblem
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+ARCHITECTURE_FAMILIES = ("resnet", "vit")
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchitectureSpec(_Strict):
+    """A Hugging Face image-classifier architecture built from a config (never downloaded)."""
+
+    family: Literal["resnet", "vit"]
+    config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the family's HF config class")
+
+    @field_validator("config")
+    @classmethod
+    def _no_label_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("num_labels", "id2label", "label2id", "image_size", "num_channels"):
+            if key in v:
+                raise ValueError(f"config key {key!r} is derived from the expert (labels, input_size_px); remove it")
+        return v
+
+
+class TrainingSpec(_Strict):
+    """How the zoo builder trains this expert on generated data (ignored by serving)."""
+
+    target: Literal["component", "defect"]
+    components: list[str] | None = Field(None, description="generator components to train on; default: the ones routed here")
+    defects: list[str] | None = Field(None, description="generator defects to train on; default: the keys of label_map, else all")
+    label_map: dict[str, str] = Field(default_factory=dict, description="ground-truth value -> expert label (identity when absent)")
+    num_train_per_label: int = Field(400, ge=4, le=100_000)
+    epochs: int = Field(8, ge=1, le=200)
+    batch_size: int = Field(64, ge=1, le=4096)
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}; raise max_replicas")
+        return self
+
+
+class ExpertSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    task: Literal["route", "classify"] = Field(description="route: the router's category classifier; classify: an expert")
+    architecture: ArchitectureSpec
+    checkpoint: str = Field(description="checkpoint directory, relative to the zoo directory (or absolute)")
+    input_size_px: int = Field(ge=16, le=1024)
+    labels: list[str] = Field(min_length=2)
+    pass_labels: list[str] = Field(default_factory=list, description="labels that mean 'no defect found here'")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(16, ge=1, le=4096)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    training: TrainingSpec | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: list[str]) -> list[str]:
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"duplicate labels {dupes}; list each label once")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> ExpertSpec:
+        unknown = [x for x in self.pass_labels if x not in self.labels]
+        if unknown:
+            raise ValueError(f"pass_labels {unknown} are not in labels {self.labels}; add them to labels or drop them")
+        if self.training and self.training.label_map:
+            stray = sorted(set(self.training.label_map.values()) - set(self.labels))
+            if stray:
+                raise ValueError(f"training.label_map maps to {stray}, which are not in labels; use one of {self.labels}")
+        return self
+
+
+class RouterSpec(_Strict):
+    expert: str = Field(description="name of the expert with task 'route' whose labels are the categories")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="below this the request goes to the fallback")
+    fallback_expert: str | None = Field(None, description="general expert for low-confidence inputs; none: verdict UNCERTAIN")
+    expected_fallback_probability: float = Field(0.0, ge=0, le=1)
+
+
+class CategorySpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    experts: list[str] = Field(min_length=1)
+    probability: float = Field(ge=0, le=1, description="expected share of requests in this category")
+
+
+class DependencySpec(_Strict):
+    upstream: str
+    on_labels: list[str] = Field(min_length=1, description="upstream output labels that trigger the downstream expert")
+    downstream: str
+    trigger_probability: float | None = Field(None, ge=0, le=1, description="expected P(trigger | upstream ran)")
+
+
+class RuleMatch(_Strict):
+    """All given keys must match (values are alternatives). Keys are request metadata fields."""
+
+    component_hint: list[str] | None = None
+    station_id: list[str] | None = None
+    factory_id: list[str] | None = None
+    product: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RuleMatch:
+        if not any(v for v in self.model_dump().values()):
+            raise ValueError("match is empty; give at least one of component_hint, station_id, factory_id, product")
+        return self
+
+
+class GatingRuleSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    match: RuleMatch
+    force_category: str | None = None
+    add_experts: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _has_action(self) -> GatingRuleSpec:
+        if self.force_category is None and not self.add_experts:
+            raise ValueError(f"rule {self.name!r} does nothing; set force_category or add_experts")
+        return self
+
+
+class ImageLimits(_Strict):
+    max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    min_side_px: int = Field(16, ge=1)
+    max_side_px: int = Field(4096, ge=16)
+    max_aspect_ratio: float = Field(4.0, ge=1.0)
+
+
+class CoESpec(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    version: int = Field(1, ge=1)
+    description: str = ""
+    zoo_dir: str | None = Field(None, description="default zoo directory, relative to the spec file")
+    dataset: Literal["pcb-aoi"] = Field("pcb-aoi", description="the generator that trains the zoo")
+    seed: int = Field(0, ge=0)
+    num_eval_per_pair: int = Field(60, ge=1, le=100_000)
+    image: ImageLimits = Field(default_factory=ImageLimits)
+    router: RouterSpec
+    experts: list[ExpertSpec] = Field(min_length=1)
+    categories: list[CategorySpec] = Field(min_length=1)
+    dependencies: list[DependencySpec] = Field(default_factory=list)
+    gating_rules: list[GatingRuleSpec] = Field(default_factory=list)
+
+    def expert(self, name: str) -> ExpertSpec:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    @property
+    def router_expert(self) -> ExpertSpec:
+        return self.expert(self.router.expert)
+
+    def category(self, name: str) -> CategorySpec:
+        for c in self.categories:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- cross-field checks
+def _dupes(items: list[str]) -> list[str]:
+    return sorted({x for x in items if items.count(x) > 1})
+
+
+def check_spec(spec: CoESpec, zoo_root: Path | None = None) -> list[SpecProblem]:
+    """Every problem that spans fields. `zoo_root` given: also check that each checkpoint is on disk."""
+    problems: list[SpecProblem] = []
+    add = lambda field, msg, fix: problems.append(SpecProblem(field, msg, fix))  # noqa: E731
+    names = [e.name for e in spec.experts]
+    known = set(names)
+    listing = ", ".join(sorted(known))
+
+    for name in _dupes(names):
+        add(f"experts[{names.index(name)}].name", f"duplicate expert name {name!r}", "give every expert a unique name")
+    cat_names = [c.name for c in spec.categories]
+    for name in _dupes(cat_names):
+        add(f"categories[{cat_names.index(name)}].name", f"duplicate category {name!r}", "list each category once")
+    rule_names = [r.name for r in spec.gating_rules]
+    for name in _dupes(rule_names):
+        add(f"gating_rules[{rule_names.index(name)}].name", f"duplicate rule name {name!r}", "give every rule a unique name")
+
+    router = None
+    if spec.router.expert not in known:
+        add("router.expert", f"unknown expert {spec.router.expert!r}", f"name an expert with task 'route' (defined: {listing})")
+    else:
+        router = spec.router_expert
+        if router.task != "route":
+            add("router.expert", f"expert {router.name!r} has task {router.task!r}", "the router expert needs task: route")
+        if sorted(router.labels) != sorted(set(cat_names)):
+            add("router.expert", f"router labels {sorted(router.labels)} differ from the categories {sorted(set(cat_names))}",
+                "make the router expert's labels exactly the category names")
+    for i, e in enumerate(spec.experts):
+        if e.task == "route" and e.name != spec.router.expert:
+            add(f"experts[{i}].task", f"expert {e.name!r} has task 'route' but is not router.expert",
+                "use task: classify, or make it router.expert")
+    if spec.router.fallback_expert is not None and spec.router.fallback_expert not in known:
+        add("router.fallback_expert", f"unknown expert {spec.router.fallback_expert!r}", f"use one of: {listing}, or remove it")
+
+    def check_ref(field: str, name: str) -> bool:
+        if name not in known:
+            add(field, f"unknown expert {name!r}", f"define it under experts: or use one of: {listing}")
+            return False
+        if router is not None and name == router.name:
+            add(field, f"{name!r} is the router", "route to classify experts, not to the router itself")
+            return False
+        return True
+
+    for i, c in enumerate(spec.categories):
+        for j, name in enumerate(c.experts):
+            check_ref(f"categories[{i}].experts[{j}]", name)
+    total = sum(c.probability for c in spec.categories)
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        add("categories[*].probability", f"category probabilities sum to {total:.6g}, not 1",
+            "rescale the probabilities so they sum to 1")
+
+    graph = nx.DiGraph()
+    for i, d in enumerate(spec.dependencies):
+        ok = check_ref(f"dependencies[{i}].upstream", d.upstream) & check_ref(f"dependencies[{i}].downstream", d.downstream)
+        if not ok:
+            continue
+        up = spec.expert(d.upstream)
+        bad = [x for x in d.on_labels if x not in up.labels]
+        if bad:
+            add(f"dependencies[{i}].on_labels", f"labels {bad} are not outputs of {up.name!r}", f"use labels of {up.name!r}: {up.labels}")
+        if d.upstream == d.downstream:
+            add(f"dependencies[{i}]", f"expert {d.upstream!r} depends on itself", "remove the edge")
+        graph.add_edge(d.upstream, d.downstream, index=i)
+    try:
+        cycle = nx.find_cycle(graph)
+        if len(cycle) > 1:
+            path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+            add(f"dependencies[{graph.edges[cycle[-1]]['index']}]", f"dependency cycle {path}",
+                "remove one edge of the cycle: dependencies must form a DAG")
+    except nx.NetworkXNoCycle:
+        pass
+
+    for i, r in enumerate(spec.gating_rules):
+        if r.force_category is not None and r.force_category not in cat_names:
+            add(f"gating_rules[{i}].force_category", f"unknown category {r.force_category!r}", f"use one of: {', '.join(cat_names)}")
+        for j, name in enumerate(r.add_experts):
+            check_ref(f"gating_rules[{i}].add_experts[{j}]", name)
+
+    reached = {n for c in spec.categories for n in c.experts} | {n for r in spec.gating_rules for n in r.add_experts}
+    if spec.router.fallback_expert:
+        reached.add(spec.router.fallback_expert)
+    reached = reached & known
+    for n in list(reached):
+        if n in graph:
+            reached |= nx.descendants(graph, n)
+    for i, e in enumerate(spec.experts):
+        if e.task == "classify" and e.name not in reached:
+            add(f"experts[{i}]", f"expert {e.name!r} is reached by no category, rule, dependency or fallback",
+                "add it to a category's experts, a dependency's downstream, or remove it")
+
+    if zoo_root is not None:
+        for i, e in enumerate(spec.experts):
+            ckpt = resolve_checkpoint(e, zoo_root)
+            missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+            if missing:
+                add(f"experts[{i}].checkpoint", f"checkpoint {str(ckpt)!r} lacks {missing}",
+                    "build it with `expertmesh zoo build`, or point checkpoint/--zoo at the directory that holds it")
+    return problems
+
+
+def resolve_checkpoint(expert: ExpertSpec, zoo_root: Path) -> Path:
+    p = Path(expert.checkpoint)
+    return p if p.is_absolute() else Path(zoo_root) / p
+
+
+# --------------------------------------------------------------------------- loading
+def default_spec_path() -> Path:
+    """The embedded default CoE: PCB automated optical inspection."""
+    return Path(__file__).resolve().parent / "pcb_aoi" / "spec.yaml"
+
+
+def default_zoo_root(spec: CoESpec, spec_path: Path | None = None) -> Path:
+    """Where checkpoints live unless --zoo says otherwise: the spec's zoo_dir, else $EXPERTMESH_HOME/zoo/<name>."""
+    if spec.zoo_dir is not None:
+        base = spec_path.parent if spec_path is not None else Path.cwd()
+        return (base / spec.zoo_dir).resolve()
+    home = Path(os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache" / "expertmesh")
+    return (home / "zoo" / spec.name).resolve()
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> CoESpec:
+    """Validate a mapping (parsed YAML) into a CoESpec, field rules and cross-field rules together."""
+    if not isinstance(data, dict):
+        raise SpecError([SpecProblem("<root>", f"expected a mapping at the top level, got {type(data).__name__}",
+                                     "write the spec as YAML keys: name, router, experts, categories, ...")], source)
+    try:
+        spec = CoESpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            msg, _, fix = msg.partition("; ")
+            if not fix:
+                fix = {"missing": "add this field", "extra_forbidden": "remove this key (check its spelling)"}.get(
+                    err["type"], "see the spec reference in README.md")
+            problems.append(SpecProblem(_loc(err["loc"]), msg, fix))
+        raise SpecError(problems, source) from None
+    problems = check_spec(spec)
+    if problems:
+        raise SpecError(problems, source)
+    return spec
+
+
+def load_spec(path: str | Path | None = None, *, zoo_root: Path | None = None) -> CoESpec:
+    """Load and validate a spec file (default: the embedded pcb-aoi). With `zoo_root`, checkpoints must exist too."""
+    path = Path(path) if path is not None else default_spec_path()
+    if not path.is_file():
+        raise SpecError([SpecProblem("<file>", f"no spec file at {str(path)!r}", "pass the path of a CoE spec YAML file")], str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError([SpecProblem("<yaml>", f"not valid YAML: {exc}", "fix the YAML syntax at the line shown")], str(path)) from None
+    spec = parse_spec(data, str(path))
+    if zoo_root is not None:
+        problems = check_spec(spec, zoo_root)
+        if problems:
+            raise SpecError(problems, str(path))
+    return spec

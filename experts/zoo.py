@@ -1,0 +1,165 @@
+"""Building the model zoo of a spec: generate data, train each expert, save checkpoints; skip what is current.
+
+A checkpoint directory holds `config.json` + `model.safetensors` (save_pretrained) and
+`expertmesh.json`: the fingerprint of everything that shaped the weights (the expert's
+architecture, labels, input size and training spec, the seed, the generator and recipe
+versions). A checkpoint whose fingerprint matches is skipped; anything else is retrained.
+The zoo also holds a monolithic baseline (one classifier for every (component, defect) pair,
+of about the CoE's active parameters, trained on the same images) for the accuracy report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from expertmesh.errors import InvalidArgument
+from expertmesh.experts.graph import usage_probabilities
+from expertmesh.experts.models import build_model, num_parameters
+from expertmesh.experts.pcb_aoi import dataset, generator
+from expertmesh.experts.spec import ArchitectureSpec, CoESpec, ExpertSpec, TrainingSpec, resolve_checkpoint
+from expertmesh.experts.training import train_classifier
+
+RECIPE_VERSION = "recipe-1"
+META_FILE = "expertmesh.json"
+BASELINE_DIR = "_baselines/monolithic"
+BASELINE_NAME = "monolithic"
+
+
+def expert_seed(spec: CoESpec, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{spec.seed}|{name}".encode()).digest()[:4], "little")
+
+
+def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
+    shaped_by = {
+        "expert": expert.model_dump(include={"name", "architecture", "input_size_px", "labels", "training"}),
+        "seed": spec.seed,
+        "generator": generator.GENERATOR_VERSION,
+        "recipe": RECIPE_VERSION,
+    }
+    if expert.name == BASELINE_NAME:  # the baseline trains on the whole pool, which the experts shape
+        shaped_by["pool"] = sorted(f"{c}/{d}:{n}" for (c, d), n in dataset.train_counts(spec).items())
+    return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
+
+
+def read_meta(checkpoint_dir: Path) -> dict | None:
+    try:
+        return json.loads((checkpoint_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_current(spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path) -> bool:
+    meta = read_meta(checkpoint_dir)
+    return (meta is not None and meta.get("fingerprint") == fingerprint(spec, expert)
+            and all((checkpoint_dir / f).is_file() for f in ("config.json", "model.safetensors")))
+
+
+def expert_parameters(expert: ExpertSpec) -> int:
+    return num_parameters(build_model(expert, 0))
+
+
+def active_parameters(spec: CoESpec) -> float:
+    """Expected parameters a request runs through: sum of usage probability x parameters."""
+    usage = usage_probabilities(spec)
+    return sum(usage[e.name] * expert_parameters(e) for e in spec.experts)
+
+
+def monolithic_spec(spec: CoESpec) -> ExpertSpec:
+    """One ResNet over all (component, defect) pairs, at the CoE's largest input size, sized to its active parameters."""
+    labels = [f"{c}/{d}" for c, d in generator.all_pairs()]
+    target = active_parameters(spec)
+    best = None
+    for width in range(8, 129, 4):
+        arch = ArchitectureSpec(family="resnet", config={"embedding_size": width, "hidden_sizes": [width, 2 * width, 4 * width],
+                                                         "depths": [1, 1, 1], "layer_type": "basic"})
+        candidate = ExpertSpec(name=BASELINE_NAME, task="classify", architecture=arch, checkpoint=BASELINE_DIR,
+                               input_size_px=max(e.input_size_px for e in spec.experts), labels=labels,
+                               pass_labels=[l for l in labels if l.endswith("/ok")],
+                               training=TrainingSpec(target="defect", epochs=8))
+        gap = abs(expert_parameters(candidate) - target)
+        if best is None or gap < best[0]:
+            best = (gap, candidate)
+    return best[1]
+
+
+@dataclass
+class BuildResult:
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stats: dict[str, dict] = field(default_factory=dict)
+
+
+def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats) -> None:
+    tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    meta = {
+        "expert": expert.name, "fingerprint": fingerprint(spec, expert), "labels": list(expert.labels),
+        "input_size_px": expert.input_size_px, "num_parameters": num_parameters(model),
+        "train": stats.__dict__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "generator": generator.GENERATOR_VERSION, "recipe": RECIPE_VERSION,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(checkpoint_dir)
+
+
+def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, force: bool = False,
+              baseline: bool = True, device: str = "cpu", progress: bool = True, log=print) -> BuildResult:
+    """Train every expert (and the baseline) whose checkpoint is missing or stale; returns what was done."""
+    t0 = time.perf_counter()
+    zoo_root = Path(zoo_root)
+    result = BuildResult()
+    targets = [e for e in spec.experts if only is None or e.name in only]
+    unknown = sorted(set(only or []) - {e.name for e in spec.experts} - {BASELINE_NAME})
+    if unknown:
+        raise InvalidArgument(f"unknown experts {unknown}", field="--only", fix=f"use names from the spec: {[e.name for e in spec.experts]}")
+    jobs: list[tuple[ExpertSpec, Path]] = [(e, resolve_checkpoint(e, zoo_root)) for e in targets]
+    if baseline and (only is None or BASELINE_NAME in only):
+        mono = monolithic_spec(spec)
+        jobs.append((mono, zoo_root / BASELINE_DIR))
+    stale = []
+    for e, ckpt in jobs:
+        if not force and is_current(spec, e, ckpt):
+            result.skipped.append(e.name)
+        else:
+            stale.append((e, ckpt))
+    if result.skipped:
+        log(f"up to date, skipped: {', '.join(result.skipped)}")
+    if not stale:
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    pool_counts = dataset.train_counts(spec)
+    needed: dict[tuple[str, str], int] = {}
+    for e, _ in stale:
+        counts = pool_counts if e.name == BASELINE_NAME else dataset.per_pair_counts(spec, e)
+        for pair, n in counts.items():
+            needed[pair] = max(needed.get(pair, 0), n)
+    log(f"training {len(stale)} model(s): {', '.join(e.name for e, _ in stale)}")
+    pool = dataset.Pool.generate(needed, spec.seed, desc="generating training images", progress=progress)
+
+    for i, (e, ckpt) in enumerate(stale, 1):
+        if e.name == BASELINE_NAME:
+            samples = [dataset.Sample(c, d, f"{c}/{d}") for c, d in generator.all_pairs()]
+            x, y = pool.arrays_for(samples, e.labels, counts=pool_counts)
+        else:
+            x, y = pool.arrays_for(dataset.expert_samples(spec, e), e.labels, counts=dataset.per_pair_counts(spec, e))
+        model, stats = train_classifier(e, x, y, seed=expert_seed(spec, e.name), device=device, progress=progress)
+        _save(model, spec, e, ckpt, stats)
+        result.trained.append(e.name)
+        result.stats[e.name] = stats.__dict__
+        log(f"[{i}/{len(stale)}] {e.name}: {stats.num_images} images x {stats.epochs} epochs in {stats.seconds:.1f} s, "
+            f"train accuracy {stats.train_accuracy:.3f}, {num_parameters(model):,} parameters -> {ckpt}")
+    result.seconds = time.perf_counter() - t0
+    return result

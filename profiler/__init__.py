@@ -1,0 +1,1 @@
+"""Offline profiler of experts (issue: offline profiler)."""
