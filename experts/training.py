@@ -62,7 +62,8 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-            loss_ema = 0.9 * loss_ema + 0.1 * float(out.loss) if (epoch or s) else float(out.loss)
+            loss = out.loss.detach().item()
+            loss_ema = 0.9 * loss_ema + 0.1 * loss if (epoch or s) else loss
             correct += int((out.logits.argmax(-1) == yb).sum())
             seen += len(idx)
             bar.update(1)

@@ -83,7 +83,7 @@ def monolithic_spec(spec: CoESpec) -> ExpertSpec:
         candidate = ExpertSpec(name=BASELINE_NAME, task="classify", architecture=arch, checkpoint=BASELINE_DIR,
                                input_size_px=max(e.input_size_px for e in spec.experts), labels=labels,
                                pass_labels=[l for l in labels if l.endswith("/ok")],
-                               training=TrainingSpec(target="defect", epochs=8))
+                               training=TrainingSpec(target="defect", epochs=4))
         gap = abs(expert_parameters(candidate) - target)
         if best is None or gap < best[0]:
             best = (gap, candidate)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-GENERATOR_VERSION = "pcb-aoi-gen-1"
+GENERATOR_VERSION = "pcb-aoi-gen-2"
 IMAGE_SIZE_PX = 96
 _SCALE = 2  # draw at 2x, then downsample with antialiasing
 _S = IMAGE_SIZE_PX * _SCALE
@@ -171,8 +171,8 @@ def _band_marker(color):
 
     def marker(d, t, r, reversed_):
         x0, y0, x1, y1 = r
-        w = (x1 - x0) * 0.18
-        band = (x0 + 3, y0, x0 + 3 + w, y1) if reversed_ else (x1 - 3 - w, y0, x1 - 3, y1)
+        w = (x1 - x0) * 0.26
+        band = (x0 + 2, y0, x0 + 2 + w, y1) if reversed_ else (x1 - 2 - w, y0, x1 - 2, y1)
         d.polygon(t.rect(band), fill=color)
 
     return marker
@@ -217,8 +217,8 @@ def _electrolytic(rng):
         rr = h - 6
         d.polygon(t.ellipse_poly((c - rr, c - rr, c + rr, c + rr)), fill=can_col)
         # the dark sector marks the negative terminal: left normally, right when reversed
-        sx = (c + rr * 0.45, c + rr) if reversed_ else (c - rr, c - rr * 0.45)
-        d.polygon(t.rect((sx[0], c - rr * 0.75, sx[1], c + rr * 0.75)), fill=stripe_col)
+        sx = (c + rr * 0.3, c + rr * 0.95) if reversed_ else (c - rr * 0.95, c - rr * 0.3)
+        d.polygon(t.rect((sx[0], c - rr * 0.8, sx[1], c + rr * 0.8)), fill=stripe_col)
 
     return joints, (c - side / 2, c - side / 2, c + side / 2, c + side / 2), draw_body
 
@@ -263,8 +263,8 @@ def _leaded_ic(rng, component):
         d.polygon(t.rect(body), fill=body_col)
         if component in ("soic", "qfp"):  # pin-1 dot: top-left normally, bottom-right when reversed
             x0, y0, x1, y1 = body
-            dx, dy = (x1 - 12, y1 - 12) if reversed_ else (x0 + 12, y0 + 12)
-            d.polygon(t.ellipse_poly((dx - 5, dy - 5, dx + 5, dy + 5)), fill=(120, 120, 124))
+            dx, dy = (x1 - 14, y1 - 14) if reversed_ else (x0 + 14, y0 + 14)
+            d.polygon(t.ellipse_poly((dx - 8, dy - 8, dx + 8, dy + 8)), fill=(150, 150, 156))
 
     return joints, body, draw_body
 
@@ -338,12 +338,12 @@ def _draw_silkscreen(d, part: _Part, component: str, silk_col, rng) -> None:
     if part.silk_mark is not None:
         sx, sy = part.silk_mark
         if component in ("diode", "led"):
-            d.rectangle((sx - 3, sy - 22, sx + 3, sy + 22), fill=silk_col)
+            d.rectangle((sx - 4, sy - 26, sx + 4, sy + 26), fill=silk_col)
         elif component == "electrolytic_capacitor":
-            d.rectangle((sx - 8, sy - 2, sx + 8, sy + 2), fill=silk_col)
-            d.rectangle((sx - 2, sy - 8, sx + 2, sy + 8), fill=silk_col)
+            d.rectangle((sx - 11, sy - 3, sx + 11, sy + 3), fill=silk_col)
+            d.rectangle((sx - 3, sy - 11, sx + 3, sy + 11), fill=silk_col)
         else:
-            d.ellipse((sx - 5, sy - 5, sx + 5, sy + 5), fill=silk_col)
+            d.ellipse((sx - 7, sy - 7, sx + 7, sy + 7), fill=silk_col)
 
 
 def _fillet(d, t: _Affine, j: Joint, frac: float, solder_col) -> None:
@@ -362,18 +362,17 @@ def _bridge(d, part: _Part, rng, solder_col) -> None:
     js = part.joints
     if len(js) == 2:
         (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = js[0].pad, js[1].pad
-        w = _u(rng, 3, 6)
+        w = _u(rng, 6, 10)
         y = ay1 - w if rng.random() < 0.5 else ay0
         d.rectangle(((ax0 + ax1) / 2, y, (bx0 + bx1) / 2, y + w), fill=solder_col)
         return
     same_side = [(a, b) for a, b in zip(js, js[1:]) if a.side == b.side]
     a, b = same_side[int(rng.integers(0, len(same_side)))]
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.pad, b.pad
-    w = _u(rng, 3, 5.5)
+    w = _u(rng, 6, 9)
     if part.through_hole or a.side in ("t", "b"):
-        cy, ya = (ay0 + ay1) / 2, None
-        d.rectangle((min(ax1, bx1) - 2, cy - w / 2 + (_u(rng, -3, 3) if part.through_hole else 0),
-                     max(ax0, bx0) + 2, cy + w / 2), fill=solder_col)
+        cy = (ay0 + ay1) / 2 + (_u(rng, -3, 3) if part.through_hole else 0)
+        d.rectangle((min(ax1, bx1) - 2, cy - w / 2, max(ax0, bx0) + 2, cy + w / 2), fill=solder_col)
     else:
         cx = (ax0 + ax1) / 2
         d.rectangle((cx - w / 2, min(ay1, by1) - 2, cx + w / 2, max(ay0, by0) + 2), fill=solder_col)
@@ -394,16 +393,18 @@ def render(component: str, defect: str, rng: np.random.Generator) -> Image.Image
     hasl = rng.random() < 0.3  # pads pre-tinned (silver) rather than bare copper on some boards
     starved = set()
     if defect == "insufficient_solder":
-        k = int(rng.integers(1, max(2, len(part.joints) // 3) + 1))
+        n = len(part.joints)
+        k = int(rng.integers(max(1, n // 4), max(2, n // 2) + 1))
         starved = set(rng.choice(len(part.joints), size=k, replace=False).tolist())
 
-    for j in part.joints:  # pads
+    for idx, j in enumerate(part.joints):  # pads (a starved joint shows its bare, unwetted copper)
         if part.through_hole:
             x0, y0, x1, y1 = j.pad
             d.ellipse(j.pad, fill=copper)
             d.ellipse((x0 + 6, y0 + 6, x1 - 6, y1 - 6), fill=(20, 20, 20))
         else:
-            d.rectangle(j.pad, fill=tuple(int(0.55 * a + 0.45 * b) for a, b in zip(copper, solder)) if hasl else copper)
+            tinned = hasl and idx not in starved
+            d.rectangle(j.pad, fill=tuple(int(0.55 * a + 0.45 * b) for a, b in zip(copper, solder)) if tinned else copper)
 
     if defect == "missing":
         for j in part.joints:  # solder paste reflowed on empty pads
@@ -425,8 +426,8 @@ def render(component: str, defect: str, rng: np.random.Generator) -> Image.Image
                 d.ellipse((x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink), outline=solder, width=4 if idx not in starved else 1)
             elif idx not in starved:
                 _fillet(d, t, j, _u(rng, 0.75, 1.0), solder)
-            elif rng.random() < 0.5:
-                _fillet(d, t, j, _u(rng, 0.0, 0.12), tuple(int(v * 0.85) for v in solder))
+            elif rng.random() < 0.3:
+                _fillet(d, t, j, _u(rng, 0.0, 0.1), tuple(int(v * 0.85) for v in solder))
         if defect == "solder_bridge":
             _bridge(d, part, rng, solder)
 

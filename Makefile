@@ -1,0 +1,42 @@
+# ExpertMesh developer entry points. `make run` and `make test` each work on a fresh machine
+# (Python 3.11 + pip): they create .venv as needed, installing torch's CPU build first through
+# a pip constraints file so no CUDA wheels are ever pulled (CUDA hosts: CONSTRAINTS=constraints-cuda.txt).
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints-cpu.txt
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
+export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run zoo report test test-unit clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "ExpertMesh needs Python 3.11 or 3.12; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+## The main job on the embedded default CoE (pcb-aoi): build the zoo, then the accuracy report.
+run: zoo report
+
+zoo: setup
+	$(BIN)/expertmesh zoo build
+
+report: setup
+	$(BIN)/expertmesh zoo report --min-router-accuracy 0.99 --min-verdict-accuracy 0.95
+
+## Every test (unit and integration); CI runs exactly this.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .expertmesh .pytest_cache build *.egg-info

@@ -1,0 +1,53 @@
+"""Shared fixtures. The tiny zoo is the default spec scaled down to train in seconds."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from expertmesh.experts.spec import CoESpec, default_spec_path, parse_spec  # noqa: E402
+
+
+def default_spec_data() -> dict:
+    return yaml.safe_load(default_spec_path().read_text())
+
+
+def tiny_spec_data() -> dict:
+    """The pcb-aoi spec with every expert trained on a handful of images for one epoch."""
+    data = copy.deepcopy(default_spec_data())
+    data["num_eval_per_pair"] = 2
+    for e in data["experts"]:
+        e["training"] = {**e["training"], "num_train_per_label": 8, "epochs": 1, "batch_size": 16}
+    return data
+
+
+@pytest.fixture
+def spec_data() -> dict:
+    return copy.deepcopy(default_spec_data())
+
+
+@pytest.fixture(scope="session")
+def default_spec() -> CoESpec:
+    return parse_spec(default_spec_data())
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> CoESpec:
+    return parse_spec(tiny_spec_data())
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_spec, tmp_path_factory) -> Path:
+    from expertmesh.experts.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("tiny-zoo")
+    build_zoo(tiny_spec, root, baseline=False, progress=False, log=lambda *_: None)
+    return root

@@ -1,0 +1,41 @@
+"""The CLI end to end on a tiny spec: build (with the baseline), report, and the report's JSON."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from expertmesh.cli import main
+
+from conftest import tiny_spec_data
+
+
+def test_zoo_build_and_report(tmp_path, capsys):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec_data()))
+    zoo = tmp_path / "zoo"
+    assert main(["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "12 trained" in out and "monolithic" in out
+    assert main(["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]) == 0
+    assert "0 trained, 12 up to date" in capsys.readouterr().out
+
+    report_file = tmp_path / "report.json"
+    assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "router accuracy" in out and "monolithic" in out
+    report = json.loads(report_file.read_text())
+    assert report["coe"]["num_images"] == 49 * 2
+    assert {e["expert"] for e in report["experts"]} >= {"component_classifier", "polarity", "solder_fine"}
+    assert 0 <= report["coe"]["verdict_accuracy"] <= 1 and report["monolithic"]["total_parameters"] > 0
+    assert report["coe"]["mean_experts_per_image"] >= 2  # the router and at least one expert
+
+    # a threshold the tiny zoo cannot meet fails the command
+    assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file),
+                 "--no-progress", "--min-router-accuracy", "1.01"]) == 1
+
+
+def test_report_without_zoo_names_the_fix(tmp_path, capsys):
+    assert main(["zoo", "report", "--zoo", str(tmp_path), "--no-progress"]) == 2
+    assert "expertmesh zoo build" in capsys.readouterr().err

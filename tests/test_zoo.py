@@ -1,0 +1,71 @@
+"""The zoo builder: a tiny zoo in seconds, deterministic for a seed, current checkpoints skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from expertmesh.errors import InvalidArgument
+from expertmesh.experts.pcb_aoi.dataset import expert_samples, per_pair_counts
+from expertmesh.experts.spec import check_spec, parse_spec, resolve_checkpoint
+from expertmesh.experts.zoo import META_FILE, active_parameters, build_zoo, fingerprint, is_current, monolithic_spec
+
+from conftest import tiny_spec_data
+
+quiet = dict(progress=False, log=lambda *_: None)
+
+
+def test_tiny_zoo_has_every_checkpoint(tiny_spec, tiny_zoo):
+    assert check_spec(tiny_spec, tiny_zoo) == []
+    meta = json.loads((tiny_zoo / "polarity" / META_FILE).read_text())
+    assert meta["labels"] == ["correct", "reversed_polarity"] and meta["fingerprint"] == fingerprint(tiny_spec, tiny_spec.expert("polarity"))
+
+
+def test_rebuild_skips_current_checkpoints(tiny_spec, tiny_zoo):
+    res = build_zoo(tiny_spec, tiny_zoo, baseline=False, **quiet)
+    assert res.trained == [] and len(res.skipped) == len(tiny_spec.experts)
+
+
+def test_same_seed_same_weights_and_config_change_retrains(tiny_spec, tiny_zoo, tmp_path):
+    res = build_zoo(tiny_spec, tmp_path, only=["polarity"], baseline=False, **quiet)
+    assert res.trained == ["polarity"]
+    a, b = load_file(tiny_zoo / "polarity" / "model.safetensors"), load_file(tmp_path / "polarity" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    data = tiny_spec_data()
+    polarity = next(e for e in data["experts"] if e["name"] == "polarity")
+    polarity["training"] = {**polarity["training"], "epochs": 2}
+    changed = parse_spec(data)
+    assert not is_current(changed, changed.expert("polarity"), tmp_path / "polarity")
+    assert is_current(changed, changed.expert("chip_defect"), resolve_checkpoint(changed.expert("chip_defect"), tiny_zoo))
+    assert build_zoo(changed, tmp_path, only=["polarity"], baseline=False, **quiet).trained == ["polarity"]
+
+
+def test_other_seed_other_weights(tiny_spec, tmp_path):
+    other = tiny_spec.model_copy(update={"seed": 1})
+    assert fingerprint(other, other.expert("polarity")) != fingerprint(tiny_spec, tiny_spec.expert("polarity"))
+
+
+def test_unknown_expert_in_only(tiny_spec, tmp_path):
+    with pytest.raises(InvalidArgument, match="unknown experts"):
+        build_zoo(tiny_spec, tmp_path, only=["nope"], **quiet)
+
+
+def test_training_data_plan(default_spec):
+    pol = expert_samples(default_spec, default_spec.expert("polarity"))
+    assert {s.component for s in pol} == {"soic", "electrolytic_capacitor", "diode", "led"}  # its upstreams' parts
+    assert {(s.defect, s.label) for s in pol} == {("ok", "correct"), ("reversed_polarity", "reversed_polarity")}
+    chip = per_pair_counts(default_spec, default_spec.expert("chip_defect"))
+    assert chip[("chip_resistor", "ok")] == 250 and chip[("chip_resistor", "solder_bridge")] == 125
+    router = expert_samples(default_spec, default_spec.router_expert)
+    assert {s.label for s in router} == set(default_spec.router_expert.labels)
+
+
+def test_monolithic_baseline_matches_active_parameters(default_spec):
+    mono = monolithic_spec(default_spec)
+    assert len(mono.labels) == 49 and mono.input_size_px == 96
+    from expertmesh.experts.zoo import expert_parameters
+    assert abs(expert_parameters(mono) - active_parameters(default_spec)) / active_parameters(default_spec) < 0.25
