@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-GENERATOR_VERSION = "pcb-aoi-gen-2"
+GENERATOR_VERSION = "pcb-aoi-gen-3"
 IMAGE_SIZE_PX = 96
 _SCALE = 2  # draw at 2x, then downsample with antialiasing
 _S = IMAGE_SIZE_PX * _SCALE
@@ -77,7 +78,7 @@ class Joint:
 class _Part:
     joints: list[Joint]
     body: tuple[float, float, float, float]
-    draw_body: callable  # (draw, transform, rng, reversed) -> None
+    draw_body: Callable[..., None]  # (draw, transform, rng, reversed) -> None
     silk_mark: tuple[float, float] | None = None  # where the polarity mark is printed on the board
     through_hole: bool = False
 
@@ -370,12 +371,22 @@ def _bridge(d, part: _Part, rng, solder_col) -> None:
     a, b = same_side[int(rng.integers(0, len(same_side)))]
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.pad, b.pad
     w = _u(rng, 6, 9)
-    if part.through_hole or a.side in ("t", "b"):
-        cy = (ay0 + ay1) / 2 + (_u(rng, -3, 3) if part.through_hole else 0)
+    if part.through_hole:
+        cy = (ay0 + ay1) / 2 + _u(rng, -3, 3)
         d.rectangle((min(ax1, bx1) - 2, cy - w / 2, max(ax0, bx0) + 2, cy + w / 2), fill=solder_col)
+        return
+    # gull-wing leads: the excess solder joins the pad tips and spills past them onto the mask
+    ext = _u(rng, 3, 6)
+    xa, xb = sorted(((ax0 + ax1) / 2, (bx0 + bx1) / 2))
+    ya, yb = sorted(((ay0 + ay1) / 2, (by0 + by1) / 2))
+    if a.side == "t":
+        d.rectangle((xa - 2, ay0 - ext, xb + 2, ay0 + w), fill=solder_col)
+    elif a.side == "b":
+        d.rectangle((xa - 2, ay1 - w, xb + 2, ay1 + ext), fill=solder_col)
+    elif a.side == "l":
+        d.rectangle((ax0 - ext, ya - 2, ax0 + w, yb + 2), fill=solder_col)
     else:
-        cx = (ax0 + ax1) / 2
-        d.rectangle((cx - w / 2, min(ay1, by1) - 2, cx + w / 2, max(ay0, by0) + 2), fill=solder_col)
+        d.rectangle((ax1 - w, ya - 2, ax1 + ext, yb + 2), fill=solder_col)
 
 
 def render(component: str, defect: str, rng: np.random.Generator) -> Image.Image:
