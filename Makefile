@@ -11,9 +11,18 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run zoo report test test-unit clean
+.PHONY: setup proto run zoo report test test-unit clean
 
-setup: $(VENV)/.installed
+PROTO_SRC := proto/expertmesh/v1/inspection.proto
+PROTO_OUT := expertmesh/v1/inspection_pb2.py
+
+setup: $(VENV)/.installed $(PROTO_OUT)
+
+## Python stubs are generated from the .proto by the build (never edited, never committed).
+proto: $(PROTO_OUT)
+
+$(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "ExpertMesh needs Python 3.11 or 3.12; set PYTHON=python3.11")'
@@ -39,4 +48,4 @@ test-unit: setup
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .expertmesh .pytest_cache build *.egg-info
+	rm -rf $(VENV) .expertmesh .pytest_cache build *.egg-info expertmesh/v1/inspection_pb2*

@@ -92,6 +92,18 @@ class FailedPrecondition(ExpertMeshError):
     code = ErrorCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(ExpertMeshError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ExpertMeshError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ExpertMeshError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(ExpertMeshError):
     code = ErrorCode.UNAVAILABLE
 

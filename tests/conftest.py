@@ -51,3 +51,13 @@ def tiny_zoo(tiny_spec, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-zoo")
     build_zoo(tiny_spec, root, baseline=False, progress=False, log=lambda *_: None)
     return root
+
+
+@pytest.fixture(scope="session")
+def serving(tiny_zoo, tmp_path_factory):
+    """Ray + Serve with the tiny zoo deployed, gRPC and HTTP on loopback; shared by every integration test."""
+    from serving_fixture import start_serving, stop_serving
+
+    s = start_serving(tiny_spec_data(), tiny_zoo, tmp_path_factory.mktemp("serving"))
+    yield s
+    stop_serving()

@@ -1,0 +1,82 @@
+"""Per-factory bearer tokens: a YAML file of `token: factory_id` lines, checked per request. Pure."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+TOKENS_ENV = "EXPERTMESH_TOKENS_FILE"
+_BEARER = "bearer "
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """token -> factory_id. Lookups compare in constant time."""
+
+    factories_by_token: dict[str, str]
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenTable:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read tokens file {str(path)!r}: {exc.strerror}", field="tokens_file",
+                                  fix=f"point --tokens or {TOKENS_ENV} at a YAML file of `token: factory_id` lines") from None
+        except yaml.YAMLError:
+            raise InvalidArgument(f"tokens file {str(path)!r} is not valid YAML", field="tokens_file",
+                                  fix="write one `token: factory_id` line per token") from None
+        if not isinstance(data, dict) or not data:
+            raise InvalidArgument(f"tokens file {str(path)!r} holds no `token: factory_id` lines", field="tokens_file",
+                                  fix="add at least one line such as `s3cr3t-token: factory-a`")
+        table = {}
+        for token, factory in data.items():
+            if not isinstance(token, str) or len(token) < 16 or not isinstance(factory, str) or not factory:
+                raise InvalidArgument(f"bad entry for token {str(token)[:4]}... in {str(path)!r}", field="tokens_file",
+                                      fix="each line is `<token of 16+ characters>: <factory_id>`")
+            table[token] = factory
+        return cls(table)
+
+    @property
+    def factories(self) -> set[str]:
+        return set(self.factories_by_token.values())
+
+    def factory_of(self, authorization: str | None) -> str:
+        """The factory of an `authorization: Bearer <token>` value, or Unauthenticated."""
+        if not authorization:
+            raise Unauthenticated("no bearer token", field="authorization",
+                                  fix="send metadata/header `authorization: Bearer <token>`")
+        if not authorization.lower().startswith(_BEARER):
+            raise Unauthenticated("authorization is not a bearer token", field="authorization",
+                                  fix="send `authorization: Bearer <token>`")
+        token = authorization[len(_BEARER):].strip()
+        for known, factory in self.factories_by_token.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return factory
+        raise Unauthenticated("unknown token", field="authorization", fix="use a token issued for your factory")
+
+    def authorize(self, authorization: str | None, factory_id: str) -> str:
+        """Check the token and that it belongs to `factory_id`; returns the factory."""
+        factory = self.factory_of(authorization)
+        if factory != factory_id:
+            raise PermissionDenied(f"this token is not valid for factory_id {factory_id!r}", field="factory_id",
+                                   fix="use the token issued for that factory, or send your own factory_id")
+        return factory
+
+
+def write_dev_tokens(path: Path, factories: list[str]) -> dict[str, str]:
+    """Create a tokens file with one fresh random token per factory (mode 0600); returns factory -> token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = {f: f"dev-{f}-{secrets.token_urlsafe(18)}" for f in factories}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("# ExpertMesh dev tokens: `token: factory_id`\n")
+        yaml.safe_dump({t: f for f, t in tokens.items()}, fh)
+    return tokens

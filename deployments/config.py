@@ -1,0 +1,120 @@
+"""Serve settings and the Serve config built from a spec: pure data, no Ray.
+
+`deployment_options` is the one source of every deployment's options (autoscaling, batching,
+fractional CPU/GPU, queue limits): the app builder applies them in code, and
+`build_serve_config` writes them into the config file that `serve deploy` (and, later,
+KubeRay's serveConfigV2) runs, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from expertmesh.experts.spec import CoESpec, ExpertSpec
+
+APP_NAME = "expertmesh"
+ROUTER_DEPLOYMENT = "Router"
+INGRESS_DEPLOYMENT = "Ingress"
+GRPC_SERVICER = "expertmesh.v1.inspection_pb2_grpc.add_InspectionServiceServicer_to_server"
+IMPORT_PATH = "expertmesh.deployments.app:build_app"
+
+
+class ServeSettings(BaseModel):
+    """How the CoE is served (ports, batching, queues, replica sizes). Every field has a production default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    expert_num_cpus: float = Field(0.25, gt=0, le=64)
+    expert_num_gpus: float = Field(0.0, ge=0, le=8, description="per replica of a device: cuda/auto expert")
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded; past it requests get RESOURCE_EXHAUSTED")
+    expert_timeout_s: float = Field(30.0, gt=0, description="an expert call slower than this fails the request")
+    request_timeout_s: float = Field(60.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    router_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServeSettings:
+        if self.http_port == self.grpc_port:
+            raise ValueError(f"http_port and grpc_port are both {self.http_port}; give them different ports")
+        return self
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Serve application builder (`args:` in the Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str | None = Field(None, description="CoE spec YAML; none: the embedded pcb-aoi")
+    zoo: str = Field(description="zoo directory with the checkpoints")
+    tokens_file: str = Field(description="YAML of `token: factory_id` lines")
+    settings: ServeSettings = Field(default_factory=ServeSettings)
+
+
+def _uses_gpu(expert: ExpertSpec, settings: ServeSettings) -> bool:
+    return expert.device in ("cuda", "auto") and settings.expert_num_gpus > 0
+
+
+def expert_options(expert: ExpertSpec, settings: ServeSettings, max_batch: int | None = None) -> dict[str, Any]:
+    a = expert.autoscaling
+    return {
+        "name": expert.name,
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "initial_replicas": max(1, a.min_replicas),
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": settings.upscale_delay_s,
+            "downscale_delay_s": settings.downscale_delay_s,
+        },
+        "ray_actor_options": {
+            "num_cpus": settings.expert_num_cpus,
+            "num_gpus": settings.expert_num_gpus if _uses_gpu(expert, settings) else 0,
+        },
+        "user_config": {"max_batch_size": max_batch or expert.max_batch, "batch_wait_timeout_s": settings.batch_wait_timeout_s},
+    }
+
+
+def deployment_options(spec: CoESpec, settings: ServeSettings) -> dict[str, dict[str, Any]]:
+    """Options of every deployment of the app, by deployment name."""
+    opts = {e.name: expert_options(e, settings) for e in spec.experts}
+    for name, replicas in ((ROUTER_DEPLOYMENT, settings.router_replicas), (INGRESS_DEPLOYMENT, settings.ingress_replicas)):
+        opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": 4 * settings.max_ongoing_requests,
+                      "max_queued_requests": settings.max_queued_requests, "ray_actor_options": {"num_cpus": 0.1}}
+    return opts
+
+
+def build_serve_config(spec: CoESpec, args: AppArgs) -> dict[str, Any]:
+    """A Serve config file (the schema `serve deploy` accepts) for the spec's application."""
+    s = args.settings
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
+        "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": True,
+                         "request_timeout_s": s.request_timeout_s},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": args.model_dump(mode="json"),
+            "deployments": list(deployment_options(spec, s).values()),
+        }],
+    }
+
+
+def resolve_paths(args: AppArgs, base: Path) -> AppArgs:
+    """Make relative paths in `args` absolute against `base` (Serve may run in another working directory)."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str((base / p).resolve()) if not Path(p).is_absolute() else p
+    return args.model_copy(update={"spec": absolute(args.spec), "zoo": absolute(args.zoo), "tokens_file": absolute(args.tokens_file)})

@@ -1,0 +1,59 @@
+"""One Ray + Serve instance for every integration test of the session (starting it costs ~20-40 s)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Serving:
+    grpc_target: str
+    http_url: str
+    tokens: dict[str, str]  # factory -> token
+    spec_path: Path
+    zoo: Path
+
+
+def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from expertmesh.deployments.app import build_app
+    from expertmesh.deployments.auth import write_dev_tokens
+    from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, ServeSettings
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    spec_path = workdir / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_data))
+    tokens = write_dev_tokens(workdir / "tokens.yaml", ["factory-a", "factory-b"])
+    grpc_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+    settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, expert_num_cpus=0.1, upscale_delay_s=1,
+                             downscale_delay_s=5, expert_timeout_s=20)
+    args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo)
+
+
+def stop_serving() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

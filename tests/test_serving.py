@@ -1,0 +1,110 @@
+"""The serving path end to end: real Ray Serve, real gRPC and HTTP over loopback, the tiny zoo."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from expertmesh.experts.pcb_aoi import generator
+from expertmesh.experts.preprocess import encode_png
+from expertmesh.v1 import inspection_pb2 as pb
+from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+def png(component="led", defect="ok", i=0) -> bytes:
+    return encode_png(generator.generate(component, defect, 123, i))
+
+
+@pytest.fixture(scope="module")
+def stub(serving):
+    with grpc.insecure_channel(serving.grpc_target) as ch:
+        yield pb_grpc.InspectionServiceStub(ch)
+
+
+def auth(serving, factory="factory-a"):
+    return (("authorization", f"Bearer {serving.tokens[factory]}"),)
+
+
+def test_inspect_returns_a_traced_verdict(serving, stub):
+    resp = stub.Inspect(pb.InspectRequest(request_id="r1", factory_id="factory-a", image=png()), metadata=auth(serving))
+    assert resp.request_id == "r1" and resp.verdict in (pb.PASS, pb.DEFECT, pb.UNCERTAIN)
+    assert resp.experts[0].expert == "component_classifier" and resp.experts[0].reason == "router"
+    assert len(resp.experts) >= 2 and all(t.node_id and t.replica_id and t.latency_ms > 0 for t in resp.experts)
+    assert resp.latency_ms > 0
+
+
+def test_rule_forces_category_and_trace_says_why(serving, stub):
+    resp = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png("qfp"), component_hint="qfp",
+                                          station_id="wave-1"), metadata=auth(serving))
+    assert resp.category == "qfp" and len(resp.request_id) == 32  # generated id
+    by_expert = {t.expert: t for t in resp.experts}
+    assert by_expert["qfp_defect"].reason == "rule" and by_expert["qfp_defect"].because_of == "cad_qfp"
+    assert by_expert["solder_fine"].reason in ("rule", "dependency")
+
+
+@pytest.mark.parametrize("metadata, code", [
+    ((), grpc.StatusCode.UNAUTHENTICATED),
+    ((("authorization", "Bearer not-a-real-token-at-all"),), grpc.StatusCode.UNAUTHENTICATED),
+])
+def test_auth_errors(serving, stub, metadata, code):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png()), metadata=metadata)
+    assert info.value.code() == code
+
+
+def test_token_of_another_factory_is_denied(serving, stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Inspect(pb.InspectRequest(factory_id="factory-b", image=png()), metadata=auth(serving, "factory-a"))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "factory_id" in info.value.details()
+
+
+@pytest.mark.parametrize("request_kwargs, fragment", [
+    (dict(factory_id="factory-a", image=b""), "image: image is empty"),
+    (dict(factory_id="factory-a", image=b"not an image"), "could not be decoded"),
+    (dict(factory_id="factory-a", image=b"\x89PNG" + b"0" * (5 * 1024 * 1024)), "over the limit"),
+    (dict(factory_id="", image=png()), "factory_id: factory_id is missing"),
+])
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(serving, stub, request_kwargs, fragment):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Inspect(pb.InspectRequest(**request_kwargs), metadata=auth(serving))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
+    assert "Traceback" not in info.value.details()
+    assert stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png()), metadata=auth(serving)).experts
+
+
+def test_inspect_board_streams_one_result_per_component(serving, stub):
+    comps = [pb.InspectRequest(image=png(c, "ok", i)) for i, c in enumerate(generator.COMPONENTS)]
+    out = list(stub.InspectBoard(pb.InspectBoardRequest(board_id="b1", factory_id="factory-a", components=comps),
+                                 metadata=auth(serving)))
+    assert sorted(r.component_index for r in out) == list(range(len(comps)))
+    assert all(r.board_id == "b1" and r.request_id == f"b1-{r.component_index}" for r in out)
+
+
+def http_post(serving, body: dict, token: str | None):
+    req = urllib.request.Request(serving.http_url + "/v1/inspect", data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_ingress(serving):
+    token = serving.tokens["factory-a"]
+    body = {"factory_id": "factory-a", "image": base64.b64encode(png("diode")).decode()}
+    status, doc = http_post(serving, body, token)
+    assert status == 200 and doc["verdict"] in ("PASS", "DEFECT", "UNCERTAIN") and doc["experts"][0]["reason"] == "router"
+    assert http_post(serving, body, None)[0] == 401
+    assert http_post(serving, {**body, "factory_id": "factory-b"}, token)[0] == 403
+    status, doc = http_post(serving, {**body, "image": "%%%"}, token)
+    assert status == 400 and doc["error"]["field"] == "image"
+    big = base64.b64encode(b"\x89PNG" + b"0" * (5 * 1024 * 1024)).decode()
+    assert http_post(serving, {**body, "image": big}, token)[0] == 413
