@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup proto run zoo report test test-unit clean
+.PHONY: setup proto run zoo report serve test test-unit clean
 
 PROTO_SRC := proto/expertmesh/v1/inspection.proto
 PROTO_OUT := expertmesh/v1/inspection_pb2.py
@@ -31,8 +31,14 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
-## The main job on the embedded default CoE (pcb-aoi): build the zoo, then the accuracy report.
+## The main job on the embedded default CoE (pcb-aoi): build the zoo, print the accuracy report, then serve it
+## on loopback, run a 20 s station against it over gRPC, print the station's figures and stop cleanly.
 run: zoo report
+	$(BIN)/expertmesh serve --station-seconds 20 --station-rate 10 --stop-after-station
+
+## Serve the default CoE until Ctrl-C (gRPC :9000, HTTP :8000; dev tokens under $(EXPERTMESH_HOME)).
+serve: zoo
+	$(BIN)/expertmesh serve
 
 zoo: setup
 	$(BIN)/expertmesh zoo build

@@ -76,6 +76,117 @@ def cmd_zoo_report(args) -> int:
     return 0
 
 
+def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
+    from expertmesh.deployments.config import AppArgs, ServeSettings
+
+    settings = ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port)
+    return AppArgs(spec=str(Path(spec_path).resolve()) if spec_path else None, zoo=str(zoo_root),
+                   tokens_file=str(Path(tokens_file).resolve()), settings=settings)
+
+
+def _tokens_file(args) -> str:
+    import os
+
+    from expertmesh.deployments.auth import TOKENS_ENV, write_dev_tokens
+    from expertmesh.deployments.runner import dev_tokens_path
+
+    chosen = args.tokens or os.environ.get(TOKENS_ENV)
+    if chosen:
+        return chosen
+    path = dev_tokens_path()
+    if not path.is_file():
+        write_dev_tokens(path, ["factory-a", "factory-b"])
+        print(f"generated dev tokens for factory-a and factory-b: {path}")
+    else:
+        print(f"using dev tokens: {path}")
+    return str(path)
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from expertmesh.deployments.config import build_serve_config
+
+    spec, zoo_root = _spec_and_zoo(args)
+    tokens = args.tokens or "/etc/expertmesh/tokens.yaml"
+    config = build_serve_config(spec, _app_args(args, args.spec, zoo_root, tokens))
+    text = "# Serve config written by `expertmesh config`; run it with `serve deploy` on a running Ray cluster.\n"
+    text += yaml.safe_dump(config, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from expertmesh.deployments import runner
+    from expertmesh.deployments.auth import TokenTable
+    from expertmesh.station import run_station
+
+    spec, zoo_root = _spec_and_zoo(args)
+    tokens_file = _tokens_file(args)
+    app_args = _app_args(args, args.spec, zoo_root, tokens_file)
+    print(f"starting Ray and Serve, deploying {spec.name!r} ({len(spec.experts)} experts) from {zoo_root} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        runner.start(app_args, args.address)
+        print(f"serving after {time.perf_counter() - t0:.1f} s:")
+        for line in runner.endpoints(app_args):
+            print(f"  {line}")
+        print(f"  tokens: {tokens_file} (send `authorization: Bearer <token>`)", flush=True)
+        if args.station_seconds:
+            table = TokenTable.load(tokens_file)
+            token, factory = next(iter(table.factories_by_token.items()))
+            print(f"station run for {args.station_seconds:.0f} s at {args.station_rate} req/s as {factory} ...", flush=True)
+            report = run_station(f"127.0.0.1:{app_args.settings.grpc_port}", token, factory, rate_per_s=args.station_rate,
+                                 duration_s=args.station_seconds,
+                                 mix={c.name: c.probability for c in spec.categories})
+            print(report.format(), flush=True)
+        if args.stop_after_station and args.station_seconds:
+            reason = "station run done"
+        else:
+            print("serving until Ctrl-C or SIGTERM", flush=True)
+            reason = runner.wait_for_signal(args.duration)
+        print(f"stopping ({reason}): Serve, then Ray", flush=True)
+    finally:
+        runner.stop()
+    return 0
+
+
+def cmd_station(args) -> int:
+    from expertmesh.station import run_station
+
+    report = run_station(args.target, args.token, args.factory, rate_per_s=args.rate, duration_s=args.duration,
+                         station_id=args.station, board_fraction=args.board_fraction, defect_rate=args.defect_rate,
+                         seed=args.seed, progress=not args.no_progress)
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", help="tokens YAML of `token: factory_id` lines (default: $EXPERTMESH_TOKENS_FILE, "
+                                    "else a generated dev file under $EXPERTMESH_HOME)")
+    p.add_argument("--http-host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+    return parse
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="CoE spec YAML (default: the embedded pcb-aoi spec)")
     p.add_argument("--zoo", help="zoo directory holding the checkpoints (default: the spec's zoo_dir, "
@@ -109,6 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--min-router-accuracy", type=float, help="exit 1 if the router is less accurate")
     report.add_argument("--min-verdict-accuracy", type=float, help="exit 1 if the CoE's verdicts are less accurate")
     report.set_defaults(func=cmd_zoo_report)
+
+    config = sub.add_parser("config", help="write the Serve config file (`serve deploy` accepts it) for a spec")
+    _add_spec_args(config)
+    _add_serve_args(config)
+    config.add_argument("--out", help="file to write (default: stdout)")
+    config.set_defaults(func=cmd_config)
+
+    serve = sub.add_parser("serve", help="start Ray + Serve on loopback (or join --address) and serve the CoE")
+    _add_spec_args(serve)
+    _add_serve_args(serve)
+    serve.add_argument("--address", help="join this Ray cluster instead of starting one")
+    serve.add_argument("--station-seconds", type=_positive(float), help="after deploying, run a station for this long")
+    serve.add_argument("--station-rate", type=_positive(float), default=10.0, help="station requests per second")
+    serve.add_argument("--stop-after-station", action="store_true", help="stop cleanly after the station run")
+    serve.add_argument("--duration", type=_positive(float), help="stop after this many seconds (default: until a signal)")
+    serve.set_defaults(func=cmd_serve)
+
+    station = sub.add_parser("station", help="a line-side station: send generated images over gRPC, print the figures")
+    station.add_argument("--target", default="127.0.0.1:9000", help="gRPC HOST:PORT")
+    station.add_argument("--token", required=True, help="the factory's bearer token")
+    station.add_argument("--factory", required=True, help="factory_id the token belongs to")
+    station.add_argument("--station", default="station-1", help="station_id to send")
+    station.add_argument("--rate", type=_positive(float), default=10.0, help="requests per second (open loop)")
+    station.add_argument("--duration", type=_positive(float), default=30.0, help="seconds to send for")
+    station.add_argument("--board-fraction", type=float, default=0.1, help="share of requests sent as InspectBoard")
+    station.add_argument("--defect-rate", type=float, default=0.3, help="share of generated parts with a defect")
+    station.add_argument("--seed", type=int, default=7)
+    station.add_argument("--json", help="also write the figures as JSON here")
+    station.add_argument("--no-progress", action="store_true")
+    station.set_defaults(func=cmd_station)
     return parser
 
 

@@ -1,0 +1,97 @@
+"""`expertmesh serve`: start (or join) Ray on loopback, start Serve's HTTP and gRPC proxies, deploy the app.
+
+Glue only. Shutdown is clean on Ctrl-C and SIGTERM: Serve first, then Ray (only a Ray this process
+started). Ray is kept on 127.0.0.1 unless joining a cluster with --address.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, deployment_options
+from expertmesh.errors import FailedPrecondition
+from expertmesh.experts.spec import load_spec
+
+
+def initial_cpus(args: AppArgs) -> float:
+    """Logical CPUs the app's initial replicas ask for (Serve waits forever for replicas it cannot place)."""
+    total = 0.0
+    for opts in deployment_options(load_spec(args.spec), args.settings).values():
+        replicas = opts.get("num_replicas") or opts["autoscaling_config"]["initial_replicas"]
+        total += replicas * opts["ray_actor_options"]["num_cpus"]
+    return total
+
+
+def start(args: AppArgs, address: str | None = None) -> None:
+    """Start Ray (or join `address`) and Serve, and deploy the application. Returns once it is running."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from expertmesh.deployments.app import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    needed = initial_cpus(args)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # a dev box: logical CPUs are a scheduling budget, so give the local node enough for every replica
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(needed + 1)),
+                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if have + 1e-9 < needed + 0.1:  # + Serve's own controller and proxies
+        ray.shutdown()
+        raise FailedPrecondition(f"the app's initial replicas need {needed:.2f} logical CPUs, the cluster has {have:.2f}",
+                                 field="expert_num_cpus", fix="add nodes, or lower expert_num_cpus / min_replicas")
+    s = args.settings
+    serve.start(http_options={"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
+                grpc_options=gRPCOptions(port=s.grpc_port, grpc_servicer_functions=[GRPC_SERVICER], enable_reflection=True,
+                                         request_timeout_s=s.request_timeout_s))
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def wait_for_signal(timeout_s: float | None = None) -> str:
+    """Block until SIGINT/SIGTERM (or the timeout); returns what ended the wait."""
+    done = threading.Event()
+    why = {"reason": "timeout"}
+
+    def handler(signum, _frame):
+        why["reason"] = signal.Signals(signum).name
+        done.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        done.wait(timeout_s)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return why["reason"]
+
+
+def endpoints(args: AppArgs) -> list[str]:
+    s = args.settings
+    host = s.http_host if s.http_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return [f"gRPC  {host}:{s.grpc_port}  expertmesh.v1.InspectionService/Inspect, /InspectBoard (reflection on)",
+            f"gRPC  {host}:{s.grpc_port}  ray.serve.RayServeAPIService/Healthz (health check)",
+            f"HTTP  http://{host}:{s.http_port}/v1/inspect  (POST JSON, base64 image)",
+            f"HTTP  http://{host}:{s.http_port}/-/healthz  (health check)"]
+
+
+def dev_tokens_path() -> Path:
+    home = Path(os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache" / "expertmesh")
+    return home / "dev-tokens.yaml"

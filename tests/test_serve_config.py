@@ -1,0 +1,82 @@
+"""Serve config (pure) and per-factory tokens (pure): no Ray started."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from expertmesh.cli import main
+from expertmesh.deployments.auth import TokenTable, write_dev_tokens
+from expertmesh.deployments.config import AppArgs, ServeSettings, build_serve_config, deployment_options
+from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+
+def test_config_file_is_what_serve_deploy_accepts(default_spec, tmp_path, capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--grpc-port", "9100"]) == 0
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    assert app["import_path"] == "expertmesh.deployments.app:build_app"
+    assert doc["grpc_options"]["port"] == 9100 and doc["grpc_options"]["enable_reflection"] is True
+    by_name = {d["name"]: d for d in app["deployments"]}
+    assert set(by_name) == {e.name for e in default_spec.experts} | {"Router", "Ingress"}
+    chip = by_name["chip_defect"]
+    assert chip["user_config"]["max_batch_size"] == default_spec.expert("chip_defect").max_batch
+    assert chip["autoscaling_config"]["max_replicas"] == 2 and chip["ray_actor_options"]["num_cpus"] == 0.25
+
+
+def test_options_from_one_place(default_spec):
+    settings = ServeSettings(expert_num_gpus=0.5)
+    opts = deployment_options(default_spec, settings)
+    args = AppArgs(zoo="/z", tokens_file="/t", settings=settings)
+    assert build_serve_config(default_spec, args)["applications"][0]["deployments"] == list(opts.values())
+    assert opts["polarity"]["ray_actor_options"]["num_gpus"] == 0.5  # device: auto gets the fractional GPU
+
+
+def test_autoscaling_allows_zero_min(default_spec):
+    e = default_spec.expert("general_defect").model_copy(
+        update={"autoscaling": default_spec.expert("general_defect").autoscaling.model_copy(update={"min_replicas": 0})})
+    from expertmesh.deployments.config import expert_options
+    a = expert_options(e, ServeSettings())["autoscaling_config"]
+    assert a["min_replicas"] == 0 and a["initial_replicas"] == 1
+
+
+def test_settings_validation_names_the_fix():
+    with pytest.raises(ValidationError, match="give them different ports"):
+        ServeSettings(http_port=9000, grpc_port=9000)
+
+
+def test_tokens(tmp_path):
+    tokens = write_dev_tokens(tmp_path / "t.yaml", ["factory-a", "factory-b"])
+    assert oct(os.stat(tmp_path / "t.yaml").st_mode & 0o777) == "0o600"
+    table = TokenTable.load(tmp_path / "t.yaml")
+    assert table.factories == {"factory-a", "factory-b"}
+    assert table.authorize(f"Bearer {tokens['factory-a']}", "factory-a") == "factory-a"
+    with pytest.raises(Unauthenticated, match="no bearer token"):
+        table.authorize(None, "factory-a")
+    with pytest.raises(Unauthenticated, match="not a bearer"):
+        table.authorize(f"Basic {tokens['factory-a']}", "factory-a")
+    with pytest.raises(Unauthenticated, match="unknown token"):
+        table.authorize("Bearer nope", "factory-a")
+    with pytest.raises(PermissionDenied) as info:
+        table.authorize(f"Bearer {tokens['factory-a']}", "factory-b")
+    assert info.value.field == "factory_id"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "holds no"),
+    ("short: factory-a\n", r"16\+ characters"),
+    ("[unclosed", "not valid YAML"),
+])
+def test_bad_tokens_files(tmp_path, text, fragment):
+    (tmp_path / "t.yaml").write_text(text)
+    with pytest.raises(InvalidArgument, match=fragment):
+        TokenTable.load(tmp_path / "t.yaml")
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        TokenTable.load(tmp_path / "absent.yaml")
