@@ -108,3 +108,30 @@ def test_http_ingress(serving):
     assert status == 400 and doc["error"]["field"] == "image"
     big = base64.b64encode(b"\x89PNG" + b"0" * (5 * 1024 * 1024)).decode()
     assert http_post(serving, {**body, "image": big}, token)[0] == 413
+
+
+def test_client_from_reflection_alone(serving):
+    """A generic client that has none of our stubs: it learns the service from server reflection."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(serving.grpc_target) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "expertmesh.v1.InspectionService" in db.get_services()
+        pool = descriptor_pool.DescriptorPool(db)
+        method = pool.FindServiceByName("expertmesh.v1.InspectionService").FindMethodByName("Inspect")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        call = ch.unary_unary("/expertmesh.v1.InspectionService/Inspect", request_serializer=request_cls.SerializeToString,
+                              response_deserializer=response_cls.FromString)
+        resp = call(request_cls(factory_id="factory-a", image=png("sot23")), metadata=auth(serving), timeout=30)
+    assert resp.DESCRIPTOR.full_name == "expertmesh.v1.InspectResponse"
+    assert resp.category and resp.experts[0].expert == "component_classifier"
+
+
+def test_health_check_a_standard_client_can_call(serving):
+    """Serve's proxy health check, by its reflected method path, with no stubs."""
+    with grpc.insecure_channel(serving.grpc_target) as ch:
+        healthz = ch.unary_unary("/ray.serve.RayServeAPIService/Healthz", request_serializer=lambda _: b"",
+                                 response_deserializer=lambda b: b)
+        assert b"success" in healthz(None, timeout=10)
