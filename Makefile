@@ -46,8 +46,10 @@ zoo: setup
 report: setup
 	$(BIN)/expertmesh zoo report --min-router-accuracy 0.99 --min-verdict-accuracy 0.95
 
-## Every test (unit and integration); CI runs exactly this.
+## Every test (unit and integration); CI runs exactly this. The serving tests run the real default zoo,
+## so it is built first (no baseline; current checkpoints are skipped).
 test: setup
+	$(BIN)/expertmesh zoo build --no-baseline --no-progress
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

@@ -34,13 +34,17 @@ class ServeSettings(BaseModel):
     expert_num_cpus: float = Field(0.25, gt=0, le=64)
     expert_num_gpus: float = Field(0.0, ge=0, le=8, description="per replica of a device: cuda/auto expert")
     max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded; past it requests get RESOURCE_EXHAUSTED")
+    max_queued_requests: int = Field(256, ge=-1, description="router and expert handles; -1: unbounded")
     expert_timeout_s: float = Field(30.0, gt=0, description="an expert call slower than this fails the request")
     request_timeout_s: float = Field(60.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
     router_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_max_ongoing_requests: int = Field(128, ge=1, description="per ingress replica; InspectBoard counts once")
+    ingress_max_queued_requests: int = Field(
+        256, ge=-1, description="requests waiting for an ingress replica; past it stations get RESOURCE_EXHAUSTED "
+                                "(HTTP 503); -1: unbounded")
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServeSettings:
@@ -89,9 +93,12 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, max_batch: int |
 def deployment_options(spec: CoESpec, settings: ServeSettings) -> dict[str, dict[str, Any]]:
     """Options of every deployment of the app, by deployment name."""
     opts = {e.name: expert_options(e, settings) for e in spec.experts}
-    for name, replicas in ((ROUTER_DEPLOYMENT, settings.router_replicas), (INGRESS_DEPLOYMENT, settings.ingress_replicas)):
-        opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": 4 * settings.max_ongoing_requests,
-                      "max_queued_requests": settings.max_queued_requests, "ray_actor_options": {"num_cpus": 0.1}}
+    s = settings
+    for name, replicas, ongoing, queued in (
+            (ROUTER_DEPLOYMENT, s.router_replicas, 4 * s.max_ongoing_requests, s.max_queued_requests),
+            (INGRESS_DEPLOYMENT, s.ingress_replicas, s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)):
+        opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": ongoing,
+                      "max_queued_requests": queued, "ray_actor_options": {"num_cpus": 0.1}}
     return opts
 
 

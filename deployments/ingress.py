@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from expertmesh.errors import ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, grpc_status
+from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, ResourceExhausted,
+                               grpc_status)
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.experts.preprocess import decode_image
 from expertmesh.experts.spec import load_spec
@@ -69,7 +71,10 @@ class IngressDeployment:
         self.tokens.authorize(authorization, factory_id)
         request_id = request_id or uuid.uuid4().hex
         array = np.asarray(decode_image(image, self.spec.image, field="image"))
-        return request_id, await self.router.inspect.remote(array, meta)
+        try:
+            return request_id, await self.router.inspect.remote(array, meta)
+        except BackPressureError:
+            raise ResourceExhausted("the router's queue is full", fix="retry later with backoff") from None
 
     @staticmethod
     def _internal(exc: Exception, request_id: str) -> Internal:

@@ -13,9 +13,10 @@ import time
 
 import numpy as np
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from expertmesh.errors import ExpertMeshError, Unavailable
+from expertmesh.errors import ExpertMeshError, ResourceExhausted, Unavailable
 from expertmesh.experts.spec import load_spec
 from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route, triggered_calls
 
@@ -39,6 +40,9 @@ class RouterDeployment:
                                    fix="retry later; if it persists, check the expert's replicas") from None
         except ExpertMeshError:
             raise
+        except BackPressureError:
+            raise ResourceExhausted(f"expert {call.expert!r} has a full queue",
+                                    fix="retry later with backoff; the expert is scaling up or overloaded") from None
         except Exception as exc:  # a replica crash or an error inside the expert
             raise ExpertCallFailed(f"expert {call.expert!r} failed ({type(exc).__name__})",
                                    fix="retry later; if it persists, check the expert's logs") from None

@@ -54,10 +54,21 @@ def tiny_zoo(tiny_spec, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serving(tiny_zoo, tmp_path_factory):
-    """Ray + Serve with the tiny zoo deployed, gRPC and HTTP on loopback; shared by every integration test."""
+def default_zoo(default_spec) -> Path:
+    """The real default zoo (`make test` builds it before pytest; built here if missing, which takes minutes)."""
+    from expertmesh.experts.spec import default_zoo_root
+    from expertmesh.experts.zoo import build_zoo
+
+    root = default_zoo_root(default_spec)
+    build_zoo(default_spec, root, baseline=False, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def serving(default_zoo, tmp_path_factory):
+    """Ray + Serve with the default zoo deployed, gRPC and HTTP on loopback; shared by every integration test."""
     from serving_fixture import start_serving, stop_serving
 
-    s = start_serving(tiny_spec_data(), tiny_zoo, tmp_path_factory.mktemp("serving"))
+    s = start_serving(default_spec_data(), default_zoo, tmp_path_factory.mktemp("serving"))
     yield s
     stop_serving()

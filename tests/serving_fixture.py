@@ -44,8 +44,10 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+    # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly
     settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, expert_num_cpus=0.1, upscale_delay_s=1,
-                             downscale_delay_s=5, expert_timeout_s=20)
+                             downscale_delay_s=5, expert_timeout_s=20, ingress_max_ongoing_requests=4,
+                             ingress_max_queued_requests=8)
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo)

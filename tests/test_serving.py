@@ -135,3 +135,90 @@ def test_health_check_a_standard_client_can_call(serving):
         healthz = ch.unary_unary("/ray.serve.RayServeAPIService/Healthz", request_serializer=lambda _: b"",
                                  response_deserializer=lambda b: b)
         assert b"success" in healthz(None, timeout=10)
+
+
+def test_every_component_type_reaches_its_experts(serving, stub, default_spec):
+    for comp in generator.COMPONENTS:
+        resp = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png(comp, "ok", 1)), metadata=auth(serving))
+        assert resp.category == comp
+        table = [t for t in resp.experts if t.reason == "table"]
+        assert [t.expert for t in table] == default_spec.category(comp).experts, comp
+
+
+def test_polarized_parts_trigger_the_shared_polarity_expert(serving, stub, default_spec):
+    upstream = {"soic": "soic_defect", "electrolytic_capacitor": "electrolytic_defect", "diode": "diode_defect", "led": "diode_defect"}
+    for comp, up in upstream.items():
+        for defect, verdict in (("ok", pb.PASS), ("reversed_polarity", pb.DEFECT)):
+            resp = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png(comp, defect, 2)), metadata=auth(serving))
+            pol = [t for t in resp.experts if t.expert == "polarity"]
+            assert len(pol) == 1 and pol[0].reason == "dependency" and pol[0].because_of == up, (comp, defect)
+            assert resp.verdict == verdict, (comp, defect, resp.defect)
+    resp = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png("chip_resistor", "ok", 2)), metadata=auth(serving))
+    assert "polarity" not in {t.expert for t in resp.experts}
+
+
+def test_verdict_accuracy_on_a_generated_sample(serving, stub):
+    """Every (component, defect) pair, 3 images each (147), streamed through InspectBoard: >= 95% right."""
+    pairs = [(c, d, i) for c, d in generator.all_pairs() for i in range(3)]
+    correct = 0
+    for start in range(0, len(pairs), 21):
+        chunk = pairs[start:start + 21]
+        req = pb.InspectBoardRequest(board_id=f"acc-{start}", factory_id="factory-a",
+                                     components=[pb.InspectRequest(image=png(c, d, 1000 + i)) for c, d, i in chunk])
+        for r in stub.InspectBoard(req, metadata=auth(serving), timeout=120):
+            truth = chunk[r.component_index][1]
+            correct += (r.verdict == pb.PASS) == (truth == "ok") and r.verdict != pb.UNCERTAIN
+    assert correct / len(pairs) >= 0.95, f"verdict accuracy {correct / len(pairs):.3f}"
+
+
+def test_queue_full_is_resource_exhausted_and_nothing_is_dropped(serving, stub):
+    """A flood past the ingress's ongoing + queued limits: every request ends in a result or RESOURCE_EXHAUSTED."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    board = pb.InspectBoardRequest(factory_id="factory-a", components=[pb.InspectRequest(image=png("qfp", "ok", k)) for k in range(4)])
+
+    def one(_):
+        try:
+            return len(list(stub.InspectBoard(board, metadata=auth(serving), timeout=120)))
+        except grpc.RpcError as err:
+            return err.code()
+
+    with ThreadPoolExecutor(max_workers=40) as ex:
+        outcomes = list(ex.map(one, range(40)))
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
+    assert set(outcomes) <= {4, grpc.StatusCode.RESOURCE_EXHAUSTED}, outcomes  # full answers or backpressure only
+    assert stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png()), metadata=auth(serving)).experts
+
+
+def test_a_failing_expert_ends_the_request_with_a_clear_error(serving, stub):
+    """Kill every replica of an expert: requests needing it end in a result or UNAVAILABLE, never hang."""
+    import ray
+
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#qfp_defect#" in a["name"]]
+    assert victims
+    for a in victims:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    outcomes = []
+    for i in range(5):
+        try:
+            r = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png("qfp", "ok", i), component_hint="qfp"),
+                             metadata=auth(serving), timeout=90)
+            outcomes.append("ok" if r.experts else "empty")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "qfp_defect" in err.details(), err.details()
+            assert "Traceback" not in err.details()
+            outcomes.append(err.code().name)
+    assert "empty" not in outcomes
+    # Serve replaces the replica: the expert answers again
+    import time
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            r = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png("qfp"), component_hint="qfp"),
+                             metadata=auth(serving), timeout=30)
+            if any(t.expert == "qfp_defect" for t in r.experts):
+                break
+        except grpc.RpcError:
+            time.sleep(1)
+    else:
+        pytest.fail("qfp_defect never came back")
