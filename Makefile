@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup proto run zoo report serve test test-unit clean
+.PHONY: setup proto prometheus run zoo report serve test test-unit clean
 
 PROTO_SRC := proto/expertmesh/v1/inspection.proto
 PROTO_OUT := expertmesh/v1/inspection_pb2.py
@@ -33,8 +33,8 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 ## The main job on the embedded default CoE (pcb-aoi): build the zoo, print the accuracy report, then serve it
 ## on loopback, run a 20 s station against it over gRPC, print the station's figures and stop cleanly.
-run: zoo report
-	$(BIN)/expertmesh serve --station-seconds 20 --station-rate 10 --stop-after-station
+run: zoo report prometheus
+	$(BIN)/expertmesh serve --station-seconds 20 --station-rate 10 --stop-after-station --device-idle-s 5 --host-idle-s 10
 
 ## Serve the default CoE until Ctrl-C (gRPC :9000, HTTP :8000; dev tokens under $(EXPERTMESH_HOME)).
 serve: zoo
@@ -46,9 +46,18 @@ zoo: setup
 report: setup
 	$(BIN)/expertmesh zoo report --min-router-accuracy 0.99 --min-verdict-accuracy 0.95
 
+## Prometheus (Debian package) for the metrics test and `make run`: installed with apt-get when missing and
+## this user can (root, or password-less sudo); otherwise a note, and the test skips (fails under CI=true).
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "note: no apt-get; install Prometheus to run the metrics test"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "note: cannot install Prometheus without root (apt-get install prometheus); the metrics test will skip"; fi
+
 ## Every test (unit and integration); CI runs exactly this. The serving tests run the real default zoo,
 ## so it is built first (no baseline; current checkpoints are skipped).
-test: setup
+test: setup prometheus
 	$(BIN)/expertmesh zoo build --no-baseline --no-progress
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -42,6 +42,10 @@ class ServeSettings(BaseModel):
     router_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(128, ge=1, description="per ingress replica; InspectBoard counts once")
+    expert_device_idle_s: float | None = Field(
+        None, gt=0, description="an expert replica idle this long moves its weights to host memory; none: never")
+    expert_host_idle_s: float | None = Field(
+        None, gt=0, description="an expert replica idle this long drops its weights to disk; none: never")
     ingress_max_queued_requests: int = Field(
         256, ge=-1, description="requests waiting for an ingress replica; past it stations get RESOURCE_EXHAUSTED "
                                 "(HTTP 503); -1: unbounded")
@@ -50,6 +54,10 @@ class ServeSettings(BaseModel):
     def _ports_differ(self) -> ServeSettings:
         if self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}; give them different ports")
+        if (self.expert_device_idle_s is not None and self.expert_host_idle_s is not None
+                and self.expert_host_idle_s < self.expert_device_idle_s):
+            raise ValueError(f"expert_host_idle_s ({self.expert_host_idle_s}) is below expert_device_idle_s "
+                             f"({self.expert_device_idle_s}); fix: make expert_host_idle_s at least expert_device_idle_s")
         return self
 
 
@@ -86,7 +94,8 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, max_batch: int |
             "num_cpus": settings.expert_num_cpus,
             "num_gpus": settings.expert_num_gpus if _uses_gpu(expert, settings) else 0,
         },
-        "user_config": {"max_batch_size": max_batch or expert.max_batch, "batch_wait_timeout_s": settings.batch_wait_timeout_s},
+        "user_config": {"max_batch_size": max_batch or expert.max_batch, "batch_wait_timeout_s": settings.batch_wait_timeout_s,
+                        "device_idle_s": settings.expert_device_idle_s, "host_idle_s": settings.expert_host_idle_s},
     }
 
 

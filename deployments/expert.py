@@ -1,14 +1,17 @@
-"""One Ray Serve deployment per expert: loads its checkpoint once, classifies dynamically batched images.
+"""One Ray Serve deployment per expert: loads its checkpoint, classifies dynamically batched images.
 
-Glue only: the model, preprocessing and tier moves are `ExpertRuntime`'s. Batch size and wait come
-from `user_config` (the spec's max_batch, later the profile), so they change without a restart.
-Every result names the node and replica that produced it, for the request's trace.
+Glue only: the model, preprocessing and tier moves are `ExpertRuntime`'s; when idle weights leave the
+device is `experts.residency`'s decision (pure), applied here by a background thread. A batch that
+finds the weights below the device loads them back first (a switch) and is counted as `waited_load`
+- the hit-rate input. Batch size, batch wait and residency timeouts come from `user_config`, so they
+change without a restart. Every result names the node and replica that produced it, for the trace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,9 @@ import torch
 from ray import serve
 
 from expertmesh.experts.preprocess import to_pixel_values
-from expertmesh.experts.runtime import ExpertRuntime
+from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide
+from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
+from expertmesh.metrics import instruments, node_name
 from expertmesh.experts.spec import load_spec, resolve_checkpoint
 
 logger = logging.getLogger("ray.serve")
@@ -26,34 +31,110 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment
 class ExpertDeployment:
+    RESIDENCY_TICK_S = 0.25
+    GAUGE_REFRESH_S = 2.0  # Ray ages out gauges that are not set again; re-set them well within that
+
     def __init__(self, spec_path: str | None, expert: str, zoo_root: str) -> None:
         torch.set_num_threads(1)
         spec = load_spec(spec_path)
         self.spec = spec.expert(expert)
         self.runtime = ExpertRuntime(self.spec, resolve_checkpoint(self.spec, Path(zoo_root)), image_limits=spec.image)
-        self.load_moves = self.runtime.load()
+        self.metrics = instruments()
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.node = node_name()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.residency = ResidencyConfig()
+        self._lock = threading.Lock()  # held by a batch (load + infer) and by each residency move
+        self.load_moves = self.runtime.load()
+        self._last_used_s = time.monotonic()
+        self._record_moves(self.load_moves, on_demand=False)
+        self._publish_gauges()
+        self._stop = threading.Event()
+        threading.Thread(target=self._residency_loop, name=f"residency-{expert}", daemon=True).start()
         logger.info("expert %s loaded in %.3f s (%d bytes) on node %s", expert,
                     sum(m.seconds for m in self.load_moves), self.runtime.footprint_bytes, self.node_id)
 
     def reconfigure(self, user_config: dict) -> None:
         self.classify.set_max_batch_size(int(user_config.get("max_batch_size", self.spec.max_batch)))
         self.classify.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+        self.residency = ResidencyConfig(device_idle_s=user_config.get("device_idle_s"),
+                                         host_idle_s=user_config.get("host_idle_s"))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify(self, images: list[np.ndarray]) -> list[dict]:
         """RGB uint8 images [H, W, 3] -> one result dict per image."""
         t0 = time.perf_counter()
-        preds = await asyncio.to_thread(self._infer, images)
+        preds, readiness = await asyncio.to_thread(self._infer, images)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         return [{"label": p.label, "score": p.score, "latency_ms": latency_ms, "batch_size": len(images),
-                 "node_id": self.node_id, "replica_id": self.replica_id} for p in preds]
+                 "readiness": readiness, "node_id": self.node_id, "replica_id": self.replica_id} for p in preds]
 
     def _infer(self, images: list[np.ndarray]):
-        return self.runtime.infer(to_pixel_values(images, self.spec.input_size_px))
+        pixels = to_pixel_values(images, self.spec.input_size_px)
+        with self._lock:
+            readiness = "ready" if self.runtime.tier is Tier.DEVICE else "waited_load"
+            if readiness == "waited_load":
+                self._record_moves(self.runtime.load(), on_demand=True)
+            preds = self.runtime.infer(pixels)
+            self._last_used_s = time.monotonic()
+        self.metrics.inc("expertmesh_expert_requests_total", len(images), expert=self.spec.name, readiness=readiness)
+        return preds, readiness
+
+    # ------------------------------------------------------------------ residency
+    def _residency_loop(self) -> None:
+        last_refresh_s = time.monotonic()
+        while not self._stop.wait(self.RESIDENCY_TICK_S):
+            if time.monotonic() - last_refresh_s >= self.GAUGE_REFRESH_S:
+                self._publish_gauges()
+                last_refresh_s = time.monotonic()
+            if not self.residency.enabled:
+                continue
+            try:
+                with self._lock:
+                    target = decide(self.residency, ResidencySnapshot(self.runtime.tier, self._last_used_s), time.monotonic())
+                    move = {Tier.HOST: self.runtime.offload, Tier.DISK: self.runtime.unload}[target]() if target else None
+                    if move is not None:
+                        self.metrics.inc("expertmesh_expert_unloads_total", expert=self.spec.name, tier=move.source.value)
+                        self._publish_memory()
+            except Exception:  # noqa: BLE001 - a failed move must not kill the thread; the next batch reloads
+                logger.exception("residency move of %s failed", self.spec.name)
+
+    def _record_moves(self, moves: list[TierMove], *, on_demand: bool) -> None:
+        for m in moves:
+            self.metrics.inc("expertmesh_expert_loads_total", expert=self.spec.name, tier=m.target.value)
+            self.metrics.observe("expertmesh_expert_load_seconds", m.seconds, expert=self.spec.name, tier=m.target.value)
+        if on_demand and moves:
+            self.metrics.inc("expertmesh_expert_switches_total", expert=self.spec.name)
+        self._publish_memory()
+
+    def _publish_memory(self) -> None:
+        for tier in (Tier.HOST, Tier.DEVICE):
+            held = self.runtime.footprint_bytes if self.runtime.tier is tier else 0
+            self.metrics.set("expertmesh_expert_memory_bytes", held, expert=self.spec.name, node=self.node, tier=tier.value)
+
+    def _publish_gauges(self) -> None:
+        self.metrics.set("expertmesh_expert_replicas", 1, expert=self.spec.name, node=self.node)
+        self._publish_memory()
+        self._publish_budget()
+
+    def _publish_budget(self) -> None:
+        import psutil
+
+        host_bytes = psutil.virtual_memory().total
+        device = self.runtime.device
+        device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else host_bytes
+        self.metrics.set("expertmesh_node_memory_budget_bytes", host_bytes, node=self.node, tier=Tier.HOST.value)
+        self.metrics.set("expertmesh_node_memory_budget_bytes", device_bytes, node=self.node, tier=Tier.DEVICE.value)
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self.metrics.set("expertmesh_expert_replicas", 0, expert=self.spec.name, node=self.node)
+            for tier in (Tier.HOST, Tier.DEVICE):
+                self.metrics.set("expertmesh_expert_memory_bytes", 0, expert=self.spec.name, node=self.node, tier=tier.value)
 
     def info(self) -> dict:
-        return {"expert": self.spec.name, "node_id": self.node_id, "replica_id": self.replica_id,
+        return {"expert": self.spec.name, "node_id": self.node_id, "node": self.node, "replica_id": self.replica_id,
                 "footprint_bytes": self.runtime.footprint_bytes, "tier": self.runtime.tier.value,
                 "load_s": sum(m.seconds for m in self.load_moves)}

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -28,6 +29,7 @@ from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFo
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.experts.preprocess import decode_image
 from expertmesh.experts.spec import load_spec
+from expertmesh.metrics import bounded, instruments
 from expertmesh.v1 import inspection_pb2 as pb
 
 logger = logging.getLogger("ray.serve")
@@ -63,6 +65,16 @@ class IngressDeployment:
         self.spec = load_spec(spec_path)
         self.tokens = TokenTable.load(tokens_file)
         self.router = router
+        self.metrics = instruments()
+        self._factories = self.tokens.factories | {"none"}
+
+    def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None) -> None:
+        """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids)."""
+        factory = bounded(factory_id or "none", self._factories)
+        self.metrics.inc("expertmesh_requests_total", factory=factory, ingress=ingress, code=code)
+        self.metrics.observe("expertmesh_request_latency_seconds", time.perf_counter() - t0, ingress=ingress)
+        if verdict:
+            self.metrics.inc("expertmesh_verdicts_total", factory=factory, verdict=verdict)
 
     # ------------------------------------------------------------------ shared path
     async def _inspect(self, authorization: str | None, request_id: str, factory_id: str, station_id: str,
@@ -92,18 +104,23 @@ class IngressDeployment:
         grpc_context.set_details(str(err))
 
     async def Inspect(self, request: pb.InspectRequest, grpc_context) -> pb.InspectResponse:
+        t0 = time.perf_counter()
         try:
             rid, result = await self._inspect(self._authorization(grpc_context), request.request_id, request.factory_id,
                                               request.station_id, request.image, request.component_hint, dict(request.metadata))
+            self._record("grpc", request.factory_id, t0, "OK", result["verdict"])
             return to_proto(rid, result)
         except ExpertMeshError as err:
-            self._fail(grpc_context, err)
+            failure = err
         except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become INTERNAL
-            self._fail(grpc_context, self._internal(exc, request.request_id))
+            failure = self._internal(exc, request.request_id)
+        self._record("grpc", request.factory_id, t0, failure.code.value)
+        self._fail(grpc_context, failure)
         return pb.InspectResponse(request_id=request.request_id)
 
     async def InspectBoard(self, request: pb.InspectBoardRequest, grpc_context) -> AsyncIterator[pb.InspectResponse]:
         authorization = self._authorization(grpc_context)
+        t_board, streaming = time.perf_counter(), False
         try:
             if not request.components:
                 raise InvalidArgument("the board has no components", field="components", fix="send at least one component image")
@@ -113,25 +130,32 @@ class IngressDeployment:
             self.tokens.authorize(authorization, request.factory_id)
 
             async def one(i: int, c: pb.InspectRequest):
+                t0 = time.perf_counter()
                 try:
                     rid, result = await self._inspect(
                         authorization, c.request_id or f"{request.board_id}-{i}", c.factory_id or request.factory_id,
                         c.station_id or request.station_id, c.image, c.component_hint, dict(c.metadata))
                 except ExpertMeshError as err:
+                    self._record("grpc_board", request.factory_id, t0, err.code.value)
                     err.field = f"components[{i}].{err.field}" if err.field else f"components[{i}]"
                     raise
+                self._record("grpc_board", request.factory_id, t0, "OK", result["verdict"])
                 return to_proto(rid, result, request.board_id, i)
 
+            streaming = True  # from here on every component counts itself
             for fut in asyncio.as_completed([one(i, c) for i, c in enumerate(request.components)]):
                 yield await fut
         except ExpertMeshError as err:
+            if not streaming:  # a board refused before any component ran counts once
+                self._record("grpc_board", request.factory_id, t_board, err.code.value)
             self._fail(grpc_context, err)
         except Exception as exc:  # noqa: BLE001
+            self._record("grpc_board", request.factory_id, t_board, "INTERNAL")
             self._fail(grpc_context, self._internal(exc, request.board_id))
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, http: Request) -> JSONResponse:
-        rid = ""
+        rid, factory_id, t0 = "", "", time.perf_counter()
         try:
             if http.url.path.rstrip("/") != "/v1/inspect":
                 raise NotFound(f"no route {http.url.path!r}", field="path", fix="POST /v1/inspect")
@@ -155,15 +179,19 @@ class IngressDeployment:
             metadata = doc.get("metadata") or {}
             if not isinstance(metadata, dict):
                 raise InvalidArgument("metadata is not an object", field="metadata", fix="send a JSON object of strings")
-            rid, result = await self._inspect(http.headers.get("authorization"), rid, str(doc.get("factory_id") or ""),
+            factory_id = str(doc.get("factory_id") or "")
+            rid, result = await self._inspect(http.headers.get("authorization"), rid, factory_id,
                                               str(doc.get("station_id") or ""), image, str(doc.get("component_hint") or ""),
                                               metadata)
+            self._record("http", factory_id, t0, "OK", result["verdict"])
             return JSONResponse({"request_id": rid, **{k: result[k] for k in (
                 "category", "category_confidence", "verdict", "defect", "latency_ms")},
                 "experts": [{k: t.get(k, "") for k in ("expert", "label", "score", "latency_ms", "reason", "because_of",
                                                           "node_id", "replica_id")} for t in result["trace"]]})
         except ExpertMeshError as err:
+            self._record("http", factory_id, t0, err.code.value)
             return JSONResponse({"error": err.to_dict(), "request_id": rid}, status_code=err.http_status)
         except Exception as exc:  # noqa: BLE001
             err = self._internal(exc, rid)
+            self._record("http", factory_id, t0, err.code.value)
             return JSONResponse({"error": err.to_dict(), "request_id": rid}, status_code=err.http_status)

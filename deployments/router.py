@@ -9,6 +9,7 @@ accepted request always ends in a result or an explicit error.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from expertmesh.errors import ExpertMeshError, ResourceExhausted, Unavailable
 from expertmesh.experts.spec import load_spec
+from expertmesh.metrics import instruments
 from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route, triggered_calls
 
 
@@ -31,8 +33,23 @@ class RouterDeployment:
         self.spec = load_spec(spec_path)
         self.experts = experts
         self.expert_timeout_s = expert_timeout_s
+        self.metrics = instruments()
+        self._in_flight = {name: 0 for name in experts}
+        threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True).start()
 
-    async def _call(self, call: Call, image: np.ndarray) -> dict:
+    def _refresh_gauges(self, every_s: float = 2.0) -> None:
+        """Ray ages out gauges that are not set again: re-publish the queue depths while the replica lives."""
+        while True:
+            for expert, depth in list(self._in_flight.items()):
+                self.metrics.set("expertmesh_expert_queue_depth", depth, expert=expert)
+            time.sleep(every_s)
+
+    async def _call(self, call: Call, image: np.ndarray, reason: str | None = None) -> dict:
+        m, expert = self.metrics, call.expert
+        m.inc("expertmesh_expert_invocations_total", expert=expert, reason=reason or call.reason.value)
+        self._in_flight[expert] += 1
+        m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
+        t0 = time.perf_counter()
         try:
             res = await asyncio.wait_for(self.experts[call.expert].classify.remote(image), self.expert_timeout_s)
         except asyncio.TimeoutError:
@@ -46,6 +63,10 @@ class RouterDeployment:
         except Exception as exc:  # a replica crash or an error inside the expert
             raise ExpertCallFailed(f"expert {call.expert!r} failed ({type(exc).__name__})",
                                    fix="retry later; if it persists, check the expert's logs") from None
+        finally:
+            self._in_flight[expert] -= 1
+            m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
+            m.observe("expertmesh_expert_latency_seconds", time.perf_counter() - t0, expert=expert)
         return {**res, "expert": call.expert, "reason": call.reason.value, "because_of": call.because_of or ""}
 
     async def _run(self, call: Call, image: np.ndarray, planned: set[str]) -> list[dict]:
@@ -59,9 +80,10 @@ class RouterDeployment:
         """Classify, plan, run and aggregate one decoded RGB image [H, W, 3]."""
         t0 = time.perf_counter()
         router_call = Call(self.spec.router.expert, Reason.TABLE, None)
-        first = await self._call(router_call, image)
+        first = await self._call(router_call, image, reason="router")
         first["reason"] = "router"
         r = route(self.spec, first["label"], first["score"], RequestMeta(**meta))
+        self._record_route(r, time.perf_counter() - t0)
         planned = {c.expert for c in r.calls}
         groups = await asyncio.gather(*(self._run(c, image, planned) for c in r.calls))
         results = [res for g in groups for res in g]
@@ -71,3 +93,12 @@ class RouterDeployment:
             "verdict": outcome.verdict.value, "defect": outcome.defect, "trace": [first] + results,
             "latency_ms": (time.perf_counter() - t0) * 1000.0, "decided_by": outcome.decided_by or "",
         }
+
+    def _record_route(self, r, seconds: float) -> None:
+        m = self.metrics
+        m.observe("expertmesh_route_latency_seconds", seconds)
+        m.inc("expertmesh_router_decisions_total", category=r.category)
+        if r.fallback:
+            m.inc("expertmesh_router_fallbacks_total", category=r.category)
+        for rule in r.rules:
+            m.inc("expertmesh_gating_rule_hits_total", rule=rule)

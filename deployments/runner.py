@@ -27,21 +27,39 @@ def initial_cpus(args: AppArgs) -> float:
     return total
 
 
-def start(args: AppArgs, address: str | None = None) -> None:
-    """Start Ray (or join `address`) and Serve, and deploy the application. Returns once it is running."""
+def keep_ray_on_loopback() -> None:
+    """Make a Ray started by this process use 127.0.0.1 for every node address (by default Ray picks the
+    machine's network address, even with `_node_ip_address="127.0.0.1"`). Must run before Ray is imported."""
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray then resolves its node address to loopback
+    if "ray" in sys.modules:
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -> None:
+    """Start Ray (or join `address`) and Serve, and deploy the application. Returns once it is running.
+
+    A Ray started here serves every metric (Ray's, Serve's, ExpertMesh's) on 127.0.0.1:`metrics_port`;
+    a joined cluster keeps the ports its nodes were started with (`ray start --metrics-export-port`).
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        keep_ray_on_loopback()
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from expertmesh.deployments.app import build_app
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     needed = initial_cpus(args)
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # a dev box: logical CPUs are a scheduling budget, so give the local node enough for every replica
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 num_cpus=max(os.cpu_count() or 1, math.ceil(needed + 1)),
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(needed + 1)), _metrics_export_port=metrics_port,
                  _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     have = ray.cluster_resources().get("CPU", 0.0)
     if have + 1e-9 < needed + 0.1:  # + Serve's own controller and proxies

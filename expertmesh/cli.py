@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, SpecError
+from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, InvalidArgument, SpecError
 
 
 def _spec_and_zoo(args) -> tuple:
@@ -79,7 +79,17 @@ def cmd_zoo_report(args) -> int:
 def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
     from expertmesh.deployments.config import AppArgs, ServeSettings
 
-    settings = ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port)
+    from pydantic import ValidationError
+
+    try:
+        settings = ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
+                                 expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        option = "--" + name.removeprefix("expert_").replace("_", "-") if name else "serve options"
+        message, _, fix = err["msg"].removeprefix("Value error, ").partition("; fix: ")
+        raise InvalidArgument(message, field=option, fix=fix or "see `expertmesh serve --help` for the allowed values") from None
     return AppArgs(spec=str(Path(spec_path).resolve()) if spec_path else None, zoo=str(zoo_root),
                    tokens_file=str(Path(tokens_file).resolve()), settings=settings)
 
@@ -130,12 +140,14 @@ def cmd_serve(args) -> int:
     app_args = _app_args(args, args.spec, zoo_root, tokens_file)
     print(f"starting Ray and Serve, deploying {spec.name!r} ({len(spec.experts)} experts) from {zoo_root} ...", flush=True)
     t0 = time.perf_counter()
+    prometheus = None
     try:
-        runner.start(app_args, args.address)
+        runner.start(app_args, args.address, metrics_port=args.metrics_port)
         print(f"serving after {time.perf_counter() - t0:.1f} s:")
         for line in runner.endpoints(app_args):
             print(f"  {line}")
         print(f"  tokens: {tokens_file} (send `authorization: Bearer <token>`)", flush=True)
+        prometheus = _start_prometheus(args)
         if args.station_seconds:
             table = TokenTable.load(tokens_file)
             token, factory = next(iter(table.factories_by_token.items()))
@@ -144,14 +156,73 @@ def cmd_serve(args) -> int:
                                  duration_s=args.station_seconds,
                                  mix={c.name: c.probability for c in spec.categories})
             print(report.format(), flush=True)
+            if prometheus is not None:
+                _print_hit_rates(prometheus)
         if args.stop_after_station and args.station_seconds:
             reason = "station run done"
         else:
             print("serving until Ctrl-C or SIGTERM", flush=True)
             reason = runner.wait_for_signal(args.duration)
-        print(f"stopping ({reason}): Serve, then Ray", flush=True)
+        print(f"stopping ({reason}): Prometheus, Serve, then Ray", flush=True)
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         runner.stop()
+    return 0
+
+
+def _start_prometheus(args):
+    """A local Prometheus scraping this cluster's nodes, when installed (else a hint); None when not running."""
+    import shutil
+
+    from expertmesh.cluster.prometheus import PrometheusServer
+    from expertmesh.deployments.dashboard import HIT_RATE_SINCE_START
+
+    if args.no_prometheus:
+        return None
+    if shutil.which("prometheus") is None:
+        print("  metrics: Ray's /metrics on each node (port %d here); install prometheus to get a local server"
+              % args.metrics_port, flush=True)
+        return None
+    prom = PrometheusServer(port=args.prometheus_port).start()
+    print(f"  metrics: Prometheus at {prom.url} scraping {', '.join(prom.refresh_targets())}")
+    print(f"  expert hit rate: {prom.url}/graph?g0.expr=" + _url_quote(HIT_RATE_SINCE_START))
+    print(f"     query: {HIT_RATE_SINCE_START}", flush=True)
+    return prom
+
+
+def _url_quote(text: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(text, safe="")
+
+
+def _print_hit_rates(prom, wait_s: float = 25.0) -> None:
+    """After a station run: the hit rates Prometheus has (Ray reports metrics every few seconds)."""
+    from expertmesh.deployments.dashboard import HIT_RATE_SINCE_START
+
+    deadline = time.monotonic() + wait_s
+    rows = []
+    while time.monotonic() < deadline and not rows:
+        time.sleep(5)
+        rows = prom.query(HIT_RATE_SINCE_START)
+    if not rows:
+        print("expert hit rate: no data in Prometheus yet", flush=True)
+        return
+    print("expert hit rate (Prometheus, since start):")
+    for r in sorted(rows, key=lambda r: r["metric"].get("expert", "")):
+        print(f"  {r['metric'].get('expert', '?'):<24} {float(r['value'][1]):.3f}")
+
+
+def cmd_dashboard(args) -> int:
+    from expertmesh.deployments.dashboard import dashboard_json
+
+    text = dashboard_json()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -173,6 +244,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--device-idle-s", type=float, help="an expert replica idle this long moves its weights off the "
+                                                       "device to host memory (default: never)")
+    p.add_argument("--host-idle-s", type=float, help="an expert replica idle this long drops its weights to disk "
+                                                     "(default: never); the next request loads them back")
 
 
 def _positive(kind):
@@ -235,7 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--station-rate", type=_positive(float), default=10.0, help="station requests per second")
     serve.add_argument("--stop-after-station", action="store_true", help="stop cleanly after the station run")
     serve.add_argument("--duration", type=_positive(float), help="stop after this many seconds (default: until a signal)")
+    serve.add_argument("--metrics-port", type=int, default=8080,
+                       help="Ray's metrics export port of the node started here (Prometheus scrapes it)")
+    serve.add_argument("--prometheus-port", type=int, default=9090, help="port of the local Prometheus, when installed")
+    serve.add_argument("--no-prometheus", action="store_true", help="do not start a local Prometheus")
     serve.set_defaults(func=cmd_serve)
+
+    dash = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (the shipped one is this output)")
+    dash.add_argument("--out", help="file to write (default: stdout)")
+    dash.set_defaults(func=cmd_dashboard)
 
     station = sub.add_parser("station", help="a line-side station: send generated images over gRPC, print the figures")
     station.add_argument("--target", default="127.0.0.1:9000", help="gRPC HOST:PORT")

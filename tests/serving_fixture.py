@@ -24,9 +24,13 @@ class Serving:
     tokens: dict[str, str]  # factory -> token
     spec_path: Path
     zoo: Path
+    metrics_port: int
 
 
 def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
+    from expertmesh.deployments.runner import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -39,18 +43,21 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
     spec_path = workdir / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec_data))
     tokens = write_dev_tokens(workdir / "tokens.yaml", ["factory-a", "factory-b"])
-    grpc_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    # metrics reported every second (Ray's default is 10 s) so the Prometheus test sees traffic quickly
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000},
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
-    # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly
+    # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly; short residency
+    # timeouts, so idle experts really leave memory and the next request waits for a load
     settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, expert_num_cpus=0.1, upscale_delay_s=1,
                              downscale_delay_s=5, expert_timeout_s=20, ingress_max_ongoing_requests=4,
-                             ingress_max_queued_requests=8)
+                             ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0)
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo)
+    return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo, metrics_port)
 
 
 def stop_serving() -> None:

@@ -1,0 +1,138 @@
+"""Every ExpertMesh metric, declared once.
+
+Instruments are Ray metrics (`ray.util.metrics`): each process records into its node's Ray metrics
+agent, which serves them on that node's metrics export port (`ray start --metrics-export-port`,
+`expertmesh serve --metrics-port`), so every node of a multi-node cluster is scraped the same way.
+Ray prefixes the names with `ray_` and adds its own tags (`NodeAddress`, `WorkerId`, `SessionName`,
+...); `EXPORTED_PREFIX` is what PromQL sees.
+
+Labels are bounded: every label value comes from the spec (experts, categories, rules), validated
+config (factories in the tokens file), or a fixed enum (codes, verdicts, tiers, reasons) - never a raw
+request string. `bounded()` folds anything else into "other".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+EXPORTED_PREFIX = "ray_"
+OTHER = "other"
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LOAD_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+INGRESSES = ("grpc", "grpc_board", "http")
+READINESS = ("ready", "waited_load")
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: str  # counter | gauge | histogram
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        return EXPORTED_PREFIX + self.name
+
+
+METRICS: tuple[MetricDef, ...] = (
+    # ingress
+    MetricDef("expertmesh_requests_total", "counter",
+              "Inspections answered, by factory, ingress (grpc, grpc_board, http) and outcome (gRPC status code name)",
+              ("factory", "ingress", "code")),
+    MetricDef("expertmesh_verdicts_total", "counter", "Verdicts returned, by factory and verdict", ("factory", "verdict")),
+    MetricDef("expertmesh_request_latency_seconds", "histogram", "Whole inspection inside the ingress, by ingress",
+              ("ingress",), LATENCY_BUCKETS_S),
+    # router
+    MetricDef("expertmesh_router_decisions_total", "counter", "Router step 1 decisions, by category", ("category",)),
+    MetricDef("expertmesh_router_fallbacks_total", "counter",
+              "Requests sent to the fallback (router confidence below min_confidence), by the category it guessed",
+              ("category",)),
+    MetricDef("expertmesh_gating_rule_hits_total", "counter", "Gating rules that matched a request, by rule", ("rule",)),
+    MetricDef("expertmesh_expert_invocations_total", "counter",
+              "Expert calls made by the router, by expert and reason (router, table, rule, dependency, fallback)",
+              ("expert", "reason")),
+    MetricDef("expertmesh_route_latency_seconds", "histogram", "Router step 1 (classify) and the plan",
+              (), LATENCY_BUCKETS_S),
+    MetricDef("expertmesh_expert_latency_seconds", "histogram",
+              "One expert call as the router sees it (queueing, batching, any load, inference), by expert",
+              ("expert",), LATENCY_BUCKETS_S),
+    MetricDef("expertmesh_expert_queue_depth", "gauge",
+              "Expert calls sent by the router and not yet answered, by expert (sum over router replicas)", ("expert",)),
+    # expert replicas
+    MetricDef("expertmesh_expert_requests_total", "counter",
+              "Images an expert replica classified, by expert and readiness: ready (weights were on the device) or "
+              "waited_load (the request waited for a load); hit rate = ready / all",
+              ("expert", "readiness")),
+    MetricDef("expertmesh_expert_loads_total", "counter", "Tier moves up (disk->host, host->device), by expert and the tier loaded into",
+              ("expert", "tier")),
+    MetricDef("expertmesh_expert_unloads_total", "counter", "Tier moves down, by expert and the tier left", ("expert", "tier")),
+    MetricDef("expertmesh_expert_switches_total", "counter",
+              "Loads a waiting request forced (the expert was switched back onto the device), by expert", ("expert",)),
+    MetricDef("expertmesh_expert_load_seconds", "histogram", "Duration of one tier move up, by expert and the tier loaded into",
+              ("expert", "tier"), LOAD_BUCKETS_S),
+    MetricDef("expertmesh_expert_replicas", "gauge",
+              "1 per live expert replica, by expert and node: sum by (expert) is the replica count, "
+              "by (expert, node) the current placement", ("expert", "node")),
+    MetricDef("expertmesh_expert_memory_bytes", "gauge",
+              "Bytes an expert replica holds, by expert, node and tier (host or device; on a CPU node the device is "
+              "host memory)", ("expert", "node", "tier")),
+    MetricDef("expertmesh_node_memory_budget_bytes", "gauge", "Memory a node offers experts, by node and tier",
+              ("node", "tier")),
+)
+
+BY_NAME = {m.name: m for m in METRICS}
+
+
+def bounded(value: str, allowed: Iterable[str]) -> str:
+    """`value` if it is one of `allowed`, else "other": label values never come from raw request strings."""
+    return value if value in set(allowed) else OTHER
+
+
+class Instruments:
+    """The live instruments of this process (created on first use, in the process that records)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics as rm
+
+        self._by_name = {}
+        for m in METRICS:
+            if m.kind == "counter":
+                inst = rm.Counter(m.name, description=m.description, tag_keys=m.tag_keys)
+            elif m.kind == "gauge":
+                inst = rm.Gauge(m.name, description=m.description, tag_keys=m.tag_keys)
+            else:
+                inst = rm.Histogram(m.name, description=m.description, boundaries=list(m.boundaries), tag_keys=m.tag_keys)
+            self._by_name[m.name] = inst
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        if value:
+            self._by_name[name].inc(value, tags=tags or None)
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        self._by_name[name].set(value, tags=tags or None)
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        self._by_name[name].observe(value, tags=tags or None)
+
+
+@functools.lru_cache(maxsize=1)
+def instruments() -> Instruments:
+    return Instruments()
+
+
+def node_name() -> str:
+    """This process's node as a metric label: its `expertmesh.io/node` Ray label, else the node id's first 12 hex."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    try:
+        labels = ctx.get_node_labels() or {}
+    except Exception:  # noqa: BLE001 - older Ray or no labels: fall back to the id
+        labels = {}
+    return labels.get("expertmesh.io/node") or ctx.get_node_id()[:12]
