@@ -2,16 +2,18 @@
 
 `build_app(args)` is the `import_path` target of the Serve config (`serve deploy serve.yaml`,
 KubeRay's serveConfigV2) and of `expertmesh serve`. Deployment options come from
-`deployments.config.deployment_options`, the same function that writes the config file.
+`deployments.config.app_options` (the spec, the settings and a current profile), the same function
+that writes the config file.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ray.serve import Application
 
-from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, deployment_options
+from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, app_options
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.expert import ExpertDeployment
 from expertmesh.deployments.ingress import IngressDeployment
@@ -23,7 +25,7 @@ def build_app(args: dict | AppArgs) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     spec = load_spec(a.spec, zoo_root=Path(a.zoo))  # checkpoints must exist before any replica starts
     TokenTable.load(a.tokens_file)  # fail here, with the fix, rather than in every ingress replica
-    opts = deployment_options(spec, a.settings)
+    opts = app_options(spec, a, warn=logging.getLogger("ray.serve").warning)  # profile applied when current
     experts = {e.name: ExpertDeployment.options(**opts[e.name]).bind(a.spec, e.name, a.zoo) for e in spec.experts}
     router = RouterDeployment.options(**opts[ROUTER_DEPLOYMENT]).bind(a.spec, experts, a.settings.expert_timeout_s)
     return IngressDeployment.options(**opts[INGRESS_DEPLOYMENT]).bind(a.spec, a.tokens_file, router)

@@ -8,12 +8,14 @@ KubeRay's serveConfigV2) runs, so the two can never disagree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from expertmesh.experts.spec import CoESpec, ExpertSpec
+from expertmesh.profiler.store import ExpertProfile
 
 APP_NAME = "expertmesh"
 ROUTER_DEPLOYMENT = "Router"
@@ -69,6 +71,8 @@ class AppArgs(BaseModel):
     spec: str | None = Field(None, description="CoE spec YAML; none: the embedded pcb-aoi")
     zoo: str = Field(description="zoo directory with the checkpoints")
     tokens_file: str = Field(description="YAML of `token: factory_id` lines")
+    profile: str | None = Field(None, description="profile store (expertmesh profile); its current entries set "
+                                                  "each expert's batch size and autoscaling target")
     settings: ServeSettings = Field(default_factory=ServeSettings)
 
 
@@ -76,8 +80,12 @@ def _uses_gpu(expert: ExpertSpec, settings: ServeSettings) -> bool:
     return expert.device in ("cuda", "auto") and settings.expert_num_gpus > 0
 
 
-def expert_options(expert: ExpertSpec, settings: ServeSettings, max_batch: int | None = None) -> dict[str, Any]:
+def expert_options(expert: ExpertSpec, settings: ServeSettings, profile: ExpertProfile | None = None) -> dict[str, Any]:
+    """One expert's options. With a current profile, the batch size is its largest useful batch and the autoscaling
+    target is one such batch in flight per replica; without one, the spec's max_batch and target."""
     a = expert.autoscaling
+    max_batch = profile.max_useful_batch if profile else expert.max_batch
+    target = float(profile.max_useful_batch) if profile else a.target_ongoing_requests
     return {
         "name": expert.name,
         "max_ongoing_requests": settings.max_ongoing_requests,
@@ -86,7 +94,7 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, max_batch: int |
             "min_replicas": a.min_replicas,
             "initial_replicas": max(1, a.min_replicas),
             "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
+            "target_ongoing_requests": target,
             "upscale_delay_s": settings.upscale_delay_s,
             "downscale_delay_s": settings.downscale_delay_s,
         },
@@ -94,14 +102,16 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, max_batch: int |
             "num_cpus": settings.expert_num_cpus,
             "num_gpus": settings.expert_num_gpus if _uses_gpu(expert, settings) else 0,
         },
-        "user_config": {"max_batch_size": max_batch or expert.max_batch, "batch_wait_timeout_s": settings.batch_wait_timeout_s,
+        "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": settings.batch_wait_timeout_s,
                         "device_idle_s": settings.expert_device_idle_s, "host_idle_s": settings.expert_host_idle_s},
     }
 
 
-def deployment_options(spec: CoESpec, settings: ServeSettings) -> dict[str, dict[str, Any]]:
+def deployment_options(spec: CoESpec, settings: ServeSettings,
+                       profiles: dict[str, ExpertProfile] | None = None) -> dict[str, dict[str, Any]]:
     """Options of every deployment of the app, by deployment name."""
-    opts = {e.name: expert_options(e, settings) for e in spec.experts}
+    profiles = profiles or {}
+    opts = {e.name: expert_options(e, settings, profiles.get(e.name)) for e in spec.experts}
     s = settings
     for name, replicas, ongoing, queued in (
             (ROUTER_DEPLOYMENT, s.router_replicas, 4 * s.max_ongoing_requests, s.max_queued_requests),
@@ -111,7 +121,29 @@ def deployment_options(spec: CoESpec, settings: ServeSettings) -> dict[str, dict
     return opts
 
 
-def build_serve_config(spec: CoESpec, args: AppArgs) -> dict[str, Any]:
+def profile_device(settings: ServeSettings) -> str:
+    """The device whose profiles apply: cuda when experts get GPUs and one is present, else cpu."""
+    if settings.expert_num_gpus > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """`deployment_options` with the profile store of `args` applied (current entries only; stale ones warned)."""
+    if not args.profile:
+        return deployment_options(spec, args.settings)
+    from expertmesh.profiler.run import usable_profiles
+    from expertmesh.profiler.store import ProfileStore
+
+    store = ProfileStore.load(Path(args.profile))
+    profiles = usable_profiles(store, spec, Path(args.zoo), profile_device(args.settings), warn=warn)
+    return deployment_options(spec, args.settings, profiles)
+
+
+def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """A Serve config file (the schema `serve deploy` accepts) for the spec's application."""
     s = args.settings
     return {
@@ -124,7 +156,7 @@ def build_serve_config(spec: CoESpec, args: AppArgs) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "args": args.model_dump(mode="json"),
-            "deployments": list(deployment_options(spec, s).values()),
+            "deployments": list(app_options(spec, args, warn).values()),
         }],
     }
 
@@ -133,4 +165,5 @@ def resolve_paths(args: AppArgs, base: Path) -> AppArgs:
     """Make relative paths in `args` absolute against `base` (Serve may run in another working directory)."""
     def absolute(p: str | None) -> str | None:
         return None if p is None else str((base / p).resolve()) if not Path(p).is_absolute() else p
-    return args.model_copy(update={"spec": absolute(args.spec), "zoo": absolute(args.zoo), "tokens_file": absolute(args.tokens_file)})
+    return args.model_copy(update={"spec": absolute(args.spec), "zoo": absolute(args.zoo),
+                                   "tokens_file": absolute(args.tokens_file), "profile": absolute(args.profile)})

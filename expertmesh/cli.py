@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -77,9 +76,10 @@ def cmd_zoo_report(args) -> int:
 
 
 def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
-    from expertmesh.deployments.config import AppArgs, ServeSettings
-
     from pydantic import ValidationError
+
+    from expertmesh.deployments.config import AppArgs, ServeSettings
+    from expertmesh.profiler.run import default_store_path
 
     try:
         settings = ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -90,8 +90,18 @@ def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
         option = "--" + name.removeprefix("expert_").replace("_", "-") if name else "serve options"
         message, _, fix = err["msg"].removeprefix("Value error, ").partition("; fix: ")
         raise InvalidArgument(message, field=option, fix=fix or "see `expertmesh serve --help` for the allowed values") from None
+    profile = None
+    if not args.no_profile:
+        profile = Path(args.profile) if args.profile else default_store_path(zoo_root)
+        if args.profile and not profile.is_file():
+            raise InvalidArgument(f"no profile at {profile}", field="--profile", fix="run `expertmesh profile` first")
+        if profile.is_file():
+            print(f"profile: {profile} (current entries set batch sizes and autoscaling targets)", file=sys.stderr)
+        else:
+            profile = None
     return AppArgs(spec=str(Path(spec_path).resolve()) if spec_path else None, zoo=str(zoo_root),
-                   tokens_file=str(Path(tokens_file).resolve()), settings=settings)
+                   tokens_file=str(Path(tokens_file).resolve()), profile=str(profile.resolve()) if profile else None,
+                   settings=settings)
 
 
 def _tokens_file(args) -> str:
@@ -106,9 +116,9 @@ def _tokens_file(args) -> str:
     path = dev_tokens_path()
     if not path.is_file():
         write_dev_tokens(path, ["factory-a", "factory-b"])
-        print(f"generated dev tokens for factory-a and factory-b: {path}")
+        print(f"generated dev tokens for factory-a and factory-b: {path}", file=sys.stderr)
     else:
-        print(f"using dev tokens: {path}")
+        print(f"using dev tokens: {path}", file=sys.stderr)
     return str(path)
 
 
@@ -119,7 +129,8 @@ def cmd_config(args) -> int:
 
     spec, zoo_root = _spec_and_zoo(args)
     tokens = args.tokens or "/etc/expertmesh/tokens.yaml"
-    config = build_serve_config(spec, _app_args(args, args.spec, zoo_root, tokens))
+    config = build_serve_config(spec, _app_args(args, args.spec, zoo_root, tokens),
+                                warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     text = "# Serve config written by `expertmesh config`; run it with `serve deploy` on a running Ray cluster.\n"
     text += yaml.safe_dump(config, sort_keys=False)
     if args.out:
@@ -214,6 +225,32 @@ def _print_hit_rates(prom, wait_s: float = 25.0) -> None:
         print(f"  {r['metric'].get('expert', '?'):<24} {float(r['value'][1]):.3f}")
 
 
+def cmd_profile(args) -> int:
+    from expertmesh.profiler.measure import MeasureConfig
+    from expertmesh.profiler.plot import plot_profiles
+    from expertmesh.profiler.run import default_store_path, format_profiles, measure_usage, profile_zoo
+
+    spec, zoo_root = _spec_and_zoo(args)
+    from expertmesh.experts.spec import check_spec
+
+    problems = check_spec(spec, zoo_root)
+    if problems:
+        raise SpecError(problems, args.spec or "<embedded pcb-aoi spec>")
+    out = Path(args.out) if args.out else default_store_path(zoo_root)
+    cfg = MeasureConfig(runs=args.runs, max_batch=args.max_batch)
+    t0 = time.perf_counter()
+    store = profile_zoo(spec, zoo_root, out, devices=args.device, experts=args.experts, cfg=cfg, force=args.force,
+                        progress=not args.no_progress)
+    print(f"usage weights from {args.usage} ...", flush=True)
+    store.usage = measure_usage(spec, zoo_root, args.usage, traces=args.traces, sample_size=args.sample_size)
+    store.save(out)
+    print(format_profiles(store))
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    plot_profiles([store.entries[k] for k in sorted(store.entries)], plot, title=f"{spec.name}: latency against batch size")
+    print(f"profile: {out}\nplot: {plot}\ntook {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from expertmesh.deployments.dashboard import dashboard_json
 
@@ -231,7 +268,8 @@ def cmd_station(args) -> int:
 
     report = run_station(args.target, args.token, args.factory, rate_per_s=args.rate, duration_s=args.duration,
                          station_id=args.station, board_fraction=args.board_fraction, defect_rate=args.defect_rate,
-                         seed=args.seed, progress=not args.no_progress)
+                         seed=args.seed, progress=not args.no_progress,
+                         traces_path=Path(args.traces) if args.traces else None)
     print(report.format())
     if args.json:
         Path(args.json).write_text(report.to_json())
@@ -244,6 +282,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--profile", help="profile store to take batch sizes and autoscaling targets from "
+                                     "(default: <zoo>/profile.json when it exists)")
+    p.add_argument("--no-profile", action="store_true", help="use the spec's batch sizes and targets")
     p.add_argument("--device-idle-s", type=float, help="an expert replica idle this long moves its weights off the "
                                                        "device to host memory (default: never)")
     p.add_argument("--host-idle-s", type=float, help="an expert replica idle this long drops its weights to disk "
@@ -316,6 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prometheus", action="store_true", help="do not start a local Prometheus")
     serve.set_defaults(func=cmd_serve)
 
+    prof = sub.add_parser("profile", help="measure each expert: latency vs batch size, memory, load time per tier")
+    _add_spec_args(prof)
+    prof.add_argument("--device", action="append", choices=["cpu", "cuda"], help="device(s) to profile on "
+                                                                                 "(repeatable; default: every one present)")
+    prof.add_argument("--experts", nargs="+", metavar="EXPERT", help="only these experts (default: all)")
+    prof.add_argument("--out", help="profile store (default: <zoo>/profile.json)")
+    prof.add_argument("--plot", help="PNG of latency against batch size (default: next to the store)")
+    prof.add_argument("--runs", type=int, default=7, help="timed runs per batch size (medians are reported)")
+    prof.add_argument("--max-batch", type=int, help="largest batch to measure (default: each expert's max_batch)")
+    prof.add_argument("--force", action="store_true", help="measure again even where the store is current")
+    prof.add_argument("--usage", choices=["spec", "sample", "traces"], default="sample",
+                      help="usage weights from the spec's mix, a generated sample run through the CoE, or traces")
+    prof.add_argument("--traces", help="JSONL of responses (expertmesh station --traces) for --usage traces")
+    prof.add_argument("--sample-size", type=int, default=2000, help="images in the generated sample")
+    prof.set_defaults(func=cmd_profile)
+
     dash = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (the shipped one is this output)")
     dash.add_argument("--out", help="file to write (default: stdout)")
     dash.set_defaults(func=cmd_dashboard)
@@ -331,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     station.add_argument("--defect-rate", type=float, default=0.3, help="share of generated parts with a defect")
     station.add_argument("--seed", type=int, default=7)
     station.add_argument("--json", help="also write the figures as JSON here")
+    station.add_argument("--traces", help="write every response's trace as JSON lines here (input of "
+                                          "`expertmesh profile --usage traces`)")
     station.add_argument("--no-progress", action="store_true")
     station.set_defaults(func=cmd_station)
     return parser

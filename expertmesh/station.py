@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -50,8 +51,8 @@ class StationReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def sample_components(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[tuple[str, str, bytes]]:
-    """n (component, defect, png) drawn from the category mix (default uniform) with the given defect rate."""
+def sample_pairs(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[tuple[str, str, int]]:
+    """n (component, defect, image index) drawn from the category mix (default uniform) with the given defect rate."""
     rng = np.random.default_rng(seed)
     comps = list(generator.COMPONENTS)
     p = np.array([(mix or {}).get(c, 1.0) for c in comps], dtype=float)
@@ -60,14 +61,29 @@ def sample_components(n: int, seed: int, defect_rate: float, mix: dict[str, floa
         comp = comps[int(rng.choice(len(comps), p=p / p.sum()))]
         defects = [d for d in generator.defects_for(comp) if d != "ok"]
         defect = defects[int(rng.integers(len(defects)))] if rng.random() < defect_rate else "ok"
-        out.append((comp, defect, encode_png(generator.generate(comp, defect, seed, i))))
+        out.append((comp, defect, i))
     return out
+
+
+def sample_components(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[tuple[str, str, bytes]]:
+    """n (component, defect, png) drawn from the category mix (default uniform) with the given defect rate."""
+    return [(c, d, encode_png(generator.generate(c, d, seed, i))) for c, d, i in sample_pairs(n, seed, defect_rate, mix)]
+
+
+def trace_record(resp: pb.InspectResponse) -> dict:
+    """One response as a JSON-able trace record (what `--traces` writes and the profiler reads)."""
+    return {"request_id": resp.request_id, "category": resp.category, "verdict": pb.Verdict.Name(resp.verdict),
+            "defect": resp.defect, "latency_ms": resp.latency_ms,
+            "experts": [{"expert": t.expert, "label": t.label, "score": t.score, "latency_ms": t.latency_ms,
+                         "reason": t.reason, "because_of": t.because_of, "node_id": t.node_id} for t in resp.experts]}
 
 
 def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, duration_s: float, station_id: str = "station-1",
                 board_fraction: float = 0.1, board_size: int = 6, defect_rate: float = 0.3, seed: int = 7,
-                mix: dict[str, float] | None = None, timeout_s: float = 30.0, progress: bool = True) -> StationReport:
+                mix: dict[str, float] | None = None, timeout_s: float = 30.0, progress: bool = True,
+                traces_path: Path | None = None) -> StationReport:
     pool = sample_components(256, seed, defect_rate, mix)
+    traces = open(traces_path, "w") if traces_path else None  # noqa: SIM115 - closed below
     rng = np.random.default_rng(seed + 1)
     lock = threading.Lock()
     latencies: list[float] = []
@@ -82,6 +98,8 @@ def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, 
             answered += 1
             correct += (resp.verdict == pb.PASS) == (defect == "ok") and resp.verdict != pb.UNCERTAIN
             hits.update(t.expert for t in resp.experts)
+            if traces is not None:
+                traces.write(json.dumps(trace_record(resp)) + "\n")
 
     def send(i: int, board: bool, stub: pb_grpc.InspectionServiceStub) -> None:
         t0 = time.perf_counter()
@@ -120,6 +138,8 @@ def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, 
                     print(f"  {now - start:5.1f} s: sent {sent}, answered {answered}, errors {sum(errors.values())}", flush=True)
                 next_report += 5.0
     elapsed = time.perf_counter() - start
+    if traces is not None:
+        traces.close()
     lat = np.array(latencies) if latencies else np.array([0.0])
     return StationReport(target=target, duration_s=elapsed, num_sent=sent, num_ok=len(latencies), num_components=answered,
                          throughput_per_s=answered / elapsed, p50_ms=float(np.percentile(lat, 50)),

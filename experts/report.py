@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from expertmesh.experts.pcb_aoi import dataset, generator
-from expertmesh.experts.preprocess import to_pixel_values
+from expertmesh.experts.offline import load_runtime, predict, run_coe
+from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.runtime import ExpertRuntime
-from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
+from expertmesh.experts.spec import CoESpec
 from expertmesh.experts.zoo import BASELINE_DIR, monolithic_spec
-from expertmesh.router.plan import Call, ExpertOutput, Verdict, aggregate, route, triggered_calls
-
-_BATCH = 256
+from expertmesh.router.plan import Verdict, aggregate
 
 
 class ExpertAccuracy(BaseModel):
@@ -54,19 +51,6 @@ class AccuracyReport(BaseModel):
     seconds: float
 
 
-def _runtime(spec: CoESpec, e: ExpertSpec, zoo_root: Path) -> ExpertRuntime:
-    rt = ExpertRuntime(e, resolve_checkpoint(e, zoo_root), device="cpu", image_limits=spec.image)
-    rt.load()
-    return rt
-
-
-def _predict(rt: ExpertRuntime, images: np.ndarray) -> list:
-    out = []
-    for s in range(0, len(images), _BATCH):
-        out += rt.infer(to_pixel_values(images[s:s + _BATCH], rt.spec.input_size_px))
-    return out
-
-
 def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: bool = True) -> AccuracyReport:
     t0 = time.perf_counter()
     zoo_root = Path(zoo_root)
@@ -75,7 +59,7 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
     pairs = list(pool.images)
     images = np.concatenate([pool.images[p] for p in pairs])
     truth = [p for p in pairs for _ in range(len(pool.images[p]))]
-    runtimes = {e.name: _runtime(spec, e, zoo_root) for e in spec.experts}
+    runtimes = {e.name: load_runtime(spec, e, zoo_root) for e in spec.experts}
     params = {name: rt.num_parameters for name, rt in runtimes.items()}
 
     # each expert alone, on the held-out images of the kinds it was trained for
@@ -83,31 +67,14 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
     for e in tqdm(spec.experts, desc="expert accuracy", disable=not progress, leave=False):
         samples = dataset.expert_samples(spec, e)
         x, y = pool.arrays_for(samples, e.labels)
-        preds = _predict(runtimes[e.name], x)
+        preds = predict(runtimes[e.name], x)
         acc = float(np.mean([e.labels.index(p.label) == t for p, t in zip(preds, y)]))
         per_expert.append(ExpertAccuracy(expert=e.name, accuracy=acc, num_images=len(y), num_parameters=params[e.name]))
 
-    # the whole CoE: route, then run the plan in waves, each wave batched per expert
-    router_preds = _predict(runtimes[spec.router.expert], images)
-    router_acc = float(np.mean([p.label == c for p, (c, _) in zip(router_preds, truth)]))
-    pending: dict[int, list[Call]] = {}
-    planned: dict[int, set[str]] = {}
-    outputs: dict[int, list[ExpertOutput]] = defaultdict(list)
-    for i, p in enumerate(router_preds):
-        r = route(spec, p.label, p.score)
-        pending[i] = list(r.calls)
-        planned[i] = {c.expert for c in r.calls}
-    while any(pending.values()):
-        by_expert: dict[str, list[int]] = defaultdict(list)
-        for i, calls in pending.items():
-            for c in calls:
-                by_expert[c.expert].append(i)
-        pending = {i: [] for i in pending}
-        for name, idx in sorted(by_expert.items()):
-            for i, pred in zip(idx, _predict(runtimes[name], images[idx])):
-                out = ExpertOutput(name, pred.label, pred.score)
-                outputs[i].append(out)
-                pending[i] += triggered_calls(spec, out, planned[i])
+    # the whole CoE, exactly as serving runs it (route, then the plan in waves batched per expert)
+    runs = run_coe(spec, runtimes, images)
+    router_acc = float(np.mean([r.router.label == c for r, (c, _) in zip(runs, truth)]))
+    outputs = {i: r.outputs for i, r in enumerate(runs)}
     outcomes = [aggregate(spec, outputs[i]) for i in range(len(images))]
     used = [sum(params[o.expert] for o in outputs[i]) + params[spec.router.expert] for i in range(len(images))]
     coe = SystemAccuracy(
@@ -126,7 +93,7 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
         mspec = monolithic_spec(spec)
         rt = ExpertRuntime(mspec, zoo_root / BASELINE_DIR, device="cpu", image_limits=spec.image)
         rt.load()
-        preds = [p.label.split("/") for p in _predict(rt, images)]
+        preds = [p.label.split("/") for p in predict(rt, images)]
         n = rt.num_parameters
         mono = SystemAccuracy(
             verdict_accuracy=float(np.mean([(pd == "ok") == (d == "ok") for (_, pd), (_, d) in zip(preds, truth)])),

@@ -83,6 +83,11 @@ class ExpertRuntime:
         return self._tier
 
     @property
+    def module(self) -> torch.nn.Module | None:
+        """The loaded model (None on DISK); for measuring it (the profiler's hooks), not for moving it."""
+        return self._model
+
+    @property
     def footprint_bytes(self) -> int:
         """Parameters + buffers in bytes, measured at the last load (0 before the first)."""
         return self._footprint_bytes

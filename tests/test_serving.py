@@ -190,6 +190,28 @@ def test_queue_full_is_resource_exhausted_and_nothing_is_dropped(serving, stub):
     assert stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png()), metadata=auth(serving)).experts
 
 
+def test_http_flood_gets_503_and_nothing_is_dropped(serving):
+    """HTTP past the ingress's limits: Serve's proxy answers 503 (its backpressure code); the rest are full answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = json.dumps({"factory_id": "factory-a", "image": base64.b64encode(png("qfp")).decode()}).encode()
+
+    def one(_):
+        req = urllib.request.Request(serving.http_url + "/v1/inspect", data=body, method="POST", headers={
+            "content-type": "application/json", "authorization": f"Bearer {serving.tokens['factory-a']}"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status if json.loads(r.read())["experts"] else -1
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    with ThreadPoolExecutor(max_workers=48) as ex:
+        statuses = list(ex.map(one, range(144)))
+    assert 503 in statuses and set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert http_post(serving, {"factory_id": "factory-a", "image": base64.b64encode(png()).decode()},
+                     serving.tokens["factory-a"])[0] == 200
+
+
 def test_a_failing_expert_ends_the_request_with_a_clear_error(serving, stub):
     """Kill every replica of an expert: requests needing it end in a result or UNAVAILABLE, never hang."""
     import ray
