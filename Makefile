@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup proto prometheus run zoo report serve test test-unit clean
+.PHONY: setup proto prometheus run zoo report profile serve test test-unit clean
 
 PROTO_SRC := proto/expertmesh/v1/inspection.proto
 PROTO_OUT := expertmesh/v1/inspection_pb2.py
@@ -31,9 +31,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
-## The main job on the embedded default CoE (pcb-aoi): build the zoo, print the accuracy report, then serve it
-## on loopback, run a 20 s station against it over gRPC, print the station's figures and stop cleanly.
-run: zoo report prometheus
+## The main job on the embedded default CoE (pcb-aoi): build the zoo, print the accuracy report, profile the
+## experts, then serve them on loopback (batch sizes from the profile), run a 20 s station over gRPC, print the
+## station's figures and the expert hit rates from Prometheus, and stop cleanly.
+run: zoo report profile prometheus
 	$(BIN)/expertmesh serve --station-seconds 20 --station-rate 10 --stop-after-station --device-idle-s 5 --host-idle-s 10
 
 ## Serve the default CoE until Ctrl-C (gRPC :9000, HTTP :8000; dev tokens under $(EXPERTMESH_HOME)).
@@ -42,6 +43,10 @@ serve: zoo
 
 zoo: setup
 	$(BIN)/expertmesh zoo build
+
+## Profile every expert (skips current entries); serving takes batch sizes and autoscaling targets from it.
+profile: zoo
+	$(BIN)/expertmesh profile
 
 report: setup
 	$(BIN)/expertmesh zoo report --min-router-accuracy 0.99 --min-verdict-accuracy 0.95

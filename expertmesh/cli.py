@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--experts", nargs="+", metavar="EXPERT", help="only these experts (default: all)")
     prof.add_argument("--out", help="profile store (default: <zoo>/profile.json)")
     prof.add_argument("--plot", help="PNG of latency against batch size (default: next to the store)")
-    prof.add_argument("--runs", type=int, default=7, help="timed runs per batch size (medians are reported)")
+    prof.add_argument("--runs", type=int, default=15, help="timed runs per batch size (medians are reported)")
     prof.add_argument("--max-batch", type=int, help="largest batch to measure (default: each expert's max_batch)")
     prof.add_argument("--force", action="store_true", help="measure again even where the store is current")
     prof.add_argument("--usage", choices=["spec", "sample", "traces"], default="sample",

@@ -2,7 +2,7 @@
 
 latency_ms(n) = K * n + B, fitted by least squares over the measured batch sizes (each point the
 median of repeated runs), with R^2 reported. The largest useful batch is where per-item time stops
-improving by at least `min_gain` from one batch size to the next, or where memory runs out.
+improving (within `min_gain` of the best per-item time), among the batches that fit in memory.
 """
 
 from __future__ import annotations
@@ -40,18 +40,16 @@ def fit_linear(batch_sizes: Sequence[int], latencies_ms: Sequence[float]) -> Lat
 
 def largest_useful_batch(batch_sizes: Sequence[int], latencies_ms: Sequence[float], *, min_gain: float = 0.05,
                          peak_bytes: Sequence[int] | None = None, memory_limit_bytes: int | None = None) -> int:
-    """Walk up the (ascending) batch sizes; stop before the first size whose per-item time is not at least
-    `min_gain` better than the last useful one, or whose peak memory exceeds the limit."""
-    order = sorted(range(len(batch_sizes)), key=lambda i: batch_sizes[i])
-    best = order[0]
-    for i in order[1:]:
-        if memory_limit_bytes is not None and peak_bytes is not None and peak_bytes[i] > memory_limit_bytes:
-            break
-        per_item, best_per_item = latencies_ms[i] / batch_sizes[i], latencies_ms[best] / batch_sizes[best]
-        if per_item >= best_per_item * (1.0 - min_gain):
-            break
-        best = i
-    return int(batch_sizes[best])
+    """Where per-item time stops improving: the smallest batch whose per-item time is within `min_gain` of the best
+    per-item time of any batch that fits in memory. Larger batches only add latency; comparing with the best (not
+    with the neighbour) keeps one noisy small-batch point from ending the walk early."""
+    fits = [i for i in range(len(batch_sizes))
+            if memory_limit_bytes is None or peak_bytes is None or peak_bytes[i] <= memory_limit_bytes]
+    if not fits:
+        return int(min(batch_sizes))
+    per_item = {i: latencies_ms[i] / batch_sizes[i] for i in fits}
+    best = min(per_item.values())
+    return int(min(batch_sizes[i] for i in fits if per_item[i] <= best * (1.0 + min_gain)))
 
 
 def batch_sizes_up_to(max_batch: int) -> list[int]:

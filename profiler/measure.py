@@ -26,8 +26,8 @@ from expertmesh.profiler.store import (BatchTiming, ExpertProfile, MoveTiming, c
 class MeasureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    runs: int = Field(7, ge=1, description="timed runs per batch size")
-    warmup_runs: int = Field(2, ge=0, description="untimed runs before them")
+    runs: int = Field(15, ge=1, description="timed runs per batch size")
+    warmup_runs: int = Field(3, ge=0, description="untimed runs before them")
     move_runs: int = Field(5, ge=1, description="repetitions of each tier move")
     max_batch: int | None = Field(None, ge=2, description="largest batch measured (default: the spec's max_batch)")
     min_gain: float = Field(0.05, ge=0, lt=1, description="per-item improvement a larger batch must bring")
