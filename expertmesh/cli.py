@@ -251,6 +251,29 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from expertmesh.cluster.demand import placement_problem
+    from expertmesh.cluster.explain import format_plan, plan_json
+    from expertmesh.cluster.placement import NodeCapacity, plan
+    from expertmesh.profiler.run import default_store_path, usable_profiles
+    from expertmesh.profiler.store import ProfileStore
+    from expertmesh.profiler.usage import from_spec
+
+    spec, zoo_root = _spec_and_zoo(args)
+    store = ProfileStore.load(Path(args.profile) if args.profile else default_store_path(zoo_root))
+    warn = lambda m: print(f"warning: {m}", file=sys.stderr)  # noqa: E731
+    profiles = usable_profiles(store, spec, zoo_root, "cpu", warn=warn)
+    nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30)) for i in range(args.nodes)]
+    problem = placement_problem(spec, profiles, store.usage or from_spec(spec), nodes, args.rps)
+    result = plan(problem, args.method)
+    print(format_plan(result, problem, explain=args.explain,
+                      title=f"{spec.name} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
+    if args.json:
+        Path(args.json).write_text(plan_json(result))
+        print(f"plan JSON: {args.json}")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from expertmesh.deployments.dashboard import dashboard_json
 
@@ -372,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--traces", help="JSONL of responses (expertmesh station --traces) for --usage traces")
     prof.add_argument("--sample-size", type=int, default=2000, help="images in the generated sample")
     prof.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="plan where each expert runs so dependent experts share a node")
+    _add_spec_args(pl)
+    pl.add_argument("--profile", help="profile store (default: <zoo>/profile.json)")
+    pl.add_argument("--nodes", type=int, default=3, help="number of nodes")
+    pl.add_argument("--node-memory-gb", type=_positive(float), default=16.0, help="device memory per node, GiB")
+    pl.add_argument("--rps", type=_positive(float), default=20.0, help="requests per second to plan for")
+    pl.add_argument("--method", choices=["auto", "exact", "heuristic"], default="auto")
+    pl.add_argument("--explain", action="store_true", help="say why each expert sits where it does")
+    pl.add_argument("--json", help="also write the plan as JSON here")
+    pl.set_defaults(func=cmd_plan)
 
     dash = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (the shipped one is this output)")
     dash.add_argument("--out", help="file to write (default: stdout)")

@@ -1,0 +1,40 @@
+"""`expertmesh plan --explain`: a plan as text - per node its experts and memory, the cut edges, the why."""
+
+from __future__ import annotations
+
+import json
+
+from expertmesh.cluster.placement import Plan, PlacementProblem
+
+MIB = 2 ** 20
+
+
+def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, title: str = "") -> str:
+    caps = {n.name: n.memory_bytes for n in problem.nodes}
+    everywhere = {e.name for e in problem.experts if e.everywhere}
+    lines = [f"{title}plan ({plan.method}): cut {plan.cut_weight:.3g} of {plan.total_weight:.3g} dependent calls/s "
+             f"- {100 * plan.internal_share:.1f}% stay inside a node"]
+    for n in problem.nodes:
+        held = [e for e, ns in plan.replicas.items() if n.name in ns]
+        lines.append(f"  {n.name:<10} memory {plan.memory_used_bytes[n.name] / MIB:7.1f} / {caps[n.name] / MIB:.1f} MiB"
+                     f"   load {plan.load[n.name]:.3f}")
+        for e in sorted(held, key=lambda e: (e not in everywhere, plan.homes[e] != n.name, e)):
+            role = "every node" if e in everywhere else "home" if plan.homes[e] == n.name else "replica"
+            lines.append(f"      {e:<24}{role}")
+    if plan.cut_edges:
+        lines.append("  cut edges (upstream -> downstream at node: calls/s):")
+        for u, v, n, w in sorted(plan.cut_edges, key=lambda c: -c[3]):
+            lines.append(f"      {u} -> {v} at {n}: {w:.3g}")
+    else:
+        lines.append("  cut edges: none")
+    if explain:
+        lines.append("  why:")
+        lines += [f"      {e}: {why}" for e, why in plan.reasons.items()]
+    return "\n".join(lines)
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps({"method": plan.method, "homes": plan.homes, "replicas": plan.replicas,
+                       "memory_used_bytes": plan.memory_used_bytes, "load": plan.load,
+                       "cut_edges": [{"upstream": u, "downstream": v, "node": n, "weight": w} for u, v, n, w in plan.cut_edges],
+                       "cut_weight": plan.cut_weight, "total_weight": plan.total_weight}, indent=2)

@@ -1,0 +1,387 @@
+"""The placement planner: which node(s) hold each expert, so dependent experts share a node.
+
+Pure: `plan(problem)` takes a `PlacementProblem` (experts with memory and compute demand, weighted
+dependency edges in calls per second, nodes with memory capacity) and returns a `Plan`; the same
+inputs give the same plan. Every expert has one *home* node; an expert may get extra replicas on
+other nodes (a shared downstream expert next to each of its upstreams) when memory allows. An edge
+u -> v is *cut* on node n when u's home is n and v has no replica there; the objective is the
+least cut weight (cross-node dependent calls per second), subject to each node's memory and a
+load-balance bound on compute, then the least memory.
+
+Small instances are solved exactly (a MILP, HiGHS through scipy); large ones by a graph heuristic
+(heaviest edges merged first, then first-fit onto nodes, then replicas of cut downstream experts).
+`optimality_gap` compares the two where the exact answer is known.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from expertmesh.errors import FailedPrecondition, InvalidArgument
+
+
+class ExpertDemand(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    memory_bytes: int = Field(ge=0, description="weights + peak activations at its batch size")
+    load: float = Field(0.0, ge=0, description="compute demand, e.g. core-seconds per second")
+    everywhere: bool = Field(False, description="a replica on every node (the router's classifier)")
+
+
+class NodeCapacity(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    memory_bytes: int = Field(gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Edge(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    upstream: str
+    downstream: str
+    weight: float = Field(ge=0, description="dependent calls per second (or per request)")
+
+
+class PlacementConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    balance_slack: float = Field(0.25, ge=0, description="a node's compute load may exceed the mean by this share "
+                                                        "(plus the largest single expert)")
+    allow_replicas: bool = True
+    exact_max_variables: int = Field(400, ge=1, description="instances up to this many binaries are solved exactly")
+    time_limit_s: float = Field(20.0, gt=0)
+    memory_tiebreak: float = Field(1e-6, ge=0, description="weight of memory used in the objective, per MiB")
+    balance_tiebreak: float = Field(1e-3, ge=0, description="weight of the busiest node's share of all load")
+
+
+class PlacementProblem(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    experts: list[ExpertDemand]
+    nodes: list[NodeCapacity]
+    edges: list[Edge]
+    config: PlacementConfig = Field(default_factory=PlacementConfig)
+
+
+@dataclass
+class Plan:
+    homes: dict[str, str]  # expert -> home node
+    replicas: dict[str, list[str]]  # expert -> every node holding it (home first)
+    memory_used_bytes: dict[str, int]
+    load: dict[str, float]
+    cut_edges: list[tuple[str, str, str, float]]  # (upstream, downstream, node where the call leaves, weight)
+    cut_weight: float
+    total_weight: float
+    method: str
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def internal_share(self) -> float:
+        return 1.0 - self.cut_weight / self.total_weight if self.total_weight > 0 else 1.0
+
+    def nodes_of(self, expert: str) -> list[str]:
+        return self.replicas[expert]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check(p: PlacementProblem) -> None:
+    names = [e.name for e in p.experts]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("duplicate expert names in the placement problem", field="experts", fix="name each once")
+    if not p.nodes:
+        raise InvalidArgument("no nodes to place experts on", field="nodes", fix="start the cluster (expertmesh up)")
+    known = set(names)
+    for e in p.edges:
+        for end in (e.upstream, e.downstream):
+            if end not in known:
+                raise InvalidArgument(f"edge {e.upstream} -> {e.downstream} names unknown expert {end!r}", field="edges",
+                                      fix="build edges from the same spec as the experts")
+    biggest = max(n.memory_bytes for n in p.nodes)
+    for e in p.experts:
+        if e.memory_bytes > biggest:
+            raise FailedPrecondition(
+                f"expert {e.name!r} needs {e.memory_bytes / 2**20:.1f} MiB, more than any node offers "
+                f"({biggest / 2**20:.1f} MiB)", field="memory", fix="add a node with more memory or shrink its batch size")
+    everywhere = sum(e.memory_bytes for e in p.experts if e.everywhere)
+    for n in p.nodes:
+        if everywhere > n.memory_bytes:
+            raise FailedPrecondition(f"node {n.name!r} ({n.memory_bytes / 2**20:.1f} MiB) cannot hold the experts needed "
+                                     f"on every node ({everywhere / 2**20:.1f} MiB)", field="memory",
+                                     fix="give every node more memory")
+    if sum(e.memory_bytes for e in p.experts) > sum(n.memory_bytes for n in p.nodes):
+        raise FailedPrecondition("the experts need more memory than all nodes together", field="memory",
+                                 fix="add nodes or memory")
+
+
+def _balance_bound(p: PlacementProblem) -> float:
+    movable = [e.load for e in p.experts if not e.everywhere]
+    if not movable or sum(movable) == 0:
+        return float("inf")
+    return (1.0 + p.config.balance_slack) * sum(movable) / len(p.nodes) + max(movable)
+
+
+def _merged_edges(p: PlacementProblem) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for e in p.edges:
+        if e.upstream != e.downstream and e.weight > 0:
+            out[(e.upstream, e.downstream)] = out.get((e.upstream, e.downstream), 0.0) + e.weight
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], method: str) -> Plan:
+    node_names = [n.name for n in p.nodes]
+    by_name = {e.name: e for e in p.experts}
+    mem = {n: sum(by_name[e].memory_bytes for e, ns in replicas.items() if n in ns) for n in node_names}
+    load = {n: sum(by_name[e].load for e, h in homes.items() if h == n and not by_name[e].everywhere) for n in node_names}
+    edges = _merged_edges(p)
+    cut = []
+    for (u, v), w in edges.items():
+        if by_name[u].everywhere:  # traffic of an everywhere-expert runs where the downstream is: never cut
+            continue
+        if homes[u] not in replicas[v]:
+            cut.append((u, v, homes[u], w))
+    ordered = {e: sorted(replicas[e], key=lambda n: (n != homes[e], node_names.index(n))) for e in sorted(replicas)}
+    return Plan(homes=dict(sorted(homes.items())), replicas=ordered, memory_used_bytes=mem, load=load, cut_edges=cut,
+                cut_weight=sum(c[3] for c in cut), total_weight=sum(w for (u, _), w in edges.items()
+                                                                       if not by_name[u].everywhere),
+                method=method, reasons=_reasons(p, homes, replicas, cut))
+
+
+def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], cut) -> dict[str, str]:
+    edges = _merged_edges(p)
+    by_name = {e.name: e for e in p.experts}
+    out = {}
+    for e in sorted(homes):
+        if by_name[e].everywhere:
+            out[e] = "needed by every request: a replica on every node"
+            continue
+        together, apart = [], []
+        for (u, v), w in sorted(edges.items(), key=lambda kv: (-kv[1], kv[0])):
+            if e not in (u, v) or by_name[u].everywhere:
+                continue
+            other = v if u == e else u
+            inside = homes[u] in replicas[v]  # the call leaves u's home only if v has no replica there
+            (together if inside else apart).append(f"{other} ({w:.3g})")
+        partners = together + apart
+        text = f"home {homes[e]}"
+        if len(replicas[e]) > 1:
+            text += f", extra replicas on {', '.join(sorted(replicas[e] - {homes[e]}))} next to its upstream experts"
+        if together:
+            text += f"; with its dependents/upstreams {', '.join(together)}"
+        if apart:
+            text += f"; apart from {', '.join(apart)} (memory or balance)"
+        if not partners:
+            text += "; no dependencies: placed for memory and balance"
+        out[e] = text
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- exact
+def _solve_exact(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str]]] | None:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    experts = [e for e in p.experts]
+    nodes = [n.name for n in p.nodes]
+    ne, nn = len(experts), len(nodes)
+    edges = [(u, v, w) for (u, v), w in _merged_edges(p).items()]
+    idx = {e.name: i for i, e in enumerate(experts)}
+    # variables: h[e,n] (home), x[e,n] (replica), c[k,n] (edge k cut at node n)
+    nh, nx = ne * nn, ne * nn
+    nvar = nh + nx + len(edges) * nn + 1  # the last: the busiest node's load (continuous)
+    lmax = nvar - 1
+
+    def h(e, n):
+        return e * nn + n
+
+    def x(e, n):
+        return nh + e * nn + n
+
+    def c(k, n):
+        return nh + nx + k * nn + n
+
+    cost = np.zeros(nvar)
+    mib = 2.0 ** 20
+    for i, e in enumerate(experts):
+        for n in range(nn):
+            cost[x(i, n)] = p.config.memory_tiebreak * e.memory_bytes / mib
+    rows, lo, hi = [], [], []
+
+    def add(coefs: dict[int, float], lower: float, upper: float) -> None:
+        row = np.zeros(nvar)
+        for j, v in coefs.items():
+            row[j] += v
+        rows.append(row)
+        lo.append(lower)
+        hi.append(upper)
+
+    for i, e in enumerate(experts):
+        add({h(i, n): 1.0 for n in range(nn)}, 1, 1)  # one home
+        for n in range(nn):
+            add({x(i, n): 1.0, h(i, n): -1.0}, 0, np.inf)  # home holds a replica
+            if e.everywhere:
+                add({x(i, n): 1.0}, 1, 1)
+            elif not p.config.allow_replicas:
+                add({x(i, n): 1.0, h(i, n): -1.0}, 0, 0)
+    total_load = sum(e.load for e in experts if not e.everywhere)
+    bound = _balance_bound(p)
+    for n, node in enumerate(p.nodes):
+        add({x(i, n): float(e.memory_bytes) for i, e in enumerate(experts)}, 0, float(node.memory_bytes))
+        if np.isfinite(bound):
+            add({h(i, n): e.load for i, e in enumerate(experts) if not e.everywhere}, 0, bound)
+        if total_load > 0:  # lmax >= this node's load: spreads work when the cut does not decide
+            add({**{h(i, n): e.load for i, e in enumerate(experts) if not e.everywhere}, lmax: -1.0}, -np.inf, 0)
+    if total_load > 0:
+        cost[lmax] = p.config.balance_tiebreak / total_load
+    for k, (u, v, w) in enumerate(edges):
+        everywhere_u = experts[idx[u]].everywhere
+        for n in range(nn):
+            cost[c(k, n)] = 0.0 if everywhere_u else w
+            add({c(k, n): 1.0, h(idx[u], n): -1.0, x(idx[v], n): 1.0}, 0, np.inf)  # c >= h_u - x_v
+    integrality = np.ones(nvar)
+    integrality[lmax] = 0
+    upper = np.ones(nvar)
+    upper[lmax] = np.inf
+    res = milp(cost, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
+               bounds=Bounds(0, upper), options={"time_limit": p.config.time_limit_s, "disp": False})
+    if res.x is None:
+        return None
+    sol = np.round(res.x).astype(int)
+    homes = {e.name: nodes[next(n for n in range(nn) if sol[h(i, n)])] for i, e in enumerate(experts)}
+    replicas = {e.name: {nodes[n] for n in range(nn) if sol[x(i, n)]} for i, e in enumerate(experts)}
+    return homes, replicas
+
+
+# ---------------------------------------------------------------------------------------------- heuristic
+def _solve_heuristic(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str]]] | None:
+    by_name = {e.name: e for e in p.experts}
+    nodes = list(p.nodes)
+    free = {n.name: n.memory_bytes - sum(e.memory_bytes for e in p.experts if e.everywhere) for n in nodes}
+    load = {n.name: 0.0 for n in nodes}
+    bound = _balance_bound(p)
+    movable = sorted(e.name for e in p.experts if not e.everywhere)
+    # 1. merge clusters along the heaviest edges while a cluster still fits the largest node's free memory
+    cluster = {e: {e} for e in movable}
+    cap = max(free.values())
+    edges = sorted(((w, u, v) for (u, v), w in _merged_edges(p).items() if u in cluster and v in cluster),
+                   key=lambda t: (-t[0], t[1], t[2]))
+    for _, u, v in edges:
+        a, b = cluster[u], cluster[v]
+        if a is b:
+            continue
+        merged = a | b
+        if sum(by_name[e].memory_bytes for e in merged) <= cap and sum(by_name[e].load for e in merged) <= bound:
+            for e in merged:
+                cluster[e] = merged
+    groups = sorted({id(c): c for c in cluster.values()}.values(),
+                    key=lambda g: (-sum(by_name[e].memory_bytes for e in g), sorted(g)))
+    # 2. first-fit decreasing onto the node with the most free memory that keeps the balance bound
+    homes: dict[str, str] = {}
+    for g in groups:
+        pieces = [g]
+        while pieces:
+            piece = pieces.pop(0)
+            m, ld = sum(by_name[e].memory_bytes for e in piece), sum(by_name[e].load for e in piece)
+            fits = [n.name for n in nodes if free[n.name] >= m and load[n.name] + ld <= bound]
+            if fits:
+                target = max(fits, key=lambda n: (free[n], -nodes.index(next(x for x in nodes if x.name == n))))
+                for e in piece:
+                    homes[e] = target
+                free[target] -= m
+                load[target] += ld
+            elif len(piece) > 1:  # split the group: largest expert alone, the rest together
+                big = max(sorted(piece), key=lambda e: by_name[e].memory_bytes)
+                pieces[:0] = [{big}, piece - {big}]
+            else:
+                return None
+    _improve(p, homes, movable, free, load, bound)
+    replicas = {e: {homes[e]} for e in movable}
+    for e in p.experts:
+        if e.everywhere:
+            homes[e.name] = nodes[0].name
+            replicas[e.name] = {n.name for n in nodes}
+    # 3. replicas of cut downstream experts on their upstream's node, heaviest cut first, while memory allows
+    if p.config.allow_replicas:
+        for w, u, v in edges:
+            n = homes[u]
+            if n not in replicas[v] and free[n] >= by_name[v].memory_bytes:
+                replicas[v].add(n)
+                free[n] -= by_name[v].memory_bytes
+    return homes, replicas
+
+
+def _improve(p: PlacementProblem, homes: dict[str, str], movable: list[str], free: dict[str, int],
+             load: dict[str, float], bound: float) -> None:
+    """Local search: move one expert at a time to the node that cuts the least weight, while any move helps."""
+    by_name = {e.name: e for e in p.experts}
+    edges = [(u, v, w) for (u, v), w in _merged_edges(p).items() if u in homes and v in homes
+             and not by_name[u].everywhere and not by_name[v].everywhere]
+
+    def cut_of(e: str, node: str) -> float:
+        return sum(w for u, v, w in edges if e in (u, v) and homes[v if u == e else u] != node)
+
+    improved = True
+    while improved:
+        improved = False
+        for e in movable:
+            here, m, ld = homes[e], by_name[e].memory_bytes, by_name[e].load
+            for node in sorted(free):
+                if node == here or free[node] < m or load[node] + ld > bound:
+                    continue
+                if cut_of(e, node) < cut_of(e, here) - 1e-12:
+                    free[here] += m
+                    load[here] -= ld
+                    free[node] -= m
+                    load[node] += ld
+                    homes[e], here, improved = node, node, True
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def plan(problem: PlacementProblem, method: str = "auto") -> Plan:
+    """The placement for `problem`: exact when small enough (or asked), else the heuristic."""
+    _check(problem)
+    nvar = len(problem.experts) * len(problem.nodes) * 2 + len(_merged_edges(problem)) * len(problem.nodes)
+    use_exact = method == "exact" or (method == "auto" and nvar <= problem.config.exact_max_variables)
+    if method not in ("auto", "exact", "heuristic"):
+        raise InvalidArgument(f"unknown method {method!r}", field="method", fix="use auto, exact or heuristic")
+    solved = _solve_exact(problem) if use_exact else _solve_heuristic(problem)
+    if solved is None:
+        raise FailedPrecondition("no placement satisfies every node's memory and the balance bound", field="nodes",
+                                 fix="add nodes or memory, or raise balance_slack")
+    return evaluate(problem, *solved, method="exact" if use_exact else "heuristic")
+
+
+def optimality_gap(problem: PlacementProblem) -> tuple[Plan, Plan, float]:
+    """(exact, heuristic, gap): gap = heuristic cut weight minus exact, as a share of all dependency weight."""
+    exact, heur = plan(problem, "exact"), plan(problem, "heuristic")
+    total = exact.total_weight or 1.0
+    return exact, heur, (heur.cut_weight - exact.cut_weight) / total
+
+
+def brute_force_cut(problem: PlacementProblem) -> float:
+    """The least cut weight by enumeration (no replicas, tiny instances only): the tests' ground truth."""
+    _check(problem)
+    movable = [e for e in problem.experts if not e.everywhere]
+    nodes = [n.name for n in problem.nodes]
+    best = float("inf")
+    bound = _balance_bound(problem)
+    base = {n.name: sum(e.memory_bytes for e in problem.experts if e.everywhere) for n in problem.nodes}
+    caps = {n.name: n.memory_bytes for n in problem.nodes}
+    for combo in itertools.product(nodes, repeat=len(movable)):
+        mem, ld = dict(base), {n: 0.0 for n in nodes}
+        for e, n in zip(movable, combo):
+            mem[n] += e.memory_bytes
+            ld[n] += e.load
+        if any(mem[n] > caps[n] or ld[n] > bound for n in nodes):
+            continue
+        homes = dict(zip((e.name for e in movable), combo))
+        cut = sum(w for (u, v), w in _merged_edges(problem).items() if u in homes and v in homes and homes[u] != homes[v])
+        best = min(best, cut)
+    return best
