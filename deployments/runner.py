@@ -39,6 +39,21 @@ def keep_ray_on_loopback() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def is_loopback(address: str) -> bool:
+    return address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "::1")
+
+
+def connect(address: str):
+    """Join a running Ray cluster as a driver (a loopback cluster stays on loopback); returns the `ray` module."""
+    if is_loopback(address):
+        keep_ray_on_loopback()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    return ray
+
+
 def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -> None:
     """Start Ray (or join `address`) and Serve, and deploy the application. Returns once it is running.
 
@@ -46,7 +61,7 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     a joined cluster keeps the ports its nodes were started with (`ray start --metrics-export-port`).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not address:
+    if not address or is_loopback(address):
         keep_ray_on_loopback()
     import ray
     from ray import serve

@@ -274,6 +274,48 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_up(args) -> int:
+    from pydantic import ValidationError
+
+    from expertmesh.cluster.local import LocalClusterConfig, up
+
+    try:
+        cfg = LocalClusterConfig(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, node_memory_gb=args.node_memory_gb,
+                                 cpus_per_node=args.cpus_per_node, pool=args.pool,
+                                 metrics_base_port=args.metrics_base_port, dashboard_port=args.dashboard_port)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0])
+        raise InvalidArgument(f"{err['msg']} (got {err.get('input')!r})", field="--nodes" if name == "num_nodes"
+                              else "--" + name.replace("_", "-"), fix="see `expertmesh up --help`") from None
+    print(f"starting {cfg.num_nodes} Ray nodes on 127.0.0.1 ...", flush=True)
+    t0 = time.perf_counter()
+    state = up(cfg)
+    print(f"up in {time.perf_counter() - t0:.1f} s: address {state['address']}, dashboard {state['dashboard']}")
+    for n in state["nodes"]:
+        print(f"  {n['name']}: {cfg.gpus_per_node} GPU(s), {cfg.node_memory_gb:g} GiB, metrics {n['metrics']}")
+    print(f"serve on it: expertmesh serve --address {state['address']}; stop it: expertmesh down")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from expertmesh.cluster.local import down
+
+    print("local cluster stopped" if down() else "no local cluster is up")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from expertmesh.cluster.local import describe, format_status, read_state
+
+    address = args.address or (read_state() or {}).get("address")
+    if not address:
+        raise InvalidArgument("no local cluster is up and no --address given", field="--address",
+                              fix="run `expertmesh up` or pass --address HOST:PORT")
+    print(format_status(describe(address), address))
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from expertmesh.deployments.dashboard import dashboard_json
 
@@ -395,6 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--traces", help="JSONL of responses (expertmesh station --traces) for --usage traces")
     prof.add_argument("--sample-size", type=int, default=2000, help="images in the generated sample")
     prof.set_defaults(func=cmd_profile)
+
+    upp = sub.add_parser("up", help="start a multi-node Ray cluster on this machine (loopback only)")
+    upp.add_argument("--nodes", type=int, default=3, help="nodes, the head included")
+    upp.add_argument("--gpus-per-node", type=int, default=0, help="logical GPUs each node declares")
+    upp.add_argument("--node-memory-gb", type=float, default=16.0, help="device memory each node offers, GiB")
+    upp.add_argument("--cpus-per-node", type=float, default=4.0, help="logical CPUs each node declares")
+    upp.add_argument("--pool", default="default", help="pool label of the nodes (a factory or GPU type)")
+    upp.add_argument("--metrics-base-port", type=int, default=8080, help="node i serves its metrics on this + i")
+    upp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard (state API) on the head")
+    upp.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    st = sub.add_parser("status", help="nodes, their capacity, and which replicas run where")
+    st.add_argument("--address", help="Ray address (default: the local cluster's)")
+    st.set_defaults(func=cmd_status)
 
     pl = sub.add_parser("plan", help="plan where each expert runs so dependent experts share a node")
     _add_spec_args(pl)

@@ -1,0 +1,192 @@
+"""A real multi-node Ray cluster on this machine, all on loopback: `expertmesh up / down / status`.
+
+`up` starts a detached supervisor process that owns the cluster (`ray.cluster_utils.Cluster`, how Ray
+tests itself: a head and N-1 workers, each its own raylet with its own metrics export port) and
+writes a state file; `down` signals the supervisor, which shuts every node down. Each node carries
+the labels `expertmesh.io/node=<name>` and `expertmesh.io/pool=<pool>`, declared logical GPUs, and its
+device-memory capacity as the custom resource `expertmesh_memory_mib` - what the placement
+controller plans against. The head runs Ray's dashboard so the state API can say where actors run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from expertmesh.errors import FailedPrecondition, Unavailable
+
+NODE_LABEL = "expertmesh.io/node"
+POOL_LABEL = "expertmesh.io/pool"
+MEMORY_RESOURCE = "expertmesh_memory_mib"
+
+
+class LocalClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_nodes: int = Field(3, ge=1, le=16)
+    gpus_per_node: int = Field(0, ge=0, le=16, description="logical GPUs declared per node")
+    node_memory_gb: float = Field(16.0, gt=0, description="device memory each node offers experts, GiB")
+    cpus_per_node: float = Field(4.0, gt=0, description="logical CPUs per node (a scheduling budget)")
+    pool: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    metrics_base_port: int = Field(8080, ge=1024, le=65000, description="node i serves metrics on base + i")
+    dashboard_port: int = Field(8265, ge=1024, le=65535)
+
+    def node_name(self, i: int) -> str:
+        return f"node-{i}"
+
+    def node_args(self, i: int) -> dict:
+        return {"num_cpus": self.cpus_per_node, "num_gpus": self.gpus_per_node, "node_ip_address": "127.0.0.1",
+                "labels": {NODE_LABEL: self.node_name(i), POOL_LABEL: self.pool},
+                "resources": {MEMORY_RESOURCE: int(self.node_memory_gb * 1024)},
+                "metrics_export_port": self.metrics_base_port + i}
+
+
+def default_state_path() -> Path:
+    home = Path(os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache" / "expertmesh")
+    return home / "cluster" / "state.json"
+
+
+# ------------------------------------------------------------------ the supervisor (a detached process)
+def supervise(cfg: LocalClusterConfig, state_path: Path) -> None:
+    """Start the cluster, write the state file, and keep it up until SIGTERM/SIGINT."""
+    from expertmesh.deployments.runner import keep_ray_on_loopback
+
+    keep_ray_on_loopback()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    stop = {"now": False}
+
+    def on_signal(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    head = {**cfg.node_args(0), "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": cfg.dashboard_port}
+    cluster = Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=True)
+    try:
+        for i in range(1, cfg.num_nodes):
+            cluster.add_node(**cfg.node_args(i))
+        cluster.wait_for_nodes()
+        state = {"pid": os.getpid(), "address": cluster.address, "dashboard": f"http://127.0.0.1:{cfg.dashboard_port}",
+                 "config": cfg.model_dump(), "nodes": [
+                     {"name": cfg.node_name(i), "metrics": f"127.0.0.1:{cfg.metrics_base_port + i}"}
+                     for i in range(cfg.num_nodes)]}
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(state_path)
+        while not stop["now"]:
+            time.sleep(0.5)
+    finally:
+        cluster.shutdown()
+        state_path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ the CLI side
+def read_state(state_path: Path | None = None) -> dict | None:
+    path = state_path or default_state_path()
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(state["pid"], 0)
+    except (OSError, KeyError):
+        path.unlink(missing_ok=True)  # its supervisor is gone
+        return None
+    return state
+
+
+def up(cfg: LocalClusterConfig, state_path: Path | None = None, timeout_s: float = 180.0) -> dict:
+    path = state_path or default_state_path()
+    if (state := read_state(path)) is not None:
+        raise FailedPrecondition(f"a local cluster is already up at {state['address']}", field="cluster",
+                                 fix="use it, or run `expertmesh down` first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.with_name("supervisor.log")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cluster.local", path.as_posix(), cfg.model_dump_json()],
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise Unavailable(f"the cluster supervisor exited with {proc.returncode}: {tail.strip()[-500:]}",
+                              fix=f"see {log}; ports {cfg.metrics_base_port}+ and {cfg.dashboard_port} must be free")
+        if (state := read_state(path)) is not None:
+            return state
+        time.sleep(0.5)
+    proc.terminate()
+    raise Unavailable(f"the cluster was not up within {timeout_s:g} s", fix=f"see {log}")
+
+
+def down(state_path: Path | None = None, timeout_s: float = 60.0) -> bool:
+    """Stop the local cluster; False when none was up."""
+    path = state_path or default_state_path()
+    state = read_state(path)
+    if state is None:
+        return False
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(state["pid"], 0)
+        except OSError:
+            return True
+        time.sleep(0.3)
+    os.kill(state["pid"], signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def describe(address: str) -> dict:
+    """Nodes (name, labels, capacity, alive) and where each Serve replica runs, from the live cluster."""
+    from expertmesh.deployments.runner import connect
+
+    ray = connect(address)
+    nodes = []
+    names = {}
+    for n in sorted(ray.nodes(), key=lambda n: n.get("Labels", {}).get(NODE_LABEL, n["NodeID"])):
+        labels = n.get("Labels", {})
+        name = labels.get(NODE_LABEL, n["NodeID"][:12])
+        names[n["NodeID"]] = name
+        res = n.get("Resources", {})
+        nodes.append({"name": name, "alive": n["Alive"], "pool": labels.get(POOL_LABEL, ""),
+                      "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0),
+                      "memory_mib": res.get(MEMORY_RESOURCE, 0), "metrics_port": n.get("MetricsExportPort")})
+    replicas: dict[str, list[str]] = {}
+    try:
+        from ray.util.state import list_actors
+
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000):
+            if a.class_name.startswith("ServeReplica:"):
+                deployment = a.class_name.split(":")[-1]
+                replicas.setdefault(deployment, []).append(names.get(a.node_id, a.node_id[:12]))
+    except Exception as exc:  # noqa: BLE001 - the state API needs the dashboard; say so instead of failing
+        replicas = {"(unknown)": [f"state API unavailable: {type(exc).__name__}"]}
+    return {"nodes": nodes, "replicas": {k: sorted(v) for k, v in sorted(replicas.items())}}
+
+
+def format_status(desc: dict, address: str) -> str:
+    lines = [f"cluster {address}", f"{'node':<10}{'alive':<7}{'pool':<10}{'CPUs':>6}{'GPUs':>6}{'memory MiB':>12}{'metrics':>9}"]
+    for n in desc["nodes"]:
+        lines.append(f"{n['name']:<10}{str(n['alive']):<7}{n['pool']:<10}{n['cpus']:>6g}{n['gpus']:>6g}"
+                     f"{n['memory_mib']:>12g}{n['metrics_port'] or '-':>9}")
+    if desc["replicas"]:
+        lines.append("replicas (deployment: nodes)")
+        lines += [f"  {d}: {', '.join(ns)}" for d, ns in desc["replicas"].items()]
+    else:
+        lines.append("no Serve replicas running")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the supervisor: python -m expertmesh.cluster.local STATE_PATH CONFIG_JSON
+    supervise(LocalClusterConfig.model_validate_json(sys.argv[2]), Path(sys.argv[1]))
