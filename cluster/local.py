@@ -175,6 +175,18 @@ def describe(address: str) -> dict:
     return {"nodes": nodes, "replicas": {k: sorted(v) for k, v in sorted(replicas.items())}}
 
 
+def inventory(desc: dict) -> list:
+    """The alive nodes of `describe()` as the planner's NodeCapacity (memory from `expertmesh_memory_mib`)."""
+    from expertmesh.cluster.placement import NodeCapacity
+
+    nodes = [NodeCapacity(name=n["name"], memory_bytes=int(n["memory_mib"] * 2**20), labels={POOL_LABEL: n["pool"]})
+             for n in desc["nodes"] if n["alive"] and n["memory_mib"] > 0]
+    if not nodes:
+        raise FailedPrecondition("no alive node declares device memory", field="cluster",
+                                 fix="start nodes with `expertmesh up` (it declares expertmesh_memory_mib)")
+    return nodes
+
+
 def format_status(desc: dict, address: str) -> str:
     lines = [f"cluster {address}", f"{'node':<10}{'alive':<7}{'pool':<10}{'CPUs':>6}{'GPUs':>6}{'memory MiB':>12}{'metrics':>9}"]
     for n in desc["nodes"]:

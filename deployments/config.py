@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.errors import InvalidArgument
 from expertmesh.experts.spec import CoESpec, ExpertSpec
 from expertmesh.profiler.store import ExpertProfile
 
@@ -73,6 +74,8 @@ class AppArgs(BaseModel):
     tokens_file: str = Field(description="YAML of `token: factory_id` lines")
     profile: str | None = Field(None, description="profile store (expertmesh profile); its current entries set "
                                                   "each expert's batch size and autoscaling target")
+    placement: dict[str, list[str]] | None = Field(
+        None, description="expert -> the nodes (expertmesh.io/node labels) its replicas must run on, from a plan")
     settings: ServeSettings = Field(default_factory=ServeSettings)
 
 
@@ -107,11 +110,36 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, profile: ExpertP
     }
 
 
-def deployment_options(spec: CoESpec, settings: ServeSettings,
-                       profiles: dict[str, ExpertProfile] | None = None) -> dict[str, dict[str, Any]]:
-    """Options of every deployment of the app, by deployment name."""
+def pin_to_nodes(options: dict[str, Any], nodes: list[str]) -> dict[str, Any]:
+    """Pin a deployment's replicas to these nodes by their `expertmesh.io/node` label: one node is a plain
+    selector; several get `in(...)`, at least one replica each, and at most their share per node."""
+    from expertmesh.cluster.local import NODE_LABEL
+
+    out = {**options, "ray_actor_options": {**options["ray_actor_options"],
+                                            "label_selector": {NODE_LABEL: nodes[0] if len(nodes) == 1
+                                                               else f"in({','.join(nodes)})"}}}
+    if len(nodes) > 1:
+        a = dict(out["autoscaling_config"])
+        a["min_replicas"] = max(a["min_replicas"], len(nodes))
+        a["max_replicas"] = max(a["max_replicas"], len(nodes))
+        a["initial_replicas"] = max(a.get("initial_replicas") or 0, len(nodes))
+        out["autoscaling_config"] = a
+        out["max_replicas_per_node"] = -(-a["max_replicas"] // len(nodes))
+    return out
+
+
+def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[str, ExpertProfile] | None = None,
+                       placement: dict[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
+    """Options of every deployment of the app, by deployment name (pinned to nodes where a placement says so)."""
     profiles = profiles or {}
     opts = {e.name: expert_options(e, settings, profiles.get(e.name)) for e in spec.experts}
+    unknown = sorted(set(placement or {}) - set(opts))
+    if unknown:
+        raise InvalidArgument(f"the placement names experts the spec does not have: {', '.join(unknown)}",
+                              field="placement", fix="plan with the same spec")
+    for name, nodes in (placement or {}).items():
+        if nodes:
+            opts[name] = pin_to_nodes(opts[name], sorted(nodes))
     s = settings
     for name, replicas, ongoing, queued in (
             (ROUTER_DEPLOYMENT, s.router_replicas, 4 * s.max_ongoing_requests, s.max_queued_requests),
@@ -132,15 +160,16 @@ def profile_device(settings: ServeSettings) -> str:
 
 
 def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """`deployment_options` with the profile store of `args` applied (current entries only; stale ones warned)."""
-    if not args.profile:
-        return deployment_options(spec, args.settings)
-    from expertmesh.profiler.run import usable_profiles
-    from expertmesh.profiler.store import ProfileStore
+    """`deployment_options` with the profile store (current entries only; stale ones warned) and the placement of
+    `args` applied."""
+    profiles = None
+    if args.profile:
+        from expertmesh.profiler.run import usable_profiles
+        from expertmesh.profiler.store import ProfileStore
 
-    store = ProfileStore.load(Path(args.profile))
-    profiles = usable_profiles(store, spec, Path(args.zoo), profile_device(args.settings), warn=warn)
-    return deployment_options(spec, args.settings, profiles)
+        store = ProfileStore.load(Path(args.profile))
+        profiles = usable_profiles(store, spec, Path(args.zoo), profile_device(args.settings), warn=warn)
+    return deployment_options(spec, args.settings, profiles, args.placement)
 
 
 def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -99,9 +100,16 @@ def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
             print(f"profile: {profile} (current entries set batch sizes and autoscaling targets)", file=sys.stderr)
         else:
             profile = None
+    placement = None
+    if args.plan:
+        try:
+            placement = json.loads(Path(args.plan).read_text())["replicas"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidArgument(f"{args.plan} is not a plan ({type(exc).__name__})", field="--plan",
+                                  fix="write one with `expertmesh plan --json FILE`") from None
     return AppArgs(spec=str(Path(spec_path).resolve()) if spec_path else None, zoo=str(zoo_root),
                    tokens_file=str(Path(tokens_file).resolve()), profile=str(profile.resolve()) if profile else None,
-                   settings=settings)
+                   placement=placement, settings=settings)
 
 
 def _tokens_file(args) -> str:
@@ -263,7 +271,15 @@ def cmd_plan(args) -> int:
     store = ProfileStore.load(Path(args.profile) if args.profile else default_store_path(zoo_root))
     warn = lambda m: print(f"warning: {m}", file=sys.stderr)  # noqa: E731
     profiles = usable_profiles(store, spec, zoo_root, "cpu", warn=warn)
-    nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30)) for i in range(args.nodes)]
+    from expertmesh.cluster.local import describe, inventory, read_state
+
+    address = args.address or (None if args.nodes else (read_state() or {}).get("address"))
+    if address:
+        nodes = inventory(describe(address))
+        print(f"nodes from the live cluster {address}: {', '.join(n.name for n in nodes)}", file=sys.stderr)
+    else:
+        nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30))
+                 for i in range(args.nodes or 3)]
     problem = placement_problem(spec, profiles, store.usage or from_spec(spec), nodes, args.rps)
     result = plan(problem, args.method)
     print(format_plan(result, problem, explain=args.explain,
@@ -350,6 +366,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="profile store to take batch sizes and autoscaling targets from "
                                      "(default: <zoo>/profile.json when it exists)")
     p.add_argument("--no-profile", action="store_true", help="use the spec's batch sizes and targets")
+    p.add_argument("--plan", help="plan JSON (expertmesh plan --json): pin each expert's replicas to its planned nodes")
     p.add_argument("--device-idle-s", type=float, help="an expert replica idle this long moves its weights off the "
                                                        "device to host memory (default: never)")
     p.add_argument("--host-idle-s", type=float, help="an expert replica idle this long drops its weights to disk "
@@ -455,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="plan where each expert runs so dependent experts share a node")
     _add_spec_args(pl)
     pl.add_argument("--profile", help="profile store (default: <zoo>/profile.json)")
-    pl.add_argument("--nodes", type=int, default=3, help="number of nodes")
+    pl.add_argument("--address", help="plan for this live cluster's nodes (default: the local cluster when one is up, "
+                                      "unless --nodes is given)")
+    pl.add_argument("--nodes", type=int, help="plan for this many identical nodes instead (default 3)")
     pl.add_argument("--node-memory-gb", type=_positive(float), default=16.0, help="device memory per node, GiB")
     pl.add_argument("--rps", type=_positive(float), default=20.0, help="requests per second to plan for")
     pl.add_argument("--method", choices=["auto", "exact", "heuristic"], default="auto")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 
 import pytest
@@ -80,3 +82,25 @@ def test_bad_tokens_files(tmp_path, text, fragment):
         TokenTable.load(tmp_path / "t.yaml")
     with pytest.raises(InvalidArgument, match="cannot read"):
         TokenTable.load(tmp_path / "absent.yaml")
+
+
+def test_a_plan_pins_replicas_to_nodes_in_a_valid_config(default_spec, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"replicas": {"chip_defect": ["node-1"], "solder_fine": ["node-0", "node-1", "node-2"]}}))
+    out = tmp_path / "serve.yaml"
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)
+    by_name = {d["name"]: d for d in doc["applications"][0]["deployments"]}
+    assert by_name["chip_defect"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "node-1"}
+    solder = by_name["solder_fine"]
+    assert solder["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "in(node-0,node-1,node-2)"}
+    assert solder["autoscaling_config"]["min_replicas"] == 3 and solder["max_replicas_per_node"] >= 1
+    assert "label_selector" not in by_name["polarity"]["ray_actor_options"]
+    assert doc["applications"][0]["args"]["placement"]["chip_defect"] == ["node-1"]
+    plan.write_text(json.dumps({"replicas": {"ghost": ["node-0"]}}))
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
+    plan.write_text("{}")
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
