@@ -46,3 +46,53 @@ def test_bad_cluster_options_name_the_flag(tmp_path):
     env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
     out = cli(env, "up", "--nodes", "0")
     assert out.returncode == 2 and "--nodes" in out.stderr and "got 0" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
+    """3 loopback nodes; profile, plan from the live inventory, serve with the plan, and check with Ray's state
+    API (expertmesh status) that every replica sits on a node its plan names."""
+    import signal
+    import time
+
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    zoo = ["--zoo", str(default_zoo)]
+    profile = str(tmp_path / "profile.json")
+    out = cli(env, "profile", *zoo, "--out", profile, "--runs", "3", "--max-batch", "8", "--usage", "spec",
+              "--no-progress", "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    up = cli(env, "up", "--nodes", "3", "--node-memory-gb", "0.06", "--metrics-base-port", str(free_port()),
+             "--dashboard-port", str(free_port()))
+    serve = None
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        plan_path = tmp_path / "plan.json"
+        out = cli(env, "plan", *zoo, "--profile", profile, "--json", str(plan_path))
+        assert out.returncode == 0 and "nodes from the live cluster" in out.stderr, out.stderr[-2000:]
+        planned = json.loads(plan_path.read_text())["replicas"]
+        assert len({n for ns in planned.values() for n in ns}) >= 2  # the memory forces a real partition
+        address = json.loads((tmp_path / "cluster" / "state.json").read_text())["address"]
+        serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", address,
+                                  "--profile", profile, "--plan", str(plan_path), "--grpc-port", str(free_port()),
+                                  "--http-port", str(free_port()), "--no-prometheus", "--duration", "600"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        placed: dict[str, list[str]] = {}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not set(planned) <= set(placed):
+            time.sleep(5)
+            status = cli(env, "status")
+            placed = {line.split(":")[0].strip(): [n.strip() for n in line.split(":", 1)[1].split(",")]
+                      for line in status.stdout.splitlines() if line.startswith("  ")}
+        for expert, nodes in planned.items():
+            assert expert in placed, (expert, placed)
+            assert set(placed[expert]) <= set(nodes), (expert, placed[expert], nodes)
+        assert set(placed["solder_fine"]) == set(planned["solder_fine"]) or len(planned["solder_fine"]) == 1
+    finally:
+        if serve is not None:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+        cli(env, "down")
