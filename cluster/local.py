@@ -105,11 +105,24 @@ def read_state(state_path: Path | None = None) -> dict | None:
     return state
 
 
-def up(cfg: LocalClusterConfig, state_path: Path | None = None, timeout_s: float = 180.0) -> dict:
+def up(cfg: LocalClusterConfig, state_path: Path | None = None, timeout_s: float = 180.0, attempts: int = 2) -> dict:
+    """Start the cluster; a start that fails (Ray gives a raylet 30 s to register, which a loaded 2-core machine
+    can miss) is retried once from scratch."""
     path = state_path or default_state_path()
     if (state := read_state(path)) is not None:
         raise FailedPrecondition(f"a local cluster is already up at {state['address']}", field="cluster",
                                  fix="use it, or run `expertmesh down` first")
+    for attempt in range(1, attempts + 1):
+        try:
+            return _up_once(cfg, path, timeout_s)
+        except Unavailable:
+            if attempt == attempts:
+                raise
+            print(f"the cluster did not start (attempt {attempt}); trying again", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _up_once(cfg: LocalClusterConfig, path: Path, timeout_s: float) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.with_name("supervisor.log")
     with open(log, "wb") as fh:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, app_options
+from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, app_options, executor_name
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.expert import ExpertDeployment
 from expertmesh.deployments.ingress import IngressDeployment
@@ -27,5 +27,9 @@ def build_app(args: dict | AppArgs) -> Application:
     TokenTable.load(a.tokens_file)  # fail here, with the fix, rather than in every ingress replica
     opts = app_options(spec, a, warn=logging.getLogger("ray.serve").warning)  # profile applied when current
     experts = {e.name: ExpertDeployment.options(**opts[e.name]).bind(a.spec, e.name, a.zoo) for e in spec.experts}
-    router = RouterDeployment.options(**opts[ROUTER_DEPLOYMENT]).bind(a.spec, experts, a.settings.expert_timeout_s)
+    timeout_s = a.settings.expert_timeout_s
+    homes = {e: nodes[0] for e, nodes in (a.placement or {}).items() if nodes}
+    executors = {node: RouterDeployment.options(**opts[executor_name(node)]).bind(a.spec, experts, timeout_s, homes)
+                 for node in sorted(set(homes.values()) | {n for ns in (a.placement or {}).values() for n in ns})}
+    router = RouterDeployment.options(**opts[ROUTER_DEPLOYMENT]).bind(a.spec, experts, timeout_s, homes, executors)
     return IngressDeployment.options(**opts[INGRESS_DEPLOYMENT]).bind(a.spec, a.tokens_file, router)

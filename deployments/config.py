@@ -110,6 +110,10 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, profile: ExpertP
     }
 
 
+def executor_name(node: str) -> str:
+    return f"{ROUTER_DEPLOYMENT}-{node}"
+
+
 def pin_to_nodes(options: dict[str, Any], nodes: list[str]) -> dict[str, Any]:
     """Pin a deployment's replicas to these nodes by their `expertmesh.io/node` label: one node is a plain
     selector; several get `in(...)`, at least one replica each, and at most their share per node."""
@@ -140,6 +144,11 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     for name, nodes in (placement or {}).items():
         if nodes:
             opts[name] = pin_to_nodes(opts[name], sorted(nodes))
+    for node in sorted({n for nodes in (placement or {}).values() for n in nodes}):
+        name = executor_name(node)  # one plan executor per planned node, pinned there
+        opts[name] = pin_to_nodes({"name": name, "num_replicas": 1, "max_ongoing_requests": 4 * settings.max_ongoing_requests,
+                                   "max_queued_requests": settings.max_queued_requests,
+                                   "ray_actor_options": {"num_cpus": 0.1}}, [node])
     s = settings
     for name, replicas, ongoing, queued in (
             (ROUTER_DEPLOYMENT, s.router_replicas, 4 * s.max_ongoing_requests, s.max_queued_requests),

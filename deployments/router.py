@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from expertmesh.errors import ExpertMeshError, ResourceExhausted, Unavailable
 from expertmesh.experts.spec import load_spec
 from expertmesh.metrics import instruments
+from expertmesh.router.locality import execution_node
 from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route, triggered_calls
 
 
@@ -29,9 +30,19 @@ class ExpertCallFailed(Unavailable):
 
 @serve.deployment
 class RouterDeployment:
-    def __init__(self, spec_path: str | None, experts: dict[str, DeploymentHandle], expert_timeout_s: float = 30.0) -> None:
+    """The front router (classify, route, run or hand off the plan) and, pinned to one node, a plan executor.
+
+    With a placement (`homes`: expert -> home node) the front hands each plan to the executor on the node that
+    holds it (`executors`: node -> handle), and every expert handle prefers replicas on its caller's node.
+    """
+
+    def __init__(self, spec_path: str | None, experts: dict[str, DeploymentHandle], expert_timeout_s: float = 30.0,
+                 homes: dict[str, str] | None = None, executors: dict[str, DeploymentHandle] | None = None) -> None:
         self.spec = load_spec(spec_path)
-        self.experts = experts
+        self.homes = homes or {}
+        self.executors = executors or {}
+        local = bool(self.homes)  # a placement exists: replicas beside the caller are preferred
+        self.experts = {k: h.options(_prefer_local_routing=True) if local else h for k, h in experts.items()}
         self.expert_timeout_s = expert_timeout_s
         self.metrics = instruments()
         self._in_flight = {name: 0 for name in experts}
@@ -84,15 +95,31 @@ class RouterDeployment:
         first["reason"] = "router"
         r = route(self.spec, first["label"], first["score"], RequestMeta(**meta))
         self._record_route(r, time.perf_counter() - t0)
-        planned = {c.expert for c in r.calls}
-        groups = await asyncio.gather(*(self._run(c, image, planned) for c in r.calls))
-        results = [res for g in groups for res in g]
+        node = execution_node(r.calls, self.homes) if self.executors else None
+        if node in self.executors:  # hand the plan to the node that holds its experts
+            try:
+                results = await self.executors[node].run_plan.remote(image, list(r.calls))
+            except ExpertMeshError:
+                raise
+            except BackPressureError:
+                raise ResourceExhausted(f"the plan executor on {node} has a full queue", fix="retry later") from None
+            except Exception as exc:  # noqa: BLE001 - the executor's replica died: say which
+                raise ExpertCallFailed(f"the plan executor on {node} failed ({type(exc).__name__})",
+                                       fix="retry; if it persists, check that node") from None
+        else:
+            results = await self.run_plan(image, list(r.calls))
         outcome = aggregate(self.spec, [ExpertOutput(x["expert"], x["label"], x["score"]) for x in results])
         return {
             "category": r.category, "category_confidence": r.confidence, "fallback": r.fallback, "rules": list(r.rules),
             "verdict": outcome.verdict.value, "defect": outcome.defect, "trace": [first] + results,
             "latency_ms": (time.perf_counter() - t0) * 1000.0, "decided_by": outcome.decided_by or "",
         }
+
+    async def run_plan(self, image: np.ndarray, calls: list[Call]) -> list[dict]:
+        """Run the plan's first calls concurrently and everything they trigger; results in call order."""
+        planned = {c.expert for c in calls}
+        groups = await asyncio.gather(*(self._run(c, image, planned) for c in calls))
+        return [res for g in groups for res in g]
 
     def _record_route(self, r, seconds: float) -> None:
         m = self.metrics

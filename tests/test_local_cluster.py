@@ -73,8 +73,9 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
         planned = json.loads(plan_path.read_text())["replicas"]
         assert len({n for ns in planned.values() for n in ns}) >= 2  # the memory forces a real partition
         address = json.loads((tmp_path / "cluster" / "state.json").read_text())["address"]
+        grpc_port = free_port()
         serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", address,
-                                  "--profile", profile, "--plan", str(plan_path), "--grpc-port", str(free_port()),
+                                  "--profile", profile, "--plan", str(plan_path), "--grpc-port", str(grpc_port),
                                   "--http-port", str(free_port()), "--no-prometheus", "--duration", "600"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         placed: dict[str, list[str]] = {}
@@ -88,6 +89,23 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
             assert expert in placed, (expert, placed)
             assert set(placed[expert]) <= set(nodes), (expert, placed[expert], nodes)
         assert set(placed["solder_fine"]) == set(planned["solder_fine"]) or len(planned["solder_fine"]) == 1
+
+        # a station run: the plan's expert calls of a request (everything after the router's classifier) run on one
+        # node whenever the plan co-locates them (this plan cuts nothing, so: every request)
+        import yaml
+
+        token = next(t for t, f in yaml.safe_load((tmp_path / "dev-tokens.yaml").read_text()).items() if f == "factory-a")
+        traces = tmp_path / "traces.jsonl"
+        st = cli(env, "station", "--target", f"127.0.0.1:{grpc_port}", "--token", token, "--factory", "factory-a",
+                 "--rate", "8", "--duration", "12", "--traces", str(traces), "--no-progress")
+        assert st.returncode == 0 and "errors by code: none" in st.stdout, st.stdout + st.stderr
+        records = [json.loads(line) for line in traces.read_text().splitlines()]
+        cut = json.loads(plan_path.read_text())["cut_weight"]
+        one_node = [len({t["node_id"] for t in r["experts"] if t["reason"] != "router"}) <= 1 for r in records]
+        print(f"co-location: {sum(one_node)}/{len(records)} requests ran their plan on one node (plan cut {cut})")
+        assert len(records) >= 50
+        if cut == 0:
+            assert sum(one_node) / len(records) >= 0.95
     finally:
         if serve is not None:
             serve.send_signal(signal.SIGTERM)

@@ -53,3 +53,15 @@ def test_aggregate(default_spec):
     assert agg(("soic_defect", "ok"), ("polarity", "correct")).verdict is Verdict.PASS
     assert agg(("general_defect", "defect")).verdict is Verdict.DEFECT
     assert agg().verdict is Verdict.UNCERTAIN
+
+
+def test_the_plan_runs_on_the_node_that_holds_its_first_calls():
+    from expertmesh.router.locality import execution_node
+    from expertmesh.router.plan import Call, Reason
+
+    homes = {"a": "node-1", "b": "node-0", "c": "node-0"}
+    assert execution_node([Call("a", Reason.TABLE, None)], homes) == "node-1"
+    assert execution_node([Call("a", Reason.TABLE, None), Call("b", Reason.RULE, "r"), Call("c", Reason.TABLE, None)],
+                          homes) == "node-0"  # most calls
+    assert execution_node([Call("a", Reason.TABLE, None), Call("b", Reason.TABLE, None)], homes) == "node-0"  # tie
+    assert execution_node([Call("z", Reason.TABLE, None)], homes) is None

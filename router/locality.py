@@ -1,0 +1,23 @@
+"""Where a request's plan runs on a multi-node cluster (pure).
+
+With a placement, every expert has a home node (and maybe replicas elsewhere). The router classifies
+wherever it runs, then hands the plan to the executor on the node that holds the plan's first calls,
+so those calls and the dependent calls they trigger find local replicas (the placement put
+dependents beside their upstreams). Ties go to the lexicographically first node: deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from expertmesh.router.plan import Call
+
+
+def execution_node(calls: Iterable[Call], homes: dict[str, str]) -> str | None:
+    """The node holding most of the plan's first calls (None when no call's expert has a home)."""
+    votes = Counter(homes[c.expert] for c in calls if c.expert in homes)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return min(node for node, n in votes.items() if n == best)
