@@ -1,0 +1,116 @@
+"""The cluster commands of the CLI: `expertmesh up`, `down`, `status` and `plan` (glue over cluster/)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from expertmesh.errors import InvalidArgument
+
+
+def cmd_plan(args) -> int:
+    from expertmesh.cluster.demand import placement_problem
+    from expertmesh.cluster.explain import format_plan, plan_json
+    from expertmesh.cluster.placement import NodeCapacity, plan
+    from expertmesh.profiler.run import default_store_path, usable_profiles
+    from expertmesh.profiler.store import ProfileStore
+    from expertmesh.profiler.usage import from_spec
+
+    from expertmesh.cli import _spec_and_zoo
+
+    spec, zoo_root = _spec_and_zoo(args)
+    store = ProfileStore.load(Path(args.profile) if args.profile else default_store_path(zoo_root))
+    warn = lambda m: print(f"warning: {m}", file=sys.stderr)  # noqa: E731
+    profiles = usable_profiles(store, spec, zoo_root, "cpu", warn=warn)
+    from expertmesh.cluster.local import describe, inventory, read_state
+
+    address = args.address or (None if args.nodes else (read_state() or {}).get("address"))
+    if address:
+        nodes = inventory(describe(address))
+        print(f"nodes from the live cluster {address}: {', '.join(n.name for n in nodes)}", file=sys.stderr)
+    else:
+        nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30))
+                 for i in range(args.nodes or 3)]
+    problem = placement_problem(spec, profiles, store.usage or from_spec(spec), nodes, args.rps)
+    result = plan(problem, args.method)
+    print(format_plan(result, problem, explain=args.explain,
+                      title=f"{spec.name} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
+    if args.json:
+        Path(args.json).write_text(plan_json(result))
+        print(f"plan JSON: {args.json}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from pydantic import ValidationError
+
+    from expertmesh.cluster.local import LocalClusterConfig, up
+
+    try:
+        cfg = LocalClusterConfig(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, node_memory_gb=args.node_memory_gb,
+                                 cpus_per_node=args.cpus_per_node, pool=args.pool,
+                                 metrics_base_port=args.metrics_base_port, dashboard_port=args.dashboard_port)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0])
+        raise InvalidArgument(f"{err['msg']} (got {err.get('input')!r})", field="--nodes" if name == "num_nodes"
+                              else "--" + name.replace("_", "-"), fix="see `expertmesh up --help`") from None
+    print(f"starting {cfg.num_nodes} Ray nodes on 127.0.0.1 ...", flush=True)
+    t0 = time.perf_counter()
+    state = up(cfg)
+    print(f"up in {time.perf_counter() - t0:.1f} s: address {state['address']}, dashboard {state['dashboard']}")
+    for n in state["nodes"]:
+        print(f"  {n['name']}: {cfg.gpus_per_node} GPU(s), {cfg.node_memory_gb:g} GiB, metrics {n['metrics']}")
+    print(f"serve on it: expertmesh serve --address {state['address']}; stop it: expertmesh down")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from expertmesh.cluster.local import down
+
+    print("local cluster stopped" if down() else "no local cluster is up")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from expertmesh.cluster.local import describe, format_status, read_state
+
+    address = args.address or (read_state() or {}).get("address")
+    if not address:
+        raise InvalidArgument("no local cluster is up and no --address given", field="--address",
+                              fix="run `expertmesh up` or pass --address HOST:PORT")
+    print(format_status(describe(address), address))
+    return 0
+
+
+def register(sub, add_spec_args: Callable[[argparse.ArgumentParser], None], positive: Callable) -> None:
+    """Add the cluster subcommands to the CLI's subparsers."""
+    upp = sub.add_parser("up", help="start a multi-node Ray cluster on this machine (loopback only)")
+    upp.add_argument("--nodes", type=int, default=3, help="nodes, the head included")
+    upp.add_argument("--gpus-per-node", type=int, default=0, help="logical GPUs each node declares")
+    upp.add_argument("--node-memory-gb", type=float, default=16.0, help="device memory each node offers, GiB")
+    upp.add_argument("--cpus-per-node", type=float, default=4.0, help="logical CPUs each node declares")
+    upp.add_argument("--pool", default="default", help="pool label of the nodes (a factory or GPU type)")
+    upp.add_argument("--metrics-base-port", type=int, default=8080, help="node i serves its metrics on this + i")
+    upp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard (state API) on the head")
+    upp.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    st = sub.add_parser("status", help="nodes, their capacity, and which replicas run where")
+    st.add_argument("--address", help="Ray address (default: the local cluster's)")
+    st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plan", help="plan where each expert runs so dependent experts share a node")
+    add_spec_args(pl)
+    pl.add_argument("--profile", help="profile store (default: <zoo>/profile.json)")
+    pl.add_argument("--address", help="plan for this live cluster's nodes (default: the local cluster when one is up, "
+                                      "unless --nodes is given)")
+    pl.add_argument("--nodes", type=int, help="plan for this many identical nodes instead (default 3)")
+    pl.add_argument("--node-memory-gb", type=positive(float), default=16.0, help="device memory per node, GiB")
+    pl.add_argument("--rps", type=positive(float), default=20.0, help="requests per second to plan for")
+    pl.add_argument("--method", choices=["auto", "exact", "heuristic"], default="auto")
+    pl.add_argument("--explain", action="store_true", help="say why each expert sits where it does")
+    pl.add_argument("--json", help="also write the plan as JSON here")
+    pl.set_defaults(func=cmd_plan)
