@@ -18,6 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from expertmesh.errors import ExpertMeshError, ResourceExhausted, Unavailable
+from expertmesh.experts.graph import longest_chain
 from expertmesh.experts.spec import load_spec
 from expertmesh.metrics import instruments
 from expertmesh.router.locality import execution_node
@@ -97,8 +98,13 @@ class RouterDeployment:
         self._record_route(r, time.perf_counter() - t0)
         node = execution_node(r.calls, self.homes) if self.executors else None
         if node in self.executors:  # hand the plan to the node that holds its experts
+            # the executor bounds each expert call; this bounds the hand-off itself (the longest chain of calls)
+            plan_timeout_s = self.expert_timeout_s * (1 + longest_chain(self.spec))
             try:
-                results = await self.executors[node].run_plan.remote(image, list(r.calls))
+                results = await asyncio.wait_for(self.executors[node].run_plan.remote(image, list(r.calls)), plan_timeout_s)
+            except asyncio.TimeoutError:
+                raise ExpertCallFailed(f"the plan executor on {node} did not answer within {plan_timeout_s:g} s",
+                                       fix="retry later; if it persists, check that node") from None
             except ExpertMeshError:
                 raise
             except BackPressureError:

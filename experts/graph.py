@@ -44,6 +44,12 @@ def build_graph(spec: CoESpec) -> nx.DiGraph:
     return g
 
 
+def longest_chain(spec: CoESpec) -> int:
+    """Dependency edges on the longest trigger chain (0 when no expert triggers another)."""
+    g = nx.DiGraph([(d.upstream, d.downstream) for d in spec.dependencies])
+    return nx.dag_longest_path_length(g) if g.number_of_edges() else 0
+
+
 def dependency_order(spec: CoESpec) -> list[str]:
     """Experts in an order where every upstream comes before its downstream (deterministic)."""
     return list(nx.lexicographical_topological_sort(build_graph(spec)))

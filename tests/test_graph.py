@@ -62,3 +62,13 @@ def test_default_spec_graph(default_spec):
     order = dependency_order(default_spec)
     assert order[0] == "component_classifier"
     assert order.index("diode_defect") < order.index("polarity") and order.index("qfp_defect") < order.index("solder_fine")
+
+
+def test_longest_trigger_chain(default_spec):
+    from expertmesh.experts.graph import longest_chain
+
+    assert longest_chain(default_spec) == 1  # a defect expert -> polarity or solder_fine
+    assert longest_chain(default_spec.model_copy(update={"dependencies": []})) == 0
+    chained = default_spec.dependencies + [default_spec.dependencies[0].model_copy(
+        update={"upstream": "polarity", "downstream": "general_defect", "on_labels": ["reversed_polarity"]})]
+    assert longest_chain(default_spec.model_copy(update={"dependencies": chained})) == 2
