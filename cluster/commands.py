@@ -75,6 +75,14 @@ def cmd_down(args) -> int:
     return 0
 
 
+def cmd_node_remove(args) -> int:
+    from expertmesh.cluster.local import remove_node
+
+    remove_node(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from expertmesh.cluster.local import describe, format_status, read_state
 
@@ -98,6 +106,10 @@ def register(sub, add_spec_args: Callable[[argparse.ArgumentParser], None], posi
     upp.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard (state API) on the head")
     upp.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    node = sub.add_parser("node", help="local cluster nodes").add_subparsers(dest="node_command", required=True)
+    rm = node.add_parser("remove", help="take a worker node of the local cluster down (to test node loss)")
+    rm.add_argument("name", help="node name, e.g. node-2")
+    rm.set_defaults(func=cmd_node_remove)
     st = sub.add_parser("status", help="nodes, their capacity, and which replicas run where")
     st.add_argument("--address", help="Ray address (default: the local cluster's)")
     st.set_defaults(func=cmd_status)

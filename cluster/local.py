@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from expertmesh.errors import FailedPrecondition, Unavailable
+from expertmesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 NODE_LABEL = "expertmesh.io/node"
 POOL_LABEL = "expertmesh.io/pool"
@@ -72,9 +72,10 @@ def supervise(cfg: LocalClusterConfig, state_path: Path) -> None:
     head = {**cfg.node_args(0), "include_dashboard": True, "dashboard_host": "127.0.0.1",
             "dashboard_port": cfg.dashboard_port}
     cluster = Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=True)
+    workers = {}
     try:
         for i in range(1, cfg.num_nodes):
-            cluster.add_node(**cfg.node_args(i))
+            workers[cfg.node_name(i)] = cluster.add_node(**cfg.node_args(i))
         cluster.wait_for_nodes()
         state = {"pid": os.getpid(), "address": cluster.address, "dashboard": f"http://127.0.0.1:{cfg.dashboard_port}",
                  "config": cfg.model_dump(), "nodes": [
@@ -85,6 +86,12 @@ def supervise(cfg: LocalClusterConfig, state_path: Path) -> None:
         tmp.replace(state_path)
         while not stop["now"]:
             time.sleep(0.5)
+            for request in state_path.parent.glob("remove-*"):  # `expertmesh node remove NAME`
+                name = request.name.removeprefix("remove-")
+                request.unlink(missing_ok=True)
+                if name in workers:
+                    cluster.remove_node(workers.pop(name))
+                    print(f"removed {name}", flush=True)
     finally:
         cluster.shutdown()
         state_path.unlink(missing_ok=True)
@@ -158,6 +165,25 @@ def down(state_path: Path | None = None, timeout_s: float = 60.0) -> bool:
     os.kill(state["pid"], signal.SIGKILL)
     path.unlink(missing_ok=True)
     return True
+
+
+def remove_node(name: str, state_path: Path | None = None, timeout_s: float = 30.0) -> None:
+    """Ask the supervisor to take a worker node down (the head cannot be removed); returns once it is gone."""
+    path = state_path or default_state_path()
+    state = read_state(path)
+    if state is None:
+        raise FailedPrecondition("no local cluster is up", field="cluster", fix="run `expertmesh up` first")
+    names = [n["name"] for n in state["nodes"]]
+    if name not in names[1:]:
+        raise InvalidArgument(f"{name!r} is not a worker node of the local cluster", field="node",
+                              fix=f"use one of: {', '.join(names[1:]) or 'none (only the head is up)'}")
+    request = path.with_name(f"remove-{name}")
+    request.touch()
+    deadline = time.monotonic() + timeout_s
+    while request.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if request.exists():
+        raise Unavailable(f"the supervisor did not remove {name} within {timeout_s:g} s", fix="see supervisor.log")
 
 
 def describe(address: str) -> dict:

@@ -88,6 +88,15 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
+def redeploy(args: AppArgs) -> None:
+    """Apply new app arguments (a new placement) to the running application; returns once it is running again."""
+    from ray import serve
+
+    from expertmesh.deployments.app import build_app
+
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+
 def stop() -> None:
     import ray
     from ray import serve

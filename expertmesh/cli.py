@@ -160,7 +160,10 @@ def cmd_serve(args) -> int:
     app_args = _app_args(args, args.spec, zoo_root, tokens_file)
     print(f"starting Ray and Serve, deploying {spec.name!r} ({len(spec.experts)} experts) from {zoo_root} ...", flush=True)
     t0 = time.perf_counter()
-    prometheus = None
+    prometheus = controller = None
+    if args.replan and not (args.address and app_args.placement):
+        raise InvalidArgument("--replan needs a cluster and a plan", field="--replan",
+                              fix="pass --address HOST:PORT and --plan FILE (expertmesh up; expertmesh plan --json FILE)")
     try:
         runner.start(app_args, args.address, metrics_port=args.metrics_port)
         print(f"serving after {time.perf_counter() - t0:.1f} s:")
@@ -168,6 +171,8 @@ def cmd_serve(args) -> int:
             print(f"  {line}")
         print(f"  tokens: {tokens_file} (send `authorization: Bearer <token>`)", flush=True)
         prometheus = _start_prometheus(args)
+        if args.replan:
+            controller = _start_controller(args, spec, zoo_root, app_args)
         if args.station_seconds:
             table = TokenTable.load(tokens_file)
             token, factory = next(iter(table.factories_by_token.items()))
@@ -185,10 +190,33 @@ def cmd_serve(args) -> int:
             reason = runner.wait_for_signal(args.duration)
         print(f"stopping ({reason}): Prometheus, Serve, then Ray", flush=True)
     finally:
+        if controller is not None:
+            controller.stop_event.set()
         if prometheus is not None:
             prometheus.stop()
         runner.stop()
     return 0
+
+
+def _start_controller(args, spec, zoo_root, app_args):
+    """The placement controller: re-plans and redeploys when a node is lost or joins."""
+    from expertmesh.cluster.controller import PlacementController
+    from expertmesh.deployments import runner
+    from expertmesh.profiler.run import usable_profiles
+    from expertmesh.profiler.store import ProfileStore
+    from expertmesh.profiler.usage import from_spec
+
+    if not app_args.profile:
+        raise InvalidArgument("--replan needs a profile", field="--profile", fix="run `expertmesh profile` first")
+    store = ProfileStore.load(Path(app_args.profile))
+    profiles = usable_profiles(store, spec, zoo_root, "cpu")
+    controller = PlacementController(
+        args.address, spec, profiles, store.usage or from_spec(spec), args.plan_rps, app_args.placement,
+        apply=lambda placement: runner.redeploy(app_args.model_copy(update={"placement": placement})),
+        log=lambda m: print(f"[placement] {m}", flush=True))
+    controller.start()
+    print("  placement controller: re-plans on node loss or join", flush=True)
+    return controller
 
 
 def _start_prometheus(args):
@@ -361,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--station-rate", type=_positive(float), default=10.0, help="station requests per second")
     serve.add_argument("--stop-after-station", action="store_true", help="stop cleanly after the station run")
     serve.add_argument("--duration", type=_positive(float), help="stop after this many seconds (default: until a signal)")
+    serve.add_argument("--replan", action="store_true", help="watch the cluster and re-plan and redeploy on node loss "
+                                                             "or join (needs --address and --plan)")
+    serve.add_argument("--plan-rps", type=float, default=20.0, help="requests per second re-plans are made for")
     serve.add_argument("--metrics-port", type=int, default=8080,
                        help="Ray's metrics export port of the node started here (Prometheus scrapes it)")
     serve.add_argument("--prometheus-port", type=int, default=9090, help="port of the local Prometheus, when installed")

@@ -84,6 +84,12 @@ METRICS: tuple[MetricDef, ...] = (
               "host memory)", ("expert", "node", "tier")),
     MetricDef("expertmesh_node_memory_budget_bytes", "gauge", "Memory a node offers experts, by node and tier",
               ("node", "tier")),
+    # placement controller
+    MetricDef("expertmesh_replans_total", "counter", "Placements re-planned and applied, by reason "
+              "(node_lost, node_joined, drift)", ("reason",)),
+    MetricDef("expertmesh_replan_seconds", "histogram", "Time to re-plan and apply a placement", (), LOAD_BUCKETS_S),
+    MetricDef("expertmesh_placement_planned_replicas", "gauge", "1 where the current plan puts an expert on a node",
+              ("expert", "node")),
 )
 
 BY_NAME = {m.name: m for m in METRICS}
