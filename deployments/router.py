@@ -29,6 +29,21 @@ class ExpertCallFailed(Unavailable):
     """An expert the plan needed did not answer (it failed, or ran past its timeout)."""
 
 
+async def bounded(response, timeout_s: float, what: str, *, timeout_fix: str, full_fix: str, failure_fix: str):
+    """Await a DeploymentHandle response within `timeout_s`; whatever goes wrong becomes an explicit error naming
+    `what`: a timeout or a crash -> ExpertCallFailed (UNAVAILABLE), a full queue -> RESOURCE_EXHAUSTED."""
+    try:
+        return await asyncio.wait_for(response, timeout_s)
+    except asyncio.TimeoutError:
+        raise ExpertCallFailed(f"{what} did not answer within {timeout_s:g} s", fix=timeout_fix) from None
+    except ExpertMeshError:
+        raise
+    except BackPressureError:
+        raise ResourceExhausted(f"{what} has a full queue", fix=full_fix) from None
+    except Exception as exc:  # noqa: BLE001 - a replica crash or an error inside it
+        raise ExpertCallFailed(f"{what} failed ({type(exc).__name__})", fix=failure_fix) from None
+
+
 @serve.deployment
 class RouterDeployment:
     """The front router (classify, route, run or hand off the plan) and, pinned to one node, a plan executor.
@@ -63,18 +78,10 @@ class RouterDeployment:
         m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
         t0 = time.perf_counter()
         try:
-            res = await asyncio.wait_for(self.experts[call.expert].classify.remote(image), self.expert_timeout_s)
-        except asyncio.TimeoutError:
-            raise ExpertCallFailed(f"expert {call.expert!r} did not answer within {self.expert_timeout_s} s",
-                                   fix="retry later; if it persists, check the expert's replicas") from None
-        except ExpertMeshError:
-            raise
-        except BackPressureError:
-            raise ResourceExhausted(f"expert {call.expert!r} has a full queue",
-                                    fix="retry later with backoff; the expert is scaling up or overloaded") from None
-        except Exception as exc:  # a replica crash or an error inside the expert
-            raise ExpertCallFailed(f"expert {call.expert!r} failed ({type(exc).__name__})",
-                                   fix="retry later; if it persists, check the expert's logs") from None
+            res = await bounded(self.experts[call.expert].classify.remote(image), self.expert_timeout_s,
+                                f"expert {call.expert!r}", timeout_fix="retry later; if it persists, check the expert's replicas",
+                                full_fix="retry later with backoff; the expert is scaling up or overloaded",
+                                failure_fix="retry later; if it persists, check the expert's logs")
         finally:
             self._in_flight[expert] -= 1
             m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
@@ -100,18 +107,9 @@ class RouterDeployment:
         if node in self.executors:  # hand the plan to the node that holds its experts
             # the executor bounds each expert call; this bounds the hand-off itself (the longest chain of calls)
             plan_timeout_s = self.expert_timeout_s * (1 + longest_chain(self.spec))
-            try:
-                results = await asyncio.wait_for(self.executors[node].run_plan.remote(image, list(r.calls)), plan_timeout_s)
-            except asyncio.TimeoutError:
-                raise ExpertCallFailed(f"the plan executor on {node} did not answer within {plan_timeout_s:g} s",
-                                       fix="retry later; if it persists, check that node") from None
-            except ExpertMeshError:
-                raise
-            except BackPressureError:
-                raise ResourceExhausted(f"the plan executor on {node} has a full queue", fix="retry later") from None
-            except Exception as exc:  # noqa: BLE001 - the executor's replica died: say which
-                raise ExpertCallFailed(f"the plan executor on {node} failed ({type(exc).__name__})",
-                                       fix="retry; if it persists, check that node") from None
+            results = await bounded(self.executors[node].run_plan.remote(image, list(r.calls)), plan_timeout_s,
+                                    f"the plan executor on {node}", timeout_fix="retry later; if it persists, check that node",
+                                    full_fix="retry later", failure_fix="retry; if it persists, check that node")
         else:
             results = await self.run_plan(image, list(r.calls))
         outcome = aggregate(self.spec, [ExpertOutput(x["expert"], x["label"], x["score"]) for x in results])

@@ -21,6 +21,17 @@ def _spec_and_zoo(args) -> tuple:
     return spec, zoo_root
 
 
+def _checked_spec_and_zoo(args) -> tuple:
+    """`_spec_and_zoo`, refusing (SpecError, exit 2) a spec whose checks or checkpoints fail."""
+    from expertmesh.experts.spec import check_spec
+
+    spec, zoo_root = _spec_and_zoo(args)
+    problems = check_spec(spec, zoo_root)
+    if problems:
+        raise SpecError(problems, args.spec or "<embedded pcb-aoi spec>")
+    return spec, zoo_root
+
+
 def cmd_spec_check(args) -> int:
     from expertmesh.experts.graph import usage_probabilities
     from expertmesh.experts.spec import check_spec
@@ -57,12 +68,7 @@ def cmd_zoo_build(args) -> int:
 def cmd_zoo_report(args) -> int:
     from expertmesh.experts.report import evaluate, format_report, write_report
 
-    spec, zoo_root = _spec_and_zoo(args)
-    from expertmesh.experts.spec import check_spec
-
-    problems = check_spec(spec, zoo_root)
-    if problems:
-        raise SpecError(problems, args.spec or "<embedded pcb-aoi spec>")
+    spec, zoo_root = _checked_spec_and_zoo(args)
     report = evaluate(spec, zoo_root, progress=not args.no_progress)
     print(format_report(report))
     out = Path(args.json) if args.json else zoo_root / "report.json"
@@ -267,12 +273,7 @@ def cmd_profile(args) -> int:
     from expertmesh.profiler.plot import plot_profiles
     from expertmesh.profiler.run import default_store_path, format_profiles, measure_usage, profile_zoo
 
-    spec, zoo_root = _spec_and_zoo(args)
-    from expertmesh.experts.spec import check_spec
-
-    problems = check_spec(spec, zoo_root)
-    if problems:
-        raise SpecError(problems, args.spec or "<embedded pcb-aoi spec>")
+    spec, zoo_root = _checked_spec_and_zoo(args)
     out = Path(args.out) if args.out else default_store_path(zoo_root)
     cfg = MeasureConfig(runs=args.runs, max_batch=args.max_batch)
     t0 = time.perf_counter()
