@@ -32,10 +32,23 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 ## The main job on the embedded default CoE (pcb-aoi): build the zoo, print the accuracy report, profile the
-## experts, then serve them on loopback (batch sizes from the profile), run a 20 s station over gRPC, print the
-## station's figures and the expert hit rates from Prometheus, and stop cleanly.
+## experts, bring up a 3-node Ray cluster on loopback (60 MiB of expert memory per node, so the plan must split
+## the experts), plan the placement on it (--explain), serve with the plan and the placement controller, run a
+## 20 s station over gRPC, print the station's figures and the expert hit rates from Prometheus, stop cleanly and
+## take the cluster down. NODES=1 serves on one local Ray node instead.
+NODES ?= 3
+NODE_MEMORY_GB ?= 0.06
+SERVE_RUN := --station-seconds 20 --station-rate 10 --stop-after-station --device-idle-s 5 --host-idle-s 10
 run: zoo report profile prometheus
-	$(BIN)/expertmesh serve --station-seconds 20 --station-rate 10 --stop-after-station --device-idle-s 5 --host-idle-s 10
+ifeq ($(NODES),1)
+	$(BIN)/expertmesh serve $(SERVE_RUN)
+else
+	@$(BIN)/expertmesh down >/dev/null
+	$(BIN)/expertmesh up --nodes $(NODES) --node-memory-gb $(NODE_MEMORY_GB)
+	$(BIN)/expertmesh plan --explain --json $(EXPERTMESH_HOME)/plan.json || { $(BIN)/expertmesh down; exit 1; }
+	$(BIN)/expertmesh serve --address local --plan $(EXPERTMESH_HOME)/plan.json --replan $(SERVE_RUN); \
+	  rc=$$?; $(BIN)/expertmesh down; exit $$rc
+endif
 
 ## Serve the default CoE until Ctrl-C (gRPC :9000, HTTP :8000; dev tokens under $(EXPERTMESH_HOME)).
 serve: zoo

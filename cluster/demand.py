@@ -21,7 +21,8 @@ def expert_memory_bytes(p: ExpertProfile) -> int:
 
 def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,
                       nodes: list[NodeCapacity], requests_per_s: float,
-                      config: PlacementConfig | None = None) -> PlacementProblem:
+                      config: PlacementConfig | None = None,
+                      current: dict[str, list[str]] | None = None) -> PlacementProblem:
     missing = [e.name for e in spec.experts if e.name not in profiles]
     if missing:
         raise FailedPrecondition(f"no current profile for {', '.join(missing)}", field="profile",
@@ -35,4 +36,5 @@ def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: 
                                     everywhere=e.name == spec.router.expert))
     edges = [Edge(upstream=w.upstream, downstream=w.downstream, weight=requests_per_s * w.probability)
              for w in usage.edges]
-    return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig())
+    return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig(),
+                            current=current or {})

@@ -59,6 +59,8 @@ class PlacementConfig(BaseModel):
     time_limit_s: float = Field(20.0, gt=0)
     memory_tiebreak: float = Field(1e-6, ge=0, description="weight of memory used in the objective, per MiB")
     balance_tiebreak: float = Field(1e-3, ge=0, description="weight of the busiest node's share of all load")
+    move_penalty: float = Field(0.01, ge=0, description="cost (in cut calls/s) of a replica on a node the current "
+                                                       "placement does not have it on: re-plans move few experts")
 
 
 class PlacementProblem(BaseModel):
@@ -68,6 +70,8 @@ class PlacementProblem(BaseModel):
     nodes: list[NodeCapacity]
     edges: list[Edge]
     config: PlacementConfig = Field(default_factory=PlacementConfig)
+    current: dict[str, list[str]] = Field(default_factory=dict, description="the placement running now (expert -> "
+                                                                            "nodes), when re-planning")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Plan:
     total_weight: float
     method: str
     reasons: dict[str, str] = field(default_factory=dict)
+    moved: list[str] = field(default_factory=list)  # experts whose nodes differ from the problem's current placement
 
     @property
     def internal_share(self) -> float:
@@ -152,7 +157,8 @@ def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
     return Plan(homes=dict(sorted(homes.items())), replicas=ordered, memory_used_bytes=mem, load=load, cut_edges=cut,
                 cut_weight=sum(c[3] for c in cut), total_weight=sum(w for (u, _), w in edges.items()
                                                                        if not by_name[u].everywhere),
-                method=method, reasons=_reasons(p, homes, replicas, cut))
+                method=method, reasons=_reasons(p, homes, replicas, cut),
+                moved=sorted(e for e, ns in p.current.items() if e in replicas and set(ns) != replicas[e]))
 
 
 def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], cut) -> dict[str, str]:
@@ -212,6 +218,8 @@ def _solve_exact(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str
     for i, e in enumerate(experts):
         for n in range(nn):
             cost[x(i, n)] = p.config.memory_tiebreak * e.memory_bytes / mib
+            if e.name in p.current and not e.everywhere and nodes[n] not in p.current[e.name]:
+                cost[x(i, n)] += p.config.move_penalty
     rows, lo, hi = [], [], []
 
     def add(coefs: dict[int, float], lower: float, upper: float) -> None:
@@ -291,7 +299,8 @@ def _solve_heuristic(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set
             m, ld = sum(by_name[e].memory_bytes for e in piece), sum(by_name[e].load for e in piece)
             fits = [n.name for n in nodes if free[n.name] >= m and load[n.name] + ld <= bound]
             if fits:
-                target = max(fits, key=lambda n: (free[n], -nodes.index(next(x for x in nodes if x.name == n))))
+                target = max(fits, key=lambda n: (sum(n in p.current.get(e, ()) for e in piece), free[n],
+                                                  -nodes.index(next(x for x in nodes if x.name == n))))
                 for e in piece:
                     homes[e] = target
                 free[target] -= m

@@ -49,6 +49,13 @@ class ServeSettings(BaseModel):
         None, gt=0, description="an expert replica idle this long moves its weights to host memory; none: never")
     expert_host_idle_s: float | None = Field(
         None, gt=0, description="an expert replica idle this long drops its weights to disk; none: never")
+    front_on_head: bool = Field(
+        True, description="with a placement, run the ingress and the front router on the head node (it holds Ray's "
+                          "GCS and Serve's controller: losing it loses the cluster anyway), so losing a worker never "
+                          "drops a request at the front; false when the head takes no replicas (num-cpus 0)")
+    max_surge_percent: int = Field(
+        100, ge=0, le=100, description="a redeploy starts replacement replicas before it stops the old ones "
+                                       "(Serve's rolling update surge); 0: stop first")
     ingress_max_queued_requests: int = Field(
         256, ge=-1, description="requests waiting for an ingress replica; past it stations get RESOURCE_EXHAUSTED "
                                 "(HTTP 503); -1: unbounded")
@@ -110,6 +117,9 @@ def expert_options(expert: ExpertSpec, settings: ServeSettings, profile: ExpertP
     }
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it
+
+
 def executor_name(node: str) -> str:
     return f"{ROUTER_DEPLOYMENT}-{node}"
 
@@ -150,11 +160,14 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
                                    "max_queued_requests": settings.max_queued_requests,
                                    "ray_actor_options": {"num_cpus": 0.1}}, [node])
     s = settings
+    front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if placement and s.front_on_head else {})}
     for name, replicas, ongoing, queued in (
             (ROUTER_DEPLOYMENT, s.router_replicas, 4 * s.max_ongoing_requests, s.max_queued_requests),
             (INGRESS_DEPLOYMENT, s.ingress_replicas, s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)):
         opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": ongoing,
-                      "max_queued_requests": queued, "ray_actor_options": {"num_cpus": 0.1}}
+                      "max_queued_requests": queued, "ray_actor_options": dict(front)}
+    for o in opts.values():
+        o["max_surge_percent"] = s.max_surge_percent
     return opts
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -29,19 +31,31 @@ class ExpertCallFailed(Unavailable):
     """An expert the plan needed did not answer (it failed, or ran past its timeout)."""
 
 
-async def bounded(response, timeout_s: float, what: str, *, timeout_fix: str, full_fix: str, failure_fix: str):
-    """Await a DeploymentHandle response within `timeout_s`; whatever goes wrong becomes an explicit error naming
-    `what`: a timeout or a crash -> ExpertCallFailed (UNAVAILABLE), a full queue -> RESOURCE_EXHAUSTED."""
-    try:
-        return await asyncio.wait_for(response, timeout_s)
-    except asyncio.TimeoutError:
-        raise ExpertCallFailed(f"{what} did not answer within {timeout_s:g} s", fix=timeout_fix) from None
-    except ExpertMeshError:
-        raise
-    except BackPressureError:
-        raise ResourceExhausted(f"{what} has a full queue", fix=full_fix) from None
-    except Exception as exc:  # noqa: BLE001 - a replica crash or an error inside it
-        raise ExpertCallFailed(f"{what} failed ({type(exc).__name__})", fix=failure_fix) from None
+class ReplicaLost(ExpertCallFailed):
+    """The replica serving a call died (its node went away) and a retry found no other."""
+
+
+async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *, timeout_fix: str, full_fix: str,
+                  failure_fix: str, retries_on_loss: int = 1):
+    """Await `send()` (a DeploymentHandle call) within `timeout_s`; whatever goes wrong becomes an explicit error
+    naming `what`: a timeout or a crash -> ExpertCallFailed (UNAVAILABLE), a full queue -> RESOURCE_EXHAUSTED.
+    A call whose replica died (its node was lost) is sent again, up to `retries_on_loss` times, within the same
+    deadline: inference is idempotent, and the handle routes the retry to a live replica."""
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(retries_on_loss + 1):
+        try:
+            return await asyncio.wait_for(send(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ExpertCallFailed(f"{what} did not answer within {timeout_s:g} s", fix=timeout_fix) from None
+        except ExpertMeshError:
+            raise
+        except BackPressureError:
+            raise ResourceExhausted(f"{what} has a full queue", fix=full_fix) from None
+        except RayActorError as exc:  # the replica (or its node) died: retry while the deadline allows
+            if attempt == retries_on_loss:
+                raise ReplicaLost(f"{what} lost its replica ({type(exc).__name__})", fix=failure_fix) from None
+        except Exception as exc:  # noqa: BLE001 - an error inside the replica
+            raise ExpertCallFailed(f"{what} failed ({type(exc).__name__})", fix=failure_fix) from None
 
 
 @serve.deployment
@@ -78,7 +92,8 @@ class RouterDeployment:
         m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
         t0 = time.perf_counter()
         try:
-            res = await bounded(self.experts[call.expert].classify.remote(image), self.expert_timeout_s,
+            handle = self.experts[call.expert]
+            res = await bounded(lambda: handle.classify.remote(image), self.expert_timeout_s,
                                 f"expert {call.expert!r}", timeout_fix="retry later; if it persists, check the expert's replicas",
                                 full_fix="retry later with backoff; the expert is scaling up or overloaded",
                                 failure_fix="retry later; if it persists, check the expert's logs")
@@ -107,9 +122,15 @@ class RouterDeployment:
         if node in self.executors:  # hand the plan to the node that holds its experts
             # the executor bounds each expert call; this bounds the hand-off itself (the longest chain of calls)
             plan_timeout_s = self.expert_timeout_s * (1 + longest_chain(self.spec))
-            results = await bounded(self.executors[node].run_plan.remote(image, list(r.calls)), plan_timeout_s,
-                                    f"the plan executor on {node}", timeout_fix="retry later; if it persists, check that node",
-                                    full_fix="retry later", failure_fix="retry; if it persists, check that node")
+            executor = self.executors[node]
+            try:
+                results = await bounded(lambda: executor.run_plan.remote(image, list(r.calls)), plan_timeout_s,
+                                        f"the plan executor on {node}", retries_on_loss=0,
+                                        timeout_fix="retry later; if it persists, check that node",
+                                        full_fix="retry later", failure_fix="retry; if it persists, check that node")
+            except ReplicaLost:  # that node is gone (a re-plan is under way): run the plan from here instead
+                self.metrics.inc("expertmesh_plan_fallbacks_total", node=node)
+                results = await self.run_plan(image, list(r.calls))
         else:
             results = await self.run_plan(image, list(r.calls))
         outcome = aggregate(self.spec, [ExpertOutput(x["expert"], x["label"], x["score"]) for x in results])

@@ -82,7 +82,8 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
         raise FailedPrecondition(f"the app's initial replicas need {needed:.2f} logical CPUs, the cluster has {have:.2f}",
                                  field="expert_num_cpus", fix="add nodes, or lower expert_num_cpus / min_replicas")
     s = args.settings
-    serve.start(http_options={"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
+    # every node of a loopback cluster shares 127.0.0.1: only one proxy can hold the ports, so run it on the head
+    serve.start(proxy_location="HeadOnly" if not address or is_loopback(address) else "EveryNode", http_options={"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
                 grpc_options=gRPCOptions(port=s.grpc_port, grpc_servicer_functions=[GRPC_SERVICER], enable_reflection=True,
                                          request_timeout_s=s.request_timeout_s))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from expertmesh.cluster import commands as cluster_commands
-from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, InvalidArgument, SpecError
+from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, FailedPrecondition, InvalidArgument, SpecError
 
 
 def _spec_and_zoo(args) -> tuple:
@@ -162,6 +162,13 @@ def cmd_serve(args) -> int:
     from expertmesh.station import run_station
 
     spec, zoo_root = _spec_and_zoo(args)
+    if args.address == "local":  # the cluster `expertmesh up` started
+        from expertmesh.cluster.local import read_state
+
+        args.address = (read_state() or {}).get("address")
+        if not args.address:
+            raise FailedPrecondition("--address local, but no local cluster is up", field="--address",
+                                     fix="start one with `expertmesh up`, or pass HOST:PORT")
     tokens_file = _tokens_file(args)
     app_args = _app_args(args, args.spec, zoo_root, tokens_file)
     print(f"starting Ray and Serve, deploying {spec.name!r} ({len(spec.experts)} experts) from {zoo_root} ...", flush=True)
@@ -207,6 +214,8 @@ def cmd_serve(args) -> int:
 def _start_controller(args, spec, zoo_root, app_args):
     """The placement controller: re-plans and redeploys when a node is lost or joins."""
     from expertmesh.cluster.controller import PlacementController
+    from expertmesh.cluster.observed import UsageWatch
+    from expertmesh.cluster.prometheus import scrape_targets
     from expertmesh.deployments import runner
     from expertmesh.profiler.run import usable_profiles
     from expertmesh.profiler.store import ProfileStore
@@ -219,9 +228,9 @@ def _start_controller(args, spec, zoo_root, app_args):
     controller = PlacementController(
         args.address, spec, profiles, store.usage or from_spec(spec), args.plan_rps, app_args.placement,
         apply=lambda placement: runner.redeploy(app_args.model_copy(update={"placement": placement})),
-        log=lambda m: print(f"[placement] {m}", flush=True))
+        watch=UsageWatch(scrape_targets, spec.router.expert), log=lambda m: print(f"[placement] {m}", flush=True))
     controller.start()
-    print("  placement controller: re-plans on node loss or join", flush=True)
+    print("  placement controller: re-plans on node loss or join, and on lasting traffic drift", flush=True)
     return controller
 
 
@@ -385,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start Ray + Serve on loopback (or join --address) and serve the CoE")
     _add_spec_args(serve)
     _add_serve_args(serve)
-    serve.add_argument("--address", help="join this Ray cluster instead of starting one")
+    serve.add_argument("--address", help="join this Ray cluster (HOST:PORT, or `local`: the one `expertmesh up` "
+                                          "started) instead of starting one")
     serve.add_argument("--station-seconds", type=_positive(float), help="after deploying, run a station for this long")
     serve.add_argument("--station-rate", type=_positive(float), default=10.0, help="station requests per second")
     serve.add_argument("--stop-after-station", action="store_true", help="stop cleanly after the station run")

@@ -88,6 +88,8 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("expertmesh_replans_total", "counter", "Placements re-planned and applied, by reason "
               "(node_lost, node_joined, drift)", ("reason",)),
     MetricDef("expertmesh_replan_seconds", "histogram", "Time to re-plan and apply a placement", (), LOAD_BUCKETS_S),
+    MetricDef("expertmesh_plan_fallbacks_total", "counter", "Plans the front router ran itself because the executor "
+              "on their node was lost", ("node",)),
     MetricDef("expertmesh_placement_planned_replicas", "gauge", "1 where the current plan puts an expert on a node",
               ("expert", "node")),
 )

@@ -50,9 +50,11 @@ def test_bad_cluster_options_name_the_flag(tmp_path):
 
 @pytest.mark.slow
 def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
-    """3 loopback nodes; profile, plan from the live inventory, serve with the plan, and check with Ray's state
-    API (expertmesh status) that every replica sits on a node its plan names."""
+    """3 loopback nodes; profile, plan from the live inventory, serve with the plan and the placement controller,
+    and check with Ray's state API (expertmesh status) that every replica sits on a node its plan names; then take a
+    worker away while a station runs: the controller re-plans and applies within 30 s and no request is lost."""
     import signal
+    import threading
     import time
 
     env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
@@ -76,15 +78,21 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
         grpc_port = free_port()
         serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", address,
                                   "--profile", profile, "--plan", str(plan_path), "--grpc-port", str(grpc_port),
-                                  "--http-port", str(free_port()), "--no-prometheus", "--duration", "600"],
+                                  "--http-port", str(free_port()), "--no-prometheus", "--duration", "900", "--replan"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        serve_lines: list[tuple[float, str]] = []
+        threading.Thread(target=lambda: serve_lines.extend((time.monotonic(), ln) for ln in serve.stdout),
+                         daemon=True).start()
+
+        def where() -> dict[str, list[str]]:
+            status = cli(env, "status")
+            return {line.split(":")[0].strip(): [n.strip() for n in line.split(":", 1)[1].split(",")]
+                    for line in status.stdout.splitlines() if line.startswith("  ")}
         placed: dict[str, list[str]] = {}
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not set(planned) <= set(placed):
             time.sleep(5)
-            status = cli(env, "status")
-            placed = {line.split(":")[0].strip(): [n.strip() for n in line.split(":", 1)[1].split(",")]
-                      for line in status.stdout.splitlines() if line.startswith("  ")}
+            placed = where()
         for expert, nodes in planned.items():
             assert expert in placed, (expert, placed)
             assert set(placed[expert]) <= set(nodes), (expert, placed[expert], nodes)
@@ -106,6 +114,32 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
         assert len(records) >= 50
         if cut == 0:
             assert sum(one_node) / len(records) >= 0.95
+
+        # node loss under load: the worker holding the most experts goes away while a station runs
+        workers = sorted({n for ns in planned.values() for n in ns} - {"node-0"})
+        victim = max(workers, key=lambda n: (sum(n in ns for ns in planned.values()), n))
+        station = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "station", "--target",
+                                    f"127.0.0.1:{grpc_port}", "--token", token, "--factory", "factory-a", "--rate", "6",
+                                    "--duration", "45", "--no-progress"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        time.sleep(10)
+        removed = cli(env, "node", "remove", victim)
+        removed_at = time.monotonic()
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        report, _ = station.communicate(timeout=300)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("re-planned and applied" in ln for _, ln in serve_lines):
+            time.sleep(1)
+        applied = [(t, ln) for t, ln in serve_lines if "re-planned and applied" in ln]
+        print(report, *(ln for _, ln in serve_lines if "[placement]" in ln), sep="\n")
+        assert applied, "".join(ln for _, ln in serve_lines)[-3000:]
+        seconds = float(applied[0][1].split("applied in ")[1].split(" s")[0])
+        print(f"node {victim} removed: re-planned and applied in {seconds:.1f} s by the controller, "
+              f"{applied[0][0] - removed_at:.1f} s after the node was gone")
+        assert seconds <= 30 and applied[0][0] - removed_at <= 30
+        assert station.returncode == 0 and "errors by code: none" in report, report  # nothing lost, nothing failed
+        after = where()
+        assert all(victim not in nodes for nodes in after.values()), after
     finally:
         if serve is not None:
             serve.send_signal(signal.SIGTERM)

@@ -78,6 +78,28 @@ def test_the_same_inputs_give_the_same_plan(method):
     assert (a.homes, a.replicas, a.cut_edges) == (b.homes, b.replicas, b.cut_edges)
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("method", ["exact", "heuristic"])
+def test_a_replan_after_node_loss_moves_only_what_it_must(seed, method):
+    """Re-planning with the running placement as `current`: the lost node's experts move; an expert on a surviving
+    node stays put unless moving it cuts less (the exact planner: never more cut than planning from scratch)."""
+    problem = generated(seed, num_nodes=3, mem_per_node_mib=90)
+    before = plan(problem, method)
+    survivors = [n for n in problem.nodes if n.name != "n2"]
+    lost = {e for e, ns in before.replicas.items() if "n2" in ns}
+    again = problem.model_copy(update={"nodes": survivors, "current": before.replicas})
+    after = plan(again, method)
+    scratch = plan(problem.model_copy(update={"nodes": survivors}), method)
+    assert set(after.moved) >= lost - {"router"}
+    if method == "exact":
+        assert after.cut_weight == pytest.approx(scratch.cut_weight, abs=1e-6)
+        stayed = [e for e in before.replicas if e not in lost]
+        rehomed = sum(after.homes[e] != before.homes[e] for e in stayed)
+        assert rehomed <= sum(scratch.homes[e] != before.homes[e] for e in stayed)
+    assert "router" in after.moved  # it was on every node, n2 included: its node set changed
+    assert all(n != "n2" for ns in after.replicas.values() for n in ns)
+
+
 def test_heuristic_gap_on_instances_with_a_known_answer():
     gaps = [optimality_gap(generated(seed))[2] for seed in range(8)]
     assert all(g >= -1e-9 for g in gaps)  # never better than the optimum
