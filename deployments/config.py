@@ -124,21 +124,26 @@ def executor_name(node: str) -> str:
     return f"{ROUTER_DEPLOYMENT}-{node}"
 
 
-def pin_to_nodes(options: dict[str, Any], nodes: list[str]) -> dict[str, Any]:
-    """Pin a deployment's replicas to these nodes by their `expertmesh.io/node` label: one node is a plain
-    selector; several get `in(...)`, at least one replica each, and at most their share per node."""
+def pin_to_nodes(options: dict[str, Any], nodes: list[str], all_nodes: list[str] | None = None) -> dict[str, Any]:
+    """Pin a deployment's replicas to these nodes by their `expertmesh.io/node` label. One node is a plain selector.
+    Several get at least one replica each (Serve spreads replicas over the nodes it may use) and a selector that
+    excludes the other planned nodes (`!in(...)`), or none when they are all of them: losing one of its nodes then
+    leaves the selector unchanged, so the surviving replicas keep running instead of restarting."""
     from expertmesh.cluster.local import NODE_LABEL
 
-    out = {**options, "ray_actor_options": {**options["ray_actor_options"],
-                                            "label_selector": {NODE_LABEL: nodes[0] if len(nodes) == 1
-                                                               else f"in({','.join(nodes)})"}}}
+    if len(nodes) == 1:
+        selector: dict[str, str] | None = {NODE_LABEL: nodes[0]}
+    else:
+        others = sorted(set(all_nodes or nodes) - set(nodes))
+        selector = {NODE_LABEL: f"!in({','.join(others)})"} if others else None
+    actor = {k: v for k, v in options["ray_actor_options"].items() if k != "label_selector"}
+    out = {**options, "ray_actor_options": {**actor, **({"label_selector": selector} if selector else {})}}
     if len(nodes) > 1:
         a = dict(out["autoscaling_config"])
         a["min_replicas"] = max(a["min_replicas"], len(nodes))
         a["max_replicas"] = max(a["max_replicas"], len(nodes))
         a["initial_replicas"] = max(a.get("initial_replicas") or 0, len(nodes))
         out["autoscaling_config"] = a
-        out["max_replicas_per_node"] = -(-a["max_replicas"] // len(nodes))
     return out
 
 
@@ -151,9 +156,10 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     if unknown:
         raise InvalidArgument(f"the placement names experts the spec does not have: {', '.join(unknown)}",
                               field="placement", fix="plan with the same spec")
+    planned_nodes = sorted({n for nodes in (placement or {}).values() for n in nodes})
     for name, nodes in (placement or {}).items():
         if nodes:
-            opts[name] = pin_to_nodes(opts[name], sorted(nodes))
+            opts[name] = pin_to_nodes(opts[name], sorted(nodes), planned_nodes)
     for node in sorted({n for nodes in (placement or {}).values() for n in nodes}):
         name = executor_name(node)  # one plan executor per planned node, pinned there
         opts[name] = pin_to_nodes({"name": name, "num_replicas": 1, "max_ongoing_requests": 4 * settings.max_ongoing_requests,

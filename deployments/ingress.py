@@ -19,19 +19,19 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, ResourceExhausted,
-                               grpc_status)
+from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, grpc_status)
 from expertmesh.deployments.auth import TokenTable
+from expertmesh.deployments.router import bounded as bounded_call
 from expertmesh.experts.preprocess import decode_image
 from expertmesh.experts.spec import load_spec
 from expertmesh.metrics import bounded, instruments
 from expertmesh.v1 import inspection_pb2 as pb
 
+ROUTER_CALL_TIMEOUT_S = 300.0  # a backstop: the proxies' request_timeout_s answers stations first
 logger = logging.getLogger("ray.serve")
 _VERDICTS = {"PASS": pb.PASS, "DEFECT": pb.DEFECT, "UNCERTAIN": pb.UNCERTAIN}
 _MAX_ID_CHARS = 128
@@ -83,10 +83,11 @@ class IngressDeployment:
         self.tokens.authorize(authorization, factory_id)
         request_id = request_id or uuid.uuid4().hex
         array = np.asarray(decode_image(image, self.spec.image, field="image"))
-        try:
-            return request_id, await self.router.inspect.remote(array, meta)
-        except BackPressureError:
-            raise ResourceExhausted("the router's queue is full", fix="retry later with backoff") from None
+        # a router replica lost mid-request (its node went away, or a redeploy replaced it) is retried once
+        return request_id, await bounded_call(lambda: self.router.inspect.remote(array, meta), ROUTER_CALL_TIMEOUT_S,
+                                              "the router", timeout_fix="retry later", full_fix="retry later with backoff",
+                                              failure_fix="retry; report the request id if it persists",
+                                              wrap_failures=False)
 
     @staticmethod
     def _internal(exc: Exception, request_id: str) -> Internal:

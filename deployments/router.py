@@ -36,7 +36,7 @@ class ReplicaLost(ExpertCallFailed):
 
 
 async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *, timeout_fix: str, full_fix: str,
-                  failure_fix: str, retries_on_loss: int = 1):
+                  failure_fix: str, retries_on_loss: int = 1, wrap_failures: bool = True):
     """Await `send()` (a DeploymentHandle call) within `timeout_s`; whatever goes wrong becomes an explicit error
     naming `what`: a timeout or a crash -> ExpertCallFailed (UNAVAILABLE), a full queue -> RESOURCE_EXHAUSTED.
     A call whose replica died (its node was lost) is sent again, up to `retries_on_loss` times, within the same
@@ -55,6 +55,8 @@ async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *,
             if attempt == retries_on_loss:
                 raise ReplicaLost(f"{what} lost its replica ({type(exc).__name__})", fix=failure_fix) from None
         except Exception as exc:  # noqa: BLE001 - an error inside the replica
+            if not wrap_failures:
+                raise
             raise ExpertCallFailed(f"{what} failed ({type(exc).__name__})", fix=failure_fix) from None
 
 

@@ -88,17 +88,20 @@ def test_a_plan_pins_replicas_to_nodes_in_a_valid_config(default_spec, tmp_path)
     from ray.serve.schema import ServeDeploySchema
 
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"replicas": {"chip_defect": ["node-1"], "solder_fine": ["node-0", "node-1", "node-2"]}}))
+    plan.write_text(json.dumps({"replicas": {"chip_defect": ["node-1"], "solder_fine": ["node-0", "node-1", "node-2"],
+                                             "polarity": ["node-0", "node-1"], "diode_defect": ["node-3"]}}))
     out = tmp_path / "serve.yaml"
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 0
     doc = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(doc)
     by_name = {d["name"]: d for d in doc["applications"][0]["deployments"]}
     assert by_name["chip_defect"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "node-1"}
-    solder = by_name["solder_fine"]
-    assert solder["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "in(node-0,node-1,node-2)"}
-    assert solder["autoscaling_config"]["min_replicas"] == 3 and solder["max_replicas_per_node"] >= 1
-    assert "label_selector" not in by_name["polarity"]["ray_actor_options"]
+    solder = by_name["solder_fine"]  # on 3 of the 4 planned nodes: kept off the fourth, one replica per node at least
+    assert solder["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "!in(node-3)"}
+    assert solder["autoscaling_config"]["min_replicas"] == 3
+    assert by_name["polarity"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "!in(node-2,node-3)"}
+    assert "label_selector" not in by_name["sot23_defect"]["ray_actor_options"]  # not in the plan: anywhere
+    assert all(d["max_surge_percent"] == 100 for d in by_name.values())  # replacements start before old ones stop
     assert doc["applications"][0]["args"]["placement"]["chip_defect"] == ["node-1"]
     plan.write_text(json.dumps({"replicas": {"ghost": ["node-0"]}}))
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
