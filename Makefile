@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup proto prometheus run zoo report profile serve test test-unit clean
+.PHONY: setup proto prometheus run zoo report profile serve chart test test-unit clean
 
 PROTO_SRC := proto/expertmesh/v1/inspection.proto
 PROTO_OUT := expertmesh/v1/inspection_pb2.py
@@ -72,6 +72,13 @@ prometheus:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else echo "note: cannot install Prometheus without root (apt-get install prometheus); the metrics test will skip"; fi
+
+## Refresh what the Helm chart bundles from the code: the Serve config of the embedded pcb-aoi CoE (serveConfigV2)
+## and the Grafana dashboard. tests/test_helm.py fails when they are stale.
+chart: setup
+	$(BIN)/expertmesh config --zoo /models/zoo/pcb-aoi --tokens /etc/expertmesh/tokens/tokens.yaml --no-profile \
+	  --http-host 0.0.0.0 --out helm/expertmesh/files/serve-config.yaml
+	$(BIN)/expertmesh dashboard --out helm/expertmesh/dashboards/expertmesh-dashboard.json
 
 ## Every test (unit and integration); CI runs exactly this. The serving tests run the real default zoo,
 ## so it is built first (no baseline; current checkpoints are skipped).

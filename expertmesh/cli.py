@@ -91,7 +91,8 @@ def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
 
     try:
         settings = ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                 expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s)
+                                 expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s,
+                                 expert_num_gpus=args.expert_num_gpus)
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else ""
@@ -335,6 +336,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="plan JSON (expertmesh plan --json): pin each expert's replicas to its planned nodes")
     p.add_argument("--device-idle-s", type=float, help="an expert replica idle this long moves its weights off the "
                                                        "device to host memory (default: never)")
+    p.add_argument("--expert-num-gpus", type=float, default=0.0, help="GPUs per replica of a cuda/auto expert "
+                                                                      "(fractions share a GPU; default 0: CPU)")
     p.add_argument("--host-idle-s", type=float, help="an expert replica idle this long drops its weights to disk "
                                                      "(default: never); the next request loads them back")
 

@@ -38,7 +38,6 @@ expertmesh.io/node = the pod name (unique per pod), expertmesh.io/pool = the gro
 */}}
 {{- define "expertmesh.container" -}}
 {{- $root := .root -}}
-name: ray
 image: "{{ $root.Values.image.repository }}:{{ $root.Values.image.tag }}"
 imagePullPolicy: {{ $root.Values.image.pullPolicy }}
 env:

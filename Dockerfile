@@ -1,0 +1,33 @@
+# The image the Helm chart runs on every Ray pod (head and workers): Ray 2.60.0 (the pinned version) plus ExpertMesh.
+# Not built in CI (no Docker engine there); build and push it yourself:
+#   docker build -t registry.example/expertmesh:0.1.0 .                                   # CPU
+#   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu \
+#                --build-arg CONSTRAINTS=constraints-cuda.txt -t registry.example/expertmesh:0.1.0-gpu .   # CUDA
+# Checkpoints are not baked in: the chart mounts them from a PVC, or an init container builds them (models.source).
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
+FROM ${RAY_IMAGE}
+
+ARG CONSTRAINTS=constraints-cpu.txt
+WORKDIR /opt/expertmesh
+COPY --chown=ray:users pyproject.toml README.md constraints-cpu.txt constraints-cuda.txt ./
+COPY --chown=ray:users proto/ proto/
+COPY --chown=ray:users expertmesh/ expertmesh/
+COPY --chown=ray:users experts/ experts/
+COPY --chown=ray:users router/ router/
+COPY --chown=ray:users profiler/ profiler/
+COPY --chown=ray:users cluster/ cluster/
+COPY --chown=ray:users deployments/ deployments/
+
+# torch first, held to the build the constraints file names (CPU, or CUDA with constraints-cuda.txt); then the
+# package (ray[serve] is already the image's, at the same pinned version); then the gRPC stubs from the .proto.
+ENV PIP_CONSTRAINT=/opt/expertmesh/${CONSTRAINTS} \
+    RAY_USAGE_STATS_ENABLED=0 \
+    EXPERTMESH_HOME=/models
+RUN pip install --no-cache-dir "torch==2.13.0" \
+ && pip install --no-cache-dir . \
+ && python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. proto/expertmesh/v1/inspection.proto \
+ && pip install --no-cache-dir --no-deps . \
+ && python -c "import expertmesh.deployments.app, expertmesh.v1.inspection_pb2_grpc"
+
+# Ray's serve (8000), gRPC (9000) and metrics (8080) ports; KubeRay starts Ray with the chart's rayStartParams.
+EXPOSE 8000 9000 8080
