@@ -35,12 +35,17 @@ class ReplicaLost(ExpertCallFailed):
     """The replica serving a call died (its node went away) and a retry found no other."""
 
 
+LOSS_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)  # waits before the retries of a call whose replica died
+
+
 async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *, timeout_fix: str, full_fix: str,
-                  failure_fix: str, retries_on_loss: int = 1, wrap_failures: bool = True):
+                  failure_fix: str, retries_on_loss: int = 4, wrap_failures: bool = True):
     """Await `send()` (a DeploymentHandle call) within `timeout_s`; whatever goes wrong becomes an explicit error
     naming `what`: a timeout or a crash -> ExpertCallFailed (UNAVAILABLE), a full queue -> RESOURCE_EXHAUSTED.
-    A call whose replica died (its node was lost) is sent again, up to `retries_on_loss` times, within the same
-    deadline: inference is idempotent, and the handle routes the retry to a live replica."""
+    A call whose replica died (its node was lost) is sent again, up to `retries_on_loss` times with a growing pause
+    (`LOSS_BACKOFF_S`), within the same deadline: inference is idempotent, and once Serve has noticed the loss the
+    handle routes the retry to a live replica, or holds it until a replacement is up. `wrap_failures=False`
+    re-raises an error from inside the replica as it is (the ingress turns those into INTERNAL)."""
     deadline = time.monotonic() + timeout_s
     for attempt in range(retries_on_loss + 1):
         try:
@@ -52,8 +57,10 @@ async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *,
         except BackPressureError:
             raise ResourceExhausted(f"{what} has a full queue", fix=full_fix) from None
         except RayActorError as exc:  # the replica (or its node) died: retry while the deadline allows
-            if attempt == retries_on_loss:
+            pause_s = LOSS_BACKOFF_S[min(attempt, len(LOSS_BACKOFF_S) - 1)]
+            if attempt == retries_on_loss or time.monotonic() + pause_s >= deadline:
                 raise ReplicaLost(f"{what} lost its replica ({type(exc).__name__})", fix=failure_fix) from None
+            await asyncio.sleep(pause_s)
         except Exception as exc:  # noqa: BLE001 - an error inside the replica
             if not wrap_failures:
                 raise
