@@ -59,6 +59,7 @@ class PlacementController(threading.Thread):
         problem = placement_problem(self.spec, self.profiles, self.usage, nodes, self.requests_per_s,
                                     current=self.placement)
         new = plan(problem)
+        planned_s = time.perf_counter() - t0
         for expert, old_nodes in self.placement.items():  # retire the old placement's series
             for node in set(old_nodes) - set(new.replicas.get(expert, [])):
                 self.metrics.set("expertmesh_placement_planned_replicas", 0, expert=expert, node=node)
@@ -70,7 +71,8 @@ class PlacementController(threading.Thread):
         self.metrics.inc("expertmesh_replans_total", reason=kind)
         self.metrics.observe("expertmesh_replan_seconds", seconds)
         self.replans.append((reason, seconds))
-        self.log(f"re-planned and applied in {seconds:.1f} s ({reason}): moved {', '.join(new.moved) or 'nothing'}; "
+        self.log(f"re-planned and applied in {seconds:.1f} s ({reason}; planned in {planned_s:.1f} s): "
+                 f"moved {', '.join(new.moved) or 'nothing'}; "
                  f"cut {new.cut_weight:.3g} of "
                  f"{new.total_weight:.3g} calls/s; " + ", ".join(f"{e}@{'+'.join(ns)}" for e, ns in new.replicas.items()))
         return new

@@ -85,7 +85,7 @@ class Plan:
     total_weight: float
     method: str
     reasons: dict[str, str] = field(default_factory=dict)
-    moved: list[str] = field(default_factory=list)  # experts whose nodes differ from the problem's current placement
+    moved: list[str] = field(default_factory=list)  # experts given a node the current placement does not have them on
 
     @property
     def internal_share(self) -> float:
@@ -158,7 +158,7 @@ def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
                 cut_weight=sum(c[3] for c in cut), total_weight=sum(w for (u, _), w in edges.items()
                                                                        if not by_name[u].everywhere),
                 method=method, reasons=_reasons(p, homes, replicas, cut),
-                moved=sorted(e for e, ns in p.current.items() if e in replicas and set(ns) != replicas[e]))
+                moved=sorted(e for e, ns in p.current.items() if e in replicas and replicas[e] - set(ns)))
 
 
 def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], cut) -> dict[str, str]:
