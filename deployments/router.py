@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from expertmesh.errors import ExpertMeshError, ResourceExhausted, Unavailable
@@ -56,7 +56,8 @@ async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *,
             raise
         except BackPressureError:
             raise ResourceExhausted(f"{what} has a full queue", fix=full_fix) from None
-        except RayActorError as exc:  # the replica (or its node) died: retry while the deadline allows
+        except (RayActorError, DeploymentUnavailableError) as exc:  # the replica or its node died, or a redeploy
+            # removed the deployment (a lost node's plan executor): retry while the deadline allows
             pause_s = LOSS_BACKOFF_S[min(attempt, len(LOSS_BACKOFF_S) - 1)]
             if attempt == retries_on_loss or time.monotonic() + pause_s >= deadline:
                 raise ReplicaLost(f"{what} lost its replica ({type(exc).__name__})", fix=failure_fix) from None
@@ -86,6 +87,23 @@ class RouterDeployment:
         self.metrics = instruments()
         self._in_flight = {name: 0 for name in experts}
         threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True).start()
+        self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
+        if self.executors:
+            threading.Thread(target=self._watch_nodes, name="router-nodes", daemon=True).start()
+
+    def _watch_nodes(self, every_s: float = 1.0) -> None:
+        """Which planned nodes are alive (from Ray's GCS): a plan is never handed to a lost node's executor, whose
+        handle would hold the request until the re-plan removes it."""
+        import ray
+
+        from expertmesh.cluster.local import NODE_LABEL
+
+        while True:
+            try:
+                self._alive = frozenset(n.get("Labels", {}).get(NODE_LABEL, "") for n in ray.nodes() if n.get("Alive"))
+            except Exception:  # noqa: BLE001 - keep the last view; the next poll tries again
+                pass
+            time.sleep(every_s)
 
     def _refresh_gauges(self, every_s: float = 2.0) -> None:
         """Ray ages out gauges that are not set again: re-publish the queue depths while the replica lives."""
@@ -127,7 +145,7 @@ class RouterDeployment:
         first["reason"] = "router"
         r = route(self.spec, first["label"], first["score"], RequestMeta(**meta))
         self._record_route(r, time.perf_counter() - t0)
-        node = execution_node(r.calls, self.homes) if self.executors else None
+        node = execution_node(r.calls, self.homes, self._alive) if self.executors else None
         if node in self.executors:  # hand the plan to the node that holds its experts
             # the executor bounds each expert call; this bounds the hand-off itself (the longest chain of calls)
             plan_timeout_s = self.expert_timeout_s * (1 + longest_chain(self.spec))

@@ -9,14 +9,15 @@ dependents beside their upstreams). Ties go to the lexicographically first node:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from expertmesh.router.plan import Call
 
 
-def execution_node(calls: Iterable[Call], homes: dict[str, str]) -> str | None:
-    """The node holding most of the plan's first calls (None when no call's expert has a home)."""
-    votes = Counter(homes[c.expert] for c in calls if c.expert in homes)
+def execution_node(calls: Iterable[Call], homes: dict[str, str], alive: Collection[str] | None = None) -> str | None:
+    """The node holding most of the plan's first calls (None when no call's expert has a home). A node known to be
+    down (`alive` given and without it) is never chosen: its executor is gone until the placement is re-applied."""
+    votes = Counter(homes[c.expert] for c in calls if c.expert in homes and (alive is None or homes[c.expert] in alive))
     if not votes:
         return None
     best = max(votes.values())

@@ -61,3 +61,12 @@ def test_a_slow_call_times_out_explicitly():
         return asyncio.sleep(5)
     with pytest.raises(ExpertCallFailed, match="did not answer within 0.1 s"):
         asyncio.run(bounded(send, 0.1, "expert 'chip'", **FIXES))
+
+
+def test_a_removed_deployment_counts_as_lost():
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    send, seen = calls(DeploymentUnavailableError(DeploymentID(name="Router-node-1", app_name="expertmesh")), "never")
+    with pytest.raises(ReplicaLost):  # the front router then runs the plan itself
+        asyncio.run(bounded(send, 5.0, "the plan executor on node-1", retries_on_loss=0, **FIXES))

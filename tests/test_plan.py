@@ -65,3 +65,9 @@ def test_the_plan_runs_on_the_node_that_holds_its_first_calls():
                           homes) == "node-0"  # most calls
     assert execution_node([Call("a", Reason.TABLE, None), Call("b", Reason.TABLE, None)], homes) == "node-0"  # tie
     assert execution_node([Call("z", Reason.TABLE, None)], homes) is None
+    a_only = [Call("a", Reason.TABLE, None)]
+    assert execution_node(a_only, homes, {"node-0"}) is None  # node-1 was lost: its executor is gone, run it here
+    a_and_b = [Call("a", Reason.TABLE, None), Call("b", Reason.TABLE, None)]
+    assert execution_node(a_and_b, homes, {"node-0"}) == "node-0"
+    three = a_and_b + [Call("c", Reason.TABLE, None)]
+    assert execution_node(three, homes, set()) is None
