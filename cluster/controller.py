@@ -82,10 +82,15 @@ class PlacementController(threading.Thread):
             try:
                 observed = self.watch.poll() if self.watch is not None else None
                 snap = ClusterSnapshot(time.monotonic(), self._alive(), observed[0] if observed else {})
+                before = self.state
                 decision, self.state = decide(self.config, self.state, snap)
                 if decision.replan:
                     self.log(f"re-planning: {decision.reason}")
-                    self.replan_now(decision.reason, observed)
+                    try:
+                        self.replan_now(decision.reason, observed)
+                    except Exception:
+                        self.state = before  # not applied: the next poll decides (and tries) again
+                        raise
                 self._publish()
             except Exception as exc:  # noqa: BLE001 - keep watching; the next poll tries again
                 self.log(f"placement controller: {type(exc).__name__}: {exc}")

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, deployment_options
-from expertmesh.errors import FailedPrecondition
+from expertmesh.errors import FailedPrecondition, Unavailable
 from expertmesh.experts.spec import load_spec
 
 
@@ -89,13 +89,29 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
-def redeploy(args: AppArgs) -> None:
-    """Apply new app arguments (a new placement) to the running application; returns once it is running again."""
+def redeploy(args: AppArgs, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
+    """Apply new app arguments (a new placement) to the running application; returns once it is running again.
+
+    Submits without blocking, then waits for RUNNING itself: during a node loss a replica that dies mid-update
+    makes Serve report DEPLOY_FAILED for a moment while it replaces it, which `serve.run` would take as final."""
+    import time
+
     from ray import serve
+    from ray.serve.schema import ApplicationStatus
 
     from expertmesh.deployments.app import build_app
 
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    serve._run(build_app(args), name=APP_NAME, route_prefix="/", _blocking=False)  # serve.run minus the strict wait
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        time.sleep(poll_s)
+    raise Unavailable(f"the application did not run again within {timeout_s:g} s after a redeploy "
+                      f"(status {status.status.value if status else 'missing'}: {status.message if status else ''})",
+                      fix="check `serve status` and the replicas' logs")
 
 
 def stop() -> None:
