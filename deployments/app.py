@@ -55,13 +55,12 @@ def build_app(args: dict | AppArgs) -> Application:
     experts = {e.name: versioned(ExpertDeployment, opts[e.name], a.spec, e.name, a.zoo).bind(a.spec, e.name, a.zoo)
                for e in spec.experts}
     timeout_s = a.settings.expert_timeout_s
-    homes = {e: nodes[0] for e, nodes in (a.placement or {}).items() if nodes}
-    executors = {}
-    for node in sorted(set(homes.values()) | {n for ns in (a.placement or {}).values() for n in ns}):
-        name = executor_name(node)
-        executors[node] = versioned(RouterDeployment, opts[name], a.spec, experts, timeout_s, homes).bind(
-            a.spec, experts, timeout_s, homes)
-    router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], a.spec, experts, timeout_s, homes, executors).bind(
-        a.spec, experts, timeout_s, homes, executors)
+    nodes = sorted({n for ns in (a.placement or {}).values() for n in ns})
+    # the placement reaches the routers as user_config; their constructor arguments (and so their versions) do not
+    # change with it, so a re-plan reconfigures them in place. The executors are bound only to be part of the app.
+    executors = {node: versioned(RouterDeployment, opts[executor_name(node)], a.spec, experts, timeout_s).bind(
+        a.spec, experts, timeout_s) for node in nodes}
+    router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], a.spec, experts, timeout_s).bind(
+        a.spec, experts, timeout_s, executors)
     return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], a.spec, a.tokens_file, router).bind(
         a.spec, a.tokens_file, router)

@@ -160,11 +160,14 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     for name, nodes in (placement or {}).items():
         if nodes:
             opts[name] = pin_to_nodes(opts[name], sorted(nodes), planned_nodes)
-    for node in sorted({n for nodes in (placement or {}).values() for n in nodes}):
+    # the routers learn the placement through user_config (reconfigured in place, never restarted by a re-plan)
+    routing = {"homes": {e: nodes[0] for e, nodes in sorted((placement or {}).items()) if nodes},
+               "executor_nodes": planned_nodes}
+    for node in planned_nodes:
         name = executor_name(node)  # one plan executor per planned node, pinned there
         opts[name] = pin_to_nodes({"name": name, "num_replicas": 1, "max_ongoing_requests": 4 * settings.max_ongoing_requests,
                                    "max_queued_requests": settings.max_queued_requests,
-                                   "ray_actor_options": {"num_cpus": 0.1}}, [node])
+                                   "ray_actor_options": {"num_cpus": 0.1}, "user_config": routing}, [node])
     s = settings
     front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if placement and s.front_on_head else {})}
     for name, replicas, ongoing, queued in (
@@ -172,6 +175,7 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
             (INGRESS_DEPLOYMENT, s.ingress_replicas, s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)):
         opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": ongoing,
                       "max_queued_requests": queued, "ray_actor_options": dict(front)}
+    opts[ROUTER_DEPLOYMENT]["user_config"] = routing
     for o in opts.values():
         o["max_surge_percent"] = s.max_surge_percent
     return opts

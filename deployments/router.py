@@ -72,23 +72,37 @@ async def bounded(send: Callable[[], Awaitable], timeout_s: float, what: str, *,
 class RouterDeployment:
     """The front router (classify, route, run or hand off the plan) and, pinned to one node, a plan executor.
 
-    With a placement (`homes`: expert -> home node) the front hands each plan to the executor on the node that
-    holds it (`executors`: node -> handle), and every expert handle prefers replicas on its caller's node.
+    With a placement (user_config `homes`: expert -> home node; `executor_nodes`) the front hands each plan to the
+    executor on the node that holds it, and every expert handle prefers replicas on its caller's node. The
+    placement arrives by `reconfigure`, so a re-plan updates a running router instead of replacing it.
     """
 
     def __init__(self, spec_path: str | None, experts: dict[str, DeploymentHandle], expert_timeout_s: float = 30.0,
-                 homes: dict[str, str] | None = None, executors: dict[str, DeploymentHandle] | None = None) -> None:
+                 executors: dict[str, DeploymentHandle] | None = None) -> None:
         self.spec = load_spec(spec_path)
-        self.homes = homes or {}
-        self.executors = executors or {}
-        local = bool(self.homes)  # a placement exists: replicas beside the caller are preferred
-        self.experts = {k: h.options(_prefer_local_routing=True) if local else h for k, h in experts.items()}
+        self._handles = dict(experts)
+        self.homes: dict[str, str] = {}
+        self.executors: dict[str, DeploymentHandle] = {}
+        self.experts = dict(experts)
         self.expert_timeout_s = expert_timeout_s
         self.metrics = instruments()
         self._in_flight = {name: 0 for name in experts}
         threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True).start()
         self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
-        if self.executors:
+        self._watching = False
+
+    def reconfigure(self, routing: dict) -> None:
+        """Apply a placement: homes, the plan executors (handles by deployment name) and local-first expert calls."""
+        from expertmesh.deployments.config import APP_NAME, executor_name
+
+        self.homes = dict(routing.get("homes") or {})
+        local = bool(self.homes)  # a placement exists: replicas beside the caller are preferred
+        self.experts = {k: h.options(_prefer_local_routing=True) if local else h for k, h in self._handles.items()}
+        self.executors = {node: serve.get_deployment_handle(executor_name(node), app_name=APP_NAME,
+                                                            _check_exists=False)  # may still be deploying
+                          for node in routing.get("executor_nodes") or []}
+        if self.executors and not self._watching:
+            self._watching = True
             threading.Thread(target=self._watch_nodes, name="router-nodes", daemon=True).start()
 
     def _watch_nodes(self, every_s: float = 1.0) -> None:
