@@ -90,14 +90,17 @@ class RouterDeployment:
         threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True).start()
         self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
         self._watching = False
+        self._local = False
 
     def reconfigure(self, routing: dict) -> None:
         """Apply a placement: homes, the plan executors (handles by deployment name) and local-first expert calls."""
         from expertmesh.deployments.config import APP_NAME, executor_name
 
         self.homes = dict(routing.get("homes") or {})
-        local = bool(self.homes)  # a placement exists: replicas beside the caller are preferred
-        self.experts = {k: h.options(_prefer_local_routing=True) if local else h for k, h in self._handles.items()}
+        if self.homes and not self._local:  # a placement exists: replicas beside the caller are preferred. A handle
+            # takes this once (it initialises the handle), so later placements keep it
+            self.experts = {k: h.options(_prefer_local_routing=True) for k, h in self._handles.items()}
+            self._local = True
         self.executors = {node: serve.get_deployment_handle(executor_name(node), app_name=APP_NAME,
                                                             _check_exists=False)  # may still be deploying
                           for node in routing.get("executor_nodes") or []}
