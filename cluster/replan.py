@@ -5,8 +5,8 @@ with what the current plan was made for, and returns a decision plus the next st
 total-variation distance between the usage the plan assumed and the usage observed; it must exceed
 `drift_threshold` for `drift_hold_s` (and `min_interval_s` must have passed since the last plan) to
 trigger, and it only clears again below `drift_threshold * clear_ratio`, so a mix hovering at the
-threshold does not make the placement flap. The glue that polls the cluster and applies new plans is
-not built yet.
+threshold does not make the placement flap. The glue that polls the cluster, observes usage and applies
+new plans is `cluster.controller`.
 """
 
 from __future__ import annotations
