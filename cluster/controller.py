@@ -43,17 +43,16 @@ class PlacementController(threading.Thread):
         self.metrics = instruments()
         self.replans: list[tuple[str, float]] = []  # (reason, seconds to plan and apply)
 
-    def _alive(self) -> frozenset[str]:
-        return frozenset(n["name"] for n in describe(self.address)["nodes"] if n["alive"])
-
     def _publish(self) -> None:
         for expert, nodes in self.placement.items():
             for node in nodes:
                 self.metrics.set("expertmesh_placement_planned_replicas", 1, expert=expert, node=node)
 
-    def replan_now(self, reason: str, observed: tuple[dict[str, float], int] | None = None) -> Plan:
+    def replan_now(self, reason: str, observed: tuple[dict[str, float], int] | None = None,
+                   cluster: dict | None = None) -> Plan:
+        """Plan on the live inventory (`cluster`: a `describe()` already read this poll) and apply it."""
         t0 = time.perf_counter()
-        nodes = inventory(describe(self.address))
+        nodes = inventory(cluster if cluster is not None else describe(self.address))
         if observed is not None and "drift" in reason:
             self.usage = observed_profile(self.usage, *observed)
         problem = placement_problem(self.spec, self.profiles, self.usage, nodes, self.requests_per_s,
@@ -81,13 +80,15 @@ class PlacementController(threading.Thread):
         while not self.stop_event.wait(self.poll_s):
             try:
                 observed = self.watch.poll() if self.watch is not None else None
-                snap = ClusterSnapshot(time.monotonic(), self._alive(), observed[0] if observed else {})
+                cluster = describe(self.address)
+                alive = frozenset(n["name"] for n in cluster["nodes"] if n["alive"])
+                snap = ClusterSnapshot(time.monotonic(), alive, observed[0] if observed else {})
                 before = self.state
                 decision, self.state = decide(self.config, self.state, snap)
                 if decision.replan:
                     self.log(f"re-planning: {decision.reason}")
                     try:
-                        self.replan_now(decision.reason, observed)
+                        self.replan_now(decision.reason, observed, cluster)
                     except Exception:
                         self.state = before  # not applied: the next poll decides (and tries) again
                         raise

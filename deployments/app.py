@@ -55,11 +55,10 @@ def build_app(args: dict | AppArgs) -> Application:
     experts = {e.name: versioned(ExpertDeployment, opts[e.name], a.spec, e.name, a.zoo).bind(a.spec, e.name, a.zoo)
                for e in spec.experts}
     timeout_s = a.settings.expert_timeout_s
-    nodes = sorted({n for ns in (a.placement or {}).values() for n in ns})
     # the placement reaches the routers as user_config; their constructor arguments (and so their versions) do not
     # change with it, so a re-plan reconfigures them in place. The executors are bound only to be part of the app.
     executors = {node: versioned(RouterDeployment, opts[executor_name(node)], a.spec, experts, timeout_s).bind(
-        a.spec, experts, timeout_s) for node in nodes}
+        a.spec, experts, timeout_s) for node in opts[ROUTER_DEPLOYMENT]["user_config"]["executor_nodes"]}
     router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], a.spec, experts, timeout_s).bind(
         a.spec, experts, timeout_s, executors)
     return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], a.spec, a.tokens_file, router).bind(

@@ -167,7 +167,8 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         name = executor_name(node)  # one plan executor per planned node, pinned there
         opts[name] = pin_to_nodes({"name": name, "num_replicas": 1, "max_ongoing_requests": 4 * settings.max_ongoing_requests,
                                    "max_queued_requests": settings.max_queued_requests,
-                                   "ray_actor_options": {"num_cpus": 0.1}, "user_config": routing}, [node])
+                                   "ray_actor_options": {"num_cpus": 0.1},
+                                   "user_config": {**routing, "executor_nodes": []}}, [node])  # it hands nothing off
     s = settings
     front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if placement and s.front_on_head else {})}
     for name, replicas, ongoing, queued in (

@@ -83,7 +83,7 @@ class IngressDeployment:
         self.tokens.authorize(authorization, factory_id)
         request_id = request_id or uuid.uuid4().hex
         array = np.asarray(decode_image(image, self.spec.image, field="image"))
-        # a router replica lost mid-request (its node went away, or a redeploy replaced it) is retried once
+        # a router replica lost mid-request (its node went away) is retried with backoff within the deadline
         return request_id, await bounded_call(lambda: self.router.inspect.remote(array, meta), ROUTER_CALL_TIMEOUT_S,
                                               "the router", timeout_fix="retry later", full_fix="retry later with backoff",
                                               failure_fix="retry; report the request id if it persists",

@@ -85,6 +85,8 @@ class RouterDeployment:
         self.executors: dict[str, DeploymentHandle] = {}
         self.experts = dict(experts)
         self.expert_timeout_s = expert_timeout_s
+        # the executor bounds each expert call; a hand-off is bounded by the longest chain of calls
+        self.plan_timeout_s = expert_timeout_s * (1 + longest_chain(self.spec))
         self.metrics = instruments()
         self._in_flight = {name: 0 for name in experts}
         threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True).start()
@@ -164,11 +166,9 @@ class RouterDeployment:
         self._record_route(r, time.perf_counter() - t0)
         node = execution_node(r.calls, self.homes, self._alive) if self.executors else None
         if node in self.executors:  # hand the plan to the node that holds its experts
-            # the executor bounds each expert call; this bounds the hand-off itself (the longest chain of calls)
-            plan_timeout_s = self.expert_timeout_s * (1 + longest_chain(self.spec))
             executor = self.executors[node]
             try:
-                results = await bounded(lambda: executor.run_plan.remote(image, list(r.calls)), plan_timeout_s,
+                results = await bounded(lambda: executor.run_plan.remote(image, list(r.calls)), self.plan_timeout_s,
                                         f"the plan executor on {node}", retries_on_loss=0,
                                         timeout_fix="retry later; if it persists, check that node",
                                         full_fix="retry later", failure_fix="retry; if it persists, check that node")

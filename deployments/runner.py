@@ -11,6 +11,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, deployment_options
@@ -83,7 +84,8 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
                                  field="expert_num_cpus", fix="add nodes, or lower expert_num_cpus / min_replicas")
     s = args.settings
     # every node of a loopback cluster shares 127.0.0.1: only one proxy can hold the ports, so run it on the head
-    serve.start(proxy_location="HeadOnly" if not address or is_loopback(address) else "EveryNode", http_options={"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
+    serve.start(proxy_location="HeadOnly" if not address or is_loopback(address) else "EveryNode",
+                http_options={"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
                 grpc_options=gRPCOptions(port=s.grpc_port, grpc_servicer_functions=[GRPC_SERVICER], enable_reflection=True,
                                          request_timeout_s=s.request_timeout_s))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
@@ -94,8 +96,6 @@ def redeploy(args: AppArgs, timeout_s: float = 300.0, poll_s: float = 0.5) -> No
 
     Submits without blocking, then waits for RUNNING itself: during a node loss a replica that dies mid-update
     makes Serve report DEPLOY_FAILED for a moment while it replaces it, which `serve.run` would take as final."""
-    import time
-
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 

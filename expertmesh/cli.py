@@ -96,7 +96,8 @@ def _app_args(args, spec_path: str | None, zoo_root: Path, tokens_file: str):
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else ""
-        option = "--" + name.removeprefix("expert_").replace("_", "-") if name else "serve options"
+        flags = {"expert_device_idle_s": "--device-idle-s", "expert_host_idle_s": "--host-idle-s"}
+        option = flags.get(name, "--" + name.replace("_", "-")) if name else "serve options"
         message, _, fix = err["msg"].removeprefix("Value error, ").partition("; fix: ")
         raise InvalidArgument(message, field=option, fix=fix or "see `expertmesh serve --help` for the allowed values") from None
     profile = None

@@ -107,3 +107,10 @@ def test_a_plan_pins_replicas_to_nodes_in_a_valid_config(default_spec, tmp_path)
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
     plan.write_text("{}")
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
+
+
+@pytest.mark.parametrize("flags, named", [(["--expert-num-gpus", "-1"], "--expert-num-gpus"),
+                                          (["--device-idle-s", "-1"], "--device-idle-s")])
+def test_a_bad_serve_option_names_its_flag(tmp_path, capsys, flags, named):
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(tmp_path / "s.yaml"), *flags]) == 2
+    assert f"error: {named}:" in capsys.readouterr().err
