@@ -126,7 +126,7 @@ def executor_name(node: str) -> str:
 
 def pin_to_nodes(options: dict[str, Any], nodes: list[str], all_nodes: list[str] | None = None) -> dict[str, Any]:
     """Pin a deployment's replicas to these nodes by their `expertmesh.io/node` label. One node is a plain selector.
-    Several get at least one replica each (Serve spreads replicas over the nodes it may use) and a selector that
+    Several get at least one replica each (at most their share per node, so Serve spreads them) and a selector that
     excludes the other planned nodes (`!in(...)`), or none when they are all of them: losing one of its nodes then
     leaves the selector unchanged, so the surviving replicas keep running instead of restarting."""
     from expertmesh.cluster.local import NODE_LABEL
@@ -144,6 +144,7 @@ def pin_to_nodes(options: dict[str, Any], nodes: list[str], all_nodes: list[str]
         a["max_replicas"] = max(a["max_replicas"], len(nodes))
         a["initial_replicas"] = max(a.get("initial_replicas") or 0, len(nodes))
         out["autoscaling_config"] = a
+        out["max_replicas_per_node"] = -(-a["max_replicas"] // len(nodes))  # spread: Serve alone may double up
     return out
 
 
@@ -177,8 +178,8 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": ongoing,
                       "max_queued_requests": queued, "ray_actor_options": dict(front)}
     opts[ROUTER_DEPLOYMENT]["user_config"] = routing
-    for o in opts.values():
-        o["max_surge_percent"] = s.max_surge_percent
+    for o in opts.values():  # a surge replica of a deployment capped per node may have no node to go to
+        o["max_surge_percent"] = 0 if "max_replicas_per_node" in o else s.max_surge_percent
     return opts
 
 

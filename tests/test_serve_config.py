@@ -101,7 +101,8 @@ def test_a_plan_pins_replicas_to_nodes_in_a_valid_config(default_spec, tmp_path)
     assert solder["autoscaling_config"]["min_replicas"] == 3
     assert by_name["polarity"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "!in(node-2,node-3)"}
     assert "label_selector" not in by_name["sot23_defect"]["ray_actor_options"]  # not in the plan: anywhere
-    assert all(d["max_surge_percent"] == 100 for d in by_name.values())  # replacements start before old ones stop
+    assert solder["max_replicas_per_node"] == 1 and solder["max_surge_percent"] == 0  # one per node, no surge
+    assert by_name["chip_defect"]["max_surge_percent"] == 100  # replacements start before old ones stop
     assert doc["applications"][0]["args"]["placement"]["chip_defect"] == ["node-1"]
     plan.write_text(json.dumps({"replicas": {"ghost": ["node-0"]}}))
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
