@@ -193,104 +193,144 @@ def _dupes(items: list[str]) -> list[str]:
     return sorted({x for x in items if items.count(x) > 1})
 
 
-def check_spec(spec: CoESpec, zoo_root: Path | None = None) -> list[SpecProblem]:
-    """Every problem that spans fields. `zoo_root` given: also check that each checkpoint is on disk."""
-    problems: list[SpecProblem] = []
-    add = lambda field, msg, fix: problems.append(SpecProblem(field, msg, fix))  # noqa: E731
-    names = [e.name for e in spec.experts]
-    known = set(names)
-    listing = ", ".join(sorted(known))
+class _Findings:
+    """The problems found so far, in the order found, and the rule every reference to an expert obeys."""
 
-    for name in _dupes(names):
-        add(f"experts[{names.index(name)}].name", f"duplicate expert name {name!r}", "give every expert a unique name")
-    cat_names = [c.name for c in spec.categories]
-    for name in _dupes(cat_names):
-        add(f"categories[{cat_names.index(name)}].name", f"duplicate category {name!r}", "list each category once")
-    rule_names = [r.name for r in spec.gating_rules]
-    for name in _dupes(rule_names):
-        add(f"gating_rules[{rule_names.index(name)}].name", f"duplicate rule name {name!r}", "give every rule a unique name")
+    def __init__(self, spec: CoESpec) -> None:
+        self.problems: list[SpecProblem] = []
+        self.known = {e.name for e in spec.experts}
+        self.listing = ", ".join(sorted(self.known))
+        self.router = spec.router_expert if spec.router.expert in self.known else None
 
-    router = None
-    if spec.router.expert not in known:
-        add("router.expert", f"unknown expert {spec.router.expert!r}", f"name an expert with task 'route' (defined: {listing})")
-    else:
-        router = spec.router_expert
-        if router.task != "route":
-            add("router.expert", f"expert {router.name!r} has task {router.task!r}", "the router expert needs task: route")
-        if sorted(router.labels) != sorted(set(cat_names)):
-            add("router.expert", f"router labels {sorted(router.labels)} differ from the categories {sorted(set(cat_names))}",
-                "make the router expert's labels exactly the category names")
-    for i, e in enumerate(spec.experts):
-        if e.task == "route" and e.name != spec.router.expert:
-            add(f"experts[{i}].task", f"expert {e.name!r} has task 'route' but is not router.expert",
-                "use task: classify, or make it router.expert")
-    if spec.router.fallback_expert is not None and spec.router.fallback_expert not in known:
-        add("router.fallback_expert", f"unknown expert {spec.router.fallback_expert!r}", f"use one of: {listing}, or remove it")
+    def add(self, field: str, message: str, fix: str) -> None:
+        self.problems.append(SpecProblem(field, message, fix))
 
-    def check_ref(field: str, name: str) -> bool:
-        if name not in known:
-            add(field, f"unknown expert {name!r}", f"define it under experts: or use one of: {listing}")
+    def expert_ref(self, field: str, name: str) -> bool:
+        """True when `name` is a defined expert other than the router (else a problem is added)."""
+        if name not in self.known:
+            self.add(field, f"unknown expert {name!r}", f"define it under experts: or use one of: {self.listing}")
             return False
-        if router is not None and name == router.name:
-            add(field, f"{name!r} is the router", "route to classify experts, not to the router itself")
+        if self.router is not None and name == self.router.name:
+            self.add(field, f"{name!r} is the router", "route to classify experts, not to the router itself")
             return False
         return True
 
+
+def check_spec(spec: CoESpec, zoo_root: Path | None = None) -> list[SpecProblem]:
+    """Every problem that spans fields. `zoo_root` given: also check that each checkpoint is on disk."""
+    found = _Findings(spec)
+    _check_unique_names(spec, found)
+    _check_router(spec, found)
+    _check_categories(spec, found)
+    graph = _check_dependencies(spec, found)
+    _check_gating_rules(spec, found)
+    _check_reachable(spec, graph, found)
+    if zoo_root is not None:
+        _check_checkpoints(spec, zoo_root, found)
+    return found.problems
+
+
+def _check_unique_names(spec: CoESpec, found: _Findings) -> None:
+    for what, items, noun, fix in (
+            ("experts", [e.name for e in spec.experts], "expert name", "give every expert a unique name"),
+            ("categories", [c.name for c in spec.categories], "category", "list each category once"),
+            ("gating_rules", [r.name for r in spec.gating_rules], "rule name", "give every rule a unique name")):
+        for name in _dupes(items):
+            found.add(f"{what}[{items.index(name)}].name", f"duplicate {noun} {name!r}", fix)
+
+
+def _check_router(spec: CoESpec, found: _Findings) -> None:
+    """router.expert names an expert with task 'route' whose labels are the categories; no other expert routes."""
+    router = found.router
+    if router is None:
+        found.add("router.expert", f"unknown expert {spec.router.expert!r}",
+                  f"name an expert with task 'route' (defined: {found.listing})")
+    else:
+        if router.task != "route":
+            found.add("router.expert", f"expert {router.name!r} has task {router.task!r}",
+                      "the router expert needs task: route")
+        categories = sorted({c.name for c in spec.categories})
+        if sorted(router.labels) != categories:
+            found.add("router.expert", f"router labels {sorted(router.labels)} differ from the categories {categories}",
+                      "make the router expert's labels exactly the category names")
+    for i, e in enumerate(spec.experts):
+        if e.task == "route" and e.name != spec.router.expert:
+            found.add(f"experts[{i}].task", f"expert {e.name!r} has task 'route' but is not router.expert",
+                      "use task: classify, or make it router.expert")
+    fallback = spec.router.fallback_expert
+    if fallback is not None and fallback not in found.known:
+        found.add("router.fallback_expert", f"unknown expert {fallback!r}", f"use one of: {found.listing}, or remove it")
+
+
+def _check_categories(spec: CoESpec, found: _Findings) -> None:
     for i, c in enumerate(spec.categories):
         for j, name in enumerate(c.experts):
-            check_ref(f"categories[{i}].experts[{j}]", name)
+            found.expert_ref(f"categories[{i}].experts[{j}]", name)
     total = sum(c.probability for c in spec.categories)
     if not math.isclose(total, 1.0, abs_tol=1e-6):
-        add("categories[*].probability", f"category probabilities sum to {total:.6g}, not 1",
-            "rescale the probabilities so they sum to 1")
+        found.add("categories[*].probability", f"category probabilities sum to {total:.6g}, not 1",
+                  "rescale the probabilities so they sum to 1")
 
+
+def _check_dependencies(spec: CoESpec, found: _Findings) -> nx.DiGraph:
+    """Each edge's ends and trigger labels, then the graph of the valid edges must be a DAG; returns that graph."""
     graph = nx.DiGraph()
     for i, d in enumerate(spec.dependencies):
-        ok = check_ref(f"dependencies[{i}].upstream", d.upstream) & check_ref(f"dependencies[{i}].downstream", d.downstream)
+        ok = (found.expert_ref(f"dependencies[{i}].upstream", d.upstream)
+              & found.expert_ref(f"dependencies[{i}].downstream", d.downstream))  # both ends reported
         if not ok:
             continue
         up = spec.expert(d.upstream)
         bad = [x for x in d.on_labels if x not in up.labels]
         if bad:
-            add(f"dependencies[{i}].on_labels", f"labels {bad} are not outputs of {up.name!r}", f"use labels of {up.name!r}: {up.labels}")
+            found.add(f"dependencies[{i}].on_labels", f"labels {bad} are not outputs of {up.name!r}",
+                      f"use labels of {up.name!r}: {up.labels}")
         if d.upstream == d.downstream:
-            add(f"dependencies[{i}]", f"expert {d.upstream!r} depends on itself", "remove the edge")
+            found.add(f"dependencies[{i}]", f"expert {d.upstream!r} depends on itself", "remove the edge")
         graph.add_edge(d.upstream, d.downstream, index=i)
     try:
         cycle = nx.find_cycle(graph)
-        if len(cycle) > 1:
-            path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
-            add(f"dependencies[{graph.edges[cycle[-1]]['index']}]", f"dependency cycle {path}",
-                "remove one edge of the cycle: dependencies must form a DAG")
     except nx.NetworkXNoCycle:
-        pass
+        return graph
+    if len(cycle) > 1:
+        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+        found.add(f"dependencies[{graph.edges[cycle[-1]]['index']}]", f"dependency cycle {path}",
+                  "remove one edge of the cycle: dependencies must form a DAG")
+    return graph
 
+
+def _check_gating_rules(spec: CoESpec, found: _Findings) -> None:
+    cat_names = [c.name for c in spec.categories]
     for i, r in enumerate(spec.gating_rules):
         if r.force_category is not None and r.force_category not in cat_names:
-            add(f"gating_rules[{i}].force_category", f"unknown category {r.force_category!r}", f"use one of: {', '.join(cat_names)}")
+            found.add(f"gating_rules[{i}].force_category", f"unknown category {r.force_category!r}",
+                      f"use one of: {', '.join(cat_names)}")
         for j, name in enumerate(r.add_experts):
-            check_ref(f"gating_rules[{i}].add_experts[{j}]", name)
+            found.expert_ref(f"gating_rules[{i}].add_experts[{j}]", name)
 
+
+def _check_reachable(spec: CoESpec, graph: nx.DiGraph, found: _Findings) -> None:
+    """Every classify expert is reached by a category, a rule, the fallback, or a dependency from one of them."""
     reached = {n for c in spec.categories for n in c.experts} | {n for r in spec.gating_rules for n in r.add_experts}
     if spec.router.fallback_expert:
         reached.add(spec.router.fallback_expert)
-    reached = reached & known
+    reached = reached & found.known
     for n in list(reached):
         if n in graph:
             reached |= nx.descendants(graph, n)
     for i, e in enumerate(spec.experts):
         if e.task == "classify" and e.name not in reached:
-            add(f"experts[{i}]", f"expert {e.name!r} is reached by no category, rule, dependency or fallback",
-                "add it to a category's experts, a dependency's downstream, or remove it")
+            found.add(f"experts[{i}]", f"expert {e.name!r} is reached by no category, rule, dependency or fallback",
+                      "add it to a category's experts, a dependency's downstream, or remove it")
 
-    if zoo_root is not None:
-        for i, e in enumerate(spec.experts):
-            ckpt = resolve_checkpoint(e, zoo_root)
-            missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
-            if missing:
-                add(f"experts[{i}].checkpoint", f"checkpoint {str(ckpt)!r} lacks {missing}",
-                    "build it with `expertmesh zoo build`, or point checkpoint/--zoo at the directory that holds it")
-    return problems
+
+def _check_checkpoints(spec: CoESpec, zoo_root: Path, found: _Findings) -> None:
+    for i, e in enumerate(spec.experts):
+        ckpt = resolve_checkpoint(e, zoo_root)
+        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+        if missing:
+            found.add(f"experts[{i}].checkpoint", f"checkpoint {str(ckpt)!r} lacks {missing}",
+                      "build it with `expertmesh zoo build`, or point checkpoint/--zoo at the directory that holds it")
 
 
 def resolve_checkpoint(expert: ExpertSpec, zoo_root: Path) -> Path:
