@@ -91,3 +91,13 @@ test-unit: setup
 
 clean:
 	rm -rf $(VENV) .expertmesh .pytest_cache build *.egg-info expertmesh/v1/inspection_pb2*
+
+## Every figure the README quotes, measured again: each group's command writes docs/figures/<group>.json (with the
+## commit and date it measured), then the README's figure blocks are rendered from those files
+## (tests/test_readme_figures.py fails when they disagree). FIGURES picks groups: accuracy profile plan (minutes, no
+## Ray), router_overhead make_run node_loss (start Ray and serve), ci (a clean clone's `bash .ci/run`, ~15 min).
+## `.venv/bin/python bench/figures.py render` only re-renders the README from the committed files.
+FIGURES ?= all
+.PHONY: figures
+figures: zoo
+	$(BIN)/python bench/figures.py refresh $(FIGURES)

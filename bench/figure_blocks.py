@@ -1,0 +1,304 @@
+"""The README's figure blocks, rendered from the results files under docs/figures/ (pure: no ExpertMesh imports).
+
+A block is README text between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`; NAME is `<group>` or
+`<group>.<part>`, and the group names the results file `docs/figures/<group>.json` it is rendered from. A block whose
+markers sit on lines of their own is a passage (its text starts and ends with a newline); one inside a line is a
+phrase. `render_readme` rewrites every block from the files; `stale_blocks` lists the blocks that disagree with them
+(what tests/test_readme_figures.py and `python bench/figures.py check` fail on).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+FIGURES_DIR = Path("docs/figures")
+BLOCK_RE = re.compile(r"<!-- figures:(?P<name>[a-z_.]+) -->(?P<body>.*?)<!-- /figures:(?P=name) -->", re.S)
+
+
+def num(x: float, digits: int) -> str:
+    """x rounded half up to `digits` decimals (the way a reader rounds 0.75 -> 0.8, whatever the float's last bit)."""
+    q = Decimal(1).scaleb(-digits)
+    return str(Decimal(repr(round(float(x), 9))).quantize(q, rounding=ROUND_HALF_UP))
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """Prose wrapped the way the README is (118 columns), never inside a word or at a hyphen."""
+    return textwrap.fill(" ".join(text.split()), width=118, initial_indent=indent, subsequent_indent=" " * len(indent),
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def span(lo: float, hi: float, digits: int = 0) -> str:
+    return num(lo, digits) if num(lo, digits) == num(hi, digits) else f"{num(lo, digits)}-{num(hi, digits)}"
+
+
+def and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def source_note(group: str, results: dict) -> str:
+    """How a file's figures were made: the command and commit, or where they were transcribed from."""
+    r = results[group]
+    made = f"`{r['command']}` at {r['commit'][:7]}, {r['date'][:10]}"
+    if r["provenance"] == "transcribed":
+        made = f"transcribed from the README at {r['commit'][:7]}, {r['date'][:10]}, measured then by `{r['command']}`"
+    return f"[`{FIGURES_DIR}/{group}.json`]({FIGURES_DIR}/{group}.json): {made}; `make figures` refreshes it"
+
+
+# ---------------------------------------------------------------------------------------------------- make run
+def make_run_station(results: dict) -> str:
+    d = results["make_run"]["data"]
+    s, run = d["station"], d["settings"]
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_code"].items())) or "no errors"
+    return "\n" + wrap(f"- `make run`'s station ({num(run['station_seconds'], 0)} s, {num(run['station_rate'], 0)} requests/s, "
+                f"{num(100 * run['board_fraction'], 0)}% boards of {run['board_size']}): {s['num_sent']} requests, "
+                f"{s['num_components']} components ({num(s['throughput_per_s'], 1)}/s), p50 {num(s['p50_ms'], 1)} ms, "
+                f"p99 {num(s['p99_ms'], 1)} ms, verdict accuracy {num(s['verdict_accuracy'], 3)}, {errors}; the app was "
+                f"ready {num(d['ready_s'], 1)} s after `expertmesh serve` started ({source_note('make_run', results)}).",
+                indent="  ")[2:] + "\n"
+
+
+def make_run_hit_rates(results: dict) -> str:
+    d = results["make_run"]["data"]
+    run, hits = d["settings"], d["station"]["experts_hit"]
+    by_value: dict[str, list[str]] = {}
+    for expert, rate in sorted(d["hit_rates"].items(), key=lambda kv: (-kv[1], kv[0])):
+        by_value.setdefault(num(rate, 3), []).append(expert)
+    parts = []
+    for value, experts in by_value.items():
+        if float(value) == 0:
+            parts += [f"{e} {value} ({hits.get(e, 0)} call{'s' * (hits.get(e, 0) != 1)}, "
+                      f"{'which' if hits.get(e, 0) == 1 else 'all of which'} waited for a load)" for e in experts]
+        else:
+            parts.append(f"{and_list(experts)} {value}")
+    return "\n" + wrap(
+        f"After `make run`'s {num(run['station_seconds'], 0)} s station (residency {num(run['device_idle_s'], 0)} s / "
+        f"{num(run['host_idle_s'], 0)} s), Prometheus showed these hit rates: {'; '.join(parts)}. Rare experts pay a "
+        f"load on almost every call; at {num(d['station']['throughput_per_s'], 0)} components/s the common ones stay "
+        f"resident ({source_note('make_run', results)}).") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- accuracy
+def accuracy_table(report: dict) -> str:
+    lines = [f"{'expert':<24}{'accuracy':>10}{'images':>9}{'params':>11}", "-" * 54]
+    lines += [f"{e['expert']:<24}{e['accuracy']:>10.4f}{e['num_images']:>9}{e['num_parameters']:>11,}"
+              for e in report["experts"]]
+    lines += ["", f"router accuracy (component type): {report['router_accuracy']:.4f}", "",
+              f"{'system':<14}{'verdict acc':>12}{'defect acc':>12}{'uncertain':>10}{'active params':>15}{'total params':>14}",
+              "-" * 77]
+    rows = [("CoE", report["coe"])] + ([("monolithic", report["monolithic"])] if report.get("monolithic") else [])
+    lines += [f"{name:<14}{s['verdict_accuracy']:>12.4f}{s['defect_accuracy']:>12.4f}{s['num_uncertain']:>10}"
+              f"{s['active_parameters_per_image']:>15,.0f}{s['total_parameters']:>14,}" for name, s in rows]
+    lines.append(f"\nCoE calls {report['coe']['mean_experts_per_image']:.2f} models per image (router included).")
+    return "\n".join(lines)
+
+
+WEAK_EXPERT_WHY = {"qfp_defect": "starved joints on fine-pitch leads are a few pixels",
+                   "general_defect": "one small model for every part, reached by only ~1% of requests"}
+
+
+def accuracy(results: dict) -> str:
+    report = results["accuracy"]["data"]
+    coe, mono = report["coe"], report.get("monolithic")
+    intro = wrap(f"Measured on this machine (2 cores, no GPU) by `expertmesh zoo report`, as `make run` runs it "
+                 f"({source_note('accuracy', results)}):")
+    prose = ""
+    if mono:
+        points = round(coe["verdict_accuracy"], 4) * 100 - round(mono["verdict_accuracy"], 4) * 100
+        prose = (f"The CoE is {'ahead of' if points >= 0 else 'behind'} the monolithic baseline by {num(abs(points), 1)} "
+                 f"points of verdict accuracy with a similar active parameter count per request "
+                 f"({coe['mean_experts_per_image']:.2f} small models), and "
+                 f"{num(coe['total_parameters'] / mono['total_parameters'], 1)} times the total parameters. ")
+    order = [e["expert"] for e in report["experts"]]
+    weakest = sorted(sorted(report["experts"], key=lambda e: e["accuracy"])[:2], key=lambda e: order.index(e["expert"]))
+    named = [f"`{e['expert']}` ({num(e['accuracy'], 2)}" + (f": {WEAK_EXPERT_WHY[e['expert']]})" if e["expert"] in
+             WEAK_EXPERT_WHY else ")") for e in weakest]
+    prose += f"The weakest parts are {and_list(named)}."
+    return f"\n{intro}\n\n```\n{accuracy_table(report)}\n```\n\n{wrap(prose)}\n"
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+def profile_intro(results: dict) -> str:
+    d = results["profile"]["data"]
+    return "\n" + wrap(
+        f"The default CoE, profiled on this machine ({d['cpu']}, no GPU; `make profile`, i.e. "
+        f"`expertmesh profile`, took {num(d['took_s'], 1)} s in all: {num(d['experts_s'], 1)} s for the "
+        f"{len(d['rows'])} experts, the rest the {d['usage']['num_requests']:,}-image usage sample; "
+        f"{source_note('profile', results)}):") + "\n"
+
+
+def profile_table(results: dict) -> str:
+    return "\n```\n" + results["profile"]["data"]["table_text"] + "\n```\n"
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def profile_findings(results: dict) -> str:
+    d = results["profile"]["data"]
+    rows = d["rows"]
+    ks, bs = [r["k_ms_per_img"] for r in rows], [r["b_ms"] for r in rows]
+    share = _median([r["ms_per_img_at_n"] / (r["k_ms_per_img"] + r["b_ms"]) for r in rows])
+    best = [r["best_n"] for r in rows]
+    usage, spec_usage = d["usage"]["usage"], d["spec_usage"]
+    first, second = sorted((e for e in usage if e in spec_usage), key=lambda e: -abs(usage[e] - spec_usage[e]))[:2]
+    return "\n" + wrap(
+        f"On the CPU these small models have a fixed cost per batch B of about {num(_median(bs), 1)} ms against "
+        f"about {span(min(ks), max(ks), 1)} ms per image, so batching cuts the per-image time to about "
+        f"{num(100 * share, 0)}% of a lone image's (K + B; the median over the experts) and stops paying at "
+        f"{span(min(best), max(best))} images; loading an expert from disk takes about "
+        f"{num(_median([r['disk_host_ms'] for r in rows]), 0)} ms, moving it onto the (CPU) device at most "
+        f"{num(max(r['host_dev_ms'] for r in rows), 2)} ms. The sample's usage differs from the spec's expected mix "
+        f"where the spec guessed trigger rates: `{first}` is reached by {num(100 * usage[first], 1)}% of requests (the "
+        f"spec assumed {num(100 * spec_usage[first], 1)}%), `{second}` by {num(100 * usage[second], 1)}% "
+        f"({num(100 * spec_usage[second], 1)}%).") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def plan(results: dict) -> str:
+    return f"\n```\n{results['plan']['data']['printout']}\n```\n"
+
+
+def plan_tight(results: dict) -> str:
+    d = results["plan"]["data"]
+    exact, heur = d["tight"]["exact"], d["tight"]["heuristic"]
+    return "\n" + wrap(
+        f"With {num(d['tight']['node_memory_gb'] * 1024, 1)} MiB per node the memory no longer allows `solder_fine` "
+        f"beside every upstream: {exact['cut']} of {exact['total']} dependent calls/s are cut ({exact['internal_pct']}% "
+        f"stay inside a node; the heuristic finds {heur['cut']}, {heur['internal_pct']}%). Both plans: "
+        f"{source_note('plan', results)}.") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- router overhead
+def router_overhead(results: dict) -> str:
+    st = results["router_overhead"]["data"]["stats"]
+    rows = [("chip_defect deployment called directly", st["expert"]),
+            ("Router.inspect (classifier + plan + chip_defect)", st["router"]),
+            ("gRPC Inspect through Serve's proxy and the ingress", st["grpc"])]
+    table = "\n".join(f"  | {name} | {num(s['p50_ms'], 2)} | {num(s['p99_ms'], 2)} |" for name, s in rows)
+    intro = wrap(f"- Router overhead (the three paths interleaved request by request in one run, {st['expert']['n']} "
+                 f"requests each; {source_note('router_overhead', results)}):",
+                 indent="  ")[2:]
+    after = wrap(f"The router path adds {num(st['router']['p50_ms'] - st['expert']['p50_ms'], 1)} ms at p50 over the "
+                 f"expert alone, most of it the second model call (the classifier); the gRPC proxy, auth and image "
+                 f"decoding add {num(st['grpc']['p50_ms'] - st['router']['p50_ms'], 1)} ms more. p99 moves between runs "
+                 f"on this shared machine; quote the p50s.", indent="  ")
+    return f"\n{intro}\n\n  | path | p50 ms | p99 ms |\n  |---|---|---|\n{table}\n\n{after}\n"
+
+
+# ---------------------------------------------------------------------------------------------------- node loss
+def node_loss_range(results: dict) -> str:
+    runs = results["node_loss"]["data"]["runs"]
+    return f"{span(runs['min_s'], runs['max_s'])} s"
+
+
+def node_loss_colocation(results: dict) -> str:
+    c = results["node_loss"]["data"]["colocation_test"]
+    return f"{c['one_node']} of {c['requests']}"
+
+
+def node_loss(results: dict) -> str:
+    d = results["node_loss"]["data"]
+    runs, st, before = d["runs"], d["station"], d["colocation_before_loss"]
+    earlier = "".join(f"; {num(e['s'], 1)} s {e['when']}" for e in d.get("earlier", []))
+    errors = and_list([f"{v} explicit {k}" for k, v in sorted(st["errors_by_code"].items())]) if st["errors_by_code"] else ""
+    ended = (f"{st['num_ok']} answered, {errors} - requests that needed one of the moved experts and waited past the "
+             f"station's {num(st['timeout_s'], 0)} s deadline for their replacements" if errors else
+             f"{st['num_ok']} answered")
+    return "\n" + wrap(
+        f"Measured on this 2-core machine (`tests/test_local_cluster.py::test_a_plan_puts_replicas_on_the_planned_nodes`, "
+        f"or by hand: `expertmesh up --nodes 3 --node-memory-gb 0.06`, `expertmesh plan --json plan.json`, `expertmesh "
+        f"serve --address local --plan plan.json --replan`, a station at {num(st['rate'], 0)} requests/s, then "
+        f"`expertmesh node remove {d['victim']}`): the loss is seen within {num(d['seen_within_s'], 1)} s and planned in "
+        f"{span(d['plan_s'][0], d['plan_s'][1], 1)} s; the new placement moves {d['victim']}'s {len(d['moved'])} "
+        f"experts ({', '.join(e.removesuffix('_defect') for e in d['moved'])}) to {d['moved_to']} and nothing else, "
+        f"cut {d['cut_after']} of {d['total_weight']} calls/s, and was running again {num(runs['latest_s'], 1)} s after "
+        f"the loss in the latest run"
+        + (f" ({span(runs['min_s'], runs['max_s'])} s over {runs['num_runs']} runs{earlier}). " if runs["num_runs"] > 1
+           else f" ({earlier[2:]}). " if earlier else ". ") +
+        f"The routers learn the placement through `user_config` and are reconfigured in place, never restarted. In that "
+        f"run the station's {st['num_sent']} requests all ended: {ended}. Before the loss, {before['one_node']} of "
+        f"{before['requests']} station requests ran all their expert calls on one node "
+        f"({source_note('node_loss', results)}).") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- CI
+def ci(results: dict) -> str:
+    d = results["ci"]["data"]
+
+    def minutes(x) -> str:
+        return f"about {span(x[0], x[1])}" if isinstance(x, list) else num(x, 1)
+    tests = d["pytest"]
+    counted = f"{tests['num_tests']} tests" + (f": {tests['summary']}" if tests.get("summary") else "")
+    return "\n" + wrap(
+        f"CI runs `bash .ci/run` (= `CI=true make test`) on a clean clone: 2 cores, no GPU. Measured on a clean clone "
+        f"of this machine (2 cores; {source_note('ci', results)}): {num(d['total_min'], 1)} minutes in all - install "
+        f"and Prometheus {minutes(d['install_min'])}, the default zoo without the baseline {minutes(d['zoo_min'])}, the "
+        f"tests {minutes(d['tests_min'])} ({counted}; the 3-node cluster test with its node loss and the serving tests "
+        f"on one shared Ray/Serve instance take most of it).") + "\n"
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "make_run.station": make_run_station, "make_run.hit_rates": make_run_hit_rates,
+    "accuracy": accuracy,
+    "profile.intro": profile_intro, "profile.table": profile_table, "profile.findings": profile_findings,
+    "plan": plan, "plan.tight": plan_tight,
+    "router_overhead": router_overhead,
+    "node_loss": node_loss, "node_loss.range": node_loss_range, "node_loss.colocation": node_loss_colocation,
+    "ci": ci,
+}
+GROUPS = sorted({name.split(".")[0] for name in RENDERERS})
+
+
+def load_results(root: Path) -> dict[str, dict]:
+    """Every group's results file under root/docs/figures, by group."""
+    return {g: json.loads((root / FIGURES_DIR / f"{g}.json").read_text()) for g in GROUPS
+            if (root / FIGURES_DIR / f"{g}.json").is_file()}
+
+
+def blocks(readme: str) -> dict[str, str]:
+    """The figure blocks of a README text: name -> text between the markers."""
+    found: dict[str, str] = {}
+    for m in BLOCK_RE.finditer(readme):
+        if m["name"] in found:
+            raise ValueError(f"README has two blocks named {m['name']!r}; give each its own name")
+        found[m["name"]] = m["body"]
+    return found
+
+
+def render_block(name: str, results: dict[str, dict]) -> str:
+    if name not in RENDERERS:
+        raise ValueError(f"README block {name!r} has no renderer; known: {', '.join(sorted(RENDERERS))}")
+    group = name.split(".")[0]
+    if group not in results:
+        raise ValueError(f"no {FIGURES_DIR}/{group}.json for README block {name!r}; run `make figures FIGURES={group}`")
+    return RENDERERS[name](results)
+
+
+def render_readme(readme: str, results: dict[str, dict]) -> str:
+    return BLOCK_RE.sub(lambda m: f"<!-- figures:{m['name']} -->{render_block(m['name'], results)}"
+                                  f"<!-- /figures:{m['name']} -->", readme)
+
+
+def group_markdown(group: str, results: dict[str, dict]) -> str:
+    """docs/figures/<group>.md: every block of the group, as the README quotes it."""
+    parts = [f"<!-- {name} -->\n{RENDERERS[name](results).strip(chr(10))}\n" for name in RENDERERS
+             if name.split(".")[0] == group]
+    return f"# Figures: {group}\n\nRendered from `{group}.json` by `python bench/figures.py render`; the README quotes " \
+           "these blocks.\n\n" + "\n".join(parts)
+
+
+def stale_blocks(readme: str, results: dict[str, dict]) -> list[str]:
+    """Blocks whose README text differs from their rendering, and renderers with no README block: as messages."""
+    found = blocks(readme)
+    problems = [f"README block {name!r} is not what {FIGURES_DIR}/{name.split('.')[0]}.json renders; run "
+                "`python bench/figures.py render`" for name, body in found.items() if body != render_block(name, results)]
+    problems += [f"README has no block {name!r} (<!-- figures:{name} -->...<!-- /figures:{name} -->)"
+                 for name in RENDERERS if name not in found]
+    return problems

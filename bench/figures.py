@@ -1,0 +1,227 @@
+"""Every figure the README quotes, made by a command and kept in docs/figures/<group>.json.
+
+  python bench/figures.py refresh [GROUP ...|all]   run each group's command, write its file, rewrite the README blocks
+  python bench/figures.py render                    rewrite the README's figure blocks (and docs/figures/*.md) from the files
+  python bench/figures.py check                     exit 1 when a README block disagrees with its file
+
+`make figures [FIGURES="accuracy plan"]` is `refresh`. A results file is {"figure", "commit" (HEAD when measured),
+"worktree_dirty", "date" (UTC), "command", "machine", "provenance" ("measured" or "transcribed"), "note", "data"}.
+Groups and what measures them (the last four start Ray, serve and take minutes):
+  accuracy         expertmesh zoo report                     (the accuracy table)
+  profile          expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
+  plan             expertmesh plan --explain                 (3 nodes of 0.06 GiB; 0.05 GiB exact and heuristic)
+  router_overhead  bench/router_overhead.py                  (expert vs router vs gRPC latency)
+  make_run         make run                                  (station figures, readiness, hit rates from Prometheus)
+  node_loss        pytest -s the 3-node node-loss test       (re-plan timings, the station under the loss)
+  ci               bash .ci/run on a clean clone             (CI time by phase, pytest's summary)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import figure_blocks as blocks
+import figure_parse as parse
+from expertmesh.station import run_station
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+EXPERTMESH = str(BIN / "expertmesh")
+PYTHON = str(BIN / "python")
+
+
+def home() -> Path:
+    return Path(os.environ.get("EXPERTMESH_HOME") or ROOT / ".expertmesh")
+
+
+def zoo() -> Path:
+    return home() / "zoo" / "pcb-aoi"
+
+
+def run(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, stamp_lines: bool = False) -> tuple[str, list[float]]:
+    """Run a command, echoing its output; return the output and (stamp_lines) each line's seconds since the start."""
+    print(f"$ {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, stamps = [], []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        lines.append(line)
+        stamps.append(time.monotonic() - t0)
+    if proc.wait() != 0:
+        raise SystemExit(f"figures: `{' '.join(cmd)}` exited {proc.returncode}; nothing written for this group")
+    return "".join(lines), stamps if stamp_lines else []
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").is_file() else platform.machine()
+    return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}"
+
+
+def write(group: str, command: str, data: dict, note: str = "") -> None:
+    record = {"figure": group, "commit": git("rev-parse", "HEAD"),
+              "worktree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+              "machine": machine(), "provenance": "measured", "note": note, "data": data}
+    path = ROOT / blocks.FIGURES_DIR / f"{group}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"figures: wrote {path.relative_to(ROOT)}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ one function per group
+def refresh_accuracy() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        run([EXPERTMESH, "zoo", "report", "--no-progress", "--json", str(out)])
+        write("accuracy", "expertmesh zoo report", json.loads(out.read_text()))
+
+
+def refresh_profile() -> None:
+    store_path = zoo() / "profile.json"
+    text, _ = run([EXPERTMESH, "profile", "--force", "--no-progress", "--out", str(store_path),
+                   "--plot", str(ROOT / "docs" / "profile-pcb-aoi.png")])
+    table, rows = parse.profile_table(text)
+    store = json.loads(store_path.read_text())
+    spec_text, _ = run([EXPERTMESH, "spec", "check", "--skip-checkpoints"])
+    spec_usage = {name: float(p) for name, p in (ln.split() for ln in spec_text.split("usage probability per request:")[1]
+                                                 .splitlines() if ln.strip())}
+    cpu = next(iter(store["entries"].values()))["device_name"] if store["entries"] else machine()
+    write("profile", "expertmesh profile --force", {
+        "cpu": cpu, **parse.profile_timings(text), "table_text": table, "rows": rows, "usage": store["usage"],
+        "spec_usage": spec_usage}, note="the plot docs/profile-pcb-aoi.png is written by the same run")
+
+
+def refresh_plan() -> None:
+    base = [EXPERTMESH, "plan", "--nodes", "3", "--rps", "20"]
+    with tempfile.TemporaryDirectory() as tmp:
+        text, _ = run(base + ["--node-memory-gb", "0.06", "--explain", "--json", str(Path(tmp) / "plan.json")])
+        plan_json = json.loads((Path(tmp) / "plan.json").read_text())
+    tight = {m: parse.plan_header(run(base + ["--node-memory-gb", "0.05", "--method", m])[0])
+             for m in ("exact", "heuristic")}
+    write("plan", "expertmesh plan --nodes 3 --node-memory-gb 0.06 --rps 20 --explain", {
+        "num_nodes": 3, "node_memory_gb": 0.06, "rps": 20, "printout": parse.plan_printout(text), "plan": plan_json,
+        "tight": {"node_memory_gb": 0.05, **tight}},
+        note="tight: expertmesh plan --nodes 3 --node-memory-gb 0.05 --rps 20 --method exact|heuristic")
+
+
+def refresh_router_overhead() -> None:
+    out = ROOT / "bench" / "results" / "router_overhead.json"
+    run([PYTHON, "bench/router_overhead.py", "--zoo", str(zoo()), "-n", "200", "--json", str(out)])
+    write("router_overhead", f".venv/bin/python bench/router_overhead.py --zoo {os.path.relpath(zoo(), ROOT)} -n 200",
+          json.loads(out.read_text()), note="also in bench/results/router_overhead.json, the script's own output")
+
+
+def refresh_make_run() -> None:
+    text, _ = run(["make", "run"])
+    defaults = inspect.signature(run_station).parameters  # the station defaults `expertmesh serve` leaves as they are
+    settings = {**parse.serve_settings(text), "board_fraction": defaults["board_fraction"].default,
+                "board_size": defaults["board_size"].default}
+    write("make_run", "make run", {"settings": settings, "station": parse.station(text), "ready_s": parse.ready_s(text),
+                                   "hit_rates": parse.hit_rates(text)},
+          note="board_fraction and board_size are run_station's defaults, which `expertmesh serve` uses")
+
+
+NODE_LOSS_TEST = "tests/test_local_cluster.py::test_a_plan_puts_replicas_on_the_planned_nodes"
+
+
+def refresh_node_loss() -> None:
+    text, _ = run([PYTHON, "-m", "pytest", "-s", "-p", "no:cacheprovider", NODE_LOSS_TEST])
+    f = parse.node_loss_test(text)
+    st = f["station"]
+    old = blocks.load_results(ROOT).get("node_loss", {}).get("data", {})
+    moved_to = sorted({n for ln in text.splitlines() if "re-planned and applied" in ln
+                       for part in ln.split("; ")[-1].split(", ") if "@" in part and part.split("@")[0] in f["moved"]
+                       for n in part.split("@")[1].split("+")} - {f["victim"]})
+    write("node_loss", f"python -m pytest -s {NODE_LOSS_TEST}", {
+        "victim": f["victim"], "seen_within_s": f["replan_began_s"], "plan_s": [f["plan_s"], f["plan_s"]],
+        "moved": f["moved"], "moved_to": " and ".join(moved_to), "cut_after": f["cut_after"],
+        "total_weight": f["total_weight"], "plan_apply_s": f["plan_apply_s"],
+        "runs": {"latest_s": f["running_after_s"], "min_s": f["running_after_s"], "max_s": f["running_after_s"],
+                 "num_runs": 1},
+        "station": {"rate": 4, "timeout_s": 30, "num_sent": st["num_sent"],
+                    "num_ok": st["num_sent"] - sum(st["errors_by_code"].values()), "errors_by_code": st["errors_by_code"]},
+        "colocation_before_loss": f["colocation"], "colocation_test": f["colocation"],
+        "earlier": old.get("earlier", [])},
+        note="station: the test's (4 requests/s for 45 s, the station's 30 s deadline); num_ok = sent - errors, which "
+             "the test asserts; 'earlier' is carried over from the previous file")
+
+
+def refresh_ci() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        clone = Path(tmp) / "expertmesh"
+        run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)])
+        env = {k: v for k, v in os.environ.items() if k not in ("EXPERTMESH_HOME", "VIRTUAL_ENV", "RAY_ADDRESS")}
+        text, stamps = run(["bash", ".ci/run"], cwd=clone, env=env, stamp_lines=True)
+    lines = text.splitlines(keepends=True)
+
+    def first(marker: str) -> float:
+        return next(t for ln, t in zip(lines, stamps) if marker in ln)
+    zoo_at, tests_at, end = first("zoo build --no-baseline"), first("-m pytest"), stamps[-1]
+    summary = parse.pytest_summary(text)
+    write("ci", "bash .ci/run (on a clean clone)", {
+        "total_min": end / 60, "install_min": zoo_at / 60, "zoo_min": (tests_at - zoo_at) / 60,
+        "tests_min": (end - tests_at) / 60, "pytest": summary},
+        note="phases split where make echoes the zoo build and the pytest command; times are when output lines arrived")
+
+
+REFRESH: dict[str, Callable[[], None]] = {
+    "accuracy": refresh_accuracy, "profile": refresh_profile, "plan": refresh_plan,
+    "router_overhead": refresh_router_overhead, "make_run": refresh_make_run, "node_loss": refresh_node_loss,
+    "ci": refresh_ci}
+
+
+def render() -> None:
+    results = blocks.load_results(ROOT)
+    readme = ROOT / "README.md"
+    readme.write_text(blocks.render_readme(readme.read_text(), results))
+    for group in results:
+        (ROOT / blocks.FIGURES_DIR / f"{group}.md").write_text(blocks.group_markdown(group, results))
+    print(f"figures: README.md blocks and {blocks.FIGURES_DIR}/*.md rendered from {len(results)} files")
+
+
+def check() -> int:
+    problems = blocks.stale_blocks((ROOT / "README.md").read_text(), blocks.load_results(ROOT))
+    print("\n".join(problems) or "figures: every README block matches its file")
+    return 1 if problems else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("refresh", help="measure the given groups (default all), then render")
+    ref.add_argument("groups", nargs="*", default=["all"], help=f"all or any of: {', '.join(REFRESH)}")
+    sub.add_parser("render", help="rewrite the README's figure blocks from docs/figures")
+    sub.add_parser("check", help="exit 1 when the README and docs/figures disagree")
+    a = ap.parse_args()
+    if a.command == "check":
+        return check()
+    if a.command == "refresh":
+        groups = list(REFRESH) if a.groups in (["all"], []) else a.groups
+        unknown = [g for g in groups if g not in REFRESH]
+        if unknown:
+            ap.error(f"unknown group(s) {', '.join(unknown)}; use all or any of: {', '.join(REFRESH)}")
+        for g in groups:
+            REFRESH[g]()
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

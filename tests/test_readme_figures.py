@@ -1,0 +1,139 @@
+"""The README's figures are what docs/figures/*.json say, and each file says which command and commit made it.
+
+Pure: reads README.md and the results files (no Ray). `python bench/figures.py render` rewrites the README's
+blocks from the files; `make figures` measures them again.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import figure_blocks as blocks  # noqa: E402  (bench/ is scripts, not a package)
+import figure_parse as parse  # noqa: E402
+
+README = (ROOT / "README.md").read_text()
+RESULTS = blocks.load_results(ROOT)
+
+
+def test_every_readme_block_matches_its_results_file():
+    assert blocks.stale_blocks(README, RESULTS) == []
+
+
+def test_every_group_has_a_results_file_and_a_markdown_copy():
+    files = sorted(p.stem for p in (ROOT / blocks.FIGURES_DIR).glob("*.json"))
+    assert files == blocks.GROUPS, "every docs/figures/*.json is quoted by the README, and every quoted group has one"
+    for group in blocks.GROUPS:
+        md = (ROOT / blocks.FIGURES_DIR / f"{group}.md").read_text()
+        assert md == blocks.group_markdown(group, RESULTS), f"{group}.md is stale; run python bench/figures.py render"
+
+
+@pytest.mark.parametrize("group", blocks.GROUPS)
+def test_each_file_says_when_and_how_it_was_made(group):
+    r = RESULTS[group]
+    assert r["figure"] == group
+    assert re.fullmatch(r"[0-9a-f]{40}", r["commit"]), r["commit"]
+    assert dt.datetime.fromisoformat(r["date"]).tzinfo is not None, "dates are UTC with their offset"
+    assert r["command"].strip()
+    assert r["provenance"] in ("measured", "transcribed")
+    if r["provenance"] == "transcribed":
+        assert "transcribed" in r["note"], "a transcribed file says where from"
+    assert isinstance(r["data"], dict) and r["data"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+@pytest.mark.parametrize("group", blocks.GROUPS)
+def test_each_files_commit_is_in_the_history(group):
+    sha = RESULTS[group]["commit"]
+    known = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=ROOT, capture_output=True)
+    if known.returncode != 0 and (ROOT / ".git" / "shallow").exists():
+        pytest.skip("shallow clone")
+    assert known.returncode == 0, f"{group}.json names commit {sha}, which this repository does not have"
+
+
+def test_a_figure_that_moves_in_the_file_fails_the_check():
+    changed = copy.deepcopy(RESULTS)
+    changed["make_run"]["data"]["station"]["p50_ms"] += 1.0
+    assert [p for p in blocks.stale_blocks(README, changed) if "make_run.station" in p]
+    changed = copy.deepcopy(RESULTS)
+    changed["node_loss"]["data"]["runs"]["max_s"] += 5
+    stale = blocks.stale_blocks(README, changed)
+    assert any("node_loss.range" in p for p in stale) and any("'node_loss'" in p for p in stale)
+
+
+def test_a_figure_edited_in_the_readme_fails_the_check():
+    body = blocks.blocks(README)["accuracy"]
+    number = re.search(r"\d\.\d{4}", body)[0]
+    edited = README.replace(body, body.replace(number, "0.1234", 1))
+    assert [p for p in blocks.stale_blocks(edited, RESULTS) if "'accuracy'" in p]
+    removed = README.replace("<!-- figures:ci -->", "").replace("<!-- /figures:ci -->", "")
+    assert any("no block 'ci'" in p for p in blocks.stale_blocks(removed, RESULTS))
+
+
+def test_numbers_round_half_up():
+    assert blocks.num(0.75, 1) == "0.8" and blocks.num(0.9697 * 100 - 0.9622 * 100, 1) == "0.8"
+    assert blocks.span(33, 41) == "33-41" and blocks.span(33.8, 33.8, 1) == "33.8"
+
+
+# ------------------------------------------------------------------------------ the parsers of command output
+STATION = """station -> 127.0.0.1:9000: 200 requests in 20.0 s, 300 components answered (15.0 components/s)
+latency p50 53.0 ms, p99 224.9 ms; verdict accuracy 0.9900
+errors by code: DEADLINE_EXCEEDED 11, UNAVAILABLE 2
+expert hits: component_classifier 300, chip_defect 180, qfp_defect 2
+expert hit rate (Prometheus, since start):
+  chip_defect              0.994
+  qfp_defect               0.000
+"""
+
+
+def test_station_and_hit_rates_parse():
+    s = parse.station(STATION)
+    assert (s["num_sent"], s["num_components"], s["p50_ms"], s["p99_ms"]) == (200, 300, 53.0, 224.9)
+    assert s["errors_by_code"] == {"DEADLINE_EXCEEDED": 11, "UNAVAILABLE": 2}
+    assert s["experts_hit"]["qfp_defect"] == 2
+    assert parse.station(STATION.replace("DEADLINE_EXCEEDED 11, UNAVAILABLE 2", "none"))["errors_by_code"] == {}
+    assert parse.hit_rates(STATION) == {"chip_defect": 0.994, "qfp_defect": 0.0}
+
+
+def test_a_changed_output_format_fails_loudly():
+    with pytest.raises(parse.FigureParseError, match="station summary"):
+        parse.station(STATION.replace("components answered", "answered"))
+    with pytest.raises(parse.FigureParseError, match="pytest summary"):
+        parse.pytest_summary("all good")
+
+
+def test_pytest_summary_counts_tests():
+    out = parse.pytest_summary("...\n======= 190 passed, 3 skipped, 2 warnings in 378.21s (0:06:18) =======\n")
+    assert out["num_tests"] == 193 and out["counts"]["passed"] == 190 and out["seconds"] == 378.21
+
+
+def test_the_profile_table_parses_back_to_its_rows():
+    d = RESULTS["profile"]["data"]
+    table, rows = parse.profile_table(d["table_text"] + "\n")
+    assert table == d["table_text"] and rows == d["rows"]
+
+
+def test_the_plan_header_parses():
+    assert parse.plan_header(RESULTS["plan"]["data"]["printout"])["method"] == "exact"
+
+
+def test_node_loss_output_parses():
+    text = (STATION + "co-location: 95/96 requests ran their plan on one node (plan cut 0)\n"
+            "[placement] re-planned and applied in 31.0 s (node lost: node-1; planned in 0.1 s): moved polarity, "
+            "soic_defect; cut 0 of 6 calls/s; polarity@node-2, soic_defect@node-2\n"
+            "node node-1 removed: re-planning began 1.2 s after, the new placement was running 33.0 s after "
+            "(31.0 s to plan and apply)\n")
+    f = parse.node_loss_test(text)
+    assert f["victim"] == "node-1" and f["moved"] == ["polarity", "soic_defect"] and f["running_after_s"] == 33.0
+    assert f["colocation"] == {"one_node": 95, "requests": 96} and f["plan_s"] == 0.1
+
