@@ -1,13 +1,20 @@
-"""The placement controller's loop (glue): watch the live cluster, re-plan, re-apply.
+"""The placement controller: a pure step decides each poll; thin glue polls the cluster and applies plans.
 
-Every `poll_s` it reads the alive nodes, asks `cluster.replan.decide` (pure) whether to re-plan, and
-if so plans again on the live inventory (`cluster.placement.plan`) and hands the new placement to
-`apply` (which redeploys the Serve app with it). Each change is logged and exported as metrics
+`next_step(config, state, usage, poll)` is the decision path, pure and testable without Ray: given one
+poll's reading (the clock, the nodes alive that offer experts memory, the observed usage), it asks
+`cluster.replan.decide` whether to re-plan and returns a `ReplanStep`: its `ReplanKind` (which is the
+`expertmesh_replans_total{reason}` label) and the usage to plan with (the observed usage for a drift
+re-plan, the usage the running plan assumed for a node change), plus the policy state to keep until
+that re-plan is applied. A re-plan that fails to plan or apply leaves the state as it was, so the next
+poll decides (and tries) again.
+
+`PlacementController` is the glue. Every `poll_s` (`poll_once`) it reads the cluster (`read_cluster`,
+default `cluster.local.describe`) and the `UsageWatch` (the experts' invocation counters scraped from
+every node), takes the step, and on a re-plan plans again on the live inventory (`planner`, default
+`plan_on_inventory`: `cluster.placement.plan` with the running placement as `current`, so the planner
+moves only what it must and Serve restarts only those replicas) and hands the new placement to `apply`
+(which redeploys the Serve app with it). Each change is logged and exported as metrics
 (`expertmesh_replans_total{reason}`, `expertmesh_replan_seconds`, `expertmesh_placement_planned_replicas`).
-Traffic drift: a `UsageWatch` scrapes the experts' invocation counters from every node; when the
-observed usage drifts from the one the plan assumed (past the threshold, for the hold time, see
-`cluster.replan`), the controller re-plans with the observed usage. Every re-plan passes the running
-placement as `current`, so the planner moves only what it must and Serve restarts only those replicas.
 """
 
 from __future__ import annotations
@@ -15,83 +22,141 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from expertmesh.cluster.demand import placement_problem
 from expertmesh.cluster.local import describe, inventory
 from expertmesh.cluster.observed import UsageWatch, observed_profile
 from expertmesh.cluster.placement import Plan, plan
-from expertmesh.cluster.replan import ClusterSnapshot, ReplanConfig, ReplanState, decide
+from expertmesh.cluster.replan import ClusterSnapshot, ReplanConfig, ReplanKind, ReplanState, decide
 from expertmesh.experts.spec import CoESpec
 from expertmesh.metrics import instruments
 from expertmesh.profiler.store import ExpertProfile, UsageProfile
 
+Placement = dict[str, list[str]]  # expert -> the nodes holding it
+Observed = tuple[dict[str, float], int]  # (P(expert invoked) per request, requests) over the watch's window
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What one poll read."""
+
+    now_s: float
+    alive: frozenset[str]  # alive nodes that offer experts memory (the planner's inventory)
+    observed: Observed | None = None  # None: the watch saw too few requests (or there is no watch)
+
+
+@dataclass(frozen=True)
+class ReplanStep:
+    """A re-plan to make: of which kind, with which usage, and the policy state once it is applied."""
+
+    kind: ReplanKind
+    reason: str  # for the log
+    usage: UsageProfile  # what to plan with
+    applied_state: ReplanState
+
+    @property
+    def label(self) -> str:
+        """The `expertmesh_replans_total{reason}` label."""
+        return self.kind.value
+
+
+def alive_nodes(cluster: dict) -> frozenset[str]:
+    """The alive nodes of a `describe()` reading that offer experts memory: the nodes a plan can use."""
+    return frozenset(n["name"] for n in cluster["nodes"] if n["alive"] and n["memory_mib"] > 0)
+
+
+def next_step(config: ReplanConfig, state: ReplanState, usage: UsageProfile,
+              poll: Poll) -> tuple[ReplanStep | None, ReplanState]:
+    """(the re-plan to make or None, the state to keep until a re-plan is applied); `usage` is what the running
+    plan assumed."""
+    observed_usage = poll.observed[0] if poll.observed is not None else {}
+    decision, applied = decide(config, state, ClusterSnapshot(poll.now_s, poll.alive, observed_usage))
+    if decision.kind is None:
+        return None, applied
+    if decision.kind.uses_observed_usage and poll.observed is not None:
+        usage = observed_profile(usage, *poll.observed)
+    applied = replace(applied, planned_usage=dict(usage.usage))  # the state remembers what the plan assumed
+    return ReplanStep(decision.kind, decision.reason, usage, applied), state
+
+
+def plan_on_inventory(spec: CoESpec, profiles: dict[str, ExpertProfile], requests_per_s: float,
+                      usage: UsageProfile, cluster: dict, current: Placement) -> Plan:
+    """The placement for `usage` on the live inventory of a `describe()` reading, moving only what it must."""
+    problem = placement_problem(spec, profiles, usage, inventory(cluster), requests_per_s, current=current)
+    return plan(problem)
+
+
+class Metrics(Protocol):
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None: ...
+    def set(self, name: str, value: float, **tags: str) -> None: ...
+    def observe(self, name: str, value: float, **tags: str) -> None: ...
+
 
 class PlacementController(threading.Thread):
     def __init__(self, address: str, spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,
-                 requests_per_s: float, current: dict[str, list[str]], apply: Callable[[dict[str, list[str]]], None],
+                 requests_per_s: float, current: Placement, apply: Callable[[Placement], None],
                  *, poll_s: float = 2.0, config: ReplanConfig | None = None, watch: UsageWatch | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, read_cluster: Callable[[], dict] | None = None,
+                 planner: Callable[[UsageProfile, dict, Placement], Plan] | None = None,
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
         super().__init__(name="placement-controller", daemon=True)
-        self.address, self.spec, self.profiles, self.usage = address, spec, profiles, usage
-        self.requests_per_s, self.apply, self.poll_s, self.log = requests_per_s, apply, poll_s, log
+        self.usage, self.apply, self.poll_s, self.log, self.clock = usage, apply, poll_s, log, clock
         self.config = config or ReplanConfig()
         self.watch = watch
+        self.read_cluster = read_cluster or (lambda: describe(address))
+        self.planner = planner or (lambda u, cluster, cur: plan_on_inventory(spec, profiles, requests_per_s, u,
+                                                                             cluster, cur))
         self.placement = current
         nodes = frozenset(n for ns in current.values() for n in ns)
-        self.state = ReplanState(planned_nodes=nodes, planned_usage=dict(usage.usage), last_plan_s=time.monotonic())
+        self.state = ReplanState(planned_nodes=nodes, planned_usage=dict(usage.usage), last_plan_s=clock())
         self.stop_event = threading.Event()
-        self.metrics = instruments()
-        self.replans: list[tuple[str, float]] = []  # (reason, seconds to plan and apply)
+        self.metrics = metrics if metrics is not None else instruments()
+        self.replans: list[tuple[ReplanKind, float]] = []  # (kind, seconds to plan and apply)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.poll_s):
+            try:
+                self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - keep watching; the next poll tries again
+                self.log(f"placement controller: {type(exc).__name__}: {exc}")
+
+    def poll_once(self) -> ReplanStep | None:
+        """Read the cluster and the observed usage, decide, and make the re-plan if any. Raises when a re-plan
+        fails to plan or apply; the state is then as before, so the next poll decides (and tries) again."""
+        observed = self.watch.poll() if self.watch is not None else None
+        cluster = self.read_cluster()
+        poll = Poll(self.clock(), alive_nodes(cluster), observed)
+        step, self.state = next_step(self.config, self.state, self.usage, poll)
+        if step is not None:
+            self.log(f"re-planning: {step.reason}")
+            self._replan(step, cluster)
+        self._publish()
+        return step
+
+    def _replan(self, step: ReplanStep, cluster: dict) -> Plan:
+        t0 = time.perf_counter()
+        new = self.planner(step.usage, cluster, self.placement)
+        planned_s = time.perf_counter() - t0
+        if new.replicas != self.placement:  # an unchanged placement needs no redeploy
+            self.apply(new.replicas)
+        for expert, old_nodes in self.placement.items():  # retire the old placement's series
+            for node in set(old_nodes) - set(new.replicas.get(expert, [])):
+                self.metrics.set("expertmesh_placement_planned_replicas", 0, expert=expert, node=node)
+        self.placement, self.usage, self.state = new.replicas, step.usage, step.applied_state
+        seconds = time.perf_counter() - t0
+        self.metrics.inc("expertmesh_replans_total", reason=step.label)
+        self.metrics.observe("expertmesh_replan_seconds", seconds)
+        self.replans.append((step.kind, seconds))
+        self.log(f"re-planned and applied in {seconds:.1f} s ({step.reason}; planned in {planned_s:.1f} s): "
+                 f"moved {', '.join(new.moved) or 'nothing'}; "
+                 f"cut {new.cut_weight:.3g} of "
+                 f"{new.total_weight:.3g} calls/s; "
+                 + ", ".join(f"{e}@{'+'.join(ns)}" for e, ns in new.replicas.items()))
+        return new
 
     def _publish(self) -> None:
         for expert, nodes in self.placement.items():
             for node in nodes:
                 self.metrics.set("expertmesh_placement_planned_replicas", 1, expert=expert, node=node)
-
-    def replan_now(self, reason: str, observed: tuple[dict[str, float], int] | None = None,
-                   cluster: dict | None = None) -> Plan:
-        """Plan on the live inventory (`cluster`: a `describe()` already read this poll) and apply it."""
-        t0 = time.perf_counter()
-        nodes = inventory(cluster if cluster is not None else describe(self.address))
-        if observed is not None and "drift" in reason:
-            self.usage = observed_profile(self.usage, *observed)
-        problem = placement_problem(self.spec, self.profiles, self.usage, nodes, self.requests_per_s,
-                                    current=self.placement)
-        new = plan(problem)
-        planned_s = time.perf_counter() - t0
-        for expert, old_nodes in self.placement.items():  # retire the old placement's series
-            for node in set(old_nodes) - set(new.replicas.get(expert, [])):
-                self.metrics.set("expertmesh_placement_planned_replicas", 0, expert=expert, node=node)
-        if new.replicas != self.placement:  # an unchanged placement needs no redeploy
-            self.apply(new.replicas)
-        self.placement = new.replicas
-        seconds = time.perf_counter() - t0
-        kind = "node_lost" if "lost" in reason else "node_joined" if "joined" in reason else "drift"
-        self.metrics.inc("expertmesh_replans_total", reason=kind)
-        self.metrics.observe("expertmesh_replan_seconds", seconds)
-        self.replans.append((reason, seconds))
-        self.log(f"re-planned and applied in {seconds:.1f} s ({reason}; planned in {planned_s:.1f} s): "
-                 f"moved {', '.join(new.moved) or 'nothing'}; "
-                 f"cut {new.cut_weight:.3g} of "
-                 f"{new.total_weight:.3g} calls/s; " + ", ".join(f"{e}@{'+'.join(ns)}" for e, ns in new.replicas.items()))
-        return new
-
-    def run(self) -> None:
-        while not self.stop_event.wait(self.poll_s):
-            try:
-                observed = self.watch.poll() if self.watch is not None else None
-                cluster = describe(self.address)
-                alive = frozenset(n["name"] for n in cluster["nodes"] if n["alive"])
-                snap = ClusterSnapshot(time.monotonic(), alive, observed[0] if observed else {})
-                before = self.state
-                decision, self.state = decide(self.config, self.state, snap)
-                if decision.replan:
-                    self.log(f"re-planning: {decision.reason}")
-                    try:
-                        self.replan_now(decision.reason, observed, cluster)
-                    except Exception:
-                        self.state = before  # not applied: the next poll decides (and tries) again
-                        raise
-                self._publish()
-            except Exception as exc:  # noqa: BLE001 - keep watching; the next poll tries again
-                self.log(f"placement controller: {type(exc).__name__}: {exc}")

@@ -3,14 +3,18 @@
 Glue only: the model, preprocessing and tier moves are `ExpertRuntime`'s; when idle weights leave the
 device is `experts.residency`'s decision (pure), applied here by a background thread. A batch that
 finds the weights below the device loads them back first (a switch) and is counted as `waited_load`
-- the hit-rate input. Batch size, batch wait and residency timeouts come from `user_config`, so they
-change without a restart. Every result names the node and replica that produced it, for the trace.
+- the hit-rate input. A replica running a batch is busy (from preprocessing to its results) and is
+never moved down under it. Batch size, batch wait and residency timeouts come from `user_config`, so
+they change without a restart. Every result names the node and replica that produced it, for the trace.
+The memory budget gauge reports what the node offers experts: its `expertmesh_memory_mib` resource,
+read from Ray once per replica (`experts.residency.memory_budget_bytes` decides the number per tier).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,8 +24,9 @@ import ray
 import torch
 from ray import serve
 
+from expertmesh.cluster.local import MEMORY_RESOURCE
 from expertmesh.experts.preprocess import to_pixel_values
-from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide
+from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
 from expertmesh.metrics import instruments, node_name
 from expertmesh.experts.spec import load_spec, resolve_checkpoint
@@ -45,8 +50,12 @@ class ExpertDeployment:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.residency = ResidencyConfig()
         self._lock = threading.Lock()  # held by a batch (load + infer) and by each residency move
+        self._batches_running = 0  # changed on the event loop only (classify); read by the residency thread
         self.load_moves = self.runtime.load()
         self._last_used_s = time.monotonic()
+        self.budget_bytes = memory_budget_bytes(declared_memory_mib(self.node_id),
+                                                machine_bytes=machine_memory_bytes(),
+                                                device_bytes=device_memory_bytes(self.runtime.device))
         self._record_moves(self.load_moves, on_demand=False)
         self._publish_gauges()
         self._stop = threading.Event()
@@ -64,7 +73,11 @@ class ExpertDeployment:
     async def classify(self, images: list[np.ndarray]) -> list[dict]:
         """RGB uint8 images [H, W, 3] -> one result dict per image."""
         t0 = time.perf_counter()
-        preds, readiness = await asyncio.to_thread(self._infer, images)
+        self._batches_running += 1  # busy: the residency thread leaves the weights where they are
+        try:
+            preds, readiness = await asyncio.to_thread(self._infer, images)
+        finally:
+            self._batches_running -= 1
         latency_ms = (time.perf_counter() - t0) * 1000.0
         return [{"label": p.label, "score": p.score, "latency_ms": latency_ms, "batch_size": len(images),
                  "readiness": readiness, "node_id": self.node_id, "replica_id": self.replica_id} for p in preds]
@@ -91,7 +104,8 @@ class ExpertDeployment:
                 continue
             try:
                 with self._lock:
-                    target = decide(self.residency, ResidencySnapshot(self.runtime.tier, self._last_used_s), time.monotonic())
+                    snap = ResidencySnapshot(self.runtime.tier, self._last_used_s, busy=self._batches_running > 0)
+                    target = decide(self.residency, snap, time.monotonic())
                     move = {Tier.HOST: self.runtime.offload, Tier.DISK: self.runtime.unload}[target]() if target else None
                     if move is not None:
                         self.metrics.inc("expertmesh_expert_unloads_total", expert=self.spec.name, tier=move.source.value)
@@ -118,13 +132,8 @@ class ExpertDeployment:
         self._publish_budget()
 
     def _publish_budget(self) -> None:
-        import psutil
-
-        host_bytes = psutil.virtual_memory().total
-        device = self.runtime.device
-        device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else host_bytes
-        self.metrics.set("expertmesh_node_memory_budget_bytes", host_bytes, node=self.node, tier=Tier.HOST.value)
-        self.metrics.set("expertmesh_node_memory_budget_bytes", device_bytes, node=self.node, tier=Tier.DEVICE.value)
+        for tier, num_bytes in self.budget_bytes.items():
+            self.metrics.set("expertmesh_node_memory_budget_bytes", num_bytes, node=self.node, tier=tier.value)
 
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)
@@ -138,3 +147,21 @@ class ExpertDeployment:
         return {"expert": self.spec.name, "node_id": self.node_id, "node": self.node, "replica_id": self.replica_id,
                 "footprint_bytes": self.runtime.footprint_bytes, "tier": self.runtime.tier.value,
                 "load_s": sum(m.seconds for m in self.load_moves)}
+
+
+def declared_memory_mib(node_id: str) -> float | None:
+    """This node's `expertmesh_memory_mib` Ray resource (what it offers experts), None where it declares none."""
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node.get("Resources", {}).get(MEMORY_RESOURCE)
+    return None
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """A GPU's total memory; None for a CPU device (its memory is the machine's)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def machine_memory_bytes() -> int:
+    """The machine's physical memory (the budget's fallback where a node declares none)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
