@@ -10,7 +10,7 @@ import yaml
 
 from expertmesh.cluster.prometheus import prometheus_config
 from expertmesh.deployments.dashboard import SHIPPED_PATH, build_dashboard, dashboard_json, queries
-from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide
+from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.experts.runtime import Tier
 from expertmesh.metrics import BY_NAME, METRICS, OTHER, bounded
 
@@ -84,7 +84,11 @@ def test_idle_experts_move_down(tier, idle_s, expected):
 
 
 def test_busy_or_unconfigured_experts_stay():
-    assert decide(CFG, ResidencySnapshot(Tier.DEVICE, 0.0, busy=True), 1000.0) is None
+    # a replica running a batch (deployments/expert.py sets busy from preprocessing to results) is never moved down,
+    # however long since its last batch ended; the same replica idle drops straight to disk
+    for tier in (Tier.DEVICE, Tier.HOST):
+        assert decide(CFG, ResidencySnapshot(tier, 0.0, busy=True), 1000.0) is None
+        assert decide(CFG, ResidencySnapshot(tier, 0.0, busy=False), 1000.0) is Tier.DISK
     assert decide(ResidencyConfig(), ResidencySnapshot(Tier.DEVICE, 0.0), 1e9) is None
     assert not ResidencyConfig().enabled and CFG.enabled
 
@@ -92,3 +96,23 @@ def test_busy_or_unconfigured_experts_stay():
 def test_host_timeout_below_device_timeout_is_refused():
     with pytest.raises(ValueError, match="host_idle_s .* fix"):
         ResidencyConfig(device_idle_s=10, host_idle_s=5)
+
+
+# ---------------------------------------------------------------------- the node memory budget gauge's number
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("declared_mib, device_bytes, host, device", [
+    (61, None, 61 * 2**20, 61 * 2**20),  # a CPU node declaring 61 MiB: the device is host memory, one budget
+    (80 * 1024, 80 * GIB, 64 * GIB, 80 * GIB),  # a GPU node: declared device memory; the host tier is the machine's
+    (None, None, 64 * GIB, 64 * GIB),  # nothing declared: fall back to the machine ...
+    (0, 40 * GIB, 64 * GIB, 40 * GIB),  # ... and to the whole GPU
+])
+def test_the_memory_budget_is_what_the_node_declares(declared_mib, device_bytes, host, device):
+    budget = memory_budget_bytes(declared_mib, machine_bytes=64 * GIB, device_bytes=device_bytes)
+    assert budget == {Tier.HOST: host, Tier.DEVICE: device}
+
+
+def test_a_negative_declared_budget_is_refused():
+    with pytest.raises(ValueError, match="expertmesh_memory_mib is -1.*fix"):
+        memory_budget_bytes(-1, machine_bytes=GIB, device_bytes=None)
