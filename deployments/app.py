@@ -61,5 +61,7 @@ def build_app(args: dict | AppArgs) -> Application:
         a.spec, experts, timeout_s) for node in opts[ROUTER_DEPLOYMENT]["user_config"]["executor_nodes"]}
     router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], a.spec, experts, timeout_s).bind(
         a.spec, experts, timeout_s, executors)
-    return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], a.spec, a.tokens_file, router).bind(
-        a.spec, a.tokens_file, router)
+    board_limits = {"max_components": a.settings.board_max_components,
+                    "max_in_flight": a.settings.board_max_in_flight}
+    return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], a.spec, a.tokens_file, router, board_limits).bind(
+        a.spec, a.tokens_file, router, board_limits)

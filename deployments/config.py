@@ -45,6 +45,8 @@ class ServeSettings(BaseModel):
     router_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(128, ge=1, description="per ingress replica; InspectBoard counts once")
+    board_max_components: int = Field(512, ge=1, description="a board with more components is refused (INVALID_ARGUMENT)")
+    board_max_in_flight: int = Field(16, ge=1, description="components of one board inspected at once")
     expert_device_idle_s: float | None = Field(
         None, gt=0, description="an expert replica idle this long moves its weights to host memory; none: never")
     expert_host_idle_s: float | None = Field(

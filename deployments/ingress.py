@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import numpy as np
 from ray import serve
@@ -25,28 +26,30 @@ from starlette.responses import JSONResponse
 
 from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, grpc_status)
 from expertmesh.deployments.auth import TokenTable
-from expertmesh.deployments.router import bounded as bounded_call
+from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
+                                          check_ids, component_error)
+from expertmesh.deployments.deadline import call_with_deadline
 from expertmesh.experts.preprocess import decode_image
 from expertmesh.experts.spec import load_spec
-from expertmesh.metrics import bounded, instruments
+from expertmesh.metrics import instruments, label_or_other
 from expertmesh.v1 import inspection_pb2 as pb
+
+class StreamEnded(Exception):
+    """Raised to end a gRPC server stream with the status already set on its context (see `_end_stream`)."""
+
 
 ROUTER_CALL_TIMEOUT_S = 300.0  # a backstop: the proxies' request_timeout_s answers stations first
 logger = logging.getLogger("ray.serve")
 _VERDICTS = {"PASS": pb.PASS, "DEFECT": pb.DEFECT, "UNCERTAIN": pb.UNCERTAIN}
-_MAX_ID_CHARS = 128
 
 
 def _request_fields(request_id: str, factory_id: str, station_id: str, component_hint: str, metadata: dict) -> dict:
     if not factory_id:
         raise InvalidArgument("factory_id is missing", field="factory_id", fix="set factory_id to your factory's id")
-    for name, value in (("request_id", request_id), ("factory_id", factory_id), ("station_id", station_id),
-                        ("component_hint", component_hint)):
-        if len(value) > _MAX_ID_CHARS:
-            raise InvalidArgument(f"{name} is {len(value)} characters, over {_MAX_ID_CHARS}", field=name,
-                                  fix=f"send at most {_MAX_ID_CHARS} characters")
+    check_ids((("request_id", request_id), ("factory_id", factory_id), ("station_id", station_id),
+               ("component_hint", component_hint)))
     return {"component_hint": component_hint, "station_id": station_id, "factory_id": factory_id,
-            "product": str(metadata.get("product", ""))[:_MAX_ID_CHARS]}
+            "product": str(metadata.get("product", ""))[:MAX_ID_CHARS]}
 
 
 def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) -> pb.InspectResponse:
@@ -61,16 +64,18 @@ def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) 
 
 @serve.deployment
 class IngressDeployment:
-    def __init__(self, spec_path: str | None, tokens_file: str, router: DeploymentHandle) -> None:
+    def __init__(self, spec_path: str | None, tokens_file: str, router: DeploymentHandle,
+                 board_limits: dict | None = None) -> None:
         self.spec = load_spec(spec_path)
         self.tokens = TokenTable.load(tokens_file)
         self.router = router
+        self.board_limits = BoardLimits.model_validate(board_limits or {})
         self.metrics = instruments()
         self._factories = self.tokens.factories | {"none"}
 
     def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None) -> None:
         """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids)."""
-        factory = bounded(factory_id or "none", self._factories)
+        factory = label_or_other(factory_id or "none", self._factories)
         self.metrics.inc("expertmesh_requests_total", factory=factory, ingress=ingress, code=code)
         self.metrics.observe("expertmesh_request_latency_seconds", time.perf_counter() - t0, ingress=ingress)
         if verdict:
@@ -84,10 +89,10 @@ class IngressDeployment:
         request_id = request_id or uuid.uuid4().hex
         array = np.asarray(decode_image(image, self.spec.image, field="image"))
         # a router replica lost mid-request (its node went away) is retried with backoff within the deadline
-        return request_id, await bounded_call(lambda: self.router.inspect.remote(array, meta), ROUTER_CALL_TIMEOUT_S,
-                                              "the router", timeout_fix="retry later", full_fix="retry later with backoff",
-                                              failure_fix="retry; report the request id if it persists",
-                                              wrap_failures=False)
+        return request_id, await call_with_deadline(
+            lambda: self.router.inspect.remote(array, meta), ROUTER_CALL_TIMEOUT_S, "the router",
+            timeout_fix="retry later", full_fix="retry later with backoff",
+            failure_fix="retry; report the request id if it persists", wrap_failures=False)
 
     @staticmethod
     def _internal(exc: Exception, request_id: str) -> Internal:
@@ -103,6 +108,14 @@ class IngressDeployment:
     def _fail(grpc_context, err: ExpertMeshError) -> None:
         grpc_context.set_code(grpc_status(err))
         grpc_context.set_details(str(err))
+
+    @classmethod
+    def _end_stream(cls, grpc_context, err: ExpertMeshError) -> NoReturn:
+        """End a server stream with `err`'s status. Serve's proxy sends a stream's context along with each message,
+        so a code set after the last message never arrives; a code set on the context *and raised* does (the replica
+        wraps it as a gRPCStatusError carrying that code and details, and the proxy answers with them)."""
+        cls._fail(grpc_context, err)
+        raise StreamEnded(err)
 
     async def Inspect(self, request: pb.InspectRequest, grpc_context) -> pb.InspectResponse:
         t0 = time.perf_counter()
@@ -120,39 +133,67 @@ class IngressDeployment:
         return pb.InspectResponse(request_id=request.request_id)
 
     async def InspectBoard(self, request: pb.InspectBoardRequest, grpc_context) -> AsyncIterator[pb.InspectResponse]:
-        authorization = self._authorization(grpc_context)
-        t_board, streaming = time.perf_counter(), False
+        """Check the board whole, then stream each component's result as it completes (at most
+        `board_limits.max_in_flight` at once). Ends OK only when every component answered; otherwise with the status
+        of the first failure and a message naming every failed component (see `deployments.board`)."""
+        authorization, t_board = self._authorization(grpc_context), time.perf_counter()
         try:
-            if not request.components:
-                raise InvalidArgument("the board has no components", field="components", fix="send at least one component image")
-            for i, c in enumerate(request.components):  # validate everything before streaming anything
-                _request_fields(c.request_id, c.factory_id or request.factory_id, c.station_id or request.station_id,
-                                c.component_hint, dict(c.metadata))
+            check_board(request.board_id, request.factory_id, request.station_id,
+                        [BoardComponent(c.request_id, c.factory_id, c.station_id, c.component_hint, len(c.image))
+                         for c in request.components], self.board_limits, self.spec.image.max_bytes)
             self.tokens.authorize(authorization, request.factory_id)
-
-            async def one(i: int, c: pb.InspectRequest):
-                t0 = time.perf_counter()
-                try:
-                    rid, result = await self._inspect(
-                        authorization, c.request_id or f"{request.board_id}-{i}", c.factory_id or request.factory_id,
-                        c.station_id or request.station_id, c.image, c.component_hint, dict(c.metadata))
-                except ExpertMeshError as err:
-                    self._record("grpc_board", request.factory_id, t0, err.code.value)
-                    err.field = f"components[{i}].{err.field}" if err.field else f"components[{i}]"
-                    raise
-                self._record("grpc_board", request.factory_id, t0, "OK", result["verdict"])
-                return to_proto(rid, result, request.board_id, i)
-
-            streaming = True  # from here on every component counts itself
-            for fut in asyncio.as_completed([one(i, c) for i, c in enumerate(request.components)]):
-                yield await fut
-        except ExpertMeshError as err:
-            if not streaming:  # a board refused before any component ran counts once
-                self._record("grpc_board", request.factory_id, t_board, err.code.value)
-            self._fail(grpc_context, err)
-        except Exception as exc:  # noqa: BLE001
+        except ExpertMeshError as err:  # refused whole: counts once, streams nothing
+            self._record("grpc_board", request.factory_id, t_board, err.code.value)
+            self._end_stream(grpc_context, err)
+        except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become INTERNAL (no detail leaked)
             self._record("grpc_board", request.factory_id, t_board, "INTERNAL")
-            self._fail(grpc_context, self._internal(exc, request.board_id))
+            self._end_stream(grpc_context, self._internal(exc, request.board_id))
+        failures: dict[int, ExpertMeshError] = {}
+        async for index, outcome in self._run_board(request, authorization):
+            if isinstance(outcome, ExpertMeshError):
+                failures[index] = outcome
+            else:
+                yield outcome
+        failed = board_outcome(len(request.components), failures)
+        if failed is not None:
+            self._end_stream(grpc_context, failed)
+
+    async def _run_board(self, request: pb.InspectBoardRequest, authorization: str | None):
+        """Yield (index, response or error) as components complete, keeping at most `max_in_flight` running. When
+        the stream is closed early (the client cancelled, or the proxy's timeout ended it), the components still
+        running are cancelled: nothing keeps working for a client that is gone."""
+        queued = iter(enumerate(request.components))
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                while len(running) < self.board_limits.max_in_flight and (item := next(queued, None)) is not None:
+                    running.add(asyncio.ensure_future(self._board_component(request, authorization, *item)))
+                if not running:
+                    return
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: t.result()[0]):
+                    yield task.result()
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _board_component(self, request: pb.InspectBoardRequest, authorization: str | None, index: int,
+                               c: pb.InspectRequest) -> tuple[int, pb.InspectResponse | ExpertMeshError]:
+        """One component of a board: its response, or its error (never raised: the board decides how it ends)."""
+        t0 = time.perf_counter()
+        try:
+            rid, result = await self._inspect(
+                authorization, c.request_id or f"{request.board_id}-{index}", c.factory_id or request.factory_id,
+                c.station_id or request.station_id, c.image, c.component_hint, dict(c.metadata))
+        except ExpertMeshError as err:
+            failure = component_error(index, err)
+        except Exception as exc:  # noqa: BLE001 - unexpected: INTERNAL for this component, the stack to the log
+            failure = component_error(index, self._internal(exc, c.request_id or f"{request.board_id}-{index}"))
+        else:
+            self._record("grpc_board", request.factory_id, t0, "OK", result["verdict"])
+            return index, to_proto(rid, result, request.board_id, index)
+        self._record("grpc_board", request.factory_id, t0, failure.code.value)
+        return index, failure
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, http: Request) -> JSONResponse:

@@ -8,7 +8,7 @@ Ray prefixes the names with `ray_` and adds its own tags (`NodeAddress`, `Worker
 
 Labels are bounded: every label value comes from the spec (experts, categories, rules), validated
 config (factories in the tokens file), or a fixed enum (codes, verdicts, tiers, reasons) - never a raw
-request string. `bounded()` folds anything else into "other".
+request string. `label_or_other()` folds anything else into "other".
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ METRICS: tuple[MetricDef, ...] = (
 BY_NAME = {m.name: m for m in METRICS}
 
 
-def bounded(value: str, allowed: Iterable[str]) -> str:
+def label_or_other(value: str, allowed: Iterable[str]) -> str:
     """`value` if it is one of `allowed`, else "other": label values never come from raw request strings."""
     return value if value in set(allowed) else OTHER
 

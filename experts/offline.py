@@ -68,5 +68,7 @@ def run_coe(spec: CoESpec, runtimes: dict[str, ExpertRuntime], images: np.ndarra
             for (i, call), pred in zip(items, predict(runtimes[name], images[idx])):
                 out = ExpertOutput(name, pred.label, pred.score)
                 runs[i].calls.append((call, out))
-                pending[i] += triggered_calls(spec, out, planned[i])
+                new = triggered_calls(spec, out, planned[i])
+                planned[i].update(c.expert for c in new)
+                pending[i] += new
     return runs

@@ -22,3 +22,16 @@ def execution_node(calls: Iterable[Call], homes: dict[str, str], alive: Collecti
         return None
     best = max(votes.values())
     return min(node for node, n in votes.items() if n == best)
+
+
+def plan_runner(calls: Iterable[Call], homes: dict[str, str], alive: Collection[str] | None,
+                executor_nodes: Collection[str]) -> str | None:
+    """Which node's plan executor runs this plan, or None: the front router runs it itself.
+
+    The front runs it when there is no placement (no homes, or no executors), when none of the plan's first calls
+    has a home, when every node holding them is known to be lost (`alive` without it), or when the chosen node has
+    no executor (a re-plan removed it, or it is not deployed yet)."""
+    if not homes or not executor_nodes:
+        return None
+    node = execution_node(calls, homes, alive)
+    return node if node in executor_nodes else None

@@ -11,6 +11,7 @@ turns all outputs into one verdict. The serving glue and the offline evaluator b
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from expertmesh.experts.spec import CoESpec, GatingRuleSpec
@@ -98,13 +99,14 @@ def route(spec: CoESpec, category: str, confidence: float, meta: RequestMeta | N
     return Route(category, confidence, tuple(r.name for r in hits), fallback, tuple(unique))
 
 
-def triggered_calls(spec: CoESpec, output: ExpertOutput, already: set[str]) -> list[Call]:
-    """Experts that `output` triggers through dependency edges, skipping those already planned."""
-    out = []
+def triggered_calls(spec: CoESpec, output: ExpertOutput, planned: Collection[str]) -> list[Call]:
+    """Experts that `output` triggers through dependency edges, skipping those in `planned` (and repeats), in the
+    spec's order. Nothing is written: the caller adds the returned experts to its own bookkeeping."""
+    out: list[Call] = []
     for d in spec.dependencies:
-        if d.upstream == output.expert and output.label in d.on_labels and d.downstream not in already:
+        if (d.upstream == output.expert and output.label in d.on_labels and d.downstream not in planned
+                and all(c.expert != d.downstream for c in out)):
             out.append(Call(d.downstream, Reason.DEPENDENCY, output.expert))
-            already.add(d.downstream)
     return out
 
 

@@ -12,7 +12,7 @@ from expertmesh.cluster.prometheus import prometheus_config
 from expertmesh.deployments.dashboard import SHIPPED_PATH, build_dashboard, dashboard_json, queries
 from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.experts.runtime import Tier
-from expertmesh.metrics import BY_NAME, METRICS, OTHER, bounded
+from expertmesh.metrics import BY_NAME, METRICS, OTHER, label_or_other
 
 
 def test_names_are_unique_prefixed_and_carry_units():
@@ -31,8 +31,8 @@ def test_names_are_unique_prefixed_and_carry_units():
 
 
 def test_label_values_are_bounded():
-    assert bounded("factory-a", {"factory-a", "none"}) == "factory-a"
-    assert bounded("'; DROP TABLE", {"factory-a"}) == OTHER
+    assert label_or_other("factory-a", {"factory-a", "none"}) == "factory-a"
+    assert label_or_other("'; DROP TABLE", {"factory-a"}) == OTHER
 
 
 def test_shipped_dashboard_is_current():

@@ -37,7 +37,8 @@ def test_dependency_triggers_once(default_spec):
     planned = {"diode_defect"}
     calls = triggered_calls(default_spec, ExpertOutput("diode_defect", "ok", 0.9), planned)
     assert [(c.expert, c.reason, c.because_of) for c in calls] == [("polarity", Reason.DEPENDENCY, "diode_defect")]
-    assert triggered_calls(default_spec, ExpertOutput("diode_defect", "ok", 0.9), planned) == []
+    assert planned == {"diode_defect"}  # the caller's bookkeeping is its own
+    assert triggered_calls(default_spec, ExpertOutput("diode_defect", "ok", 0.9), planned | {"polarity"}) == []
     assert triggered_calls(default_spec, ExpertOutput("diode_defect", "missing", 0.9), set()) == []
 
 
@@ -53,21 +54,3 @@ def test_aggregate(default_spec):
     assert agg(("soic_defect", "ok"), ("polarity", "correct")).verdict is Verdict.PASS
     assert agg(("general_defect", "defect")).verdict is Verdict.DEFECT
     assert agg().verdict is Verdict.UNCERTAIN
-
-
-def test_the_plan_runs_on_the_node_that_holds_its_first_calls():
-    from expertmesh.router.locality import execution_node
-    from expertmesh.router.plan import Call, Reason
-
-    homes = {"a": "node-1", "b": "node-0", "c": "node-0"}
-    assert execution_node([Call("a", Reason.TABLE, None)], homes) == "node-1"
-    assert execution_node([Call("a", Reason.TABLE, None), Call("b", Reason.RULE, "r"), Call("c", Reason.TABLE, None)],
-                          homes) == "node-0"  # most calls
-    assert execution_node([Call("a", Reason.TABLE, None), Call("b", Reason.TABLE, None)], homes) == "node-0"  # tie
-    assert execution_node([Call("z", Reason.TABLE, None)], homes) is None
-    a_only = [Call("a", Reason.TABLE, None)]
-    assert execution_node(a_only, homes, {"node-0"}) is None  # node-1 was lost: its executor is gone, run it here
-    a_and_b = [Call("a", Reason.TABLE, None), Call("b", Reason.TABLE, None)]
-    assert execution_node(a_and_b, homes, {"node-0"}) == "node-0"
-    three = a_and_b + [Call("c", Reason.TABLE, None)]
-    assert execution_node(three, homes, set()) is None
