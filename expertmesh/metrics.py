@@ -86,7 +86,7 @@ METRICS: tuple[MetricDef, ...] = (
               ("node", "tier")),
     # placement controller
     MetricDef("expertmesh_replans_total", "counter", "Placements re-planned and applied, by reason "
-              "(node_lost, node_joined, drift)", ("reason",)),
+              "(node_lost, node_joined, node_lost_and_joined: both in one poll, drift)", ("reason",)),
     MetricDef("expertmesh_replan_seconds", "histogram", "Time to re-plan and apply a placement", (), LOAD_BUCKETS_S),
     MetricDef("expertmesh_plan_fallbacks_total", "counter", "Plans the front router ran itself because the executor "
               "on their node was lost", ("node",)),
