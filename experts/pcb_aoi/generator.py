@@ -402,13 +402,29 @@ def render(component: str, defect: str, rng: np.random.Generator) -> Image.Image
     copper = _rgb(rng, (206, 132, 62), 12)
     solder = _rgb(rng, (210, 212, 214), 10)
     hasl = rng.random() < 0.3  # pads pre-tinned (silver) rather than bare copper on some boards
-    starved = set()
-    if defect == "insufficient_solder":
-        n = len(part.joints)
-        k = int(rng.integers(max(1, n // 4), max(2, n // 2) + 1))
-        starved = set(rng.choice(len(part.joints), size=k, replace=False).tolist())
+    starved = _starved_joints(part, defect, rng)
+    _draw_pads(d, part, copper, solder, hasl, starved)
+    if defect == "missing":
+        for j in part.joints:  # solder paste reflowed on empty pads
+            x0, y0, x1, y1 = j.pad
+            d.ellipse((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=solder)
+    else:
+        _draw_mounted_part(d, part, component, defect, rng, solder, starved)
+    return _photometric(_scene_transforms(img, mask_col, rng), rng)
 
-    for idx, j in enumerate(part.joints):  # pads (a starved joint shows its bare, unwetted copper)
+
+def _starved_joints(part: _Part, defect: str, rng) -> set[int]:
+    """The joints an insufficient_solder defect starves: a quarter to a half of them (none for other defects)."""
+    if defect != "insufficient_solder":
+        return set()
+    n = len(part.joints)
+    k = int(rng.integers(max(1, n // 4), max(2, n // 2) + 1))
+    return set(rng.choice(len(part.joints), size=k, replace=False).tolist())
+
+
+def _draw_pads(d, part: _Part, copper, solder, hasl: bool, starved: set[int]) -> None:
+    """Copper pads (through-hole: annular rings); a starved joint shows its bare, unwetted copper."""
+    for idx, j in enumerate(part.joints):
         if part.through_hole:
             x0, y0, x1, y1 = j.pad
             d.ellipse(j.pad, fill=copper)
@@ -417,32 +433,37 @@ def render(component: str, defect: str, rng: np.random.Generator) -> Image.Image
             tinned = hasl and idx not in starved
             d.rectangle(j.pad, fill=tuple(int(0.55 * a + 0.45 * b) for a, b in zip(copper, solder)) if tinned else copper)
 
-    if defect == "missing":
-        for j in part.joints:  # solder paste reflowed on empty pads
-            x0, y0, x1, y1 = j.pad
-            d.ellipse((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=solder)
-    else:
-        t = _Affine()
-        if defect == "misaligned":
-            if component in ("chip_resistor", "chip_capacitor", "diode", "led") and rng.random() < 0.4:
-                t = _Affine(dx=_u(rng, -1, 1) * 6, dy=_u(rng, 16, 24) * (1 if rng.random() < 0.5 else -1))
-            else:
-                ang = _u(rng, 11, 22) * (1 if rng.random() < 0.5 else -1)
-                t = _Affine(dx=_u(rng, -10, 10), dy=_u(rng, -10, 10), angle_deg=ang)
-        part.draw_body(d, t, rng, defect == "reversed_polarity")
-        for idx, j in enumerate(part.joints):
-            if part.through_hole:
-                x0, y0, x1, y1 = j.pad
-                shrink = 6.5 if idx in starved else 1.5
-                d.ellipse((x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink), outline=solder, width=4 if idx not in starved else 1)
-            elif idx not in starved:
-                _fillet(d, t, j, _u(rng, 0.75, 1.0), solder)
-            elif rng.random() < 0.3:
-                _fillet(d, t, j, _u(rng, 0.0, 0.1), tuple(int(v * 0.85) for v in solder))
-        if defect == "solder_bridge":
-            _bridge(d, part, rng, solder)
 
-    # scene transforms: 90-degree placement, jitter rotation, flip, shift
+def _placement(component: str, defect: str, rng) -> _Affine:
+    """Where the part sits on its footprint: centred, or for a misaligned one shifted (small two-terminal parts,
+    sometimes) or rotated and shifted."""
+    if defect != "misaligned":
+        return _Affine()
+    if component in ("chip_resistor", "chip_capacitor", "diode", "led") and rng.random() < 0.4:
+        return _Affine(dx=_u(rng, -1, 1) * 6, dy=_u(rng, 16, 24) * (1 if rng.random() < 0.5 else -1))
+    ang = _u(rng, 11, 22) * (1 if rng.random() < 0.5 else -1)
+    return _Affine(dx=_u(rng, -10, 10), dy=_u(rng, -10, 10), angle_deg=ang)
+
+
+def _draw_mounted_part(d, part: _Part, component: str, defect: str, rng, solder, starved: set[int]) -> None:
+    """The part's body and leads where it was placed, its solder joints, and a bridge for solder_bridge."""
+    t = _placement(component, defect, rng)
+    part.draw_body(d, t, rng, defect == "reversed_polarity")
+    for idx, j in enumerate(part.joints):
+        if part.through_hole:
+            x0, y0, x1, y1 = j.pad
+            shrink = 6.5 if idx in starved else 1.5
+            d.ellipse((x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink), outline=solder, width=4 if idx not in starved else 1)
+        elif idx not in starved:
+            _fillet(d, t, j, _u(rng, 0.75, 1.0), solder)
+        elif rng.random() < 0.3:
+            _fillet(d, t, j, _u(rng, 0.0, 0.1), tuple(int(v * 0.85) for v in solder))
+    if defect == "solder_bridge":
+        _bridge(d, part, rng, solder)
+
+
+def _scene_transforms(img: Image.Image, mask_col, rng) -> np.ndarray:
+    """90-degree placement, jitter rotation, flip, shift, downsampling and blur; the pixels as float32."""
     img = img.rotate(90 * int(rng.integers(0, 4)) + _u(rng, -8, 8), resample=Image.BILINEAR, fillcolor=mask_col,
                      translate=(_u(rng, -8, 8), _u(rng, -8, 8)))
     if rng.random() < 0.5:
@@ -451,7 +472,7 @@ def render(component: str, defect: str, rng: np.random.Generator) -> Image.Image
     blur = _u(rng, 0.0, 0.9)
     if blur > 0.25:
         img = img.filter(ImageFilter.GaussianBlur(blur))
-    return _photometric(np.asarray(img, dtype=np.float32), rng)
+    return np.asarray(img, dtype=np.float32)
 
 
 def _photometric(a: np.ndarray, rng) -> Image.Image:
