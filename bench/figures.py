@@ -5,7 +5,7 @@
   python bench/figures.py check                     exit 1 when a README block disagrees with its file
 
 `make figures [FIGURES="accuracy plan"]` is `refresh`. A results file is {"figure", "commit" (HEAD when measured),
-"worktree_dirty", "date" (UTC), "command", "machine", "provenance" ("measured" or "transcribed"), "note", "data"}.
+"worktree_dirty", "date" (UTC), "command", "machine", "load_average_1_5_15m" (this machine is shared), "provenance" ("measured" or "transcribed"), "note", "data"}.
 Groups and what measures them (the last four start Ray, serve and take minutes):
   accuracy         expertmesh zoo report                     (the accuracy table)
   profile          expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
@@ -78,7 +78,8 @@ def write(group: str, command: str, data: dict, note: str = "") -> None:
     record = {"figure": group, "commit": git("rev-parse", "HEAD"),
               "worktree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-              "machine": machine(), "provenance": "measured", "note": note, "data": data}
+              "machine": machine(), "load_average_1_5_15m": [round(x, 2) for x in os.getloadavg()],
+              "provenance": "measured", "note": note, "data": data}
     path = ROOT / blocks.FIGURES_DIR / f"{group}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -102,7 +103,7 @@ def refresh_profile() -> None:
     spec_text, _ = run([EXPERTMESH, "spec", "check", "--skip-checkpoints"])
     spec_usage = {name: float(p) for name, p in (ln.split() for ln in spec_text.split("usage probability per request:")[1]
                                                  .splitlines() if ln.strip())}
-    cpu = next(iter(store["entries"].values()))["device_name"] if store["entries"] else machine()
+    cpu = next(iter(store["entries"].values()))["device_name"].replace(" (", ", ").rstrip(")")  # "AMD EPYC ..., 2 cpus"
     write("profile", "expertmesh profile --force", {
         "cpu": cpu, **parse.profile_timings(text), "table_text": table, "rows": rows, "usage": store["usage"],
         "spec_usage": spec_usage}, note="the plot docs/profile-pcb-aoi.png is written by the same run")
