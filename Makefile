@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
-export EXPERTMESH_HOME ?= $(CURDIR)/.expertmesh
+# EXPERTMESH_HOME passes through when set; else recipes get the CLI's own default ($EXPERTMESH_HOME, else
+# ~/.cache/expertmesh; expertmesh/home.py), so `make run` and a hand-run `expertmesh` use the same zoo and cluster.
+EXPERTMESH_HOME ?= $(shell $(BIN)/python -c 'from expertmesh.home import expertmesh_home; print(expertmesh_home())')
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup proto prometheus run zoo report profile serve chart test test-unit clean

@@ -6,44 +6,45 @@ request so they see the same machine state, sends N chip-resistor images one at 
   router   DeploymentHandle -> Router.inspect                 (classifier + plan + chip_defect)
   grpc     gRPC Inspect through Serve's proxy and the ingress (auth, decode, router, experts)
 Prints p50/p99 per path and the differences; writes JSON. Usage:
-  python bench/router_overhead.py --zoo .expertmesh/zoo/pcb-aoi [-n 200] [--json bench/results/router_overhead.json]
+  python bench/router_overhead.py [--zoo DIR] [-n 200] [--json bench/results/router_overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
+from ray import serve
+
+from expertmesh.deployments import runner
+from expertmesh.deployments.auth import write_dev_tokens
+from expertmesh.deployments.config import APP_NAME, ROUTER_DEPLOYMENT, AppArgs, ServeSettings
+from expertmesh.experts.pcb_aoi import generator
+from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.spec import default_zoo_root, load_spec
+from expertmesh.home import expertmesh_home
+from expertmesh.v1 import inspection_pb2 as pb
+from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", required=True, help="zoo directory of the default spec")
+    ap.add_argument("--zoo", help="zoo directory of the default spec (default: where `expertmesh zoo build` puts it)")
     ap.add_argument("-n", type=int, default=200, help="requests per path")
     ap.add_argument("--json", default="bench/results/router_overhead.json")
     ap.add_argument("--grpc-port", type=int, default=9000)
     ap.add_argument("--http-port", type=int, default=8000)
     a = ap.parse_args()
 
-    import grpc
-    from ray import serve
-
-    from expertmesh.deployments import runner
-    from expertmesh.deployments.auth import write_dev_tokens
-    from expertmesh.deployments.config import APP_NAME, ROUTER_DEPLOYMENT, AppArgs, ServeSettings
-    from expertmesh.experts.pcb_aoi import generator
-    from expertmesh.experts.preprocess import encode_png
-    from expertmesh.v1 import inspection_pb2 as pb
-    from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
-
-    home = Path(os.environ.get("EXPERTMESH_HOME", ".expertmesh"))
-    tokens = write_dev_tokens(home / "bench-tokens.yaml", ["bench"])
-    args = AppArgs(zoo=str(Path(a.zoo).resolve()), tokens_file=str((home / "bench-tokens.yaml").resolve()),
+    tokens_path = expertmesh_home() / "bench-tokens.yaml"
+    tokens = write_dev_tokens(tokens_path, ["bench"])
+    zoo = Path(a.zoo) if a.zoo else default_zoo_root(load_spec())
+    args = AppArgs(zoo=str(zoo.resolve()), tokens_file=str(tokens_path.resolve()),
                    settings=ServeSettings(grpc_port=a.grpc_port, http_port=a.http_port))
     print("starting Ray + Serve ...", flush=True)
     runner.start(args)

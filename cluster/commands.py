@@ -1,32 +1,35 @@
-"""The cluster commands of the CLI: `expertmesh up`, `down`, `status` and `plan` (glue over cluster/)."""
+"""The cluster commands of the CLI: `expertmesh up`, `down`, `node remove`, `status` and `plan` (glue over cluster/).
+
+Light to import (Ray is imported only when a command reaches a cluster), so `expertmesh --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from expertmesh.cli_options import add_gpu_arg, add_spec_args, positive, spec_and_zoo
+from expertmesh.cluster.demand import placement_problem
+from expertmesh.cluster.explain import format_plan, plan_json
+from expertmesh.cluster.local import (LocalClusterConfig, describe, down, format_status, inventory, read_state,
+                                      remove_node, up)
+from expertmesh.cluster.placement import NodeCapacity, plan
 from expertmesh.errors import InvalidArgument
+from expertmesh.profiler.serving_profiles import default_store_path, serving_devices, usable_profiles
+from expertmesh.profiler.store import ProfileStore
+from expertmesh.profiler.usage import from_spec
 
 
 def cmd_plan(args) -> int:
-    from expertmesh.cluster.demand import placement_problem
-    from expertmesh.cluster.explain import format_plan, plan_json
-    from expertmesh.cluster.placement import NodeCapacity, plan
-    from expertmesh.profiler.run import default_store_path, usable_profiles
-    from expertmesh.profiler.store import ProfileStore
-    from expertmesh.profiler.usage import from_spec
-
-    from expertmesh.cli import _spec_and_zoo
-
-    spec, zoo_root = _spec_and_zoo(args)
+    spec, zoo_root = spec_and_zoo(args)
     store = ProfileStore.load(Path(args.profile) if args.profile else default_store_path(zoo_root))
     warn = lambda m: print(f"warning: {m}", file=sys.stderr)  # noqa: E731
-    profiles = usable_profiles(store, spec, zoo_root, "cpu", warn=warn)
-    from expertmesh.cluster.local import describe, inventory, read_state
-
+    # the entries of the device each expert will be served on (the same choice `expertmesh serve` makes)
+    profiles = usable_profiles(store, spec, zoo_root, serving_devices(spec, args.expert_num_gpus), warn=warn)
     address = args.address or (None if args.nodes else (read_state() or {}).get("address"))
     if address:
         nodes = inventory(describe(address))
@@ -45,10 +48,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from pydantic import ValidationError
-
-    from expertmesh.cluster.local import LocalClusterConfig, up
-
     try:
         cfg = LocalClusterConfig(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, node_memory_gb=args.node_memory_gb,
                                  cpus_per_node=args.cpus_per_node, pool=args.pool,
@@ -69,23 +68,17 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from expertmesh.cluster.local import down
-
     print("local cluster stopped" if down() else "no local cluster is up")
     return 0
 
 
 def cmd_node_remove(args) -> int:
-    from expertmesh.cluster.local import remove_node
-
     remove_node(args.name)
     print(f"removed {args.name}")
     return 0
 
 
 def cmd_status(args) -> int:
-    from expertmesh.cluster.local import describe, format_status, read_state
-
     address = args.address or (read_state() or {}).get("address")
     if not address:
         raise InvalidArgument("no local cluster is up and no --address given", field="--address",
@@ -94,7 +87,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-def register(sub, add_spec_args: Callable[[argparse.ArgumentParser], None], positive: Callable) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the cluster subcommands to the CLI's subparsers."""
     upp = sub.add_parser("up", help="start a multi-node Ray cluster on this machine (loopback only)")
     upp.add_argument("--nodes", type=int, default=3, help="nodes, the head included")
@@ -123,6 +116,7 @@ def register(sub, add_spec_args: Callable[[argparse.ArgumentParser], None], posi
     pl.add_argument("--node-memory-gb", type=positive(float), default=16.0, help="device memory per node, GiB")
     pl.add_argument("--rps", type=positive(float), default=20.0, help="requests per second to plan for")
     pl.add_argument("--method", choices=["auto", "exact", "heuristic"], default="auto")
+    add_gpu_arg(pl)  # plan with the profile entries of the device the experts will be served on
     pl.add_argument("--explain", action="store_true", help="say why each expert sits where it does")
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(func=cmd_plan)

@@ -11,12 +11,13 @@ from __future__ import annotations
 from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, PlacementConfig, PlacementProblem
 from expertmesh.errors import FailedPrecondition
 from expertmesh.experts.spec import CoESpec
+from expertmesh.profiler.serving_profiles import serving_batch
 from expertmesh.profiler.store import ExpertProfile, UsageProfile
 
 
 def expert_memory_bytes(p: ExpertProfile) -> int:
-    best = next((b for b in p.batches if b.batch_size == p.max_useful_batch), p.batches[-1])
-    return max(best.peak_bytes, p.footprint_bytes)
+    """What a replica holds at its serving batch: the batch's measured peak (weights included), at least the weights."""
+    return max(serving_batch(p).peak_bytes, p.footprint_bytes)
 
 
 def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from expertmesh.cluster.connect import connect, keep_ray_on_loopback
+from expertmesh.cluster.labels import MEMORY_RESOURCE, NODE_LABEL, POOL_LABEL
+from expertmesh.cluster.placement import NodeCapacity
 from expertmesh.errors import FailedPrecondition, InvalidArgument, Unavailable
-
-NODE_LABEL = "expertmesh.io/node"
-POOL_LABEL = "expertmesh.io/pool"
-MEMORY_RESOURCE = "expertmesh_memory_mib"
+from expertmesh.home import expertmesh_home
 
 
 class LocalClusterConfig(BaseModel):
@@ -49,17 +49,15 @@ class LocalClusterConfig(BaseModel):
 
 
 def default_state_path() -> Path:
-    home = Path(os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache" / "expertmesh")
-    return home / "cluster" / "state.json"
+    return expertmesh_home() / "cluster" / "state.json"
 
 
 # ------------------------------------------------------------------ the supervisor (a detached process)
 def supervise(cfg: LocalClusterConfig, state_path: Path) -> None:
     """Start the cluster, write the state file, and keep it up until SIGTERM/SIGINT."""
-    from expertmesh.deployments.runner import keep_ray_on_loopback
-
     keep_ray_on_loopback()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray is imported only in the supervisor process (and `describe`): the CLI side of this module stays fast
     from ray.cluster_utils import Cluster
 
     stop = {"now": False}
@@ -188,8 +186,6 @@ def remove_node(name: str, state_path: Path | None = None, timeout_s: float = 30
 
 def describe(address: str) -> dict:
     """Nodes (name, labels, capacity, alive) and where each Serve replica runs, from the live cluster."""
-    from expertmesh.deployments.runner import connect
-
     ray = connect(address)
     nodes = []
     names = {}
@@ -203,7 +199,7 @@ def describe(address: str) -> dict:
                       "memory_mib": res.get(MEMORY_RESOURCE, 0), "metrics_port": n.get("MetricsExportPort")})
     replicas: dict[str, list[str]] = {}
     try:
-        from ray.util.state import list_actors
+        from ray.util.state import list_actors  # Ray's state API: imported with Ray, on a cluster command only
 
         for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000):
             if a.class_name.startswith("ServeReplica:"):
@@ -214,10 +210,8 @@ def describe(address: str) -> dict:
     return {"nodes": nodes, "replicas": {k: sorted(v) for k, v in sorted(replicas.items())}}
 
 
-def inventory(desc: dict) -> list:
+def inventory(desc: dict) -> list[NodeCapacity]:
     """The alive nodes of `describe()` as the planner's NodeCapacity (memory from `expertmesh_memory_mib`)."""
-    from expertmesh.cluster.placement import NodeCapacity
-
     nodes = [NodeCapacity(name=n["name"], memory_bytes=int(n["memory_mib"] * 2**20), labels={POOL_LABEL: n["pool"]})
              for n in desc["nodes"] if n["alive"] and n["memory_mib"] > 0]
     if not nodes:

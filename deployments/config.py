@@ -1,9 +1,11 @@
 """Serve settings and the Serve config built from a spec: pure data, no Ray.
 
 `deployment_options` is the one source of every deployment's options (autoscaling, batching,
-fractional CPU/GPU, queue limits): the app builder applies them in code, and
-`build_serve_config` writes them into the config file that `serve deploy` (and, later,
-KubeRay's serveConfigV2) runs, so the two can never disagree.
+fractional CPU/GPU, queue limits), and `proxy_options` of the HTTP and gRPC proxies': the app builder
+and `expertmesh serve` apply them in code, and `build_serve_config` writes them into the config file
+that `serve deploy` and KubeRay (the Helm chart's RayService, as its serveConfigV2) run, so the two
+can never disagree. `app_profiles` is the one choice of profile entries: those of the device each
+expert runs on, for serving and for the placement controller alike.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.spec import CoESpec, ExpertSpec
-from expertmesh.profiler.store import ExpertProfile
+from expertmesh.profiler.serving_profiles import serving_device, serving_devices, usable_profiles
+from expertmesh.profiler.store import ExpertProfile, ProfileStore
 
 APP_NAME = "expertmesh"
 ROUTER_DEPLOYMENT = "Router"
@@ -89,7 +93,7 @@ class AppArgs(BaseModel):
 
 
 def _uses_gpu(expert: ExpertSpec, settings: ServeSettings) -> bool:
-    return expert.device in ("cuda", "auto") and settings.expert_num_gpus > 0
+    return serving_device(expert, settings.expert_num_gpus) == "cuda"
 
 
 def expert_options(expert: ExpertSpec, settings: ServeSettings, profile: ExpertProfile | None = None) -> dict[str, Any]:
@@ -131,8 +135,6 @@ def pin_to_nodes(options: dict[str, Any], nodes: list[str], all_nodes: list[str]
     Several get at least one replica each (at most their share per node, so Serve spreads them) and a selector that
     excludes the other planned nodes (`!in(...)`), or none when they are all of them: losing one of its nodes then
     leaves the selector unchanged, so the surviving replicas keep running instead of restarting."""
-    from expertmesh.cluster.local import NODE_LABEL
-
     if len(nodes) == 1:
         selector: dict[str, str] | None = {NODE_LABEL: nodes[0]}
     else:
@@ -185,37 +187,34 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     return opts
 
 
-def profile_device(settings: ServeSettings) -> str:
-    """The device whose profiles apply: cuda when experts get GPUs and one is present, else cpu."""
-    if settings.expert_num_gpus > 0:
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
+def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, ExpertProfile]:
+    """The profile entries the app is served with, and the placement controller re-plans with: the current entries
+    of `args.profile` for the device each expert runs on (`serving_devices`: from the spec and `expert_num_gpus`,
+    not from the machine building the app); stale ones are warned about and left out. Empty without a store."""
+    if not args.profile:
+        return {}
+    store = ProfileStore.load(Path(args.profile))
+    return usable_profiles(store, spec, Path(args.zoo), serving_devices(spec, args.settings.expert_num_gpus), warn=warn)
 
 
 def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """`deployment_options` with the profile store (current entries only; stale ones warned) and the placement of
-    `args` applied."""
-    profiles = None
-    if args.profile:
-        from expertmesh.profiler.run import usable_profiles
-        from expertmesh.profiler.store import ProfileStore
+    """`deployment_options` with the profile entries (`app_profiles`) and the placement of `args` applied."""
+    return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement)
 
-        store = ProfileStore.load(Path(args.profile))
-        profiles = usable_profiles(store, spec, Path(args.zoo), profile_device(args.settings), warn=warn)
-    return deployment_options(spec, args.settings, profiles, args.placement)
+
+def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:
+    """Serve's `http_options` and `grpc_options` (as the config file spells them; `serve.start` takes the same)."""
+    s = settings
+    return {"http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
+            "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": True,
+                             "request_timeout_s": s.request_timeout_s}}
 
 
 def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """A Serve config file (the schema `serve deploy` accepts) for the spec's application."""
-    s = args.settings
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
-        "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": True,
-                         "request_timeout_s": s.request_timeout_s},
+        **proxy_options(args.settings),
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",

@@ -12,9 +12,15 @@ import signal
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, deployment_options
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+from ray.serve.schema import ApplicationStatus
+
+from expertmesh.cluster.connect import is_loopback, keep_ray_on_loopback
+from expertmesh.deployments.app import build_app
+from expertmesh.deployments.config import APP_NAME, AppArgs, deployment_options, proxy_options
 from expertmesh.errors import FailedPrecondition, Unavailable
 from expertmesh.experts.spec import load_spec
 
@@ -28,33 +34,6 @@ def initial_cpus(args: AppArgs) -> float:
     return total
 
 
-def keep_ray_on_loopback() -> None:
-    """Make a Ray started by this process use 127.0.0.1 for every node address (by default Ray picks the
-    machine's network address, even with `_node_ip_address="127.0.0.1"`). Must run before Ray is imported."""
-    import sys
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray then resolves its node address to loopback
-    if "ray" in sys.modules:
-        import ray._private.ray_constants as ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def is_loopback(address: str) -> bool:
-    return address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "::1")
-
-
-def connect(address: str):
-    """Join a running Ray cluster as a driver (a loopback cluster stays on loopback); returns the `ray` module."""
-    if is_loopback(address):
-        keep_ray_on_loopback()
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
-    return ray
-
-
 def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -> None:
     """Start Ray (or join `address`) and Serve, and deploy the application. Returns once it is running.
 
@@ -64,12 +43,6 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not address or is_loopback(address):
         keep_ray_on_loopback()
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from expertmesh.deployments.app import build_app
-
     needed = initial_cpus(args)
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -82,12 +55,10 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
         ray.shutdown()
         raise FailedPrecondition(f"the app's initial replicas need {needed:.2f} logical CPUs, the cluster has {have:.2f}",
                                  field="expert_num_cpus", fix="add nodes, or lower expert_num_cpus / min_replicas")
-    s = args.settings
+    proxies = proxy_options(args.settings)
     # every node of a loopback cluster shares 127.0.0.1: only one proxy can hold the ports, so run it on the head
     serve.start(proxy_location="HeadOnly" if not address or is_loopback(address) else "EveryNode",
-                http_options={"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
-                grpc_options=gRPCOptions(port=s.grpc_port, grpc_servicer_functions=[GRPC_SERVICER], enable_reflection=True,
-                                         request_timeout_s=s.request_timeout_s))
+                http_options=proxies["http_options"], grpc_options=gRPCOptions(**proxies["grpc_options"]))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
@@ -96,11 +67,6 @@ def redeploy(args: AppArgs, timeout_s: float = 300.0, poll_s: float = 0.5) -> No
 
     Submits without blocking, then waits for RUNNING itself: during a node loss a replica that dies mid-update
     makes Serve report DEPLOY_FAILED for a moment while it replaces it, which `serve.run` would take as final."""
-    from ray import serve
-    from ray.serve.schema import ApplicationStatus
-
-    from expertmesh.deployments.app import build_app
-
     serve._run(build_app(args), name=APP_NAME, route_prefix="/", _blocking=False)  # serve.run minus the strict wait
     deadline = time.monotonic() + timeout_s
     status = None
@@ -115,9 +81,6 @@ def redeploy(args: AppArgs, timeout_s: float = 300.0, poll_s: float = 0.5) -> No
 
 
 def stop() -> None:
-    import ray
-    from ray import serve
-
     try:
         serve.shutdown()
     finally:
@@ -150,7 +113,3 @@ def endpoints(args: AppArgs) -> list[str]:
             f"HTTP  http://{host}:{s.http_port}/v1/inspect  (POST JSON, base64 image)",
             f"HTTP  http://{host}:{s.http_port}/-/healthz  (health check)"]
 
-
-def dev_tokens_path() -> Path:
-    home = Path(os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache" / "expertmesh")
-    return home / "dev-tokens.yaml"

@@ -3,11 +3,14 @@
 Open loop: request i is sent at i / rate seconds whatever the server does, from a thread pool, so
 a slow server shows up as latency and errors rather than as a slower client. Ground truth comes
 from the generator, so the station also measures verdict accuracy. Bounded: it stops after
-`duration_s` and waits at most `timeout_s` for what is in flight.
+`duration_s` and waits at most `timeout_s` for what is in flight. A run fails (`StationReport.failure`:
+`expertmesh station` exits 1) when any request failed or none was answered.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import threading
 import time
@@ -15,14 +18,19 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import grpc
 import numpy as np
 
 from expertmesh.experts.pcb_aoi import generator
+from expertmesh.experts.pcb_aoi.truth import sample_pairs, verdict_correct
 from expertmesh.experts.preprocess import encode_png
+from expertmesh.router.plan import Verdict
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
+
+Component = tuple[str, str, bytes]  # (component, defect, png)
 
 
 @dataclass
@@ -33,39 +41,38 @@ class StationReport:
     num_ok: int = 0
     num_components: int = 0
     throughput_per_s: float = 0.0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
+    p50_ms: float | None = None  # None: no request was answered
+    p99_ms: float | None = None
     verdict_accuracy: float = 0.0
     errors_by_code: dict[str, int] = field(default_factory=dict)
     experts_hit: dict[str, int] = field(default_factory=dict)
 
+    def failure(self) -> str | None:
+        """Why this run failed (any request failed, or none was answered); None when it did not."""
+        num_failed = sum(self.errors_by_code.values())
+        if num_failed:
+            return f"{num_failed} of {self.num_sent} requests failed"
+        if self.num_ok == 0:
+            return f"no request was answered ({self.num_sent} sent)"
+        return None
+
     def format(self) -> str:
+        latency = (f"latency p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms" if self.p50_ms is not None
+                   else "latency: no request answered")
         lines = [f"station -> {self.target}: {self.num_sent} requests in {self.duration_s:.1f} s, "
                  f"{self.num_components} components answered ({self.throughput_per_s:.1f} components/s)",
-                 f"latency p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms; verdict accuracy {self.verdict_accuracy:.4f}",
+                 f"{latency}; verdict accuracy {self.verdict_accuracy:.4f}",
                  "errors by code: " + (", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_code.items())) or "none"),
                  "expert hits: " + ", ".join(f"{k} {v}" for k, v in sorted(self.experts_hit.items(), key=lambda kv: -kv[1]))]
+        if (why := self.failure()) is not None:
+            lines.append(f"FAILED: {why}")
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
-def sample_pairs(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[tuple[str, str, int]]:
-    """n (component, defect, image index) drawn from the category mix (default uniform) with the given defect rate."""
-    rng = np.random.default_rng(seed)
-    comps = list(generator.COMPONENTS)
-    p = np.array([(mix or {}).get(c, 1.0) for c in comps], dtype=float)
-    out = []
-    for i in range(n):
-        comp = comps[int(rng.choice(len(comps), p=p / p.sum()))]
-        defects = [d for d in generator.defects_for(comp) if d != "ok"]
-        defect = defects[int(rng.integers(len(defects)))] if rng.random() < defect_rate else "ok"
-        out.append((comp, defect, i))
-    return out
-
-
-def sample_components(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[tuple[str, str, bytes]]:
+def sample_components(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[Component]:
     """n (component, defect, png) drawn from the category mix (default uniform) with the given defect rate."""
     return [(c, d, encode_png(generator.generate(c, d, seed, i))) for c, d, i in sample_pairs(n, seed, defect_rate, mix)]
 
@@ -78,70 +85,122 @@ def trace_record(resp: pb.InspectResponse) -> dict:
                          "reason": t.reason, "because_of": t.because_of, "node_id": t.node_id} for t in resp.experts]}
 
 
+def response_verdict(resp: pb.InspectResponse) -> Verdict:
+    """The response's verdict; an unset one (VERDICT_UNSPECIFIED) counts as UNCERTAIN."""
+    name = pb.Verdict.Name(resp.verdict)
+    return Verdict(name) if name in Verdict.__members__ else Verdict.UNCERTAIN
+
+
+class _Tally:
+    """What a run has seen so far; every method may be called from the sending threads."""
+
+    def __init__(self, traces: IO[str] | None) -> None:
+        self.lock = threading.Lock()
+        self.traces = traces
+        self.latencies_ms: list[float] = []
+        self.correct = self.answered = 0
+        self.errors: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
+
+    def answer(self, resp: pb.InspectResponse, defect: str) -> None:
+        with self.lock:
+            self.answered += 1
+            self.correct += verdict_correct(response_verdict(resp), defect)
+            self.hits.update(t.expert for t in resp.experts)
+            if self.traces is not None:
+                self.traces.write(json.dumps(trace_record(resp)) + "\n")
+
+    def request_done(self, latency_ms: float) -> None:
+        with self.lock:
+            self.latencies_ms.append(latency_ms)
+
+    def request_failed(self, code: str) -> None:
+        with self.lock:
+            self.errors[code] += 1
+
+    def report(self, target: str, elapsed_s: float, num_sent: int) -> StationReport:
+        with self.lock:
+            lat = np.array(self.latencies_ms)
+            answered = bool(len(lat))
+            return StationReport(
+                target=target, duration_s=elapsed_s, num_sent=num_sent, num_ok=len(lat), num_components=self.answered,
+                throughput_per_s=self.answered / elapsed_s, p50_ms=float(np.percentile(lat, 50)) if answered else None,
+                p99_ms=float(np.percentile(lat, 99)) if answered else None,
+                verdict_accuracy=self.correct / max(self.answered, 1), errors_by_code=dict(self.errors),
+                experts_hit=dict(self.hits))
+
+
+@dataclass(frozen=True)
+class _Sender:
+    """Sends request i (one component, or a board of `board_size`) and tallies what comes back."""
+
+    stub: pb_grpc.InspectionServiceStub
+    tally: _Tally
+    pool: list[Component]
+    token: str
+    factory_id: str
+    station_id: str
+    board_size: int
+    timeout_s: float
+
+    def __call__(self, i: int, board: bool) -> None:
+        metadata = (("authorization", f"Bearer {self.token}"),)
+        t0 = time.perf_counter()
+        try:
+            if board:
+                picks = [self.pool[(i * self.board_size + k) % len(self.pool)] for k in range(self.board_size)]
+                req = pb.InspectBoardRequest(board_id=f"{self.station_id}-board-{i}", factory_id=self.factory_id,
+                                             station_id=self.station_id,
+                                             components=[pb.InspectRequest(image=img) for _, _, img in picks])
+                for resp in self.stub.InspectBoard(req, metadata=metadata, timeout=self.timeout_s):
+                    self.tally.answer(resp, picks[resp.component_index][1])
+            else:
+                _, defect, img = self.pool[i % len(self.pool)]
+                req = pb.InspectRequest(request_id=f"{self.station_id}-{i}", factory_id=self.factory_id,
+                                        station_id=self.station_id, image=img)
+                self.tally.answer(self.stub.Inspect(req, metadata=metadata, timeout=self.timeout_s), defect)
+            self.tally.request_done((time.perf_counter() - t0) * 1000.0)
+        except grpc.RpcError as err:
+            self.tally.request_failed(err.code().name)
+
+
 def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, duration_s: float, station_id: str = "station-1",
                 board_fraction: float = 0.1, board_size: int = 6, defect_rate: float = 0.3, seed: int = 7,
                 mix: dict[str, float] | None = None, timeout_s: float = 30.0, progress: bool = True,
                 traces_path: Path | None = None) -> StationReport:
     pool = sample_components(256, seed, defect_rate, mix)
-    traces = open(traces_path, "w") if traces_path else None  # noqa: SIM115 - closed below
     rng = np.random.default_rng(seed + 1)
-    lock = threading.Lock()
-    latencies: list[float] = []
-    correct = answered = sent = 0
-    errors: Counter[str] = Counter()
-    hits: Counter[str] = Counter()
-    metadata = (("authorization", f"Bearer {token}"),)
+    with open(traces_path, "w") if traces_path else contextlib.nullcontext() as traces:
+        tally = _Tally(traces)
+        start = time.perf_counter()
+        next_report = start + 5.0
+        sent = 0
+        with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(max_workers=64) as ex:
+            send = _Sender(pb_grpc.InspectionServiceStub(channel), tally, pool, token, factory_id, station_id,
+                           board_size, timeout_s)
+            while (now := time.perf_counter()) - start < duration_s:
+                due = start + sent / rate_per_s
+                if due > now:
+                    time.sleep(min(due - now, 0.05))
+                    continue
+                ex.submit(send, sent, bool(rng.random() < board_fraction))
+                sent += 1
+                if progress and now >= next_report:
+                    with tally.lock:
+                        print(f"  {now - start:5.1f} s: sent {sent}, answered {tally.answered}, "
+                              f"errors {sum(tally.errors.values())}", flush=True)
+                    next_report += 5.0
+        return tally.report(target, time.perf_counter() - start, sent)
 
-    def record(resp: pb.InspectResponse, defect: str) -> None:
-        nonlocal correct, answered
-        with lock:
-            answered += 1
-            correct += (resp.verdict == pb.PASS) == (defect == "ok") and resp.verdict != pb.UNCERTAIN
-            hits.update(t.expert for t in resp.experts)
-            if traces is not None:
-                traces.write(json.dumps(trace_record(resp)) + "\n")
 
-    def send(i: int, board: bool, stub: pb_grpc.InspectionServiceStub) -> None:
-        t0 = time.perf_counter()
-        try:
-            if board:
-                picks = [pool[(i * board_size + k) % len(pool)] for k in range(board_size)]
-                req = pb.InspectBoardRequest(board_id=f"{station_id}-board-{i}", factory_id=factory_id, station_id=station_id,
-                                             components=[pb.InspectRequest(image=img) for _, _, img in picks])
-                for resp in stub.InspectBoard(req, metadata=metadata, timeout=timeout_s):
-                    record(resp, picks[resp.component_index][1])
-            else:
-                comp, defect, img = pool[i % len(pool)]
-                record(stub.Inspect(pb.InspectRequest(request_id=f"{station_id}-{i}", factory_id=factory_id,
-                                                      station_id=station_id, image=img), metadata=metadata, timeout=timeout_s), defect)
-            with lock:
-                latencies.append((time.perf_counter() - t0) * 1000.0)
-        except grpc.RpcError as err:
-            with lock:
-                errors[err.code().name] += 1
 
-    start = time.perf_counter()
-    next_report = start + 5.0
-    with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(max_workers=64) as ex:
-        stub = pb_grpc.InspectionServiceStub(channel)
-        i = 0
-        while (now := time.perf_counter()) - start < duration_s:
-            due = start + i / rate_per_s
-            if due > now:
-                time.sleep(min(due - now, 0.05))
-                continue
-            ex.submit(send, i, bool(rng.random() < board_fraction), stub)
-            i += 1
-            sent = i
-            if progress and now >= next_report:
-                with lock:
-                    print(f"  {now - start:5.1f} s: sent {sent}, answered {answered}, errors {sum(errors.values())}", flush=True)
-                next_report += 5.0
-    elapsed = time.perf_counter() - start
-    if traces is not None:
-        traces.close()
-    lat = np.array(latencies) if latencies else np.array([0.0])
-    return StationReport(target=target, duration_s=elapsed, num_sent=sent, num_ok=len(latencies), num_components=answered,
-                         throughput_per_s=answered / elapsed, p50_ms=float(np.percentile(lat, 50)),
-                         p99_ms=float(np.percentile(lat, 99)), verdict_accuracy=correct / max(answered, 1),
-                         errors_by_code=dict(errors), experts_hit=dict(hits))
+def cmd_station(args: argparse.Namespace) -> int:
+    """`expertmesh station`: print the figures (and write them as JSON); exit 1 when the run failed."""
+    report = run_station(args.target, args.token, args.factory, rate_per_s=args.rate, duration_s=args.duration,
+                         station_id=args.station, board_fraction=args.board_fraction, defect_rate=args.defect_rate,
+                         seed=args.seed, progress=not args.no_progress,
+                         traces_path=Path(args.traces) if args.traces else None)
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return 1 if report.failure() else 0

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi import dataset
+from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.runtime import ExpertRuntime
 from expertmesh.experts.spec import CoESpec
 from expertmesh.experts.zoo import BASELINE_DIR, monolithic_spec
@@ -78,10 +79,8 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
     outcomes = [aggregate(spec, outputs[i]) for i in range(len(images))]
     used = [sum(params[o.expert] for o in outputs[i]) + params[spec.router.expert] for i in range(len(images))]
     coe = SystemAccuracy(
-        verdict_accuracy=float(np.mean([(o.verdict is Verdict.PASS) == (d == "ok") and o.verdict is not Verdict.UNCERTAIN
-                                        for o, (_, d) in zip(outcomes, truth)])),
-        defect_accuracy=float(np.mean([(o.defect or "ok") == d and o.verdict is not Verdict.UNCERTAIN
-                                       for o, (_, d) in zip(outcomes, truth)])),
+        verdict_accuracy=float(np.mean([verdict_correct(o.verdict, d) for o, (_, d) in zip(outcomes, truth)])),
+        defect_accuracy=float(np.mean([defect_correct(o.verdict, o.defect, d) for o, (_, d) in zip(outcomes, truth)])),
         num_uncertain=sum(o.verdict is Verdict.UNCERTAIN for o in outcomes),
         num_images=len(images),
         mean_experts_per_image=float(np.mean([len(outputs[i]) + 1 for i in range(len(images))])),
@@ -93,11 +92,12 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
         mspec = monolithic_spec(spec)
         rt = ExpertRuntime(mspec, zoo_root / BASELINE_DIR, device="cpu", image_limits=spec.image)
         rt.load()
-        preds = [p.label.split("/") for p in predict(rt, images)]
+        found = [p.label.split("/")[1] for p in predict(rt, images)]  # labels are component/defect
+        verdicts = [Verdict.PASS if f == NO_DEFECT else Verdict.DEFECT for f in found]
         n = rt.num_parameters
         mono = SystemAccuracy(
-            verdict_accuracy=float(np.mean([(pd == "ok") == (d == "ok") for (_, pd), (_, d) in zip(preds, truth)])),
-            defect_accuracy=float(np.mean([pd == d for (_, pd), (_, d) in zip(preds, truth)])),
+            verdict_accuracy=float(np.mean([verdict_correct(v, d) for v, (_, d) in zip(verdicts, truth)])),
+            defect_accuracy=float(np.mean([defect_correct(v, f, d) for v, f, (_, d) in zip(verdicts, found, truth)])),
             num_uncertain=0, num_images=len(images), mean_experts_per_image=1.0,
             active_parameters_per_image=float(n), total_parameters=n,
         )

@@ -111,7 +111,7 @@ class ExpertRuntime:
             if self._tier is Tier.HOST:
                 t0 = time.perf_counter()
                 self._model = self._model.to(self.device)
-                _sync(self.device)
+                sync_device(self.device)
                 moved = self._footprint_bytes if self.device.type != "cpu" else 0
                 self._tier = Tier.DEVICE
                 moves.append(TierMove(self.name, Tier.HOST, Tier.DEVICE, time.perf_counter() - t0, moved))
@@ -162,7 +162,8 @@ class ExpertRuntime:
         return self.infer(to_pixel_values(decoded, self.spec.input_size_px))
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously); a no-op on cpu. Time device work after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

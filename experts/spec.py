@@ -9,7 +9,6 @@ fixes a spec in one pass. `load_spec` runs both and raises `SpecError` listing t
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from expertmesh.errors import SpecError, SpecProblem
+from expertmesh.home import expertmesh_home
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 ARCHITECTURE_FAMILIES = ("resnet", "vit")
@@ -349,8 +349,7 @@ def default_zoo_root(spec: CoESpec, spec_path: Path | None = None) -> Path:
     if spec.zoo_dir is not None:
         base = spec_path.parent if spec_path is not None else Path.cwd()
         return (base / spec.zoo_dir).resolve()
-    home = Path(os.environ.get("EXPERTMESH_HOME") or Path.home() / ".cache" / "expertmesh")
-    return (home / "zoo" / spec.name).resolve()
+    return (expertmesh_home() / "zoo" / spec.name).resolve()
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

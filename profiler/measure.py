@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from expertmesh.experts.preprocess import to_pixel_values
-from expertmesh.experts.runtime import ExpertRuntime, Tier
+from expertmesh.experts.runtime import ExpertRuntime, Tier, sync_device
 from expertmesh.experts.spec import ExpertSpec
 from expertmesh.profiler.fit import batch_sizes_up_to, fit_linear, largest_useful_batch
 from expertmesh.profiler.store import (BatchTiming, ExpertProfile, MoveTiming, checkpoint_sha256, current_versions,
@@ -34,11 +34,6 @@ class MeasureConfig(BaseModel):
     memory_limit_bytes: int | None = Field(None, ge=1, description="a batch whose peak exceeds this is not useful")
     source_px: int = Field(96, ge=8, description="side of the decoded images fed to preprocessing")
     num_threads: int = Field(1, ge=1, description="torch threads, as in a serving replica")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _activation_bytes(model: torch.nn.Module, run: Callable[[], object]) -> int:
@@ -101,14 +96,14 @@ def profile_expert(expert: ExpertSpec, checkpoint_dir: Path, device: str, cfg: M
             for _ in range(cfg.warmup_runs):
                 run()
             if dev.type == "cuda":
-                _sync(dev)
+                sync_device(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
             times_ms = []
             for _ in range(cfg.runs):
-                _sync(dev)
+                sync_device(dev)
                 t0 = time.perf_counter()
                 run()
-                _sync(dev)
+                sync_device(dev)
                 times_ms.append((time.perf_counter() - t0) * 1000.0)
             if dev.type == "cuda":
                 peak = int(torch.cuda.max_memory_allocated(dev))

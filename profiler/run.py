@@ -2,8 +2,8 @@
 
 Current entries are skipped; missing ones are measured; stale ones (checkpoint, library versions or
 device changed) are reported with the reason and measured again. The store is saved after every
-expert, so an interrupted run keeps what it measured. `usable_profiles` is what the serving path
-reads: current entries only, with a warning for each stale one.
+expert, so an interrupted run keeps what it measured. What serving and planning read from the store
+(current entries of the device each expert runs on) is `profiler.serving_profiles`.
 """
 
 from __future__ import annotations
@@ -12,34 +12,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from expertmesh.errors import InvalidArgument
+from expertmesh.experts.offline import load_runtime, run_coe
+from expertmesh.experts.pcb_aoi import generator
+from expertmesh.experts.pcb_aoi.truth import sample_pairs
 from expertmesh.experts.spec import CoESpec, resolve_checkpoint
+from expertmesh.profiler import usage
 from expertmesh.profiler.measure import MeasureConfig, profile_expert
-from expertmesh.profiler.store import (DEFAULT_NAME, ExpertProfile, ProfileStore, checkpoint_sha256, current_versions,
-                                       device_name, stale_reasons)
-
-
-def default_store_path(zoo_root: Path) -> Path:
-    return Path(zoo_root) / DEFAULT_NAME
+from expertmesh.profiler.serving_profiles import (  # noqa: F401 - re-exported for callers of profiler.run
+    default_store_path, entry_and_stale_reasons, serving_batch, usable_profiles)
+from expertmesh.profiler.store import ProfileStore, UsageProfile
 
 
 def devices_present() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _stale(store: ProfileStore, spec: CoESpec, zoo_root: Path, expert: str, device: str,
-           hashes: dict[str, str]) -> tuple[ExpertProfile | None, list[str]]:
-    entry = store.get(expert, device)
-    if entry is None:
-        return None, ["not measured"]
-    e = spec.expert(expert)
-    if expert not in hashes:
-        hashes[expert] = checkpoint_sha256(resolve_checkpoint(e, zoo_root))
-    return entry, stale_reasons(entry, checkpoint_hash=hashes[expert], versions=current_versions(),
-                                device=device_name(device))
 
 
 def profile_zoo(spec: CoESpec, zoo_root: Path, store_path: Path, *, devices: list[str] | None = None,
@@ -62,7 +52,7 @@ def profile_zoo(spec: CoESpec, zoo_root: Path, store_path: Path, *, devices: lis
     todo = []
     for name in names:
         for d in devices:
-            entry, reasons = _stale(store, spec, zoo_root, name, d, hashes)
+            entry, reasons = entry_and_stale_reasons(store, spec, zoo_root, name, d, hashes)
             if force or reasons:
                 if entry is not None and reasons:
                     log(f"stale profile {name}@{d}: {'; '.join(reasons)} - measuring again")
@@ -86,30 +76,13 @@ def profile_zoo(spec: CoESpec, zoo_root: Path, store_path: Path, *, devices: lis
     return store
 
 
-def usable_profiles(store: ProfileStore, spec: CoESpec, zoo_root: Path, device: str,
-                    warn: Callable[[str], None] | None = None) -> dict[str, ExpertProfile]:
-    """Current entries for `device`, by expert; each stale entry is reported through `warn` and left out."""
-    out, hashes = {}, {}
-    for e in spec.experts:
-        entry, reasons = _stale(store, spec, zoo_root, e.name, device, hashes)
-        if entry is None:
-            continue
-        if reasons:
-            if warn:
-                warn(f"profile of {e.name}@{device} is stale ({'; '.join(reasons)}); using the spec's values - "
-                     "re-run `expertmesh profile`")
-            continue
-        out[e.name] = entry
-    return out
-
-
 def format_profiles(store: ProfileStore) -> str:
     head = (f"{'expert':<22}{'dev':<5}{'K ms/img':>9}{'B ms':>8}{'R2':>7}{'best n':>7}{'ms/img@n':>9}"
             f"{'weights KiB':>12}{'peak@n MiB':>11}{'disk>host ms':>13}{'host>dev ms':>12}")
     lines = [head, "-" * len(head)]
     for key in sorted(store.entries):
         p = store.entries[key]
-        best = next((b for b in p.batches if b.batch_size == p.max_useful_batch), p.batches[-1])
+        best = serving_batch(p)
         mv = {(m.source, m.target): m.median_s * 1000 for m in p.moves}
         lines.append(f"{p.expert:<22}{p.device:<5}{p.fit.k_ms_per_item:>9.3f}{p.fit.b_ms:>8.2f}{p.fit.r2:>7.3f}"
                      f"{p.max_useful_batch:>7}{best.median_ms / best.batch_size:>9.3f}{p.footprint_bytes / 1024:>12.0f}"
@@ -124,10 +97,8 @@ def format_profiles(store: ProfileStore) -> str:
 
 
 def measure_usage(spec: CoESpec, zoo_root: Path, source: str, *, traces: Path | None = None,
-                  sample_size: int = 2000, seed: int = 11, defect_rate: float = 0.3):
+                  sample_size: int = 2000, seed: int = 11, defect_rate: float = 0.3) -> UsageProfile:
     """Usage weights from the spec's mix, a generated sample run through the CoE, or recorded traces."""
-    from expertmesh.profiler import usage
-
     if source == "spec":
         return usage.from_spec(spec)
     if source == "traces":
@@ -137,12 +108,6 @@ def measure_usage(spec: CoESpec, zoo_root: Path, source: str, *, traces: Path | 
         return usage.from_traces(spec, Path(traces))
     if source != "sample":
         raise InvalidArgument(f"unknown usage source {source!r}", field="usage", fix="use spec, sample or traces")
-    import numpy as np
-
-    from expertmesh.experts.offline import load_runtime, run_coe
-    from expertmesh.experts.pcb_aoi import generator
-    from expertmesh.station import sample_pairs
-
     if spec.dataset != "pcb-aoi":
         raise InvalidArgument(f"no generator for dataset {spec.dataset!r}", field="usage",
                               fix="use --usage spec or --usage traces")

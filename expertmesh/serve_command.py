@@ -1,0 +1,136 @@
+"""`expertmesh serve` (glue over deployments/ and cluster/): start or join Ray, deploy the app, and optionally run a
+station against it, a local Prometheus beside it and the placement controller over it.
+
+It starts Ray and builds the app (torch, Ray Serve: tens of seconds to import on a small machine), so `cli.py`
+imports this module only when `serve` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+import urllib.parse
+
+from expertmesh.cli_options import app_args, spec_and_zoo, tokens_file
+from expertmesh.cluster.controller import PlacementController
+from expertmesh.cluster.local import read_state
+from expertmesh.cluster.observed import UsageWatch
+from expertmesh.cluster.prometheus import PrometheusServer, scrape_targets
+from expertmesh.deployments import runner
+from expertmesh.deployments.auth import TokenTable
+from expertmesh.deployments.config import AppArgs, app_profiles
+from expertmesh.deployments.dashboard import HIT_RATE_SINCE_START
+from expertmesh.errors import FailedPrecondition, InvalidArgument
+from expertmesh.experts.spec import CoESpec
+from expertmesh.profiler.store import ProfileStore
+from expertmesh.profiler.usage import from_spec
+from expertmesh.station import StationReport, run_station
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until a signal, --duration, or the end of the station run (--stop-after-station). Exit 1 when the
+    station run failed (a request failed, or none was answered)."""
+    spec, zoo_root = spec_and_zoo(args)
+    args.address = _cluster_address(args.address)
+    tokens = tokens_file(args)
+    app = app_args(args, zoo_root, tokens)
+    if args.replan and not (args.address and app.placement):
+        raise InvalidArgument("--replan needs a cluster and a plan", field="--replan",
+                              fix="pass --address HOST:PORT and --plan FILE (expertmesh up; expertmesh plan --json FILE)")
+    print(f"starting Ray and Serve, deploying {spec.name!r} ({len(spec.experts)} experts) from {zoo_root} ...", flush=True)
+    t0 = time.perf_counter()
+    prometheus = controller = report = None
+    try:
+        runner.start(app, args.address, metrics_port=args.metrics_port)
+        print(f"serving after {time.perf_counter() - t0:.1f} s:")
+        for line in runner.endpoints(app):
+            print(f"  {line}")
+        print(f"  tokens: {tokens} (send `authorization: Bearer <token>`)", flush=True)
+        prometheus = _start_prometheus(args)
+        if args.replan:
+            controller = _start_controller(args, spec, app)
+        if args.station_seconds:
+            report = _station_run(args, spec, app, tokens, prometheus)
+        if args.stop_after_station and report is not None:
+            reason = "station run done"
+        else:
+            print("serving until Ctrl-C or SIGTERM", flush=True)
+            reason = runner.wait_for_signal(args.duration)
+        print(f"stopping ({reason}): Prometheus, Serve, then Ray", flush=True)
+    finally:
+        if controller is not None:
+            controller.stop_event.set()
+        if prometheus is not None:
+            prometheus.stop()
+        runner.stop()
+    return 1 if report is not None and report.failure() else 0
+
+
+def _cluster_address(address: str | None) -> str | None:
+    """--address as given; `local`: the cluster `expertmesh up` started."""
+    if address != "local":
+        return address
+    found = (read_state() or {}).get("address")
+    if not found:
+        raise FailedPrecondition("--address local, but no local cluster is up", field="--address",
+                                 fix="start one with `expertmesh up`, or pass HOST:PORT")
+    return found
+
+
+def _station_run(args: argparse.Namespace, spec: CoESpec, app: AppArgs, tokens: str,
+                 prometheus: PrometheusServer | None) -> StationReport:
+    table = TokenTable.load(tokens)
+    token, factory = next(iter(table.factories_by_token.items()))
+    print(f"station run for {args.station_seconds:.0f} s at {args.station_rate} req/s as {factory} ...", flush=True)
+    report = run_station(f"127.0.0.1:{app.settings.grpc_port}", token, factory, rate_per_s=args.station_rate,
+                         duration_s=args.station_seconds, mix={c.name: c.probability for c in spec.categories})
+    print(report.format(), flush=True)
+    if prometheus is not None:
+        _print_hit_rates(prometheus)
+    return report
+
+
+def _start_controller(args: argparse.Namespace, spec: CoESpec, app: AppArgs) -> PlacementController:
+    """The placement controller: re-plans and redeploys when a node is lost or joins. It plans with the profile
+    entries the app is served with (`app_profiles`: those of the device each expert runs on)."""
+    if not app.profile:
+        raise InvalidArgument("--replan needs a profile", field="--profile", fix="run `expertmesh profile` first")
+    usage = ProfileStore.load(app.profile).usage or from_spec(spec)
+    controller = PlacementController(
+        args.address, spec, app_profiles(spec, app), usage, args.plan_rps, app.placement,
+        apply=lambda placement: runner.redeploy(app.model_copy(update={"placement": placement})),
+        watch=UsageWatch(scrape_targets, spec.router.expert), log=lambda m: print(f"[placement] {m}", flush=True))
+    controller.start()
+    print("  placement controller: re-plans on node loss or join, and on lasting traffic drift", flush=True)
+    return controller
+
+
+def _start_prometheus(args: argparse.Namespace) -> PrometheusServer | None:
+    """A local Prometheus scraping this cluster's nodes, when installed (else a hint); None when not running."""
+    if args.no_prometheus:
+        return None
+    if shutil.which("prometheus") is None:
+        print("  metrics: Ray's /metrics on each node (port %d here); install prometheus to get a local server"
+              % args.metrics_port, flush=True)
+        return None
+    prom = PrometheusServer(port=args.prometheus_port).start()
+    print(f"  metrics: Prometheus at {prom.url} scraping {', '.join(prom.refresh_targets())}")
+    print(f"  expert hit rate: {prom.url}/graph?g0.expr=" + urllib.parse.quote(HIT_RATE_SINCE_START, safe=""))
+    print(f"     query: {HIT_RATE_SINCE_START}", flush=True)
+    return prom
+
+
+def _print_hit_rates(prom: PrometheusServer, wait_s: float = 25.0) -> None:
+    """After a station run: the hit rates Prometheus has (Ray reports metrics every few seconds)."""
+    deadline = time.monotonic() + wait_s
+    rows = []
+    while time.monotonic() < deadline and not rows:
+        time.sleep(5)
+        rows = prom.query(HIT_RATE_SINCE_START)
+    if not rows:
+        print("expert hit rate: no data in Prometheus yet", flush=True)
+        return
+    print("expert hit rate (Prometheus, since start):")
+    for r in sorted(rows, key=lambda r: r["metric"].get("expert", "")):
+        print(f"  {r['metric'].get('expert', '?'):<24} {float(r['value'][1]):.3f}")

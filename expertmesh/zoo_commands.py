@@ -1,0 +1,64 @@
+"""The model commands of the CLI: `expertmesh zoo build`, `zoo report` and `profile` (glue over experts/ and profiler/).
+
+They train, evaluate and measure models, so this module imports torch and transformers (tens of seconds on a small
+machine); `cli.py` imports it only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
+from expertmesh.experts.report import evaluate, format_report, write_report
+from expertmesh.experts.zoo import build_zoo
+from expertmesh.profiler.measure import MeasureConfig
+from expertmesh.profiler.plot import plot_profiles
+from expertmesh.profiler.run import format_profiles, measure_usage, profile_zoo
+from expertmesh.profiler.serving_profiles import default_store_path
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    spec, zoo_root = spec_and_zoo(args)
+    if args.seed is not None:
+        spec = spec.model_copy(update={"seed": args.seed})
+    print(f"building zoo of {spec.name!r} into {zoo_root}")
+    res = build_zoo(spec, zoo_root, only=args.only, force=args.force, baseline=not args.no_baseline,
+                    device=args.device, progress=not args.no_progress)
+    print(f"zoo build done in {res.seconds:.1f} s: {len(res.trained)} trained, {len(res.skipped)} up to date")
+    return 0
+
+
+def cmd_zoo_report(args: argparse.Namespace) -> int:
+    spec, zoo_root = checked_spec_and_zoo(args)
+    report = evaluate(spec, zoo_root, progress=not args.no_progress)
+    print(format_report(report))
+    out = Path(args.json) if args.json else zoo_root / "report.json"
+    write_report(report, out)
+    print(f"JSON report: {out}")
+    if args.min_router_accuracy is not None and report.router_accuracy < args.min_router_accuracy:
+        print(f"FAIL: router accuracy {report.router_accuracy:.4f} < {args.min_router_accuracy}", file=sys.stderr)
+        return 1
+    if args.min_verdict_accuracy is not None and report.coe.verdict_accuracy < args.min_verdict_accuracy:
+        print(f"FAIL: verdict accuracy {report.coe.verdict_accuracy:.4f} < {args.min_verdict_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    spec, zoo_root = checked_spec_and_zoo(args)
+    out = Path(args.out) if args.out else default_store_path(zoo_root)
+    cfg = MeasureConfig(runs=args.runs, max_batch=args.max_batch)
+    t0 = time.perf_counter()
+    store = profile_zoo(spec, zoo_root, out, devices=args.device, experts=args.experts, cfg=cfg, force=args.force,
+                        progress=not args.no_progress)
+    print(f"usage weights from {args.usage} ...", flush=True)
+    store.usage = measure_usage(spec, zoo_root, args.usage, traces=args.traces, sample_size=args.sample_size)
+    store.save(out)
+    print(format_profiles(store))
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    plot_profiles([store.entries[k] for k in sorted(store.entries)], plot, title=f"{spec.name}: latency against batch size")
+    print(f"profile: {out}\nplot: {plot}\ntook {time.perf_counter() - t0:.1f} s")
+    return 0
