@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from expertmesh.errors import FailedPrecondition, InvalidArgument
 
@@ -145,7 +146,8 @@ def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
     node_names = [n.name for n in p.nodes]
     by_name = {e.name: e for e in p.experts}
     mem = {n: sum(by_name[e].memory_bytes for e, ns in replicas.items() if n in ns) for n in node_names}
-    load = {n: sum(by_name[e].load for e, h in homes.items() if h == n and not by_name[e].everywhere) for n in node_names}
+    load = {n: sum(by_name[e].load for e, h in sorted(homes.items()) if h == n and not by_name[e].everywhere)
+            for n in node_names}  # summed in name order: the same figures whatever order homes were found in
     edges = _merged_edges(p)
     cut = []
     for (u, v), w in edges.items():
@@ -191,79 +193,116 @@ def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
 
 
 # ---------------------------------------------------------------------------------------------- exact
-def _solve_exact(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str]]] | None:
-    from scipy.optimize import Bounds, LinearConstraint, milp
+@dataclass(frozen=True)
+class _MilpLayout:
+    """Where each variable sits in the MILP's vector: h[e,n] (home), x[e,n] (replica), c[k,n] (edge k cut at node
+    n), then one continuous variable, the busiest node's load."""
 
-    experts = [e for e in p.experts]
-    nodes = [n.name for n in p.nodes]
-    ne, nn = len(experts), len(nodes)
-    edges = [(u, v, w) for (u, v), w in _merged_edges(p).items()]
-    idx = {e.name: i for i, e in enumerate(experts)}
-    # variables: h[e,n] (home), x[e,n] (replica), c[k,n] (edge k cut at node n)
-    nh, nx = ne * nn, ne * nn
-    nvar = nh + nx + len(edges) * nn + 1  # the last: the busiest node's load (continuous)
-    lmax = nvar - 1
+    num_experts: int
+    num_nodes: int
+    num_edges: int
 
-    def h(e, n):
-        return e * nn + n
+    @property
+    def num_vars(self) -> int:
+        return 2 * self.num_experts * self.num_nodes + self.num_edges * self.num_nodes + 1
 
-    def x(e, n):
-        return nh + e * nn + n
+    @property
+    def lmax(self) -> int:
+        return self.num_vars - 1
 
-    def c(k, n):
-        return nh + nx + k * nn + n
+    def h(self, e: int, n: int) -> int:
+        return e * self.num_nodes + n
 
-    cost = np.zeros(nvar)
-    mib = 2.0 ** 20
-    for i, e in enumerate(experts):
-        for n in range(nn):
-            cost[x(i, n)] = p.config.memory_tiebreak * e.memory_bytes / mib
-            if e.name in p.current and not e.everywhere and nodes[n] not in p.current[e.name]:
-                cost[x(i, n)] += p.config.move_penalty
-    rows, lo, hi = [], [], []
+    def x(self, e: int, n: int) -> int:
+        return self.num_experts * self.num_nodes + e * self.num_nodes + n
 
-    def add(coefs: dict[int, float], lower: float, upper: float) -> None:
-        row = np.zeros(nvar)
+    def c(self, k: int, n: int) -> int:
+        return 2 * self.num_experts * self.num_nodes + k * self.num_nodes + n
+
+
+@dataclass
+class _Rows:
+    """Linear constraints lower <= row . v <= upper, one row at a time."""
+
+    num_vars: int
+    rows: list[np.ndarray] = field(default_factory=list)
+    lower: list[float] = field(default_factory=list)
+    upper: list[float] = field(default_factory=list)
+
+    def add(self, coefs: dict[int, float], lower: float, upper: float) -> None:
+        row = np.zeros(self.num_vars)
         for j, v in coefs.items():
             row[j] += v
-        rows.append(row)
-        lo.append(lower)
-        hi.append(upper)
+        self.rows.append(row)
+        self.lower.append(lower)
+        self.upper.append(upper)
 
+
+def _milp_cost(p: PlacementProblem, lay: _MilpLayout, edges: list[tuple[str, str, float]]) -> np.ndarray:
+    """Cut weight, plus the tie-breaks: memory used, replicas the current placement lacks, the busiest node."""
+    experts, nodes = p.experts, [n.name for n in p.nodes]
+    cost = np.zeros(lay.num_vars)
+    mib = 2.0 ** 20
     for i, e in enumerate(experts):
-        add({h(i, n): 1.0 for n in range(nn)}, 1, 1)  # one home
+        for n in range(lay.num_nodes):
+            cost[lay.x(i, n)] = p.config.memory_tiebreak * e.memory_bytes / mib
+            if e.name in p.current and not e.everywhere and nodes[n] not in p.current[e.name]:
+                cost[lay.x(i, n)] += p.config.move_penalty
+    total_load = sum(e.load for e in experts if not e.everywhere)
+    if total_load > 0:
+        cost[lay.lmax] = p.config.balance_tiebreak / total_load
+    by_name = {e.name: e for e in experts}
+    for k, (u, _, w) in enumerate(edges):
+        for n in range(lay.num_nodes):
+            cost[lay.c(k, n)] = 0.0 if by_name[u].everywhere else w
+    return cost
+
+
+def _milp_constraints(p: PlacementProblem, lay: _MilpLayout, edges: list[tuple[str, str, float]]) -> _Rows:
+    experts = p.experts
+    nn = lay.num_nodes
+    rows = _Rows(lay.num_vars)
+    for i, e in enumerate(experts):
+        rows.add({lay.h(i, n): 1.0 for n in range(nn)}, 1, 1)  # one home
         for n in range(nn):
-            add({x(i, n): 1.0, h(i, n): -1.0}, 0, np.inf)  # home holds a replica
+            rows.add({lay.x(i, n): 1.0, lay.h(i, n): -1.0}, 0, np.inf)  # home holds a replica
             if e.everywhere:
-                add({x(i, n): 1.0}, 1, 1)
+                rows.add({lay.x(i, n): 1.0}, 1, 1)
             elif not p.config.allow_replicas:
-                add({x(i, n): 1.0, h(i, n): -1.0}, 0, 0)
+                rows.add({lay.x(i, n): 1.0, lay.h(i, n): -1.0}, 0, 0)
     total_load = sum(e.load for e in experts if not e.everywhere)
     bound = _balance_bound(p)
     for n, node in enumerate(p.nodes):
-        add({x(i, n): float(e.memory_bytes) for i, e in enumerate(experts)}, 0, float(node.memory_bytes))
+        rows.add({lay.x(i, n): float(e.memory_bytes) for i, e in enumerate(experts)}, 0, float(node.memory_bytes))
+        node_load = {lay.h(i, n): e.load for i, e in enumerate(experts) if not e.everywhere}
         if np.isfinite(bound):
-            add({h(i, n): e.load for i, e in enumerate(experts) if not e.everywhere}, 0, bound)
+            rows.add(node_load, 0, bound)
         if total_load > 0:  # lmax >= this node's load: spreads work when the cut does not decide
-            add({**{h(i, n): e.load for i, e in enumerate(experts) if not e.everywhere}, lmax: -1.0}, -np.inf, 0)
-    if total_load > 0:
-        cost[lmax] = p.config.balance_tiebreak / total_load
-    for k, (u, v, w) in enumerate(edges):
-        everywhere_u = experts[idx[u]].everywhere
+            rows.add({**node_load, lay.lmax: -1.0}, -np.inf, 0)
+    idx = {e.name: i for i, e in enumerate(experts)}
+    for k, (u, v, _) in enumerate(edges):
         for n in range(nn):
-            cost[c(k, n)] = 0.0 if everywhere_u else w
-            add({c(k, n): 1.0, h(idx[u], n): -1.0, x(idx[v], n): 1.0}, 0, np.inf)  # c >= h_u - x_v
-    integrality = np.ones(nvar)
-    integrality[lmax] = 0
-    upper = np.ones(nvar)
-    upper[lmax] = np.inf
-    res = milp(cost, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
-               bounds=Bounds(0, upper), options={"time_limit": p.config.time_limit_s, "disp": False})
+            rows.add({lay.c(k, n): 1.0, lay.h(idx[u], n): -1.0, lay.x(idx[v], n): 1.0}, 0, np.inf)  # c >= h_u - x_v
+    return rows
+
+
+def _solve_exact(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str]]] | None:
+    nodes = [n.name for n in p.nodes]
+    edges = [(u, v, w) for (u, v), w in _merged_edges(p).items()]
+    lay = _MilpLayout(len(p.experts), len(nodes), len(edges))
+    rows = _milp_constraints(p, lay, edges)
+    integrality = np.ones(lay.num_vars)
+    integrality[lay.lmax] = 0
+    upper = np.ones(lay.num_vars)
+    upper[lay.lmax] = np.inf
+    res = milp(_milp_cost(p, lay, edges), constraints=LinearConstraint(np.array(rows.rows), rows.lower, rows.upper),
+               integrality=integrality, bounds=Bounds(0, upper),
+               options={"time_limit": p.config.time_limit_s, "disp": False})
     if res.x is None:
         return None
     sol = np.round(res.x).astype(int)
-    homes = {e.name: nodes[next(n for n in range(nn) if sol[h(i, n)])] for i, e in enumerate(experts)}
-    replicas = {e.name: {nodes[n] for n in range(nn) if sol[x(i, n)]} for i, e in enumerate(experts)}
+    homes = {e.name: nodes[next(n for n in range(lay.num_nodes) if sol[lay.h(i, n)])] for i, e in enumerate(p.experts)}
+    replicas = {e.name: {nodes[n] for n in range(lay.num_nodes) if sol[lay.x(i, n)]} for i, e in enumerate(p.experts)}
     return homes, replicas
 
 
@@ -275,22 +314,46 @@ def _solve_heuristic(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set
     load = {n.name: 0.0 for n in nodes}
     bound = _balance_bound(p)
     movable = sorted(e.name for e in p.experts if not e.everywhere)
-    # 1. merge clusters along the heaviest edges while a cluster still fits the largest node's free memory
-    cluster = {e: {e} for e in movable}
-    cap = max(free.values())
-    edges = sorted(((w, u, v) for (u, v), w in _merged_edges(p).items() if u in cluster and v in cluster),
+    edges = sorted(((w, u, v) for (u, v), w in _merged_edges(p).items() if u in movable and v in movable),
                    key=lambda t: (-t[0], t[1], t[2]))
+    groups = _merge_along_heaviest_edges(by_name, movable, edges, max(free.values()), bound)
+    homes = _first_fit_decreasing(p, groups, free, load, bound)
+    if homes is None:
+        return None
+    _improve(p, homes, movable, free, load, bound)
+    replicas = {e: {homes[e]} for e in movable}
+    for e in p.experts:
+        if e.everywhere:
+            homes[e.name] = nodes[0].name
+            replicas[e.name] = {n.name for n in nodes}
+    if p.config.allow_replicas:
+        _replicate_cut_downstreams(by_name, edges, homes, replicas, free)
+    return homes, replicas
+
+
+def _merge_along_heaviest_edges(by_name: dict[str, ExpertDemand], movable: list[str],
+                                edges: list[tuple[float, str, str]], cap_bytes: int, bound: float) -> list[set[str]]:
+    """Step 1: merge groups along the heaviest edges while a group still fits `cap_bytes` (the largest node's free
+    memory) and the balance bound; the groups, largest memory first."""
+    cluster = {e: {e} for e in movable}
     for _, u, v in edges:
         a, b = cluster[u], cluster[v]
         if a is b:
             continue
         merged = a | b
-        if sum(by_name[e].memory_bytes for e in merged) <= cap and sum(by_name[e].load for e in merged) <= bound:
+        if sum(by_name[e].memory_bytes for e in merged) <= cap_bytes and sum(by_name[e].load for e in merged) <= bound:
             for e in merged:
                 cluster[e] = merged
-    groups = sorted({id(c): c for c in cluster.values()}.values(),
-                    key=lambda g: (-sum(by_name[e].memory_bytes for e in g), sorted(g)))
-    # 2. first-fit decreasing onto the node with the most free memory that keeps the balance bound
+    return sorted({id(c): c for c in cluster.values()}.values(),
+                  key=lambda g: (-sum(by_name[e].memory_bytes for e in g), sorted(g)))
+
+
+def _first_fit_decreasing(p: PlacementProblem, groups: list[set[str]], free: dict[str, int], load: dict[str, float],
+                          bound: float) -> dict[str, str] | None:
+    """Step 2: each group onto the node with the most free memory that keeps the balance bound (preferring the node
+    the current placement has it on), splitting a group that fits nowhere; updates `free` and `load`. None: no fit."""
+    by_name = {e.name: e for e in p.experts}
+    nodes = list(p.nodes)
     homes: dict[str, str] = {}
     for g in groups:
         pieces = [g]
@@ -310,20 +373,18 @@ def _solve_heuristic(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set
                 pieces[:0] = [{big}, piece - {big}]
             else:
                 return None
-    _improve(p, homes, movable, free, load, bound)
-    replicas = {e: {homes[e]} for e in movable}
-    for e in p.experts:
-        if e.everywhere:
-            homes[e.name] = nodes[0].name
-            replicas[e.name] = {n.name for n in nodes}
-    # 3. replicas of cut downstream experts on their upstream's node, heaviest cut first, while memory allows
-    if p.config.allow_replicas:
-        for w, u, v in edges:
-            n = homes[u]
-            if n not in replicas[v] and free[n] >= by_name[v].memory_bytes:
-                replicas[v].add(n)
-                free[n] -= by_name[v].memory_bytes
-    return homes, replicas
+    return homes
+
+
+def _replicate_cut_downstreams(by_name: dict[str, ExpertDemand], edges: list[tuple[float, str, str]],
+                               homes: dict[str, str], replicas: dict[str, set[str]], free: dict[str, int]) -> None:
+    """Step 3: a replica of each cut downstream expert on its upstream's node, heaviest cut first, while memory
+    allows."""
+    for _, u, v in edges:
+        n = homes[u]
+        if n not in replicas[v] and free[n] >= by_name[v].memory_bytes:
+            replicas[v].add(n)
+            free[n] -= by_name[v].memory_bytes
 
 
 def _improve(p: PlacementProblem, homes: dict[str, str], movable: list[str], free: dict[str, int],
