@@ -10,13 +10,14 @@ from pathlib import Path
 
 import yaml
 
-from expertmesh.cli_options import add_serve_args, add_spec_args, app_args, positive, spec_and_zoo
+from expertmesh.cli_options import add_spec_args, positive, spec_and_zoo
 from expertmesh.cluster import commands as cluster_commands
 from expertmesh.deployments.config import build_serve_config
 from expertmesh.deployments.dashboard import dashboard_json
 from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, SpecError
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.spec import check_spec
+from expertmesh.serve_options import add_serve_args, app_args
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -54,22 +55,22 @@ def cmd_config(args: argparse.Namespace) -> int:
                                 warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     text = "# Serve config written by `expertmesh config`; run it with `serve deploy` on a running Ray cluster.\n"
     text += yaml.safe_dump(config, sort_keys=False)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+    _write_out(text, args.out)
     return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    text = dashboard_json()
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    _write_out(dashboard_json(), args.out)
+    return 0
+
+
+def _write_out(text: str, out: str | None) -> None:
+    """`text` into the file --out names (saying so), else to stdout."""
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
     else:
         sys.stdout.write(text)
-    return 0
 
 
 def _add_spec_command(sub: argparse._SubParsersAction) -> None:

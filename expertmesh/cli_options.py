@@ -1,27 +1,18 @@
-"""Command-line options that several commands share, and what they resolve to.
+"""Command-line options that commands of several modules share (cli.py, cluster/commands.py), and what they
+resolve to: `--spec/--zoo` (the spec and its zoo directory), `--expert-num-gpus`, and positive numbers.
 
-`--spec/--zoo` (every spec command: the spec and its zoo directory), the serve flags (`expertmesh config` and
-`expertmesh serve`: the app's `AppArgs`, the tokens file), and positive numbers. Light on purpose (no torch,
-no Ray): `cli.py` builds its parser from here.
+Light on purpose (no torch, no Ray, nothing of deployments/): `cli.py` builds its parser from here, and the
+cluster commands use it without reaching into the serving layer. The serve flags are `serve_options.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from expertmesh.deployments.auth import TOKENS_ENV, write_dev_tokens
-from expertmesh.deployments.config import AppArgs, ServeSettings
-from expertmesh.errors import InvalidArgument, SpecError
+from expertmesh.errors import SpecError
 from expertmesh.experts.spec import CoESpec, check_spec, default_zoo_root, load_spec
-from expertmesh.home import expertmesh_home
-from expertmesh.profiler.serving_profiles import default_store_path
 
 
 def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -61,90 +52,7 @@ def checked_spec_and_zoo(args: argparse.Namespace) -> tuple[CoESpec, Path]:
     return spec, zoo_root
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", help="tokens YAML of `token: factory_id` lines (default: $EXPERTMESH_TOKENS_FILE, "
-                                    "else a generated dev file under $EXPERTMESH_HOME)")
-    p.add_argument("--http-host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=9000)
-    p.add_argument("--profile", help="profile store to take batch sizes and autoscaling targets from "
-                                     "(default: <zoo>/profile.json when it exists)")
-    p.add_argument("--no-profile", action="store_true", help="use the spec's batch sizes and targets")
-    p.add_argument("--plan", help="plan JSON (expertmesh plan --json): pin each expert's replicas to its planned nodes")
-    p.add_argument("--device-idle-s", type=float, help="an expert replica idle this long moves its weights off the "
-                                                       "device to host memory (default: never)")
-    add_gpu_arg(p)
-    p.add_argument("--host-idle-s", type=float, help="an expert replica idle this long drops its weights to disk "
-                                                     "(default: never); the next request loads them back")
-
-
 def add_gpu_arg(p: argparse.ArgumentParser) -> None:
     """--expert-num-gpus: serving and planning both read it (it decides which device's profile entries apply)."""
     p.add_argument("--expert-num-gpus", type=float, default=0.0, help="GPUs per replica of a cuda/auto expert "
                                                                       "(fractions share a GPU; default 0: CPU)")
-
-
-def serve_settings(args: argparse.Namespace) -> ServeSettings:
-    """The serve flags as ServeSettings; a bad value names its flag."""
-    try:
-        return ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
-                             expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s,
-                             expert_num_gpus=args.expert_num_gpus)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else ""
-        flags = {"expert_device_idle_s": "--device-idle-s", "expert_host_idle_s": "--host-idle-s"}
-        option = flags.get(name, "--" + name.replace("_", "-")) if name else "serve options"
-        message, _, fix = err["msg"].removeprefix("Value error, ").partition("; fix: ")
-        raise InvalidArgument(message, field=option, fix=fix or "see `expertmesh serve --help` for the allowed values") from None
-
-
-def profile_path(args: argparse.Namespace, zoo_root: Path) -> Path | None:
-    """The profile store serving reads: --profile (which must exist), else <zoo>/profile.json when it exists."""
-    if args.no_profile:
-        return None
-    profile = Path(args.profile) if args.profile else default_store_path(zoo_root)
-    if args.profile and not profile.is_file():
-        raise InvalidArgument(f"no profile at {profile}", field="--profile", fix="run `expertmesh profile` first")
-    if not profile.is_file():
-        return None
-    print(f"profile: {profile} (current entries set batch sizes and autoscaling targets)", file=sys.stderr)
-    return profile
-
-
-def read_placement(plan_file: str | None) -> dict[str, list[str]] | None:
-    """The placement (expert -> nodes) of a plan JSON written by `expertmesh plan --json`."""
-    if not plan_file:
-        return None
-    try:
-        return json.loads(Path(plan_file).read_text())["replicas"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise InvalidArgument(f"{plan_file} is not a plan ({type(exc).__name__})", field="--plan",
-                              fix="write one with `expertmesh plan --json FILE`") from None
-
-
-def app_args(args: argparse.Namespace, zoo_root: Path, tokens_file: str) -> AppArgs:
-    """The Serve application's arguments from the serve flags."""
-    settings = serve_settings(args)
-    profile = profile_path(args, zoo_root)
-    return AppArgs(spec=str(Path(args.spec).resolve()) if args.spec else None, zoo=str(zoo_root),
-                   tokens_file=str(Path(tokens_file).resolve()), profile=str(profile.resolve()) if profile else None,
-                   placement=read_placement(args.plan), settings=settings)
-
-
-def dev_tokens_path() -> Path:
-    return expertmesh_home() / "dev-tokens.yaml"
-
-
-def tokens_file(args: argparse.Namespace) -> str:
-    """--tokens, else $EXPERTMESH_TOKENS_FILE, else the dev tokens file (generated on first use)."""
-    chosen = args.tokens or os.environ.get(TOKENS_ENV)
-    if chosen:
-        return chosen
-    path = dev_tokens_path()
-    if not path.is_file():
-        write_dev_tokens(path, ["factory-a", "factory-b"])
-        print(f"generated dev tokens for factory-a and factory-b: {path}", file=sys.stderr)
-    else:
-        print(f"using dev tokens: {path}", file=sys.stderr)
-    return str(path)

@@ -12,7 +12,7 @@ import shutil
 import time
 import urllib.parse
 
-from expertmesh.cli_options import app_args, spec_and_zoo, tokens_file
+from expertmesh.cli_options import spec_and_zoo
 from expertmesh.cluster.controller import PlacementController
 from expertmesh.cluster.local import read_state
 from expertmesh.cluster.observed import UsageWatch
@@ -25,6 +25,7 @@ from expertmesh.errors import FailedPrecondition, InvalidArgument
 from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.store import ProfileStore
 from expertmesh.profiler.usage import from_spec
+from expertmesh.serve_options import app_args, tokens_file
 from expertmesh.station import StationReport, run_station
 
 

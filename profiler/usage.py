@@ -6,7 +6,9 @@
   object per line, as `expertmesh station --traces FILE` writes them).
 
 `weighted_graph` writes the weights onto the dependency graph (edge attribute `weight`, node
-attribute `usage`), which the placement controller reads.
+attribute `usage`), to look at them as a graph. The planner does not read the graph: the placement
+problem (`cluster.demand.placement_problem`, for `expertmesh plan` and the placement controller)
+takes the same weights from the `UsageProfile`'s edges.
 """
 
 from __future__ import annotations
