@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -25,6 +27,15 @@ class Serving:
     spec_path: Path
     zoo: Path
     metrics_port: int
+    ray_temp_dir: Path  # Ray's session files: logs/serve/ holds every replica's log
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.spec_path.parent / "tokens.yaml"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
@@ -44,10 +55,11 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
     spec_path.write_text(yaml.safe_dump(spec_data))
     tokens = write_dev_tokens(workdir / "tokens.yaml", ["factory-a", "factory-b"])
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    ray_temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     # metrics reported every second (Ray's default is 10 s) so the Prometheus test sees traffic quickly
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000},
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), log_to_driver=False)
+             _temp_dir=ray_temp_dir, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
     # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly; short residency
@@ -57,7 +69,8 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
                              ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0)
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo, metrics_port)
+    return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo, metrics_port,
+                   Path(ray_temp_dir))
 
 
 def stop_serving() -> None:
@@ -66,3 +79,11 @@ def stop_serving() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+
+def metric_total(url: str, name: str, **labels: str) -> float:
+    """The sum of every sample of the exported metric `name` (a counter's `_total` or a histogram's `_count`, say)
+    on one /metrics page whose labels include `labels`; 0.0 when there is none."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(s.value) for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

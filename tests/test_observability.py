@@ -28,7 +28,7 @@ from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.preprocess import encode_png
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
-from serving_fixture import free_port
+from serving_fixture import free_port, metric_total
 
 pytestmark = pytest.mark.integration
 
@@ -61,47 +61,70 @@ def prometheus(serving, tmp_path_factory):
 
 class Traffic:
     """Background station traffic touching every metric: all component types, rules, the fallback (every
-    few seconds, so its expert idles out and must be loaded again), bad requests, HTTP and boards."""
+    few seconds, so its expert idles out and must be loaded again), bad requests, HTTP and boards.
+
+    Every outcome is kept: the deliberate bad image must be INVALID_ARGUMENT, everything else must be answered;
+    anything else lands in `errors` (the test fails on it) instead of being swallowed."""
 
     def __init__(self, serving, stub) -> None:
         self.serving, self.stub, self.stop = serving, stub, threading.Event()
         self.auth = (("authorization", f"Bearer {serving.tokens['factory-a']}"),)
-        self.fallbacks = 0
+        self.fallbacks = self.answered = 0
+        self.last_fallback = 0.0
+        self.errors: list[str] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _inspect(self, image: bytes, **kw) -> pb.InspectResponse | None:
+    def _inspect(self, image: bytes, expect: grpc.StatusCode = grpc.StatusCode.OK, **kw) -> pb.InspectResponse | None:
         try:
-            return self.stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=image, **kw), metadata=self.auth, timeout=60)
-        except grpc.RpcError:
+            resp = self.stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=image, **kw), metadata=self.auth,
+                                     timeout=60)
+        except grpc.RpcError as err:
+            if err.code() != expect:
+                self.errors.append(f"Inspect: {err.code().name} {err.details()}")
             return None
+        if expect != grpc.StatusCode.OK:
+            self.errors.append(f"Inspect: OK where {expect.name} was expected")
+        self.answered += 1
+        return resp
 
     def _run(self) -> None:
-        i, last_fallback = 0, 0.0
+        i = 0
         while not self.stop.is_set():
-            for comp in generator.COMPONENTS:
-                self._inspect(encode_png(generator.generate(comp, "ok" if i % 3 else "solder_bridge", 77, i)))
-            self._inspect(encode_png(generator.generate("qfp", "ok", 77, i)), component_hint="qfp", station_id="wave-1")
-            self._inspect(b"not an image")  # INVALID_ARGUMENT, counted for factory-a
-            if time.monotonic() - last_fallback > 4.0:  # > host_idle_s: the fallback expert is on disk again
-                r = self._inspect(encode_png(STRIPES))
-                self.fallbacks += bool(r and any(t.reason == "fallback" for t in r.experts))
-                last_fallback = time.monotonic()
-            board = pb.InspectBoardRequest(board_id=f"b{i}", factory_id="factory-b", components=[
-                pb.InspectRequest(image=encode_png(generator.generate("chip_resistor", "ok", 78, i * 3 + k))) for k in range(3)])
             try:
-                list(self.stub.InspectBoard(board, metadata=(("authorization", f"Bearer {self.serving.tokens['factory-b']}"),),
-                                            timeout=60))
-            except grpc.RpcError:
-                pass
-            body = json.dumps({"factory_id": "factory-b", "image": base64.b64encode(
-                encode_png(generator.generate("led", "ok", 79, i))).decode()}).encode()
-            req = urllib.request.Request(f"{self.serving.http_url}/v1/inspect", data=body, method="POST", headers={
-                "authorization": f"Bearer {self.serving.tokens['factory-b']}", "content-type": "application/json"})
-            try:
-                urllib.request.urlopen(req, timeout=60).read()
-            except OSError:
-                pass
+                self._round(i)
+            except Exception as exc:  # noqa: BLE001 - a broken round is an error the test reports, not a dead thread
+                self.errors.append(f"round {i}: {type(exc).__name__}: {exc}")
             i += 1
+
+    def _round(self, i: int) -> None:
+        for comp in generator.COMPONENTS:
+            self._inspect(encode_png(generator.generate(comp, "ok" if i % 3 else "solder_bridge", 77, i)))
+        self._inspect(encode_png(generator.generate("qfp", "ok", 77, i)), component_hint="qfp", station_id="wave-1")
+        self._inspect(b"not an image", expect=grpc.StatusCode.INVALID_ARGUMENT)  # counted for factory-a
+        if time.monotonic() - self.last_fallback > 4.0:  # > host_idle_s: the fallback expert is on disk again
+            self.last_fallback = time.monotonic()
+            r = self._inspect(encode_png(STRIPES))
+            self.fallbacks += bool(r and any(t.reason == "fallback" for t in r.experts))
+        board = pb.InspectBoardRequest(board_id=f"b{i}", factory_id="factory-b", components=[
+            pb.InspectRequest(image=encode_png(generator.generate("chip_resistor", "ok", 78, i * 3 + k))) for k in range(3)])
+        try:
+            results = list(self.stub.InspectBoard(board, metadata=(
+                ("authorization", f"Bearer {self.serving.tokens['factory-b']}"),), timeout=60))
+            if len(results) != 3:
+                self.errors.append(f"InspectBoard: {len(results)} results for 3 components")
+            self.answered += len(results)
+        except grpc.RpcError as err:
+            self.errors.append(f"InspectBoard: {err.code().name} {err.details()}")
+        body = json.dumps({"factory_id": "factory-b", "image": base64.b64encode(
+            encode_png(generator.generate("led", "ok", 79, i))).decode()}).encode()
+        req = urllib.request.Request(f"{self.serving.http_url}/v1/inspect", data=body, method="POST", headers={
+            "authorization": f"Bearer {self.serving.tokens['factory-b']}", "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                if json.loads(r.read())["experts"]:
+                    self.answered += 1
+        except OSError as err:  # HTTPError included
+            self.errors.append(f"HTTP: {err}")
 
     def __enter__(self) -> Traffic:
         self.thread.start()
@@ -130,14 +153,39 @@ def _wait_for(prom: PrometheusServer, expr: str, timeout_s: float = 60.0) -> lis
     return []
 
 
+def _moved(serving, before: dict[tuple, float], timeout_s: float = 20.0) -> dict[tuple, float]:
+    """How far each (metric, labels...) of `before` moved, once all have moved (Ray reports every second) or the
+    timeout passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        moved = {key: metric_total(serving.metrics_url, key[0], **dict(key[1:])) - v for key, v in before.items()}
+        if all(moved.values()) or time.monotonic() > deadline:
+            return moved
+        time.sleep(0.5)
+
+
 def test_cold_expert_waits_for_a_load_then_is_ready(serving, stub):
-    """Idle past host_idle_s, every expert is back on disk: the next request waits for loads; the one after is ready."""
+    """Idle past host_idle_s, every expert is back on disk: the next request waits for loads (its call of the router's
+    classifier, which every request makes, counts as waited_load and a switch, and loads it into host memory and onto
+    the device); the one right after finds the weights there (ready)."""
     auth = (("authorization", f"Bearer {serving.tokens['factory-a']}"),)
+    expert = (("expert", "component_classifier"),)
+    series = [("ray_expertmesh_expert_requests_total", *expert, ("readiness", "waited_load")),
+              ("ray_expertmesh_expert_requests_total", *expert, ("readiness", "ready")),
+              ("ray_expertmesh_expert_switches_total", *expert),
+              ("ray_expertmesh_expert_loads_total", *expert, ("tier", "host")),
+              ("ray_expertmesh_expert_loads_total", *expert, ("tier", "device"))]
+    before = {key: metric_total(serving.metrics_url, key[0], **dict(key[1:])) for key in series}
     time.sleep(4.0)
     req = pb.InspectRequest(factory_id="factory-a", image=encode_png(generator.generate("soic", "ok", 5, 0)))
     cold = stub.Inspect(req, metadata=auth, timeout=60)
     warm = stub.Inspect(req, metadata=auth, timeout=60)
     assert cold.verdict == warm.verdict and [t.label for t in cold.experts] == [t.label for t in warm.experts]
+    moved = _moved(serving, before)
+    waited, ready, switches, host_loads, device_loads = (moved[key] for key in series)
+    assert waited >= 1 and switches >= 1, moved  # the cold request waited for the weights
+    assert host_loads >= 1 and device_loads >= 1, moved  # from disk: into host memory, then onto the device
+    assert ready >= 1, moved  # the warm one found them there
 
 
 def test_every_dashboard_query_returns_data_in_prometheus(serving, stub, prometheus):
@@ -150,7 +198,8 @@ def test_every_dashboard_query_returns_data_in_prometheus(serving, stub, prometh
         for title, expr in queries(dashboard):
             if not prometheus.query(_promql(expr)):
                 empty.append(f"{title}: {expr}")
-    assert traffic.fallbacks >= 1, "the test card never reached the fallback expert"
+    assert not traffic.errors, "traffic errors:\n" + "\n".join(traffic.errors[:20])
+    assert traffic.answered > 0 and traffic.fallbacks >= 1, "the test card never reached the fallback expert"
     assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
 
     hit = {r["metric"]["expert"]: float(r["value"][1]) for r in prometheus.query(HIT_RATE_SINCE_START)}
