@@ -24,7 +24,7 @@ import ray
 import torch
 from ray import serve
 
-from expertmesh.cluster.local import MEMORY_RESOURCE
+from expertmesh.cluster.labels import MEMORY_RESOURCE
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
