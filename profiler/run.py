@@ -23,8 +23,7 @@ from expertmesh.experts.pcb_aoi.truth import sample_pairs
 from expertmesh.experts.spec import CoESpec, resolve_checkpoint
 from expertmesh.profiler import usage
 from expertmesh.profiler.measure import MeasureConfig, profile_expert
-from expertmesh.profiler.serving_profiles import (  # noqa: F401 - re-exported for callers of profiler.run
-    default_store_path, entry_and_stale_reasons, serving_batch, usable_profiles)
+from expertmesh.profiler.serving_profiles import entry_and_stale_reasons, serving_batch
 from expertmesh.profiler.store import ProfileStore, UsageProfile
 
 

@@ -15,7 +15,8 @@ from expertmesh.experts.spec import resolve_checkpoint
 from expertmesh.profiler import usage
 from expertmesh.profiler.fit import batch_sizes_up_to, fit_linear, largest_useful_batch
 from expertmesh.profiler.measure import MeasureConfig
-from expertmesh.profiler.run import format_profiles, profile_zoo, usable_profiles
+from expertmesh.profiler.run import format_profiles, profile_zoo
+from expertmesh.profiler.serving_profiles import usable_profiles
 from expertmesh.profiler.store import (BatchTiming, ExpertProfile, LatencyFit, MoveTiming, ProfileStore,
                                        stale_reasons)
 
