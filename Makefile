@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints-cpu.txt
 BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+# Where torch comes from when no local wheel of it exists (see setup): PyTorch's own CPU index for the CPU build
+# (PyPI has only the CUDA build of torch for Linux x86_64); empty for other constraints (plain PyPI).
+TORCH_INDEX_URL ?= $(if $(filter constraints-cpu.txt,$(notdir $(CONSTRAINTS))),https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 
 export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
@@ -13,7 +17,7 @@ export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
 EXPERTMESH_HOME ?= $(shell $(BIN)/python -c 'from expertmesh.home import expertmesh_home; print(expertmesh_home())')
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup proto prometheus run zoo report profile serve chart test test-unit clean
+.PHONY: setup proto prometheus run run-ports zoo report profile serve chart test test-unit clean
 
 PROTO_SRC := proto/expertmesh/v1/inspection.proto
 PROTO_OUT := expertmesh/v1/inspection_pb2.py
@@ -26,10 +30,25 @@ proto: $(PROTO_OUT)
 $(PROTO_OUT): $(PROTO_SRC) $(VENV)/.installed
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
 
+## torch first, offline first: `pip install --no-index --no-deps` takes a local wheel (pip's find-links, e.g. a
+## wheelhouse in pip.conf or PIP_FIND_LINKS) without asking any index, then its dependencies come from the
+## configured indexes as usual. With no local wheel, pip fetches torch from TORCH_INDEX_URL, with PyPI for the rest.
+## Either way the constraints file decides the build (constraints-cpu.txt: torch==2.13.0+cpu).
+TORCH_FROM_INDEX = $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"$(if $(TORCH_INDEX_URL), \
+  --index-url $(TORCH_INDEX_URL) --extra-index-url https://pypi.org/simple)
+VENV_HINT = $(PYTHON) cannot create a virtual environment (no venv/ensurepip module). On Debian/Ubuntu: \
+  apt-get install python3-venv (for $(PYTHON) itself: $(shell $(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])' 2>/dev/null)), then run make again
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "ExpertMesh needs Python 3.11 or 3.12; set PYTHON=python3.11")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: $(VENV_HINT)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { echo "error: $(VENV_HINT)" >&2; exit 1; }
+	@if $(BIN)/python -m pip install --quiet --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+	  echo "torch $(TORCH_VERSION): installed from a local wheel; its dependencies from the configured indexes"; \
+	  set -x; $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	else \
+	  echo "torch $(TORCH_VERSION): no local wheel; fetching it from $(or $(TORCH_INDEX_URL),the configured indexes)"; \
+	  set -x; $(TORCH_FROM_INDEX); \
+	fi
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
@@ -38,19 +57,37 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 ## the experts), plan the placement on it (--explain), serve with the plan and the placement controller, run a
 ## 20 s station over gRPC, print the station's figures and the expert hit rates from Prometheus, stop cleanly and
 ## take the cluster down. NODES=1 serves on one local Ray node instead.
+## The ports it binds are checked first (run-ports), before the zoo is built: a taken one is named with the variable
+## below (and the expertmesh flag it passes) that moves it, e.g. `make run GRPC_PORT=9100`.
 NODES ?= 3
 NODE_MEMORY_GB ?= 0.06
-SERVE_RUN := --station-seconds 20 --station-rate 10 --stop-after-station --device-idle-s 5 --host-idle-s 10
-run: zoo report profile prometheus
+GRPC_PORT ?= 9000
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8080
+DASHBOARD_PORT ?= 8265
+PROMETHEUS_PORT ?= 9090
+SERVE_RUN := --station-seconds 20 --station-rate 10 --stop-after-station --device-idle-s 5 --host-idle-s 10 \
+  --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --prometheus-port $(PROMETHEUS_PORT)
+run: prometheus run-ports zoo report profile
 ifeq ($(NODES),1)
-	$(BIN)/expertmesh serve $(SERVE_RUN)
+	$(BIN)/expertmesh serve $(SERVE_RUN) --metrics-port $(METRICS_PORT)
 else
 	@$(BIN)/expertmesh down >/dev/null
-	$(BIN)/expertmesh up --nodes $(NODES) --node-memory-gb $(NODE_MEMORY_GB)
+	$(BIN)/expertmesh up --nodes $(NODES) --node-memory-gb $(NODE_MEMORY_GB) --metrics-base-port $(METRICS_PORT) \
+	  --dashboard-port $(DASHBOARD_PORT)
 	$(BIN)/expertmesh plan --explain --json $(EXPERTMESH_HOME)/plan.json || { $(BIN)/expertmesh down; exit 1; }
 	$(BIN)/expertmesh serve --address local --plan $(EXPERTMESH_HOME)/plan.json --replan $(SERVE_RUN); \
 	  rc=$$?; $(BIN)/expertmesh down; exit $$rc
 endif
+
+## The ports `make run` binds must be free (python -m expertmesh.cluster.ports; Prometheus's only when installed).
+## A cluster an earlier `make run` left up is taken down first: it holds the metrics and dashboard ports.
+run-ports: setup
+ifneq ($(NODES),1)
+	@$(BIN)/expertmesh down >/dev/null
+endif
+	@$(BIN)/python -m expertmesh.cluster.ports --nodes $(NODES) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) \
+	  --metrics-port $(METRICS_PORT) --dashboard-port $(DASHBOARD_PORT) --prometheus-port $(PROMETHEUS_PORT)
 
 ## Serve the default CoE until Ctrl-C (gRPC :9000, HTTP :8000; dev tokens under $(EXPERTMESH_HOME)).
 serve: zoo
