@@ -1,4 +1,4 @@
-"""Serve settings and the Serve config built from a spec: pure data, no Ray.
+"""Serve settings and the Serve config built from a spec: pure data, checked against Ray Serve's own schema; no cluster.
 
 `deployment_options` is the one source of every deployment's options (autoscaling, batching,
 fractional CPU/GPU, queue limits), and `proxy_options` of the HTTP and gRPC proxies': the app builder
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.errors import InvalidArgument
@@ -211,8 +212,9 @@ def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:
 
 
 def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """A Serve config file (the schema `serve deploy` accepts) for the spec's application."""
-    return {
+    """A Serve config file (the schema `serve deploy` accepts) for the spec's application, checked against Ray
+    Serve's own `ServeDeploySchema`: what it would refuse is refused here, naming the field."""
+    config = {
         "proxy_location": "EveryNode",
         **proxy_options(args.settings),
         "applications": [{
@@ -223,6 +225,27 @@ def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None]
             "deployments": list(app_options(spec, args, warn).values()),
         }],
     }
+    check_serve_config(config)
+    return config
+
+
+def check_serve_config(config: dict[str, Any]) -> None:
+    """Refuse a config `serve deploy` would refuse: InvalidArgument naming the first bad field (deployments by name)."""
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc, path = list(first["loc"]), []
+        for i, part in enumerate(loc):
+            if isinstance(part, int) and i > 0 and loc[i - 1] == "deployments":
+                name = config["applications"][loc[1]]["deployments"][part].get("name", part)
+                path[-1] += f"[{name}]"
+            elif isinstance(part, int):
+                path[-1] += f"[{part}]"
+            else:
+                path.append(str(part))
+        raise InvalidArgument(f"Ray Serve would refuse this config: {first['msg']} (got {first.get('input')!r})",
+                              field=".".join(path), fix="fix the serve setting or spec field behind it") from None
 
 
 def resolve_paths(args: AppArgs, base: Path) -> AppArgs:

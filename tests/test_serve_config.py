@@ -117,9 +117,6 @@ def test_a_bad_serve_option_names_its_flag(tmp_path, capsys, flags, named):
     assert f"error: {named}:" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="`expertmesh config` does not validate its output yet (README says it does): "
-                   "build_serve_config / cmd_config must check the document with ServeDeploySchema and raise an "
-                   "InvalidArgument naming the field; drop this marker with that change")
 def test_config_refuses_to_write_what_serve_deploy_would_reject(tmp_path, capsys, monkeypatch):
     """README: `expertmesh config` writes a Serve config validated against Ray's own ServeDeploySchema. A document
     Serve would reject (here one deployment's options made invalid) is an error naming the field, and nothing is
@@ -137,5 +134,5 @@ def test_config_refuses_to_write_what_serve_deploy_would_reject(tmp_path, capsys
     out = tmp_path / "serve.yaml"
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "max_ongoing_requests" in err and "Traceback" not in err, err
+    assert "deployments[chip_defect].max_ongoing_requests" in err and "Traceback" not in err, err
     assert not out.exists()
