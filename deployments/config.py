@@ -1,4 +1,4 @@
-"""Serve settings and the Serve config built from a spec: pure data, checked against Ray Serve's own schema; no cluster.
+"""Serve settings and the Serve config built from a spec: data checked against Ray Serve's schema, no cluster.
 
 `deployment_options` is the one source of every deployment's options (autoscaling, batching,
 fractional CPU/GPU, queue limits), and `proxy_options` of the HTTP and gRPC proxies': the app builder
