@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import grpc
 import pytest
+import yaml
+from ray.util.state import list_actors
 
-from serving_fixture import free_port
+from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, executor_name
+from expertmesh.experts.spec import default_spec_path, load_spec
+from expertmesh.station import sample_components
+from expertmesh.v1 import inspection_pb2 as pb
+from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
+from serving_fixture import free_port, metric_total
 
 pytestmark = pytest.mark.integration
 
@@ -48,15 +62,85 @@ def test_bad_cluster_options_name_the_flag(tmp_path):
     assert out.returncode == 2 and "--nodes" in out.stderr and "got 0" in out.stderr, out.stderr
 
 
+# README "Re-planning": the loss is seen within a poll, planned in 0.0-0.1 s, and the new placement ran again 33-41 s
+# after the loss over five runs on this 2-core machine (over the 30 s target). The test holds the re-plan's start to
+# the 30 s target and the new placement to NEW_PLACEMENT_BOUND_S, the measured worst plus margin for a loaded machine.
+REPLAN_START_BOUND_S = 30.0
+NEW_PLACEMENT_BOUND_S = 60.0
+PLAN_BOUND_S = 1.0
+CLIENT_TIMEOUT_S = 90.0  # above the server's own bound (the proxies' request_timeout_s, 60 s): a client deadline = a hang
+
+
+@dataclass
+class Outcome:
+    code: str  # gRPC status code name, "OK" for an answer
+    details: str
+    seconds: float
+
+
+def station_outcomes(target: str, token: str, *, rate_per_s: float, duration_s: float, board_every: int = 10,
+                     board_size: int = 3) -> list[Outcome]:
+    """An open-loop station (every `board_every`-th request a board): one outcome per request, with its details and
+    time, so a server's explicit error and the client giving up on a hung request are told apart."""
+    pool = sample_components(64, seed=11, defect_rate=0.3)
+    metadata = (("authorization", f"Bearer {token}"),)
+
+    def one(stub, i: int) -> Outcome:
+        t0 = time.monotonic()
+        try:
+            if i % board_every == 0:
+                picks = [pool[(i + k) % len(pool)][2] for k in range(board_size)]
+                out = list(stub.InspectBoard(pb.InspectBoardRequest(
+                    board_id=f"loss-{i}", factory_id="factory-a", components=[pb.InspectRequest(image=img) for img in picks]),
+                    metadata=metadata, timeout=CLIENT_TIMEOUT_S))
+                if sorted(r.component_index for r in out) != list(range(board_size)):
+                    return Outcome("OK_BUT_SHORT", f"{len(out)} of {board_size} results", time.monotonic() - t0)
+            else:
+                stub.Inspect(pb.InspectRequest(request_id=f"loss-{i}", factory_id="factory-a", image=pool[i % len(pool)][2]),
+                             metadata=metadata, timeout=CLIENT_TIMEOUT_S)
+            return Outcome("OK", "", time.monotonic() - t0)
+        except grpc.RpcError as err:
+            return Outcome(err.code().name, err.details() or "", time.monotonic() - t0)
+
+    with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(max_workers=64) as ex:
+        stub = pb_grpc.InspectionServiceStub(channel)
+        start, futures = time.monotonic(), []
+        for i in range(int(rate_per_s * duration_s)):
+            time.sleep(max(0.0, start + i / rate_per_s - time.monotonic()))
+            futures.append(ex.submit(one, stub, i))
+        return [f.result() for f in futures]
+
+
+def router_actors(dashboard: str) -> dict[str, set[str]]:
+    """Alive replica actor ids of the routers (front and plan executors) and the ingress, by deployment."""
+    out: dict[str, set[str]] = {}
+    for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=10000):
+        deployment = a.class_name.split(":")[-1]
+        if a.class_name.startswith("ServeReplica:") and deployment.startswith((ROUTER_DEPLOYMENT, INGRESS_DEPLOYMENT)):
+            out.setdefault(deployment, set()).add(a.actor_id)
+    return out
+
+
+def placement_in_log(line: str) -> dict[str, list[str]]:
+    """The placement a `[placement] re-planned and applied ...` line ends with: `expert@node+node, ...`."""
+    tail = line.rsplit("calls/s; ", 1)[1].strip()
+    return {e: ns.split("+") for e, ns in (item.split("@") for item in tail.split(", "))}
+
+
+def nodes_metric(state: dict, name: str, skip: str = "", **labels: str) -> float:
+    """`metric_total` summed over every node's metrics endpoint (but `skip`'s)."""
+    return sum(metric_total(f"http://{n['metrics']}/metrics", name, **labels) for n in state["nodes"] if n["name"] != skip)
+
+
 @pytest.mark.slow
 def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
     """3 loopback nodes; profile, plan from the live inventory, serve with the plan and the placement controller,
-    and check with Ray's state API (expertmesh status) that every replica sits on a node its plan names; then take a
-    worker away while a station runs: the controller re-plans and applies within 30 s and no request is lost."""
-    import signal
-    import threading
-    import time
-
+    and check with Ray's state API (expertmesh status) that every replica sits on a node its plan names, the
+    router's classifier and a plan executor on every node. A station: every request answered, co-located. Then a
+    worker is taken away while a station runs: the controller starts re-planning within 30 s, the new placement
+    (read from its log) is running within NEW_PLACEMENT_BOUND_S, the routers and the ingress were reconfigured in
+    place (the same replica actors before and after), the replan metrics are exported, and every request ended in a
+    result or an explicit error from the server - none hung until the client's own deadline, none INTERNAL."""
     env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
     env.pop("RAY_ADDRESS", None)
     zoo = ["--zoo", str(default_zoo)]
@@ -69,14 +153,16 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
     serve = None
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((tmp_path / "cluster" / "state.json").read_text())
+        all_nodes = sorted(n["name"] for n in state["nodes"])
         plan_path = tmp_path / "plan.json"
         out = cli(env, "plan", *zoo, "--profile", profile, "--json", str(plan_path))
         assert out.returncode == 0 and "nodes from the live cluster" in out.stderr, out.stderr[-2000:]
         planned = json.loads(plan_path.read_text())["replicas"]
-        assert len({n for ns in planned.values() for n in ns}) >= 2  # the memory forces a real partition
-        address = json.loads((tmp_path / "cluster" / "state.json").read_text())["address"]
+        planned_nodes = sorted({n for ns in planned.values() for n in ns})
+        assert len(planned_nodes) >= 2  # the memory forces a real partition
         grpc_port = free_port()
-        serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", address,
+        serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", state["address"],
                                   "--profile", profile, "--plan", str(plan_path), "--grpc-port", str(grpc_port),
                                   "--http-port", str(free_port()), "--no-prometheus", "--duration", "900", "--replan"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -96,56 +182,103 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
         for expert, nodes in planned.items():
             assert expert in placed, (expert, placed)
             assert set(placed[expert]) <= set(nodes), (expert, placed[expert], nodes)
-        assert set(placed["solder_fine"]) == set(planned["solder_fine"]) or len(planned["solder_fine"]) == 1
+        classifier = load_spec(default_spec_path()).router.expert
+        assert sorted(planned[classifier]) == all_nodes, planned[classifier]  # the plan puts it everywhere
+        assert sorted(placed[classifier]) == all_nodes, placed[classifier]  # one replica on every node
+        for node in planned_nodes:  # a plan executor (a router pinned to the node) on every planned node
+            assert placed.get(executor_name(node)) == [node], (node, placed)
 
         # a station run: the plan's expert calls of a request (everything after the router's classifier) run on one
         # node whenever the plan co-locates them (this plan cuts nothing, so: every request)
-        import yaml
-
         token = next(t for t, f in yaml.safe_load((tmp_path / "dev-tokens.yaml").read_text()).items() if f == "factory-a")
-        traces = tmp_path / "traces.jsonl"
+        traces, figures = tmp_path / "traces.jsonl", tmp_path / "station-before.json"
+        rate_per_s, duration_s = 8, 12
         st = cli(env, "station", "--target", f"127.0.0.1:{grpc_port}", "--token", token, "--factory", "factory-a",
-                 "--rate", "8", "--duration", "12", "--traces", str(traces), "--no-progress")
+                 "--rate", str(rate_per_s), "--duration", str(duration_s), "--traces", str(traces), "--json",
+                 str(figures), "--no-progress")
         assert st.returncode == 0 and "errors by code: none" in st.stdout, st.stdout + st.stderr
+        before = json.loads(figures.read_text())
+        # requests, not trace records (a board is one request with a record per component)
+        assert before["num_sent"] >= 0.9 * rate_per_s * duration_s and before["num_ok"] == before["num_sent"], before
         records = [json.loads(line) for line in traces.read_text().splitlines()]
+        assert len(records) == before["num_components"], (len(records), before)
         cut = json.loads(plan_path.read_text())["cut_weight"]
         one_node = [len({t["node_id"] for t in r["experts"] if t["reason"] != "router"}) <= 1 for r in records]
-        print(f"co-location: {sum(one_node)}/{len(records)} requests ran their plan on one node (plan cut {cut})")
-        assert len(records) >= 50
+        print(f"co-location: {sum(one_node)}/{len(records)} inspections of {before['num_sent']} requests ran their "
+              f"plan on one node (plan cut {cut})")
         if cut == 0:
             assert sum(one_node) / len(records) >= 0.95
 
         # node loss under load: the worker holding the most experts goes away while a station runs
-        workers = sorted({n for ns in planned.values() for n in ns} - {"node-0"})
+        workers = sorted(set(planned_nodes) - {"node-0"})
         victim = max(workers, key=lambda n: (sum(n in ns for ns in planned.values()), n))
-        figures = tmp_path / "station.json"
-        station = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "station", "--target",
-                                    f"127.0.0.1:{grpc_port}", "--token", token, "--factory", "factory-a", "--rate", "4",
-                                    "--duration", "45", "--no-progress", "--json", str(figures)], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        routers_before = router_actors(state["dashboard"])
+        assert nodes_metric(state, "ray_expertmesh_placement_planned_replicas", node=victim) >= 1  # exported
+        replans_before = nodes_metric(state, "ray_expertmesh_replans_total")
+        outcomes: list[Outcome] = []
+        station = threading.Thread(target=lambda: outcomes.extend(station_outcomes(
+            f"127.0.0.1:{grpc_port}", token, rate_per_s=4, duration_s=45)))
+        station.start()
         time.sleep(10)
         removed = cli(env, "node", "remove", victim)
         removed_at = time.monotonic()
         assert removed.returncode == 0, removed.stdout + removed.stderr
-        report, _ = station.communicate(timeout=300)
-        deadline = time.monotonic() + 120
+        station.join(timeout=45 + CLIENT_TIMEOUT_S + 30)
+        assert not station.is_alive(), "the station did not finish"
+        deadline = removed_at + NEW_PLACEMENT_BOUND_S + 30
         while time.monotonic() < deadline and not any("re-planned and applied" in ln for _, ln in serve_lines):
             time.sleep(1)
-        print(report, *(ln for _, ln in serve_lines if "[placement]" in ln), sep="\n")
+        print(*(ln for _, ln in serve_lines if "[placement]" in ln), sep="")
         started = [t for t, ln in serve_lines if "[placement] re-planning" in ln]
         applied = [(t, ln) for t, ln in serve_lines if "re-planned and applied" in ln]
         assert started and applied, "".join(ln for _, ln in serve_lines)[-3000:]
         seconds = float(applied[0][1].split("applied in ")[1].split(" s")[0])
+        plan_s = float(applied[0][1].split("planned in ")[1].split(" s")[0])
         print(f"node {victim} removed: re-planning began {started[0] - removed_at:.1f} s after, the new placement was "
-              f"running {applied[0][0] - removed_at:.1f} s after ({seconds:.1f} s to plan and apply)")
-        assert started[0] - removed_at <= 30  # the re-plan itself: within one or two polls
-        assert applied[0][0] - removed_at <= 120  # applying is replicas starting: CPU-bound on a 2-core machine
-        # every accepted request ended in a result or an explicit, retryable error: none lost, none INTERNAL
-        st = json.loads(figures.read_text())
-        assert station.returncode == 0 and st["num_sent"] == st["num_ok"] + sum(st["errors_by_code"].values()), st
-        assert set(st["errors_by_code"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, st
+              f"running {applied[0][0] - removed_at:.1f} s after ({seconds:.1f} s to plan and apply, {plan_s:.1f} s "
+              f"to plan)")
+        assert started[0] - removed_at <= REPLAN_START_BOUND_S
+        assert plan_s <= PLAN_BOUND_S and seconds <= NEW_PLACEMENT_BOUND_S, applied[0][1]
+        assert applied[0][0] - removed_at <= NEW_PLACEMENT_BOUND_S, applied[0][1]
+
+        # the new placement is what runs: every expert on its newly planned nodes, none on the lost node
+        new = placement_in_log(applied[0][1])
+        survivors = [n for n in all_nodes if n != victim]
+        assert set(new) == set(planned) and all(victim not in ns for ns in new.values()), new
         after = where()
+        for expert, nodes in new.items():
+            assert expert in after and set(after[expert]) <= set(nodes), (expert, after.get(expert), nodes)
+        assert sorted(after[classifier]) == survivors, after[classifier]
         assert all(victim not in nodes for nodes in after.values()), after
+
+        # routers (front and the surviving nodes' executors) and the ingress were reconfigured, not restarted
+        routers_after = router_actors(state["dashboard"])
+        kept = {d: ids for d, ids in routers_before.items() if d != executor_name(victim)}
+        assert {d: routers_after.get(d) for d in kept} == kept, (routers_before, routers_after)
+        assert executor_name(victim) not in routers_after, routers_after
+
+        # the re-plan is exported: counted by reason, timed, and the planned placement moved off the lost node
+        deadline = time.monotonic() + 30  # nodes report metrics every 10 s
+        while time.monotonic() < deadline and not nodes_metric(state, "ray_expertmesh_replans_total", victim,
+                                                               reason="node_lost"):
+            time.sleep(1)
+        assert nodes_metric(state, "ray_expertmesh_replans_total", victim, reason="node_lost") >= 1
+        assert nodes_metric(state, "ray_expertmesh_replans_total", victim) - replans_before == len(applied)
+        assert nodes_metric(state, "ray_expertmesh_replan_seconds_count", victim) >= 1
+        assert nodes_metric(state, "ray_expertmesh_replan_seconds_sum", victim) <= NEW_PLACEMENT_BOUND_S * len(applied)
+        assert nodes_metric(state, "ray_expertmesh_placement_planned_replicas", victim, node=victim) == 0
+
+        # every request ended in a result or an explicit error from the server; a client deadline is a hang
+        codes = Counter(o.code for o in outcomes)
+        print(f"station during the loss: {len(outcomes)} requests, {dict(codes)}")
+        assert len(outcomes) == 4 * 45, len(outcomes)
+        hung = [o for o in outcomes if o.code == "DEADLINE_EXCEEDED" and o.seconds >= CLIENT_TIMEOUT_S - 1]
+        assert not hung, f"{len(hung)} requests hung until the client gave up after {CLIENT_TIMEOUT_S:g} s"
+        assert set(codes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, \
+            [o for o in outcomes if o.code not in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")][:5]
+        assert codes["OK"] >= 0.5 * len(outcomes), codes
+        leaked = [o.details for o in outcomes if any(s in o.details for s in ("Traceback", "ray::", 'File "'))]
+        assert not leaked, f"{len(leaked)} errors carry a stack trace, e.g. {leaked[0][:500]}"
     finally:
         if serve is not None:
             serve.send_signal(signal.SIGTERM)
