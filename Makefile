@@ -91,7 +91,9 @@ endif
 
 ## Serve the default CoE until Ctrl-C (gRPC :9000, HTTP :8000; dev tokens under $(EXPERTMESH_HOME)).
 serve: zoo
-	$(BIN)/expertmesh serve
+	@$(MAKE) --no-print-directory run-ports NODES=1
+	$(BIN)/expertmesh serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
+	  --prometheus-port $(PROMETHEUS_PORT)
 
 zoo: setup
 	$(BIN)/expertmesh zoo build
