@@ -168,11 +168,12 @@ def plan(results: dict) -> str:
 def plan_tight(results: dict) -> str:
     d = results["plan"]["data"]
     exact, heur = d["tight"]["exact"], d["tight"]["heuristic"]
-    return "\n" + wrap(
-        f"With {num(d['tight']['node_memory_gb'] * 1024, 1)} MiB per node the memory no longer allows `solder_fine` "
-        f"beside every upstream: {exact['cut']} of {exact['total']} dependent calls/s are cut ({exact['internal_pct']}% "
-        f"stay inside a node; the heuristic finds {heur['cut']}, {heur['internal_pct']}%). Both plans: "
-        f"{source_note('plan', results)}.") + "\n"
+    memory = f"With {num(d['tight']['node_memory_gb'] * 1024, 1)} MiB per node"
+    found = (f"{exact['cut']} of {exact['total']} dependent calls/s are cut ({exact['internal_pct']}% stay inside a "
+             f"node; the heuristic finds {heur['cut']}, {heur['internal_pct']}%)")
+    said = (f"{memory} the memory no longer allows `solder_fine` beside every upstream: {found}." if float(exact["cut"])
+            else f"{memory} the plan still cuts nothing: {found}.")
+    return "\n" + wrap(f"{said} Both plans: {source_note('plan', results)}.") + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- router overhead
