@@ -1,11 +1,12 @@
 """Every figure the README quotes, made by a command and kept in docs/figures/<group>.json.
 
-  python bench/figures.py refresh [GROUP ...|all]   run each group's command, write its file, rewrite the README blocks
-  python bench/figures.py render                    rewrite the README's figure blocks (and docs/figures/*.md) from the files
-  python bench/figures.py check                     exit 1 when a README block disagrees with its file
+  python bench/figures.py refresh [GROUP ...|all]  run each group's command, write its file, rewrite the README blocks
+  python bench/figures.py render                   rewrite the README's figure blocks (and docs/figures/*.md)
+  python bench/figures.py check                    exit 1 when a README block disagrees with its file
 
 `make figures [FIGURES="accuracy plan"]` is `refresh`. A results file is {"figure", "commit" (HEAD when measured),
-"worktree_dirty", "date" (UTC), "command", "machine", "load_average_1_5_15m" (this machine is shared), "provenance" ("measured" or "transcribed"), "note", "data"}.
+"worktree_dirty", "date" (UTC), "command", "machine", "load_average_1_5_15m" (this machine is shared),
+"provenance" ("measured" or "transcribed"), "note", "data"}.
 Groups and what measures them (the last four start Ray, serve and take minutes):
   accuracy         expertmesh zoo report                     (the accuracy table)
   profile          expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
