@@ -174,7 +174,10 @@ def refresh_ci() -> None:
     lines = text.splitlines(keepends=True)
 
     def first(marker: str) -> float:
-        return next(t for ln, t in zip(lines, stamps) if marker in ln)
+        at = next((t for ln, t in zip(lines, stamps) if marker in ln), None)
+        if at is None:
+            raise SystemExit(f"figures: no line with {marker!r} in .ci/run's output (did the Makefile's test recipe change?)")
+        return at
     zoo_at, tests_at, end = first("zoo build --no-baseline"), first("-m pytest"), stamps[-1]
     summary = parse.pytest_summary(text)
     write("ci", "bash .ci/run (on a clean clone)", {
