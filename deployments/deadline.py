@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from expertmesh.errors import ExpertMeshError, ResourceExhausted, Unavailable
@@ -46,6 +46,12 @@ async def call_with_deadline(send: Callable[[], Awaitable], timeout_s: float, wh
             return await asyncio.wait_for(send(), max(0.0, deadline - clock()))
         except asyncio.TimeoutError:
             raise ExpertCallFailed(f"{what} did not answer within {timeout_s:g} s", fix=timeout_fix) from None
+        except RayTaskError as exc:  # raised inside the replica; Ray wraps it with the remote stack in its text
+            if isinstance(exc.cause, ExpertMeshError):
+                raise exc.cause from None  # a deliberate error: passed on as it was raised, without Ray's stack
+            if not wrap_failures:
+                raise
+            raise ExpertCallFailed(f"{what} failed ({type(exc.cause).__name__})", fix=failure_fix) from None
         except ExpertMeshError:
             raise
         except BackPressureError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -114,3 +114,29 @@ def test_a_removed_deployment_counts_as_lost():
     with pytest.raises(ReplicaLost):  # the front router then runs the plan itself
         run(send, 5.0, t, retries_on_loss=0)
     assert len(seen) == 1
+
+
+def remote(error: BaseException) -> BaseException:
+    """`error` as a caller receives it from inside a replica: Ray's wrapper, with the remote stack in its text."""
+    return RayTaskError("Router.inspect", "Traceback (most recent call last):\n  File \"router.py\"", error,
+                        ).as_instanceof_cause()
+
+
+def test_a_deliberate_error_from_inside_a_replica_arrives_as_raised_without_rays_stack():
+    t = FakeTime()
+    send, _ = calls(remote(ExpertCallFailed("expert 'qfp_defect' did not answer within 20 s", fix="retry later")))
+    with pytest.raises(ExpertCallFailed) as info:
+        run(send, 5.0, t, wrap_failures=False)
+    assert type(info.value) is ExpertCallFailed and "Traceback" not in str(info.value)
+    assert str(info.value) == "expert 'qfp_defect' did not answer within 20 s; fix: retry later"
+
+
+def test_an_unexpected_error_from_inside_a_replica_is_wrapped_or_passed_as_asked():
+    t = FakeTime()
+    send, _ = calls(remote(ValueError("secret detail")))
+    with pytest.raises(ExpertCallFailed, match=r"failed \(ValueError\)") as info:
+        run(send, 5.0, t)
+    assert "secret detail" not in str(info.value)
+    send, _ = calls(remote(ValueError("secret detail")))
+    with pytest.raises(RayTaskError):  # the ingress logs it and answers INTERNAL with the request id only
+        run(send, 5.0, t, wrap_failures=False)

@@ -118,9 +118,6 @@ def test_unexpected_error_is_internal_with_the_request_id_only(serving, probe):
     assert any(SECRET in p.read_text(errors="replace") for p in logs), logs
 
 
-@pytest.mark.xfail(strict=True, reason="the ingress passes an ExpertMeshError raised inside the router replica on as "
-                   "Ray's RayTaskError, whose text is the remote stack (`ray::ServeReplica:...`, source lines): it "
-                   "must unwrap the cause (RayTaskError.cause) and send only its message; drop this marker with that fix")
 def test_a_deliberate_router_error_reaches_the_client_as_its_own_status_and_message(serving, probe):
     """The router's own errors (an expert that did not answer: UNAVAILABLE naming it) cross a replica boundary to the
     ingress; the client must get that status and exactly that message with its fix, not a stack."""
