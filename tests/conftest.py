@@ -72,3 +72,9 @@ def serving(default_zoo, tmp_path_factory):
     s = start_serving(default_spec_data(), default_zoo, tmp_path_factory.mktemp("serving"))
     yield s
     stop_serving()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the shared Ray/Serve instance (the `serving` fixture) run last, in their files' order: the tests that
+    start their own clusters (the 3-node node-loss test above all) then never share the 2 cores with it."""
+    items.sort(key=lambda item: "serving" in getattr(item, "fixturenames", ()))
