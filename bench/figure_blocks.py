@@ -46,6 +46,9 @@ def source_note(group: str, results: dict) -> str:
     made = f"`{r['command']}` at {r['commit'][:7]}, {r['date'][:10]}"
     if r["provenance"] == "transcribed":
         made = f"transcribed from the README at {r['commit'][:7]}, {r['date'][:10]}, measured then by `{r['command']}`"
+    load = r.get("load_average_1_5_15m")
+    if load and load[1] > 2.5:
+        made += f", on a shared machine (load average {load[1]:g} over 5 min)"
     return f"[`{FIGURES_DIR}/{group}.json`]({FIGURES_DIR}/{group}.json): {made}; `make figures` refreshes it"
 
 
