@@ -24,16 +24,41 @@ from PIL import Image
 
 from expertmesh.cluster.prometheus import PrometheusServer
 from expertmesh.deployments.dashboard import HIT_RATE_SINCE_START, SHIPPED_PATH, queries
+from expertmesh.experts.offline import load_runtime, predict
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.spec import load_spec
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
 from serving_fixture import free_port, metric_total
 
 pytestmark = pytest.mark.integration
 
-# a striped test card the router is unsure about (confidence < 0.6): it goes to the fallback expert
-STRIPES = Image.fromarray(np.tile((np.arange(96) // 8 % 2 * 255).astype(np.uint8)[None, :, None], (96, 1, 3)))
+
+
+def _test_cards() -> dict[str, np.ndarray]:
+    """Striped and checkered cards: no component, so the router is unsure about some of them."""
+    cards = {}
+    for period in (2, 3, 4, 8, 10, 16):
+        line = (np.arange(96) // period % 2 * 255).astype(np.uint8)
+        cards[f"vertical stripes {period}"] = np.tile(line[None, :, None], (96, 1, 3))
+        cards[f"horizontal stripes {period}"] = np.tile(line[:, None, None], (1, 96, 3))
+        board = ((np.arange(96)[:, None] // period + np.arange(96)[None, :] // period) % 2 * 255).astype(np.uint8)
+        cards[f"checkerboard {period}"] = np.repeat(board[:, :, None], 3, 2)
+    return cards
+
+
+@pytest.fixture(scope="module")
+def unsure_card(serving) -> bytes:
+    """The test card the served router is least sure about, found by running the router offline on the same zoo; it
+    must fall below `router.min_confidence` (so it goes to the fallback expert) - which card that is depends on the
+    trained weights, so it is measured, not assumed."""
+    spec = load_spec(str(serving.spec_path))
+    router = load_runtime(spec, spec.expert(spec.router.expert), serving.zoo)
+    scored = sorted((predict(router, card[None])[0].score, name, card) for name, card in _test_cards().items())
+    score, name, card = scored[0]
+    assert score < spec.router.min_confidence, f"the router is sure of every test card (least: {name} at {score:.2f})"
+    return encode_png(Image.fromarray(card))
 
 
 def _require(binary: str) -> None:
@@ -66,8 +91,9 @@ class Traffic:
     Every outcome is kept: the deliberate bad image must be INVALID_ARGUMENT, everything else must be answered;
     anything else lands in `errors` (the test fails on it) instead of being swallowed."""
 
-    def __init__(self, serving, stub) -> None:
+    def __init__(self, serving, stub, unsure_card: bytes) -> None:
         self.serving, self.stub, self.stop = serving, stub, threading.Event()
+        self.unsure_card = unsure_card
         self.auth = (("authorization", f"Bearer {serving.tokens['factory-a']}"),)
         self.fallbacks = self.answered = 0
         self.last_fallback = 0.0
@@ -103,7 +129,7 @@ class Traffic:
         self._inspect(b"not an image", expect=grpc.StatusCode.INVALID_ARGUMENT)  # counted for factory-a
         if time.monotonic() - self.last_fallback > 4.0:  # > host_idle_s: the fallback expert is on disk again
             self.last_fallback = time.monotonic()
-            r = self._inspect(encode_png(STRIPES))
+            r = self._inspect(self.unsure_card)
             self.fallbacks += bool(r and any(t.reason == "fallback" for t in r.experts))
         board = pb.InspectBoardRequest(board_id=f"b{i}", factory_id="factory-b", components=[
             pb.InspectRequest(image=encode_png(generator.generate("chip_resistor", "ok", 78, i * 3 + k))) for k in range(3)])
@@ -188,9 +214,9 @@ def test_cold_expert_waits_for_a_load_then_is_ready(serving, stub):
     assert ready >= 1, moved  # the warm one found them there
 
 
-def test_every_dashboard_query_returns_data_in_prometheus(serving, stub, prometheus):
+def test_every_dashboard_query_returns_data_in_prometheus(serving, stub, prometheus, unsure_card):
     dashboard = json.loads(SHIPPED_PATH.read_text())
-    with Traffic(serving, stub) as traffic:
+    with Traffic(serving, stub, unsure_card) as traffic:
         assert _wait_for(prometheus, "ray_expertmesh_requests_total"), "no ExpertMesh metrics reached Prometheus"
         assert _wait_for(prometheus, "sum(ray_expertmesh_expert_switches_total) > 0"), "no switch seen"
         time.sleep(8.0)  # a few scrapes with traffic, so every rate() has two samples in its window
