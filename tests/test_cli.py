@@ -7,6 +7,8 @@ import json
 import yaml
 
 from expertmesh.cli import main
+from expertmesh.experts.spec import parse_spec
+from expertmesh.experts.zoo import active_parameters
 
 from conftest import tiny_spec_data
 
@@ -30,6 +32,11 @@ def test_zoo_build_and_report(tmp_path, capsys):
     assert {e["expert"] for e in report["experts"]} >= {"component_classifier", "polarity", "solder_fine"}
     assert 0 <= report["coe"]["verdict_accuracy"] <= 1 and report["monolithic"]["total_parameters"] > 0
     assert report["coe"]["mean_experts_per_image"] >= 2  # the router and at least one expert
+    # README ("The default CoE"): experts of ~80-170k parameters each; a baseline sized to the CoE's expected active
+    # parameters per request (the width whose parameter count comes closest: within 10%)
+    assert all(75_000 <= e["num_parameters"] <= 175_000 for e in report["experts"]), report["experts"]
+    expected = active_parameters(parse_spec(tiny_spec_data()))
+    assert abs(report["monolithic"]["total_parameters"] - expected) <= 0.1 * expected, (expected, report["monolithic"])
 
     # a threshold the tiny zoo cannot meet fails the command
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file),
