@@ -34,6 +34,7 @@ from pathlib import Path
 
 import figure_blocks as blocks
 import figure_parse as parse
+from expertmesh.home import expertmesh_home
 from expertmesh.station import run_station
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,12 +43,8 @@ EXPERTMESH = str(BIN / "expertmesh")
 PYTHON = str(BIN / "python")
 
 
-def home() -> Path:
-    return Path(os.environ.get("EXPERTMESH_HOME") or ROOT / ".expertmesh")
-
-
 def zoo() -> Path:
-    return home() / "zoo" / "pcb-aoi"
+    return expertmesh_home() / "zoo" / "pcb-aoi"  # where `make run` and `expertmesh` keep the default zoo
 
 
 def run(cmd: list[str], *, cwd: Path = ROOT, env: dict | None = None, stamp_lines: bool = False) -> tuple[str, list[float]]:
