@@ -166,7 +166,9 @@ def refresh_ci() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "expertmesh"
         run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)])
-        env = {k: v for k, v in os.environ.items() if k not in ("EXPERTMESH_HOME", "VIRTUAL_ENV", "RAY_ADDRESS")}
+        # a clean clone builds its own zoo, as CI does on a fresh machine (no cached zoo under ~/.cache)
+        env = {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")},
+               "EXPERTMESH_HOME": str(Path(tmp) / "home"), "CI": "true"}
         text, stamps = run(["bash", ".ci/run"], cwd=clone, env=env, stamp_lines=True)
     lines = text.splitlines(keepends=True)
 
