@@ -1,4 +1,4 @@
-"""The README's figure blocks, rendered from the results files under docs/figures/ (pure: no ExpertMesh imports).
+"""The README's figure blocks, rendered from the results files under docs/figures/ (pure: no Ray, no torch).
 
 A block is README text between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`; NAME is `<group>` or
 `<group>.<part>`, and the group names the results file `docs/figures/<group>.json` it is rendered from. A block whose
@@ -15,6 +15,8 @@ import textwrap
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+
+from expertmesh.experts.accuracy_tables import accuracy_tables
 
 FIGURES_DIR = Path("docs/figures")
 BLOCK_RE = re.compile(r"<!-- figures:(?P<name>[a-z_.]+) -->(?P<body>.*?)<!-- /figures:(?P=name) -->", re.S)
@@ -86,20 +88,6 @@ def make_run_hit_rates(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- accuracy
-def accuracy_table(report: dict) -> str:
-    lines = [f"{'expert':<24}{'accuracy':>10}{'images':>9}{'params':>11}", "-" * 54]
-    lines += [f"{e['expert']:<24}{e['accuracy']:>10.4f}{e['num_images']:>9}{e['num_parameters']:>11,}"
-              for e in report["experts"]]
-    lines += ["", f"router accuracy (component type): {report['router_accuracy']:.4f}", "",
-              f"{'system':<14}{'verdict acc':>12}{'defect acc':>12}{'uncertain':>10}{'active params':>15}{'total params':>14}",
-              "-" * 77]
-    rows = [("CoE", report["coe"])] + ([("monolithic", report["monolithic"])] if report.get("monolithic") else [])
-    lines += [f"{name:<14}{s['verdict_accuracy']:>12.4f}{s['defect_accuracy']:>12.4f}{s['num_uncertain']:>10}"
-              f"{s['active_parameters_per_image']:>15,.0f}{s['total_parameters']:>14,}" for name, s in rows]
-    lines.append(f"\nCoE calls {report['coe']['mean_experts_per_image']:.2f} models per image (router included).")
-    return "\n".join(lines)
-
-
 WEAK_EXPERT_WHY = {"qfp_defect": "starved joints on fine-pitch leads are a few pixels",
                    "general_defect": "one small model for every part, reached by only ~1% of requests"}
 
@@ -121,7 +109,7 @@ def accuracy(results: dict) -> str:
     named = [f"`{e['expert']}` ({num(e['accuracy'], 2)}" + (f": {WEAK_EXPERT_WHY[e['expert']]})" if e["expert"] in
              WEAK_EXPERT_WHY else ")") for e in weakest]
     prose += f"The weakest parts are {and_list(named)}."
-    return f"\n{intro}\n\n```\n{accuracy_table(report)}\n```\n\n{wrap(prose)}\n"
+    return f"\n{intro}\n\n```\n{accuracy_tables(report)}\n```\n\n{wrap(prose)}\n"
 
 
 # ---------------------------------------------------------------------------------------------------- profile

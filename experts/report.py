@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from expertmesh.experts.accuracy_tables import accuracy_tables
 from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
@@ -107,21 +108,9 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
 
 
 def format_report(r: AccuracyReport) -> str:
-    lines = [f"Accuracy report: {r.spec}, held-out seed {r.eval_seed}, {r.num_eval_per_pair} images per "
-             f"(component, defect) pair, {r.coe.num_images} images",
-             "", f"{'expert':<24}{'accuracy':>10}{'images':>9}{'params':>11}", "-" * 54]
-    for e in r.experts:
-        lines.append(f"{e.expert:<24}{e.accuracy:>10.4f}{e.num_images:>9}{e.num_parameters:>11,}")
-    lines += ["", f"router accuracy (component type): {r.router_accuracy:.4f}", "",
-              f"{'system':<14}{'verdict acc':>12}{'defect acc':>12}{'uncertain':>10}{'active params':>15}{'total params':>14}",
-              "-" * 77]
-    rows = [("CoE", r.coe)] + ([("monolithic", r.monolithic)] if r.monolithic else [])
-    for name, s in rows:
-        lines.append(f"{name:<14}{s.verdict_accuracy:>12.4f}{s.defect_accuracy:>12.4f}{s.num_uncertain:>10}"
-                     f"{s.active_parameters_per_image:>15,.0f}{s.total_parameters:>14,}")
-    lines.append(f"\nCoE calls {r.coe.mean_experts_per_image:.2f} models per image (router included). "
-                 f"Evaluated in {r.seconds:.1f} s.")
-    return "\n".join(lines)
+    header = (f"Accuracy report: {r.spec}, held-out seed {r.eval_seed}, {r.num_eval_per_pair} images per "
+              f"(component, defect) pair, {r.coe.num_images} images")
+    return f"{header}\n\n{accuracy_tables(r.model_dump())} Evaluated in {r.seconds:.1f} s."
 
 
 def write_report(r: AccuracyReport, path: Path) -> None:
