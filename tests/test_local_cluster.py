@@ -63,10 +63,11 @@ def test_bad_cluster_options_name_the_flag(tmp_path):
 
 
 # README "Re-planning": the loss is seen within a poll, planned in 0.0-0.1 s, and the new placement ran again 33-41 s
-# after the loss over five runs on this 2-core machine (over the 30 s target). The test holds the re-plan's start to
-# the 30 s target and the new placement to NEW_PLACEMENT_BOUND_S, the measured worst plus margin for a loaded machine.
+# after the loss over five runs on this 2-core machine (over the 30 s target); runs on 2026-11-26 took 29-81 s, the
+# longer ones moving 7 experts (each a new process importing torch). The test holds the re-plan's start to the 30 s
+# target and the new placement to NEW_PLACEMENT_BOUND_S, above that measured worst.
 REPLAN_START_BOUND_S = 30.0
-NEW_PLACEMENT_BOUND_S = 75.0
+NEW_PLACEMENT_BOUND_S = 120.0
 PLAN_BOUND_S = 1.0
 CLIENT_TIMEOUT_S = 90.0  # above the server's own bound (the proxies' request_timeout_s, 60 s): a client deadline = a hang
 
