@@ -168,6 +168,30 @@ def _add_station_command(sub: argparse._SubParsersAction) -> None:
     station.set_defaults(func=loaded_on_use("expertmesh.station", "cmd_station"))
 
 
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    throughput = bench.add_parser("throughput", help="offline bound, no-op Serve app and ExpertMesh (single, boards) "
+                                                     "swept open-loop; writes PREFIX.json, .md and .png")
+    add_spec_args(throughput)
+    throughput.add_argument("--out", default="bench/results/throughput",
+                            help="prefix of the files written (default: bench/results/throughput)")
+    throughput.add_argument("--quick", action="store_true", help="a short run (1-2 minutes): fewer, shorter points")
+    throughput.add_argument("--before", help="results JSON of the design before, shown beside this run (not re-run)")
+    throughput.add_argument("--render", metavar="JSON", help="only rewrite the table and plot of this results file")
+    throughput.add_argument("--profile", help="profile store to serve with (default: <zoo>/profile.json if present)")
+    throughput.add_argument("--target", help="sweep an ExpertMesh serving at HOST:PORT (starts nothing; needs --token)")
+    throughput.add_argument("--token", help="bearer token of --factory at --target")
+    throughput.add_argument("--factory", default="bench", help="factory_id of --token (default: bench)")
+    throughput.add_argument("--parts", nargs="+", metavar="PART",
+                            help="only these of offline noop single board overload (default: all)")
+    throughput.add_argument("--point-s", type=positive(float), help="seconds per sweep point (default 5; --quick 2)")
+    throughput.add_argument("--noop-start-rate", type=positive(float), help="requests/s the no-op sweep starts at")
+    throughput.add_argument("--single-start-rate", type=positive(float), help="requests/s the single sweep starts at")
+    throughput.add_argument("--board-start-rate", type=positive(float), help="boards/s the board sweep starts at")
+    throughput.add_argument("--deadline-s", type=positive(float), help="per-request deadline (default 30)")
+    throughput.set_defaults(func=loaded_on_use("expertmesh.bench_command", "cmd_bench_throughput"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_command(sub)
     cluster_commands.register(sub)
     _add_station_command(sub)
+    _add_bench_command(sub)
     return parser
 
 
