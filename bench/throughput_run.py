@@ -129,11 +129,12 @@ def run_throughput(s: ThroughputSettings, spec: CoESpec, zoo: Path, profile: Pat
                    target: str | None = None, token: str | None = None, factory_id: str = FACTORY_ID) -> dict:
     """The whole benchmark (see the module doc); returns the results document (`write_results` writes it)."""
     result: dict = {"benchmark": "throughput", **provenance(), "settings": s.model_dump(mode="json")}
-    say(f"generating {max(s.pool_size, s.offline_components)} components ...")
-    pool = sample_components(max(s.pool_size, s.offline_components), s.seed, s.defect_rate)
-    pngs = [png for _, _, png in pool]
+    offline = "offline" in s.parts and target is None
+    num_images = max(s.pool_size, s.offline_components if offline else 0)
+    say(f"generating {num_images} components ...")
+    pngs = [png for _, _, png in sample_components(num_images, s.seed, s.defect_rate)]
     images = pngs[:s.pool_size]
-    if "offline" in s.parts and target is None:
+    if offline:
         say(f"offline bound: {s.offline_components} components, {s.offline_repeats} timed runs ...")
         result["offline"] = offline_bound(spec, zoo, pngs[:s.offline_components], s.offline_repeats)
         say(f"  offline bound: {result['offline']['components_per_s']:.1f} components/s")
@@ -169,6 +170,7 @@ def run_throughput(s: ThroughputSettings, spec: CoESpec, zoo: Path, profile: Pat
                 stop_expertmesh()
         finally:
             node.stop()
+    result["machine"]["load_average_1_5_15m_at_end"] = list(os.getloadavg())  # this machine may be shared
     return result
 
 

@@ -7,7 +7,9 @@ board, the whole stream) and how many components it answered. A point is *satura
 less than `saturation_fraction` of what was offered.
 
 The sweep doubles the rate from its start while the server keeps up (not saturated, no errors, p99 not exploding),
-then fills in between the highest rate that held the target and the lowest that did not (geometric midpoints).
+probes once past the last rate when nothing saturated the server yet (the capacity is measured where the server is
+the limit), then fills in between the highest rate that held the target and the lowest that did not (geometric
+midpoints).
 """
 
 from __future__ import annotations
@@ -146,29 +148,37 @@ def keeps_ramping(p: PointResult, first: PointResult, rule: SweepRule) -> bool:
 
 
 def next_rate(points: Sequence[PointResult], rule: SweepRule) -> float | None:
-    """The next rate to try after `points` (in the order they ran), or None when the sweep is done."""
+    """The next rate to try after `points` (in the order they ran), or None when the sweep is done.
+
+    Ramp (x growth_factor while `keeps_ramping`); one step down when the start was already past capacity; one
+    capacity probe (x growth_factor above the highest rate) when no point saturated the server yet, so the capacity
+    is measured where the server is the limit; then up to `max_fill_points` midpoints of the target bracket."""
     if not points:
         return rule.start_per_s
-    ramp, fill = _phases(points, rule)
-    if not fill:
+    ramp = _ramp(points, rule)
+    rates = [p.offered_per_s for p in points]
+    if len(ramp) == len(points):
         last = ramp[-1]
-        if keeps_ramping(last, ramp[0], rule) and len(ramp) < rule.max_ramp_points:
-            rate = last.offered_per_s * rule.growth_factor
-            if rate <= rule.max_rate_per_s:
-                return rate
+        if keeps_ramping(last, ramp[0], rule) and len(ramp) < rule.max_ramp_points \
+                and last.offered_per_s * rule.growth_factor <= rule.max_rate_per_s:
+            return last.offered_per_s * rule.growth_factor
         if len(ramp) == 1 and not meets_target(ramp[0], rule) and (saturated(ramp[0], rule) or ramp[0].num_errors):
             return rule.start_per_s / rule.growth_factor  # the start was past capacity: one step down
-    if len(fill) >= rule.max_fill_points:
+    probe = max(rates) * rule.growth_factor
+    if not any(saturated(p, rule) or p.num_errors for p in points) and probe <= rule.max_rate_per_s:
+        return probe
+    num_fill = sum(min(rates) < r < max(rates) for r in rates[len(ramp):])
+    if num_fill >= rule.max_fill_points:
         return None
     lo, hi = target_bracket(points, rule)
     if lo is None or hi is None or hi / lo <= rule.fill_ratio:
         return None
     rate = math.sqrt(lo * hi)
-    return None if any(math.isclose(rate, p.offered_per_s, rel_tol=1e-6) for p in points) else rate
+    return None if any(math.isclose(rate, r, rel_tol=1e-6) for r in rates) else rate
 
 
-def _phases(points: Sequence[PointResult], rule: SweepRule) -> tuple[list[PointResult], list[PointResult]]:
-    """Split the points into the ramp (each one growth_factor above the one before) and the fill-ins after it."""
+def _ramp(points: Sequence[PointResult], rule: SweepRule) -> list[PointResult]:
+    """The ramp: the first points, each growth_factor above the one before, run while the one before kept ramping."""
     ramp = [points[0]]
     for p in points[1:]:
         if math.isclose(p.offered_per_s, ramp[-1].offered_per_s * rule.growth_factor, rel_tol=1e-6) \
@@ -176,7 +186,7 @@ def _phases(points: Sequence[PointResult], rule: SweepRule) -> tuple[list[PointR
             ramp.append(p)
         else:
             break
-    return ramp, list(points[len(ramp):])
+    return ramp
 
 
 def target_bracket(points: Sequence[PointResult], rule: SweepRule) -> tuple[float | None, float | None]:

@@ -137,7 +137,9 @@ def markdown(doc: dict, before: dict | None = None) -> str:
     m = doc.get("machine", {})
     lines = [f"# Throughput (`expertmesh bench throughput`)", "",
              f"Measured {doc.get('date', '?')} on {m.get('cpu_count', '?')} CPUs (load average "
-             f"{', '.join(f'{x:.2f}' for x in m.get('load_average_1_5_15m', []))} at the start), commit "
+             f"{', '.join(f'{x:.2f}' for x in m.get('load_average_1_5_15m', []))} at the start"
+             + (f", {', '.join(f'{x:.2f}' for x in m['load_average_1_5_15m_at_end'])} at the end"
+                if m.get("load_average_1_5_15m_at_end") else "") + "), commit "
              f"{(doc.get('commit') or '?')[:10]}" + (" (worktree dirty)" if doc.get("worktree_dirty") else "")
              + (f"; `before` is {(before.get('commit') or '?')[:10]}, measured {before.get('date', '?')}, not re-run."
                 if before else "."), "",

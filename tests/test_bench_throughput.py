@@ -84,8 +84,14 @@ def test_sweep_doubles_until_saturated_then_fills_in():
 
 def test_sweep_stops_on_errors_and_exploding_p99_but_not_on_a_latency_floor():
     assert next_rate([point(10), point(20, errors={REFUSED: 3})], RULE) == pytest.approx((10 * 20) ** 0.5)
-    # p99 far over the target and growing: queueing, stop (no point held the target: nothing to fill in)
-    assert next_rate([point(10, p99_ms=400), point(20, p99_ms=1500)], RULE) is None
+    # p99 far over the target and growing: queueing, stop the ramp; nothing saturated yet: probe once for capacity
+    queueing = [point(10, p99_ms=400), point(20, p99_ms=1500)]
+    assert next_rate(queueing, RULE) == 40
+    # saturated now; no point held the target: nothing to fill in
+    assert next_rate([*queueing, point(40, achieved=25, p99_ms=9000)], RULE) is None
+    # a probe above a ramp that held the target, then the fill-ins between
+    probed = [point(10), point(20, p99_ms=1500), point(40, achieved=25, p99_ms=9000)]
+    assert next_rate(probed, RULE) == pytest.approx((10 * 20) ** 0.5)
     # p99 over 4 targets from the start (a slow, steady server): keep ramping to find its capacity
     board = SweepRule(start_per_s=0.2, target_p99_ms=1000)
     assert next_rate([point(0.2, p99_ms=4500)], board) == pytest.approx(0.4)
