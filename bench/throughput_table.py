@@ -143,6 +143,7 @@ def markdown(doc: dict, before: dict | None = None) -> str:
              f"{(doc.get('commit') or '?')[:10]}" + (" (worktree dirty)" if doc.get("worktree_dirty") else "")
              + (f"; `before` is {(before.get('commit') or '?')[:10]}, measured {before.get('date', '?')}, not re-run."
                 if before else "."), "",
+             *([f"Note: {doc['note']}", ""] if doc.get("note") else []),
              *_table(["figure", *names], [[label, *cells] for label, cells in headline_rows(docs)])]
     for name, d in zip(names, docs):
         for key, title in SWEEPS:

@@ -64,6 +64,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         doc["command"] = "expertmesh " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
         if before:
             doc["before"] = {"file": args.before, "commit": before.get("commit"), "date": before.get("date")}
+    if args.note:
+        doc["note"] = args.note
     for path in write_results(doc, out, before):
         print(f"wrote {path}")
     return 0

@@ -178,6 +178,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     throughput.add_argument("--quick", action="store_true", help="a short run (1-2 minutes): fewer, shorter points")
     throughput.add_argument("--before", help="results JSON of the design before, shown beside this run (not re-run)")
     throughput.add_argument("--render", metavar="JSON", help="only rewrite the table and plot of this results file")
+    throughput.add_argument("--note", help="a note kept in the results (with --render: set on that file's results)")
     throughput.add_argument("--profile", help="profile store to serve with (default: <zoo>/profile.json if present)")
     throughput.add_argument("--target", help="sweep an ExpertMesh serving at HOST:PORT (starts nothing; needs --token)")
     throughput.add_argument("--token", help="bearer token of --factory at --target")
