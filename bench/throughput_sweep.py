@@ -165,8 +165,9 @@ def next_rate(points: Sequence[PointResult], rule: SweepRule) -> float | None:
         if len(ramp) == 1 and not meets_target(ramp[0], rule) and (saturated(ramp[0], rule) or ramp[0].num_errors):
             return rule.start_per_s / rule.growth_factor  # the start was past capacity: one step down
     probe = max(rates) * rule.growth_factor
-    if not any(saturated(p, rule) or p.num_errors for p in points) and probe <= rule.max_rate_per_s:
-        return probe
+    if len(ramp) == len(points) and not any(saturated(p, rule) or p.num_errors for p in points) \
+            and probe <= rule.max_rate_per_s:
+        return probe  # once: right after the ramp
     num_fill = sum(min(rates) < r < max(rates) for r in rates[len(ramp):])
     if num_fill >= rule.max_fill_points:
         return None
@@ -178,9 +179,10 @@ def next_rate(points: Sequence[PointResult], rule: SweepRule) -> float | None:
 
 
 def _ramp(points: Sequence[PointResult], rule: SweepRule) -> list[PointResult]:
-    """The ramp: the first points, each growth_factor above the one before, run while the one before kept ramping."""
+    """The ramp: the first points (at most max_ramp_points), each growth_factor above the one before, run while the
+    one before kept ramping."""
     ramp = [points[0]]
-    for p in points[1:]:
+    for p in points[1:rule.max_ramp_points]:
         if math.isclose(p.offered_per_s, ramp[-1].offered_per_s * rule.growth_factor, rel_tol=1e-6) \
                 and keeps_ramping(ramp[-1], ramp[0], rule):
             ramp.append(p)

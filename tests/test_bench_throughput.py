@@ -92,6 +92,12 @@ def test_sweep_stops_on_errors_and_exploding_p99_but_not_on_a_latency_floor():
     # a probe above a ramp that held the target, then the fill-ins between
     probed = [point(10), point(20, p99_ms=1500), point(40, achieved=25, p99_ms=9000)]
     assert next_rate(probed, RULE) == pytest.approx((10 * 20) ** 0.5)
+    # the probe runs once, even when it did not saturate the server either
+    unsaturated = [point(10), point(20, p99_ms=1500), point(40, p99_ms=3000)]
+    assert next_rate(unsaturated, RULE) == pytest.approx((10 * 20) ** 0.5)
+    short = SweepRule(start_per_s=10, target_p99_ms=250, max_ramp_points=2)
+    assert next_rate([point(10), point(20)], short) == 40  # the ramp's length reached: the probe
+    assert next_rate([point(10), point(20), point(40)], short) is None  # every point held the target
     # p99 over 4 targets from the start (a slow, steady server): keep ramping to find its capacity
     board = SweepRule(start_per_s=0.2, target_p99_ms=1000)
     assert next_rate([point(0.2, p99_ms=4500)], board) == pytest.approx(0.4)
@@ -180,7 +186,7 @@ def test_tiny_sweep_against_the_serving_fixture(serving, default_zoo):
     for kind, components in (("single", 1), ("board", 5)):
         sweep = doc[kind]
         assert sweep["components_per_request"] == components
-        assert 1 <= len(sweep["points"]) <= 2
+        assert 1 <= len(sweep["points"]) <= 3  # two ramp points and the capacity probe at most
         first = sweep["points"][0]
         assert first["num_ok"] == first["num_sent"] and first["errors_by_code"] == {}
         assert first["achieved_components_per_s"] > 0
