@@ -17,6 +17,7 @@ COPY --chown=ray:users router/ router/
 COPY --chown=ray:users profiler/ profiler/
 COPY --chown=ray:users cluster/ cluster/
 COPY --chown=ray:users deployments/ deployments/
+COPY --chown=ray:users bench/ bench/
 
 # torch first, held to the build the constraints file names (CPU, or CUDA with constraints-cuda.txt); then the
 # package (ray[serve] is already the image's, at the same pinned version); then the gRPC stubs from the .proto.

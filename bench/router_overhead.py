@@ -25,7 +25,7 @@ from expertmesh.deployments import runner
 from expertmesh.deployments.auth import write_dev_tokens
 from expertmesh.deployments.config import APP_NAME, ROUTER_DEPLOYMENT, AppArgs, ServeSettings
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.images import encode_png
 from expertmesh.experts.spec import default_zoo_root, load_spec
 from expertmesh.home import expertmesh_home
 from expertmesh.v1 import inspection_pb2 as pb

@@ -1,4 +1,4 @@
-"""The Serve application builder: spec -> one deployment per expert, the router, the ingress.
+"""The Serve application builder: spec -> the expert host(s), the router, the ingress.
 
 `build_app(args)` is the `import_path` target of the Serve config (`serve deploy serve.yaml`,
 KubeRay's serveConfigV2) and of `expertmesh serve`. Deployment options come from
@@ -22,9 +22,10 @@ from pathlib import Path
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, app_options, executor_name
 from expertmesh.deployments.auth import TokenTable
-from expertmesh.deployments.expert import ExpertDeployment
+from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, app_options,
+                                           host_name)
+from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.router import RouterDeployment
 from expertmesh.experts.spec import load_spec
@@ -52,16 +53,17 @@ def build_app(args: dict | AppArgs) -> Application:
     spec = load_spec(a.spec, zoo_root=Path(a.zoo))  # checkpoints must exist before any replica starts
     TokenTable.load(a.tokens_file)  # fail here, with the fix, rather than in every ingress replica
     opts = app_options(spec, a, warn=logging.getLogger("ray.serve").warning)  # profile applied when current
-    experts = {e.name: versioned(ExpertDeployment, opts[e.name], a.spec, e.name, a.zoo).bind(a.spec, e.name, a.zoo)
-               for e in spec.experts}
-    timeout_s = a.settings.expert_timeout_s
-    # the placement reaches the routers as user_config; their constructor arguments (and so their versions) do not
-    # change with it, so a re-plan reconfigures them in place. The executors are bound only to be part of the app.
-    executors = {node: versioned(RouterDeployment, opts[executor_name(node)], a.spec, experts, timeout_s).bind(
-        a.spec, experts, timeout_s) for node in opts[ROUTER_DEPLOYMENT]["user_config"]["executor_nodes"]}
-    router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], a.spec, experts, timeout_s).bind(
-        a.spec, experts, timeout_s, executors)
-    board_limits = {"max_components": a.settings.board_max_components,
-                    "max_in_flight": a.settings.board_max_in_flight}
-    return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], a.spec, a.tokens_file, router, board_limits).bind(
-        a.spec, a.tokens_file, router, board_limits)
+    s = a.settings
+    # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
+    # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
+    nodes = opts[ROUTER_DEPLOYMENT]["user_config"]["host_nodes"]
+    names = {node: host_name(node) for node in nodes} if nodes else {"": HOST_DEPLOYMENT}
+    hosts = {node: versioned(ExpertHostDeployment, opts[name], a.spec, a.zoo, s.torch_threads).bind(
+        a.spec, a.zoo, s.torch_threads) for node, name in names.items()}
+    router_args = (a.spec, a.zoo, s.expert_timeout_s, s.torch_threads)
+    router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], *router_args).bind(  # hosts: not in the version
+        a.spec, a.zoo, hosts, s.expert_timeout_s, s.torch_threads)
+    ingress_args = (a.spec, a.tokens_file, router,
+                    {"max_components": s.board_max_components, "max_in_flight": s.board_max_in_flight},
+                    {"max_size": s.route_batch_max_size, "wait_s": s.route_batch_wait_s}, s.max_in_flight_components)
+    return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], *ingress_args).bind(*ingress_args)

@@ -19,13 +19,14 @@ from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts.spec import CoESpec, ExpertSpec
+from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.serving_profiles import serving_device, serving_devices, usable_profiles
 from expertmesh.profiler.store import ExpertProfile, ProfileStore
 
 APP_NAME = "expertmesh"
 ROUTER_DEPLOYMENT = "Router"
 INGRESS_DEPLOYMENT = "Ingress"
+HOST_DEPLOYMENT = "Host"  # the expert host; with a placement one per planned node: Host-<node>
 GRPC_SERVICER = "expertmesh.v1.inspection_pb2_grpc.add_InspectionServiceServicer_to_server"
 IMPORT_PATH = "expertmesh.deployments.app:build_app"
 
@@ -38,20 +39,29 @@ class ServeSettings(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
-    expert_num_cpus: float = Field(0.25, gt=0, le=64)
-    expert_num_gpus: float = Field(0.0, ge=0, le=8, description="per replica of a device: cuda/auto expert")
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(256, ge=-1, description="router and expert handles; -1: unbounded")
-    expert_timeout_s: float = Field(30.0, gt=0, description="an expert call slower than this fails the request")
+    route_batch_max_size: int = Field(64, ge=1, le=4096, description="requests the ingress sends the router in one call")
+    route_batch_wait_s: float = Field(0.005, ge=0, le=1, description="how long the ingress waits to fill a batch")
+    max_in_flight_components: int = Field(
+        256, ge=1, description="components in flight per ingress replica; past it requests and boards are refused "
+                               "at once with RESOURCE_EXHAUSTED (HTTP 429) instead of queueing past their deadline")
+    host_num_cpus: float = Field(1.0, gt=0, le=64, description="logical CPUs per expert host replica")
+    host_replicas: int = Field(1, ge=1, description="expert host replicas at start (per planned node with a plan)")
+    host_max_replicas: int = Field(2, ge=1, description="the autoscaler's bound on expert host replicas (per node)")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per host and router replica")
+    expert_num_gpus: float = Field(0.0, ge=0, le=8, description="per host replica, where the spec's experts run on cuda")
+    max_ongoing_requests: int = Field(32, ge=1, description="batched calls a host or router replica takes at once")
+    max_queued_requests: int = Field(256, ge=-1, description="router and host handles; -1: unbounded")
+    expert_timeout_s: float = Field(30.0, gt=0, description="an expert host call slower than this fails its requests")
     request_timeout_s: float = Field(60.0, gt=0)
+    access_log: bool = Field(False, description="Serve's per-request access log lines (proxies and replicas); they "
+                                                "cost CPU on every request, so they are off unless asked for")
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
     router_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
-    ingress_max_ongoing_requests: int = Field(128, ge=1, description="per ingress replica; InspectBoard counts once")
+    ingress_max_ongoing_requests: int = Field(512, ge=1, description="per ingress replica; InspectBoard counts once")
     board_max_components: int = Field(512, ge=1, description="a board with more components is refused (INVALID_ARGUMENT)")
-    board_max_in_flight: int = Field(16, ge=1, description="components of one board inspected at once")
+    board_max_in_flight: int = Field(64, ge=1, description="components of one board inspected at once")
     expert_device_idle_s: float | None = Field(
         None, gt=0, description="an expert replica idle this long moves its weights to host memory; none: never")
     expert_host_idle_s: float | None = Field(
@@ -71,6 +81,9 @@ class ServeSettings(BaseModel):
     def _ports_differ(self) -> ServeSettings:
         if self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}; give them different ports")
+        if self.host_max_replicas < self.host_replicas:
+            raise ValueError(f"host_max_replicas ({self.host_max_replicas}) is below host_replicas "
+                             f"({self.host_replicas}); fix: raise host_max_replicas")
         if (self.expert_device_idle_s is not None and self.expert_host_idle_s is not None
                 and self.expert_host_idle_s < self.expert_device_idle_s):
             raise ValueError(f"expert_host_idle_s ({self.expert_host_idle_s}) is below expert_device_idle_s "
@@ -93,98 +106,82 @@ class AppArgs(BaseModel):
     settings: ServeSettings = Field(default_factory=ServeSettings)
 
 
-def _uses_gpu(expert: ExpertSpec, settings: ServeSettings) -> bool:
-    return serving_device(expert, settings.expert_num_gpus) == "cuda"
+def _uses_gpu(spec: CoESpec, settings: ServeSettings) -> bool:
+    return any(serving_device(e, settings.expert_num_gpus) == "cuda" for e in spec.experts)
 
 
-def expert_options(expert: ExpertSpec, settings: ServeSettings, profile: ExpertProfile | None = None) -> dict[str, Any]:
-    """One expert's options. With a current profile, the batch size is its largest useful batch and the autoscaling
-    target is one such batch in flight per replica; without one, the spec's max_batch and target."""
-    a = expert.autoscaling
-    max_batch = profile.max_useful_batch if profile else expert.max_batch
-    target = float(profile.max_useful_batch) if profile else a.target_ongoing_requests
+def batch_sizes(spec: CoESpec, profiles: dict[str, ExpertProfile] | None = None) -> dict[str, int]:
+    """Each expert's batch size on a host: its profiled largest useful batch where a current profile has one, else
+    the spec's max_batch."""
+    profiles = profiles or {}
+    return {e.name: profiles[e.name].max_useful_batch if e.name in profiles else e.max_batch for e in spec.experts}
+
+
+def host_options(name: str, experts: list[str], spec: CoESpec, settings: ServeSettings,
+                 profiles: dict[str, ExpertProfile] | None = None) -> dict[str, Any]:
+    """An expert host deployment: which experts it loads, their batch sizes and residency, in user_config (a
+    re-plan reconfigures running hosts: a load, not a new process); autoscaled on batched calls in flight."""
+    s = settings
     return {
-        "name": expert.name,
-        "max_ongoing_requests": settings.max_ongoing_requests,
-        "max_queued_requests": settings.max_queued_requests,
-        "autoscaling_config": {
-            "min_replicas": a.min_replicas,
-            "initial_replicas": max(1, a.min_replicas),
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": target,
-            "upscale_delay_s": settings.upscale_delay_s,
-            "downscale_delay_s": settings.downscale_delay_s,
-        },
-        "ray_actor_options": {
-            "num_cpus": settings.expert_num_cpus,
-            "num_gpus": settings.expert_num_gpus if _uses_gpu(expert, settings) else 0,
-        },
-        "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": settings.batch_wait_timeout_s,
-                        "device_idle_s": settings.expert_device_idle_s, "host_idle_s": settings.expert_host_idle_s},
+        "name": name,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "autoscaling_config": {"min_replicas": s.host_replicas, "initial_replicas": s.host_replicas,
+                               "max_replicas": s.host_max_replicas, "target_ongoing_requests": 2.0,
+                               "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
+        "ray_actor_options": {"num_cpus": s.host_num_cpus,
+                              "num_gpus": s.expert_num_gpus if _uses_gpu(spec, s) else 0},
+        "user_config": {"experts": sorted(experts), "max_batch": batch_sizes(spec, profiles),
+                        "device_idle_s": s.expert_device_idle_s, "host_idle_s": s.expert_host_idle_s},
     }
 
 
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it
 
 
-def executor_name(node: str) -> str:
-    return f"{ROUTER_DEPLOYMENT}-{node}"
+def host_name(node: str) -> str:
+    return f"{HOST_DEPLOYMENT}-{node}"
 
 
-def pin_to_nodes(options: dict[str, Any], nodes: list[str], all_nodes: list[str] | None = None) -> dict[str, Any]:
-    """Pin a deployment's replicas to these nodes by their `expertmesh.io/node` label. One node is a plain selector.
-    Several get at least one replica each (at most their share per node, so Serve spreads them) and a selector that
-    excludes the other planned nodes (`!in(...)`), or none when they are all of them: losing one of its nodes then
-    leaves the selector unchanged, so the surviving replicas keep running instead of restarting."""
-    if len(nodes) == 1:
-        selector: dict[str, str] | None = {NODE_LABEL: nodes[0]}
-    else:
-        others = sorted(set(all_nodes or nodes) - set(nodes))
-        selector = {NODE_LABEL: f"!in({','.join(others)})"} if others else None
-    actor = {k: v for k, v in options["ray_actor_options"].items() if k != "label_selector"}
-    out = {**options, "ray_actor_options": {**actor, **({"label_selector": selector} if selector else {})}}
-    if len(nodes) > 1:
-        a = dict(out["autoscaling_config"])
-        a["min_replicas"] = max(a["min_replicas"], len(nodes))
-        a["max_replicas"] = max(a["max_replicas"], len(nodes))
-        a["initial_replicas"] = max(a.get("initial_replicas") or 0, len(nodes))
-        out["autoscaling_config"] = a
-        out["max_replicas_per_node"] = -(-a["max_replicas"] // len(nodes))  # spread: Serve alone may double up
-    return out
+def pin_to_node(options: dict[str, Any], node: str) -> dict[str, Any]:
+    """Pin a deployment's replicas to one node by its `expertmesh.io/node` label."""
+    actor = {**options["ray_actor_options"], "label_selector": {NODE_LABEL: node}}
+    return {**options, "ray_actor_options": actor}
 
 
 def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[str, ExpertProfile] | None = None,
                        placement: dict[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
-    """Options of every deployment of the app, by deployment name (pinned to nodes where a placement says so)."""
-    profiles = profiles or {}
-    opts = {e.name: expert_options(e, settings, profiles.get(e.name)) for e in spec.experts}
-    unknown = sorted(set(placement or {}) - set(opts))
+    """Options of every deployment of the app, by deployment name: the expert host(s), the router, the ingress.
+
+    Without a placement one `Host` deployment holds every expert (the classifier runs in the router). With one,
+    each planned node gets a `Host-<node>` pinned there, holding the experts the plan puts on that node, and the
+    router learns each expert's home node through user_config (reconfigured in place by a re-plan)."""
+    experts = [e.name for e in spec.experts if e.name != spec.router.expert]
+    unknown = sorted(set(placement or {}) - {e.name for e in spec.experts})
     if unknown:
         raise InvalidArgument(f"the placement names experts the spec does not have: {', '.join(unknown)}",
                               field="placement", fix="plan with the same spec")
-    planned_nodes = sorted({n for nodes in (placement or {}).values() for n in nodes})
-    for name, nodes in (placement or {}).items():
-        if nodes:
-            opts[name] = pin_to_nodes(opts[name], sorted(nodes), planned_nodes)
-    # the routers learn the placement through user_config (reconfigured in place, never restarted by a re-plan)
-    routing = {"homes": {e: nodes[0] for e, nodes in sorted((placement or {}).items()) if nodes},
-               "executor_nodes": planned_nodes}
-    for node in planned_nodes:
-        name = executor_name(node)  # one plan executor per planned node, pinned there
-        opts[name] = pin_to_nodes({"name": name, "num_replicas": 1, "max_ongoing_requests": 4 * settings.max_ongoing_requests,
-                                   "max_queued_requests": settings.max_queued_requests,
-                                   "ray_actor_options": {"num_cpus": 0.1},
-                                   "user_config": {**routing, "executor_nodes": []}}, [node])  # it hands nothing off
+    planned = {e: sorted(nodes) for e, nodes in (placement or {}).items() if nodes and e in experts}
+    planned_nodes = sorted({n for nodes in planned.values() for n in nodes})
+    opts: dict[str, dict[str, Any]] = {}
+    if planned_nodes:
+        for node in planned_nodes:
+            held = [e for e in experts if node in planned.get(e, [])]
+            opts[host_name(node)] = pin_to_node(host_options(host_name(node), held, spec, settings, profiles), node)
+    else:
+        opts[HOST_DEPLOYMENT] = host_options(HOST_DEPLOYMENT, experts, spec, settings, profiles)
+    routing = {"homes": {e: nodes[0] for e, nodes in sorted(planned.items())}, "host_nodes": planned_nodes}
     s = settings
-    front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if placement and s.front_on_head else {})}
+    front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if planned_nodes and s.front_on_head else {})}
     for name, replicas, ongoing, queued in (
-            (ROUTER_DEPLOYMENT, s.router_replicas, 4 * s.max_ongoing_requests, s.max_queued_requests),
+            (ROUTER_DEPLOYMENT, s.router_replicas, s.max_ongoing_requests, s.max_queued_requests),
             (INGRESS_DEPLOYMENT, s.ingress_replicas, s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)):
         opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": ongoing,
                       "max_queued_requests": queued, "ray_actor_options": dict(front)}
     opts[ROUTER_DEPLOYMENT]["user_config"] = routing
-    for o in opts.values():  # a surge replica of a deployment capped per node may have no node to go to
-        o["max_surge_percent"] = 0 if "max_replicas_per_node" in o else s.max_surge_percent
+    for o in opts.values():
+        o["max_surge_percent"] = s.max_surge_percent
+        o["logging_config"] = {"enable_access_log": s.access_log}
     return opts
 
 
@@ -206,7 +203,8 @@ def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None
 def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:
     """Serve's `http_options` and `grpc_options` (as the config file spells them; `serve.start` takes the same)."""
     s = settings
-    return {"http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
+    return {"logging_config": {"enable_access_log": s.access_log},
+            "http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
             "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": True,
                              "request_timeout_s": s.request_timeout_s}}
 

@@ -1,9 +1,12 @@
 """The ingress deployment: gRPC (`expertmesh.v1.InspectionService` through Serve's gRPC proxy) and HTTP.
 
-Both ingresses share one path: authenticate the factory's bearer token, validate and decode the
-image once, ask the router, and map any `ExpertMeshError` to a status through `expertmesh.errors`
-(gRPC status + details, or HTTP status + JSON body). Anything unexpected becomes INTERNAL with
-the request id and no stack trace; the stack goes to the log.
+Both ingresses share one path: authenticate the factory's bearer token, admit the request within the
+components in flight (`deployments.admission`: past capacity RESOURCE_EXHAUSTED at once), decode the
+image once and resize it to every expert input size (a few KB instead of the image), and hand it to a
+batcher that sends concurrent requests to the router together (a bounded wait, as `@serve.batch` does):
+one router call per batch, not per request. Any `ExpertMeshError` maps to a status through
+`expertmesh.errors` (gRPC status + details, or HTTP status + JSON body). Anything unexpected becomes
+INTERNAL with the request id and no stack trace; the stack goes to the log.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, grpc_status)
+from expertmesh.deployments.admission import Admission
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
                                           check_ids, component_error)
 from expertmesh.deployments.deadline import call_with_deadline
-from expertmesh.experts.preprocess import decode_image
+from expertmesh.experts.images import decode_image, resize_for
 from expertmesh.experts.spec import load_spec
 from expertmesh.metrics import instruments, label_or_other
 from expertmesh.v1 import inspection_pb2 as pb
@@ -65,11 +69,16 @@ def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) 
 @serve.deployment
 class IngressDeployment:
     def __init__(self, spec_path: str | None, tokens_file: str, router: DeploymentHandle,
-                 board_limits: dict | None = None) -> None:
+                 board_limits: dict | None = None, route_batch: dict | None = None,
+                 max_in_flight_components: int = 256) -> None:
         self.spec = load_spec(spec_path)
         self.tokens = TokenTable.load(tokens_file)
         self.router = router
         self.board_limits = BoardLimits.model_validate(board_limits or {})
+        self.admission = Admission(max_in_flight_components)
+        batch = route_batch or {}
+        self._route.set_max_batch_size(int(batch.get("max_size", 64)))
+        self._route.set_batch_wait_timeout_s(float(batch.get("wait_s", 0.002)))
         self.metrics = instruments()
         self._factories = self.tokens.factories | {"none"}
 
@@ -83,16 +92,34 @@ class IngressDeployment:
 
     # ------------------------------------------------------------------ shared path
     async def _inspect(self, authorization: str | None, request_id: str, factory_id: str, station_id: str,
-                       image: bytes, component_hint: str, metadata: dict) -> tuple[str, dict]:
+                       image: bytes, component_hint: str, metadata: dict, admitted: bool = False) -> tuple[str, dict]:
+        """Check, authorize, admit (unless a board admitted it), decode once, and route with the batch."""
         meta = _request_fields(request_id, factory_id, station_id, component_hint, metadata)
         self.tokens.authorize(authorization, factory_id)
-        request_id = request_id or uuid.uuid4().hex
-        array = np.asarray(decode_image(image, self.spec.image, field="image"))
-        # a router replica lost mid-request (its node went away) is retried with backoff within the deadline
-        return request_id, await call_with_deadline(
-            lambda: self.router.inspect.remote(array, meta), ROUTER_CALL_TIMEOUT_S, "the router",
-            timeout_fix="retry later", full_fix="retry later with backoff",
-            failure_fix="retry; report the request id if it persists", wrap_failures=False)
+        if not admitted:
+            self.admission.admit(1)
+        try:
+            request_id = request_id or uuid.uuid4().hex
+            sized = resize_for(decode_image(image, self.spec.image, field="image"), self.spec.input_sizes_px)
+            result = await self._route(sized, meta)
+        finally:
+            if not admitted:
+                self.admission.release(1)
+        if isinstance(result, ExpertMeshError):
+            raise result
+        return request_id, result
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _route(self, sized: list[dict[int, np.ndarray]], metas: list[dict]) -> list[dict | ExpertMeshError]:
+        """Concurrent requests -> one router call: each input size stacked into one array [N, S, S, 3]."""
+        images = {size: np.stack([s[size] for s in sized]) for size in sized[0]}
+        try:  # a router replica lost mid-call (its node went away) is retried with backoff within the deadline
+            return await call_with_deadline(
+                lambda: self.router.inspect_batch.remote(images, metas), ROUTER_CALL_TIMEOUT_S, "the router",
+                timeout_fix="retry later", full_fix="retry later with backoff",
+                failure_fix="retry; report the request id if it persists", wrap_failures=False)
+        except ExpertMeshError as err:  # the whole batch failed the same way: each request gets the error
+            return [err] * len(metas)
 
     @staticmethod
     def _internal(exc: Exception, request_id: str) -> Internal:
@@ -142,6 +169,7 @@ class IngressDeployment:
                         [BoardComponent(c.request_id, c.factory_id, c.station_id, c.component_hint, len(c.image))
                          for c in request.components], self.board_limits, self.spec.image.max_bytes)
             self.tokens.authorize(authorization, request.factory_id)
+            self.admission.admit(len(request.components), "board")
         except ExpertMeshError as err:  # refused whole: counts once, streams nothing
             self._record("grpc_board", request.factory_id, t_board, err.code.value)
             self._end_stream(grpc_context, err)
@@ -149,11 +177,14 @@ class IngressDeployment:
             self._record("grpc_board", request.factory_id, t_board, "INTERNAL")
             self._end_stream(grpc_context, self._internal(exc, request.board_id))
         failures: dict[int, ExpertMeshError] = {}
-        async for index, outcome in self._run_board(request, authorization):
-            if isinstance(outcome, ExpertMeshError):
-                failures[index] = outcome
-            else:
-                yield outcome
+        try:
+            async for index, outcome in self._run_board(request, authorization):
+                if isinstance(outcome, ExpertMeshError):
+                    failures[index] = outcome
+                else:
+                    yield outcome
+        finally:
+            self.admission.release(len(request.components))
         failed = board_outcome(len(request.components), failures)
         if failed is not None:
             self._end_stream(grpc_context, failed)
@@ -184,7 +215,7 @@ class IngressDeployment:
         try:
             rid, result = await self._inspect(
                 authorization, c.request_id or f"{request.board_id}-{index}", c.factory_id or request.factory_id,
-                c.station_id or request.station_id, c.image, c.component_hint, dict(c.metadata))
+                c.station_id or request.station_id, c.image, c.component_hint, dict(c.metadata), admitted=True)
         except ExpertMeshError as err:
             failure = component_error(index, err)
         except Exception as exc:  # noqa: BLE001 - unexpected: INTERNAL for this component, the stack to the log

@@ -1,9 +1,14 @@
-"""The router deployment: step 1 classifies, step 2 runs the plan through DeploymentHandles.
+"""The router deployment: routes batches of requests and sends each expert host one call per wave.
 
-Decisions are `router.plan`'s (pure): the route (rules, table, fallback), which outputs trigger
-which experts, and the verdict. This glue calls the experts: independent calls concurrently,
-each output's triggered experts as soon as it arrives, and every call bounded by a timeout, so an
-accepted request always ends in a result or an explicit error.
+The ingress batches concurrent requests (a short bounded wait) and sends them here together, already
+decoded and resized to every expert input size. Step 1 runs the classifier in this process on the whole
+batch; step 2 routes each request (`router.plan`: rules, table, fallback) and runs the plans in waves
+(`router.waves`): the pending calls of every request grouped by the host that runs their expert
+(`router.locality.host_for`), one call per host carrying every row it needs. A host runs what it holds,
+dependent calls included, and hands back calls for experts held elsewhere; the router sends those on
+until every plan is done. Every host call is bounded by a timeout, and a host lost mid-call (its node
+went away) has its rows sent to a surviving host, so an accepted request always ends in a verdict or an
+explicit error.
 """
 
 from __future__ import annotations
@@ -11,149 +16,204 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from expertmesh.cluster.labels import NODE_LABEL
-from expertmesh.deployments.config import APP_NAME, executor_name
+from expertmesh.deployments.config import APP_NAME, host_name
 from expertmesh.deployments.deadline import ReplicaLost, call_with_deadline
-from expertmesh.experts.graph import longest_chain
-from expertmesh.experts.spec import load_spec
-from expertmesh.metrics import instruments
-from expertmesh.router.locality import plan_runner
-from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route, triggered_calls
+from expertmesh.errors import ExpertMeshError, Unavailable
+from expertmesh.experts.preprocess import to_pixel_values
+from expertmesh.experts.runtime import ExpertRuntime
+from expertmesh.experts.spec import load_spec, resolve_checkpoint
+from expertmesh.metrics import instruments, node_name
+from expertmesh.router.locality import host_for
+from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route
+from expertmesh.router.waves import PlanInFlight, merge
+
+MAX_HOST_ROUNDS = 16  # a plan crosses hosts at most this often (the dependency graph is acyclic: a backstop)
 
 
 @serve.deployment
 class RouterDeployment:
-    """The front router (classify, route, run or hand off the plan) and, pinned to one node, a plan executor.
+    """Classify in-process, route, and run the plans of a batch across the expert hosts.
 
-    With a placement (user_config `homes`: expert -> home node; `executor_nodes`) the front hands each plan to the
-    executor on the node that holds it, and every expert handle prefers replicas on its caller's node. The
-    placement arrives by `reconfigure`, so a re-plan updates a running router instead of replacing it.
+    `hosts` maps a node (or "" for the single unpinned host) to its host deployment. The placement (user_config
+    `homes`: expert -> node) arrives by `reconfigure`, so a re-plan updates a running router instead of replacing it.
     """
 
-    def __init__(self, spec_path: str | None, experts: dict[str, DeploymentHandle], expert_timeout_s: float = 30.0,
-                 executors: dict[str, DeploymentHandle] | None = None) -> None:
+    def __init__(self, spec_path: str | None, zoo_root: str, hosts: dict[str, DeploymentHandle],
+                 host_timeout_s: float = 30.0, torch_threads: int = 1) -> None:
+        torch.set_num_threads(torch_threads)
         self.spec = load_spec(spec_path)
-        self._handles = dict(experts)
+        e = self.spec.router_expert
+        self.classifier = ExpertRuntime(e, resolve_checkpoint(e, Path(zoo_root)), image_limits=self.spec.image)
+        self.classifier.load()
+        self._classify(np.zeros((1, e.input_size_px, e.input_size_px, 3), np.uint8))  # warm-up before ready
+        self.hosts = dict(hosts)
         self.homes: dict[str, str] = {}
-        self.executors: dict[str, DeploymentHandle] = {}
-        self.experts = dict(experts)
-        self.expert_timeout_s = expert_timeout_s
-        # the executor bounds each expert call; a hand-off is bounded by the longest chain of calls
-        self.plan_timeout_s = expert_timeout_s * (1 + longest_chain(self.spec))
+        self.host_timeout_s = host_timeout_s
         self.metrics = instruments()
-        self._in_flight = {name: 0 for name in experts}
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node = node_name()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._in_flight: dict[str, int] = {x.name: 0 for x in self.spec.experts}
+        self._lost: set[str] = set()  # hosts seen dying, until the node watch or a re-plan says otherwise
+        self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
         self._stop = threading.Event()  # set when Serve shuts the replica down: ends the background threads
         self._threads = [threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True)]
         self._threads[0].start()
-        self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
-        self._local = False
 
     def __del__(self) -> None:
         """Serve calls this on a graceful replica shutdown: stop the background threads."""
         self._stop.set()
 
     def reconfigure(self, routing: dict) -> None:
-        """Apply a placement: homes, the plan executors (handles by deployment name) and local-first expert calls."""
+        """Apply a placement: each expert's home node, and the hosts of the planned nodes (handles by deployment
+        name: a host that is still deploying takes calls once it is up)."""
         self.homes = dict(routing.get("homes") or {})
-        if self.homes and not self._local:  # a placement exists: replicas beside the caller are preferred. A handle
-            # takes this once (it initialises the handle), so later placements keep it
-            self.experts = {k: h.options(_prefer_local_routing=True) for k, h in self._handles.items()}
-            self._local = True
-        self.executors = {node: serve.get_deployment_handle(executor_name(node), app_name=APP_NAME,
-                                                            _check_exists=False)  # may still be deploying
-                          for node in routing.get("executor_nodes") or []}
-        if self.executors and not any(t.name == "router-nodes" for t in self._threads):
-            self._threads.append(threading.Thread(target=self._watch_nodes, name="router-nodes", daemon=True))
-            self._threads[-1].start()
+        nodes = routing.get("host_nodes") or []
+        if nodes:
+            self.hosts = {node: self.hosts.get(node) or serve.get_deployment_handle(
+                host_name(node), app_name=APP_NAME, _check_exists=False) for node in nodes}
+            if not any(t.name == "router-nodes" for t in self._threads):
+                self._threads.append(threading.Thread(target=self._watch_nodes, name="router-nodes", daemon=True))
+                self._threads[-1].start()
+        self._lost.clear()
 
     def _watch_nodes(self, every_s: float = 1.0) -> None:
-        """Which planned nodes are alive (from Ray's GCS): a plan is never handed to a lost node's executor, whose
-        handle would hold the request until the re-plan removes it."""
+        """Which nodes are alive (from Ray's GCS): calls never wait on a lost node's host."""
         while not self._stop.is_set():
             try:
-                self._alive = frozenset(n.get("Labels", {}).get(NODE_LABEL, "") for n in ray.nodes() if n.get("Alive"))
+                alive = frozenset(n.get("Labels", {}).get(NODE_LABEL, "") for n in ray.nodes() if n.get("Alive"))
+                self._lost -= alive - (self._alive or frozenset())  # a node that came back is usable again
+                self._alive = alive
             except Exception:  # noqa: BLE001 - keep the last view; the next poll tries again
                 pass
             self._stop.wait(every_s)
 
     def _refresh_gauges(self, every_s: float = 2.0) -> None:
-        """Ray ages out gauges that are not set again: re-publish the queue depths while the replica lives."""
+        """Ray ages out gauges that are not set again: re-publish the queue depths, and the classifier held here (the
+        router's expert: one replica per router replica), while the replica lives."""
+        name = self.classifier.name
         while not self._stop.is_set():
+            self.metrics.set("expertmesh_expert_replicas", 1, expert=name, node=self.node)
+            self.metrics.set("expertmesh_expert_memory_bytes", self.classifier.footprint_bytes, expert=name,
+                             node=self.node, tier="device")
             for expert, depth in list(self._in_flight.items()):
                 self.metrics.set("expertmesh_expert_queue_depth", depth, expert=expert)
             self._stop.wait(every_s)
 
-    async def _call(self, call: Call, image: np.ndarray, reason: str | None = None) -> dict:
-        m, expert = self.metrics, call.expert
-        m.inc("expertmesh_expert_invocations_total", expert=expert, reason=reason or call.reason.value)
-        self._in_flight[expert] += 1
-        m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
+    # ------------------------------------------------------------------ step 1
+    def _classify(self, images_u8: np.ndarray) -> list:
+        return self.classifier.infer(to_pixel_values(images_u8, self.classifier.spec.input_size_px))
+
+    async def inspect_batch(self, images: dict[int, np.ndarray], metas: list[dict]) -> list[dict | ExpertMeshError]:
+        """A batch of decoded requests (`images`: every input size, [N, S, S, 3] uint8) -> per request its result,
+        or the error that ended it (the others still answer)."""
         t0 = time.perf_counter()
+        size = self.classifier.spec.input_size_px
+        preds = await asyncio.to_thread(self._classify, images[size])
+        step1_ms = (time.perf_counter() - t0) * 1000.0
+        first = {"expert": self.classifier.name, "reason": "router", "because_of": "", "latency_ms": step1_ms,
+                 "batch_size": len(preds), "readiness": "ready", "node_id": self.node_id, "replica_id": self.replica_id}
+        routes = [route(self.spec, p.label, p.score, RequestMeta(**meta)) for p, meta in zip(preds, metas)]
+        self._record_routes(routes, len(preds), time.perf_counter() - t0)
+        plans = {i: PlanInFlight.start(r.calls) for i, r in enumerate(routes)}
+        traces: dict[int, list[dict]] = {i: [] for i in plans}
+        failed: dict[int, ExpertMeshError] = {}
+        await self._run_plans(images, plans, traces, failed)
+        out: list[dict | ExpertMeshError] = []
+        for i, (r, p) in enumerate(zip(routes, preds)):
+            if i in failed:
+                out.append(failed[i])
+                continue
+            outcome = aggregate(self.spec, [ExpertOutput(t["expert"], t["label"], t["score"]) for t in traces[i]])
+            out.append({"category": r.category, "category_confidence": r.confidence, "fallback": r.fallback,
+                        "rules": list(r.rules), "verdict": outcome.verdict.value, "defect": outcome.defect,
+                        "trace": [{**first, "label": p.label, "score": p.score}] + traces[i],
+                        "latency_ms": (time.perf_counter() - t0) * 1000.0, "decided_by": outcome.decided_by or ""})
+        return out
+
+    # ------------------------------------------------------------------ step 2
+    async def _run_plans(self, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
+                         traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError]) -> None:
+        for _ in range(MAX_HOST_ROUNDS):
+            by_host: dict[str, dict[int, list[Call]]] = defaultdict(lambda: defaultdict(list))
+            for i, plan in plans.items():
+                if i in failed:
+                    continue
+                for call in plan.pending:
+                    host = host_for(call.expert, self.homes, self.hosts.keys(), self._alive, self._lost)
+                    if host is None:
+                        failed[i] = Unavailable(f"no expert host is available for expert {call.expert!r}",
+                                                fix="retry later; the cluster is re-placing the experts of lost nodes")
+                        break
+                    by_host[host][i].append(call)
+                plan.pending = []
+            if not by_host:
+                return
+            await asyncio.gather(*(self._send(host, rows, images, plans, traces, failed)
+                                   for host, rows in by_host.items()))
+        for i, plan in plans.items():
+            if plan.pending and i not in failed:
+                failed[i] = Unavailable(f"the plan crossed hosts more than {MAX_HOST_ROUNDS} times",
+                                        fix="check the spec's dependencies and the placement")
+
+    async def _send(self, host: str, rows: dict[int, list[Call]], images: dict[int, np.ndarray],
+                    plans: dict[int, PlanInFlight], traces: dict[int, list[dict]],
+                    failed: dict[int, ExpertMeshError]) -> None:
+        """One call to one host with every row it needs; a lost host's rows go back to pending for another."""
+        keys = list(rows)
+        index = np.asarray(keys, dtype=np.int64)
+        sub = {size: arr if len(keys) == len(arr) else arr[index] for size, arr in images.items()}
+        experts = [c.expert for k in keys for c in rows[k]]
+        for e in set(experts):
+            self._in_flight[e] += experts.count(e)
+        handle = self.hosts[host]
         try:
-            handle = self.experts[call.expert]
-            res = await call_with_deadline(lambda: handle.classify.remote(image), self.expert_timeout_s,
-                                f"expert {call.expert!r}", timeout_fix="retry later; if it persists, check the expert's replicas",
-                                full_fix="retry later with backoff; the expert is scaling up or overloaded",
-                                failure_fix="retry later; if it persists, check the expert's logs")
+            answers = await call_with_deadline(
+                lambda: handle.run.remote(sub, [(rows[k], sorted(plans[k].planned)) for k in keys]),
+                self.host_timeout_s, f"the expert host{' on ' + host if host else ''}", retries_on_loss=0,
+                timeout_fix="retry later; if it persists, check the expert hosts",
+                full_fix="retry later with backoff; the expert hosts are overloaded",
+                failure_fix="retry later; if it persists, check the expert host's logs")
+        except ReplicaLost:  # its node went away: the rows try a surviving host in the next round
+            self._lost.add(host)
+            self.metrics.inc("expertmesh_plan_fallbacks_total", node=host or "any")
+            for k in keys:
+                plans[k].pending.extend(rows[k])
+            return
+        except ExpertMeshError as err:
+            for k in keys:
+                failed[k] = err
+            return
         finally:
-            self._in_flight[expert] -= 1
-            m.set("expertmesh_expert_queue_depth", self._in_flight[expert], expert=expert)
-            m.observe("expertmesh_expert_latency_seconds", time.perf_counter() - t0, expert=expert)
-        return {**res, "expert": call.expert, "reason": call.reason.value, "because_of": call.because_of or ""}
+            for e in set(experts):
+                self._in_flight[e] -= experts.count(e)
+        for k, answer in zip(keys, answers):
+            traces[k].extend(answer["trace"])
+            done = [(Call(t["expert"], Reason(t["reason"]), t["because_of"] or None),
+                     ExpertOutput(t["expert"], t["label"], t["score"])) for t in answer["trace"]]
+            merge(plans[k], done, answer["pending"], answer["planned"])
 
-    async def _run(self, call: Call, image: np.ndarray, planned: set[str]) -> list[dict]:
-        """Run one call, then (concurrently) everything its output triggers; results in call order."""
-        res = await self._call(call, image)
-        children = triggered_calls(self.spec, ExpertOutput(call.expert, res["label"], res["score"]), planned)
-        planned.update(c.expert for c in children)  # concurrent branches see them as planned: each runs once
-        nested = await asyncio.gather(*(self._run(c, image, planned) for c in children))
-        return [res] + [r for group in nested for r in group]
-
-    async def inspect(self, image: np.ndarray, meta: dict) -> dict:
-        """Classify, plan, run and aggregate one decoded RGB image [H, W, 3]."""
-        t0 = time.perf_counter()
-        router_call = Call(self.spec.router.expert, Reason.TABLE, None)
-        first = await self._call(router_call, image, reason="router")
-        first["reason"] = "router"
-        r = route(self.spec, first["label"], first["score"], RequestMeta(**meta))
-        self._record_route(r, time.perf_counter() - t0)
-        node = plan_runner(r.calls, self.homes, self._alive, self.executors.keys())
-        if node is not None:  # hand the plan to the node that holds its experts
-            executor = self.executors[node]
-            try:
-                results = await call_with_deadline(lambda: executor.run_plan.remote(image, list(r.calls)), self.plan_timeout_s,
-                                        f"the plan executor on {node}", retries_on_loss=0,
-                                        timeout_fix="retry later; if it persists, check that node",
-                                        full_fix="retry later", failure_fix="retry; if it persists, check that node")
-            except ReplicaLost:  # that node is gone (a re-plan is under way): run the plan from here instead
-                self.metrics.inc("expertmesh_plan_fallbacks_total", node=node)
-                results = await self.run_plan(image, list(r.calls))
-        else:
-            results = await self.run_plan(image, list(r.calls))
-        outcome = aggregate(self.spec, [ExpertOutput(x["expert"], x["label"], x["score"]) for x in results])
-        return {
-            "category": r.category, "category_confidence": r.confidence, "fallback": r.fallback, "rules": list(r.rules),
-            "verdict": outcome.verdict.value, "defect": outcome.defect, "trace": [first] + results,
-            "latency_ms": (time.perf_counter() - t0) * 1000.0, "decided_by": outcome.decided_by or "",
-        }
-
-    async def run_plan(self, image: np.ndarray, calls: list[Call]) -> list[dict]:
-        """Run the plan's first calls concurrently and everything they trigger; results in call order."""
-        planned = {c.expert for c in calls}
-        groups = await asyncio.gather(*(self._run(c, image, planned) for c in calls))
-        return [res for g in groups for res in g]
-
-    def _record_route(self, r, seconds: float) -> None:
+    def _record_routes(self, routes: list, num_requests: int, seconds: float) -> None:
         m = self.metrics
         m.observe("expertmesh_route_latency_seconds", seconds)
-        m.inc("expertmesh_router_decisions_total", category=r.category)
-        if r.fallback:
-            m.inc("expertmesh_router_fallbacks_total", category=r.category)
-        for rule in r.rules:
-            m.inc("expertmesh_gating_rule_hits_total", rule=rule)
+        m.inc("expertmesh_expert_invocations_total", num_requests, expert=self.classifier.name, reason="router")
+        m.inc("expertmesh_expert_requests_total", num_requests, expert=self.classifier.name, readiness="ready")
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        for r in routes:
+            counts[("expertmesh_router_decisions_total", r.category)] += 1
+            if r.fallback:
+                counts[("expertmesh_router_fallbacks_total", r.category)] += 1
+            for rule in r.rules:
+                counts[("expertmesh_gating_rule_hits_total", rule)] += 1
+        for (name, value), n in counts.items():
+            m.inc(name, n, **({"rule": value} if name == "expertmesh_gating_rule_hits_total" else {"category": value}))

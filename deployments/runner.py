@@ -54,11 +54,12 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     if have + 1e-9 < needed + 0.1:  # + Serve's own controller and proxies
         ray.shutdown()
         raise FailedPrecondition(f"the app's initial replicas need {needed:.2f} logical CPUs, the cluster has {have:.2f}",
-                                 field="expert_num_cpus", fix="add nodes, or lower expert_num_cpus / min_replicas")
+                                 field="host_num_cpus", fix="add nodes, or lower host_num_cpus / host_replicas")
     proxies = proxy_options(args.settings)
     # every node of a loopback cluster shares 127.0.0.1: only one proxy can hold the ports, so run it on the head
     serve.start(proxy_location="HeadOnly" if not address or is_loopback(address) else "EveryNode",
-                http_options=proxies["http_options"], grpc_options=gRPCOptions(**proxies["grpc_options"]))
+                http_options=proxies["http_options"], grpc_options=gRPCOptions(**proxies["grpc_options"]),
+                logging_config=proxies["logging_config"])
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 

@@ -55,15 +55,17 @@ METRICS: tuple[MetricDef, ...] = (
               ("category",)),
     MetricDef("expertmesh_gating_rule_hits_total", "counter", "Gating rules that matched a request, by rule", ("rule",)),
     MetricDef("expertmesh_expert_invocations_total", "counter",
-              "Expert calls made by the router, by expert and reason (router, table, rule, dependency, fallback)",
+              "Expert calls made (the classifier's by the router, the rest by the expert hosts), by expert and reason "
+              "(router, table, rule, dependency, fallback)",
               ("expert", "reason")),
     MetricDef("expertmesh_route_latency_seconds", "histogram", "Router step 1 (classify) and the plan",
               (), LATENCY_BUCKETS_S),
     MetricDef("expertmesh_expert_latency_seconds", "histogram",
-              "One expert call as the router sees it (queueing, batching, any load, inference), by expert",
+              "One batch of an expert on its host (any load, preprocessing, inference), by expert",
               ("expert",), LATENCY_BUCKETS_S),
     MetricDef("expertmesh_expert_queue_depth", "gauge",
-              "Expert calls sent by the router and not yet answered, by expert (sum over router replicas)", ("expert",)),
+              "Expert calls the router has sent to hosts and not had answered, by expert (sum over router replicas)",
+              ("expert",)),
     # expert replicas
     MetricDef("expertmesh_expert_requests_total", "counter",
               "Images an expert replica classified, by expert and readiness: ready (weights were on the device) or "
@@ -77,8 +79,9 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("expertmesh_expert_load_seconds", "histogram", "Duration of one tier move up, by expert and the tier loaded into",
               ("expert", "tier"), LOAD_BUCKETS_S),
     MetricDef("expertmesh_expert_replicas", "gauge",
-              "1 per live expert replica, by expert and node: sum by (expert) is the replica count, "
-              "by (expert, node) the current placement", ("expert", "node")),
+              "1 per process holding an expert (an expert host replica, or a router replica for the classifier), by "
+              "expert and node: sum by (expert) is the replica count, by (expert, node) the current placement",
+              ("expert", "node")),
     MetricDef("expertmesh_expert_memory_bytes", "gauge",
               "Bytes an expert replica holds, by expert, node and tier (host or device; on a CPU node the device is "
               "host memory)", ("expert", "node", "tier")),
@@ -88,8 +91,8 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("expertmesh_replans_total", "counter", "Placements re-planned and applied, by reason "
               "(node_lost, node_joined, node_lost_and_joined: both in one poll, drift)", ("reason",)),
     MetricDef("expertmesh_replan_seconds", "histogram", "Time to re-plan and apply a placement", (), LOAD_BUCKETS_S),
-    MetricDef("expertmesh_plan_fallbacks_total", "counter", "Plans the front router ran itself because the executor "
-              "on their node was lost", ("node",)),
+    MetricDef("expertmesh_plan_fallbacks_total", "counter", "Batched host calls the router sent to a surviving host "
+              "because the host of their experts' node was lost, by the lost node", ("node",)),
     MetricDef("expertmesh_placement_planned_replicas", "gauge", "1 where the current plan puts an expert on a node",
               ("expert", "node")),
 )

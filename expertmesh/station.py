@@ -25,7 +25,7 @@ import numpy as np
 
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.pcb_aoi.truth import sample_pairs, verdict_correct
-from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.images import encode_png
 from expertmesh.router.plan import Verdict
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc

@@ -8,7 +8,6 @@ probabilities and dependency weights measured on a generated sample).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import numpy as np
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime, Prediction
 from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
-from expertmesh.router.plan import Call, ExpertOutput, RequestMeta, route, triggered_calls
+from expertmesh.router.plan import Call, ExpertOutput, RequestMeta, route
+from expertmesh.router.waves import PlanInFlight, record, take_calls
 
 BATCH = 256
 
@@ -49,26 +49,15 @@ class ImageRun:
 
 def run_coe(spec: CoESpec, runtimes: dict[str, ExpertRuntime], images: np.ndarray,
             meta: RequestMeta | None = None) -> list[ImageRun]:
+    """Every image through the CoE: the router model on all of them, then the plans in waves (`router.waves`)."""
     router_preds = predict(runtimes[spec.router.expert], images)
     runs = [ImageRun(p) for p in router_preds]
-    pending: dict[int, list[Call]] = {}
-    planned: dict[int, set[str]] = {}
-    for i, p in enumerate(router_preds):
-        r = route(spec, p.label, p.score, meta)
-        pending[i] = list(r.calls)
-        planned[i] = {c.expert for c in r.calls}
-    while any(pending.values()):
-        by_expert: dict[str, list[tuple[int, Call]]] = defaultdict(list)
-        for i, calls in pending.items():
-            for c in calls:
-                by_expert[c.expert].append((i, c))
-        pending = {i: [] for i in pending}
-        for name, items in sorted(by_expert.items()):
+    plans = {i: PlanInFlight.start(route(spec, p.label, p.score, meta).calls) for i, p in enumerate(router_preds)}
+    while wave := take_calls(plans):
+        for name, items in wave.items():
             idx = [i for i, _ in items]
             for (i, call), pred in zip(items, predict(runtimes[name], images[idx])):
                 out = ExpertOutput(name, pred.label, pred.score)
                 runs[i].calls.append((call, out))
-                new = triggered_calls(spec, out, planned[i])
-                planned[i].update(c.expert for c in new)
-                pending[i] += new
+                record(spec, plans[i], call, out)
     return runs

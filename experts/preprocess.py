@@ -1,79 +1,28 @@
-"""Image bytes -> validated PIL images -> model input tensors. Shared by training and serving.
+"""Decoded images -> model input tensors. Shared by training, the offline evaluator and the expert hosts.
 
-Training and serving must preprocess identically, so both call `to_pixel_values`. Decoding
-validates the bytes against the spec's `ImageLimits` and fails with `InvalidArgument` /
-`PayloadTooLarge` naming the field and the fix; it never lets a decoder exception escape.
+Training and serving must preprocess identically, so both call `to_pixel_values` (decoding and resizing are
+`experts.images`', which needs no torch: the ingress and the station use it without importing torch).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from expertmesh.errors import InvalidArgument, PayloadTooLarge
-from expertmesh.experts.spec import ImageLimits
+from expertmesh.experts.images import resize_to
 
-ACCEPTED_FORMATS = ("PNG", "JPEG")
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 
-def decode_image(data: bytes, limits: ImageLimits, field: str = "image") -> Image.Image:
-    """Decode PNG/JPEG bytes into an RGB image, or raise a clear error naming `field`."""
-    if not data:
-        raise InvalidArgument("image is empty (0 bytes)", field=field, fix="send the PNG or JPEG bytes of the component image")
-    if len(data) > limits.max_bytes:
-        raise PayloadTooLarge(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}", field=field,
-                              fix="send a smaller crop, or raise image.max_bytes in the spec")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            if fmt not in ACCEPTED_FORMATS:
-                raise InvalidArgument(f"image format {fmt!r} is not accepted", field=field,
-                                      fix=f"encode the image as one of {list(ACCEPTED_FORMATS)}")
-            w, h = img.size
-            _check_size(w, h, limits, field)
-            img.load()
-    except InvalidArgument:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
-        raise InvalidArgument(f"image bytes could not be decoded ({type(exc).__name__})", field=field,
-                              fix="send a complete, valid PNG or JPEG file") from None
-    return img.convert("RGB")
-
-
-def _check_size(w: int, h: int, limits: ImageLimits, field: str) -> None:
-    if min(w, h) < limits.min_side_px or max(w, h) > limits.max_side_px:
-        raise InvalidArgument(f"image is {w}x{h} px; each side must be {limits.min_side_px}..{limits.max_side_px} px",
-                              field=field, fix="send a crop of the single component at a supported size")
-    if max(w, h) / min(w, h) > limits.max_aspect_ratio:
-        raise InvalidArgument(f"image is {w}x{h} px, aspect ratio {max(w, h) / min(w, h):.2f} over {limits.max_aspect_ratio}",
-                              field=field, fix="send a near-square crop centred on one component")
-
-
 def to_pixel_values(images: list[Image.Image] | np.ndarray, size_px: int) -> torch.Tensor:
-    """RGB images (PIL, or a uint8 array [N, H, W, 3]) -> normalised float tensor [N, 3, size, size]."""
-    arrays = []
-    for img in images:
-        if isinstance(img, np.ndarray):
-            img = Image.fromarray(img)
-        if img.size != (size_px, size_px):
-            img = img.resize((size_px, size_px), Image.BILINEAR)
-        arrays.append(np.asarray(img, dtype=np.uint8))
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    """RGB images (PIL, or uint8 arrays [N, H, W, 3]) -> normalised float tensor [N, 3, size, size]."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:3] == (size_px, size_px):
+        stacked = images  # already at the input size (the ingress resized it): no copy through PIL
+    else:
+        stacked = np.stack([resize_to(img, size_px) for img in images])
+    batch = torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     return (batch - mean) / std
-
-
-def encode_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()

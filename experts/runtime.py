@@ -20,7 +20,8 @@ import torch
 
 from expertmesh.errors import FailedPrecondition, InvalidArgument
 from expertmesh.experts.models import load_model, num_parameters, parameter_bytes
-from expertmesh.experts.preprocess import decode_image, to_pixel_values
+from expertmesh.experts.images import decode_image
+from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.spec import ExpertSpec, ImageLimits
 
 

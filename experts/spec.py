@@ -181,6 +181,11 @@ class CoESpec(_Strict):
     def router_expert(self) -> ExpertSpec:
         return self.expert(self.router.expert)
 
+    @property
+    def input_sizes_px(self) -> tuple[int, ...]:
+        """Every distinct expert input size: what the ingress resizes a decoded image to, once each."""
+        return tuple(sorted({e.input_size_px for e in self.experts}))
+
     def category(self, name: str) -> CategorySpec:
         for c in self.categories:
             if c.name == name:

@@ -1,37 +1,30 @@
-"""Where a request's plan runs on a multi-node cluster (pure).
+"""Which expert host runs a call (pure).
 
-With a placement, every expert has a home node (and maybe replicas elsewhere). The router classifies
-wherever it runs, then hands the plan to the executor on the node that holds the plan's first calls,
-so those calls and the dependent calls they trigger find local replicas (the placement put
-dependents beside their upstreams). Ties go to the lexicographically first node: deterministic.
+With a placement every expert has a home node, and each planned node runs one pooled expert host
+(the `Host-<node>` deployment) holding the experts placed there; without one, a single `Host`
+deployment (key "") holds them all. A call goes to its expert's home host; when that node is known
+to be lost (`alive` given and without it, or the router saw its host die) or has no host (not
+deployed yet, or a re-plan removed it), it goes to a surviving host, which loads the expert on
+demand - a load of milliseconds, not a new process - until the re-plan moves the expert for good.
+The surviving host is picked by a stable hash of the expert, so one expert's calls land on one host.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Collection, Iterable
-
-from expertmesh.router.plan import Call
+import zlib
+from collections.abc import Collection
 
 
-def execution_node(calls: Iterable[Call], homes: dict[str, str], alive: Collection[str] | None = None) -> str | None:
-    """The node holding most of the plan's first calls (None when no call's expert has a home). A node known to be
-    down (`alive` given and without it) is never chosen: its executor is gone until the placement is re-applied."""
-    votes = Counter(homes[c.expert] for c in calls if c.expert in homes and (alive is None or homes[c.expert] in alive))
-    if not votes:
+def host_for(expert: str, homes: dict[str, str], hosts: Collection[str], alive: Collection[str] | None = None,
+             lost: Collection[str] = ()) -> str | None:
+    """The host key (a node, or "" for the single unpinned host) that runs `expert`'s calls; None when no host
+    is usable (every planned node is lost: the caller fails the call as UNAVAILABLE)."""
+    def usable(node: str) -> bool:
+        return node in hosts and node not in lost and (alive is None or node == "" or node in alive)
+    home = homes.get(expert, "")
+    if usable(home):
+        return home
+    candidates = sorted(n for n in hosts if usable(n))
+    if not candidates:
         return None
-    best = max(votes.values())
-    return min(node for node, n in votes.items() if n == best)
-
-
-def plan_runner(calls: Iterable[Call], homes: dict[str, str], alive: Collection[str] | None,
-                executor_nodes: Collection[str]) -> str | None:
-    """Which node's plan executor runs this plan, or None: the front router runs it itself.
-
-    The front runs it when there is no placement (no homes, or no executors), when none of the plan's first calls
-    has a home, when every node holding them is known to be lost (`alive` without it), or when the chosen node has
-    no executor (a re-plan removed it, or it is not deployed yet)."""
-    if not homes or not executor_nodes:
-        return None
-    node = execution_node(calls, homes, alive)
-    return node if node in executor_nodes else None
+    return candidates[zlib.crc32(expert.encode()) % len(candidates)]

@@ -64,7 +64,7 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
     # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly; short residency
     # timeouts, so idle experts really leave memory and the next request waits for a load
-    settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, expert_num_cpus=0.1, upscale_delay_s=1,
+    settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, host_num_cpus=0.5, upscale_delay_s=1,
                              downscale_delay_s=5, expert_timeout_s=20, ingress_max_ongoing_requests=4,
                              ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0)
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)

@@ -81,7 +81,7 @@ class FakeIngress:
     def _internal(self, exc, request_id):
         return IngressDeployment.func_or_class._internal(exc, request_id)
 
-    async def _inspect(self, authorization, request_id, factory_id, station_id, image, hint, metadata):
+    async def _inspect(self, authorization, request_id, factory_id, station_id, image, hint, metadata, admitted=False):
         index = int(request_id.rsplit("-", 1)[1])
         self.started.append(index)
         self.running += 1

@@ -10,7 +10,7 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.images import encode_png
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from expertmesh.cluster.prometheus import PrometheusServer
 from expertmesh.deployments.dashboard import HIT_RATE_SINCE_START, SHIPPED_PATH, queries
 from expertmesh.experts.offline import load_runtime, predict
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.images import encode_png
 from expertmesh.experts.spec import load_spec
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc

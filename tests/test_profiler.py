@@ -124,13 +124,12 @@ def test_usage_counted_from_traces(default_spec, tmp_path):
 
 
 # ---------------------------------------------------------------------- serving options from a profile
-def test_a_profile_sets_batch_size_and_autoscaling_target(default_spec):
+def test_a_profile_sets_each_experts_batch_size_on_its_host(default_spec):
     settings = ServeSettings()
-    plain = deployment_options(default_spec, settings)["chip_defect"]
-    profiled = deployment_options(default_spec, settings, {"chip_defect": _profile(best=8)})["chip_defect"]
-    assert plain["user_config"]["max_batch_size"] == default_spec.expert("chip_defect").max_batch
-    assert profiled["user_config"]["max_batch_size"] == 8
-    assert profiled["autoscaling_config"]["target_ongoing_requests"] == 8.0
+    plain = deployment_options(default_spec, settings)["Host"]["user_config"]["max_batch"]
+    profiled = deployment_options(default_spec, settings, {"chip_defect": _profile(best=8)})["Host"]["user_config"]
+    assert plain["chip_defect"] == default_spec.expert("chip_defect").max_batch
+    assert profiled["max_batch"]["chip_defect"] == 8 and profiled["max_batch"]["polarity"] == plain["polarity"]
 
 
 # ---------------------------------------------------------------------- for real, on two tiny experts
@@ -172,7 +171,7 @@ def test_two_tiny_experts_profiled_for_real(tiny_spec, tiny_zoo, tmp_path):
     # the serving path takes the current entries
     args = AppArgs(zoo=str(tiny_zoo), tokens_file="unused", profile=str(store_path))
     opts = app_options(tiny_spec, args)
-    assert opts["chip_defect"]["user_config"]["max_batch_size"] == store.get("chip_defect", "cpu").max_useful_batch
+    assert opts["Host"]["user_config"]["max_batch"]["chip_defect"] == store.get("chip_defect", "cpu").max_useful_batch
 
     # the plot
     from expertmesh.profiler.plot import plot_profiles

@@ -12,7 +12,8 @@ from PIL import Image
 from expertmesh.errors import FailedPrecondition, InvalidArgument, PayloadTooLarge
 from expertmesh.experts.models import load_model, parameter_bytes
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.preprocess import decode_image, encode_png, to_pixel_values
+from expertmesh.experts.images import decode_image, encode_png
+from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime, Tier, resolve_device
 from expertmesh.experts.spec import ImageLimits, resolve_checkpoint
 

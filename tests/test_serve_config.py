@@ -27,10 +27,14 @@ def test_config_file_is_what_serve_deploy_accepts(default_spec, tmp_path, capsys
     assert app["import_path"] == "expertmesh.deployments.app:build_app"
     assert doc["grpc_options"]["port"] == 9100 and doc["grpc_options"]["enable_reflection"] is True
     by_name = {d["name"]: d for d in app["deployments"]}
-    assert set(by_name) == {e.name for e in default_spec.experts} | {"Router", "Ingress"}
-    chip = by_name["chip_defect"]
-    assert chip["user_config"]["max_batch_size"] == default_spec.expert("chip_defect").max_batch
-    assert chip["autoscaling_config"]["max_replicas"] == 2 and chip["ray_actor_options"]["num_cpus"] == 0.25
+    assert set(by_name) == {"Host", "Router", "Ingress"}  # one expert host holds every expert; the router classifies
+    host = by_name["Host"]
+    assert host["user_config"]["experts"] == sorted(e.name for e in default_spec.experts
+                                                    if e.name != default_spec.router.expert)
+    assert host["user_config"]["max_batch"]["chip_defect"] == default_spec.expert("chip_defect").max_batch
+    assert host["autoscaling_config"]["max_replicas"] == 2 and host["ray_actor_options"]["num_cpus"] == 1.0
+    assert all(d["logging_config"] == {"enable_access_log": False} for d in app["deployments"])
+    assert doc["logging_config"] == {"enable_access_log": False}
 
 
 def test_options_from_one_place(default_spec):
@@ -38,15 +42,13 @@ def test_options_from_one_place(default_spec):
     opts = deployment_options(default_spec, settings)
     args = AppArgs(zoo="/z", tokens_file="/t", settings=settings)
     assert build_serve_config(default_spec, args)["applications"][0]["deployments"] == list(opts.values())
-    assert opts["polarity"]["ray_actor_options"]["num_gpus"] == 0.5  # device: auto gets the fractional GPU
+    assert opts["Host"]["ray_actor_options"]["num_gpus"] == 0.5  # experts with device auto: the host gets the GPU share
+    assert deployment_options(default_spec, ServeSettings())["Host"]["ray_actor_options"]["num_gpus"] == 0
 
 
-def test_autoscaling_allows_zero_min(default_spec):
-    e = default_spec.expert("general_defect").model_copy(
-        update={"autoscaling": default_spec.expert("general_defect").autoscaling.model_copy(update={"min_replicas": 0})})
-    from expertmesh.deployments.config import expert_options
-    a = expert_options(e, ServeSettings())["autoscaling_config"]
-    assert a["min_replicas"] == 0 and a["initial_replicas"] == 1
+def test_host_replicas_are_bounded_as_configured():
+    with pytest.raises(ValidationError, match="raise host_max_replicas"):
+        ServeSettings(host_replicas=3, host_max_replicas=2)
 
 
 def test_settings_validation_names_the_fix():
@@ -95,14 +97,16 @@ def test_a_plan_pins_replicas_to_nodes_in_a_valid_config(default_spec, tmp_path)
     doc = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(doc)
     by_name = {d["name"]: d for d in doc["applications"][0]["deployments"]}
-    assert by_name["chip_defect"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "node-1"}
-    solder = by_name["solder_fine"]  # on 3 of the 4 planned nodes: kept off the fourth, one replica per node at least
-    assert solder["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "!in(node-3)"}
-    assert solder["autoscaling_config"]["min_replicas"] == 3
-    assert by_name["polarity"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": "!in(node-2,node-3)"}
-    assert "label_selector" not in by_name["sot23_defect"]["ray_actor_options"]  # not in the plan: anywhere
-    assert solder["max_replicas_per_node"] == 1 and solder["max_surge_percent"] == 0  # one per node, no surge
-    assert by_name["chip_defect"]["max_surge_percent"] == 100  # replacements start before old ones stop
+    assert set(by_name) == {"Host-node-0", "Host-node-1", "Host-node-2", "Host-node-3", "Router", "Ingress"}
+    for node in ("node-0", "node-1", "node-2", "node-3"):  # one expert host pinned to every planned node
+        assert by_name[f"Host-{node}"]["ray_actor_options"]["label_selector"] == {"expertmesh.io/node": node}
+    held = {d: by_name[d]["user_config"]["experts"] for d in by_name if d.startswith("Host-")}
+    assert held == {"Host-node-0": ["polarity", "solder_fine"], "Host-node-1": ["chip_defect", "polarity", "solder_fine"],
+                    "Host-node-2": ["solder_fine"], "Host-node-3": ["diode_defect"]}, held
+    homes = by_name["Router"]["user_config"]["homes"]  # each expert's calls go to its first planned node
+    assert homes == {"chip_defect": "node-1", "diode_defect": "node-3", "polarity": "node-0", "solder_fine": "node-0"}
+    assert by_name["Router"]["user_config"]["host_nodes"] == ["node-0", "node-1", "node-2", "node-3"]
+    assert by_name["Router"]["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}  # front on head
     assert doc["applications"][0]["args"]["placement"]["chip_defect"] == ["node-1"]
     plan.write_text(json.dumps({"replicas": {"ghost": ["node-0"]}}))
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
@@ -127,12 +131,12 @@ def test_config_refuses_to_write_what_serve_deploy_would_reject(tmp_path, capsys
 
     def one_invalid(*args, **kwargs):
         opts = real(*args, **kwargs)
-        opts["chip_defect"]["max_ongoing_requests"] = -1  # ServeDeploySchema: must be greater than 0
+        opts["Host"]["max_ongoing_requests"] = -1  # ServeDeploySchema: must be greater than 0
         return opts
 
     monkeypatch.setattr(config, "app_options", one_invalid)
     out = tmp_path / "serve.yaml"
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "deployments[chip_defect].max_ongoing_requests" in err and "Traceback" not in err, err
+    assert "deployments[Host].max_ongoing_requests" in err and "Traceback" not in err, err
     assert not out.exists()

@@ -15,7 +15,7 @@ import ray
 
 from expertmesh.experts.offline import load_runtime, run_coe
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.images import encode_png
 from expertmesh.router.plan import aggregate
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc

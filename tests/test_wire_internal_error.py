@@ -24,7 +24,7 @@ from ray import serve
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.errors import Unavailable
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.preprocess import encode_png
+from expertmesh.experts.images import encode_png
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
 from serving_fixture import metric_total
