@@ -38,6 +38,7 @@ from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggr
 from expertmesh.router.waves import PlanInFlight, merge
 
 MAX_HOST_ROUNDS = 16  # a plan crosses hosts at most this often (the dependency graph is acyclic: a backstop)
+LOST_HOLD_S = 10.0  # a pinned host seen dying gets no calls for this long (the node watch or a re-plan then knows)
 
 
 @serve.deployment
@@ -64,7 +65,7 @@ class RouterDeployment:
         self.node = node_name()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._in_flight: dict[str, int] = {x.name: 0 for x in self.spec.experts}
-        self._lost: set[str] = set()  # hosts seen dying, until the node watch or a re-plan says otherwise
+        self._lost: dict[str, float] = {}  # pinned hosts seen dying -> when (monotonic s)
         self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
         self._stop = threading.Event()  # set when Serve shuts the replica down: ends the background threads
         self._threads = [threading.Thread(target=self._refresh_gauges, name="router-gauges", daemon=True)]
@@ -92,7 +93,8 @@ class RouterDeployment:
         while not self._stop.is_set():
             try:
                 alive = frozenset(n.get("Labels", {}).get(NODE_LABEL, "") for n in ray.nodes() if n.get("Alive"))
-                self._lost -= alive - (self._alive or frozenset())  # a node that came back is usable again
+                for node in alive - (self._alive or frozenset()):  # a node that came back is usable again
+                    self._lost.pop(node, None)
                 self._alive = alive
             except Exception:  # noqa: BLE001 - keep the last view; the next poll tries again
                 pass
@@ -145,12 +147,14 @@ class RouterDeployment:
     async def _run_plans(self, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
                          traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError]) -> None:
         for _ in range(MAX_HOST_ROUNDS):
+            now = time.monotonic()
+            lost = {h for h, t in self._lost.items() if now - t < LOST_HOLD_S}
             by_host: dict[str, dict[int, list[Call]]] = defaultdict(lambda: defaultdict(list))
             for i, plan in plans.items():
                 if i in failed:
                     continue
                 for call in plan.pending:
-                    host = host_for(call.expert, self.homes, self.hosts.keys(), self._alive, self._lost)
+                    host = host_for(call.expert, self.homes, self.hosts.keys(), self._alive, lost)
                     if host is None:
                         failed[i] = Unavailable(f"no expert host is available for expert {call.expert!r}",
                                                 fix="retry later; the cluster is re-placing the experts of lost nodes")
@@ -177,15 +181,21 @@ class RouterDeployment:
         for e in set(experts):
             self._in_flight[e] += experts.count(e)
         handle = self.hosts[host]
-        try:
+        names = ", ".join(sorted(set(experts)))
+        try:  # a pinned host's loss sends its rows to a survivor at once; the single host is retried (Serve replaces it)
             answers = await call_with_deadline(
                 lambda: handle.run.remote(sub, [(rows[k], sorted(plans[k].planned)) for k in keys]),
-                self.host_timeout_s, f"the expert host{' on ' + host if host else ''}", retries_on_loss=0,
+                self.host_timeout_s, f"the expert host{' on ' + host if host else ''} (experts {names})",
+                retries_on_loss=0 if host else 4,
                 timeout_fix="retry later; if it persists, check the expert hosts",
                 full_fix="retry later with backoff; the expert hosts are overloaded",
                 failure_fix="retry later; if it persists, check the expert host's logs")
-        except ReplicaLost:  # its node went away: the rows try a surviving host in the next round
-            self._lost.add(host)
+        except ReplicaLost as err:  # its node went away: the rows try a surviving host in the next round
+            if not host:
+                for k in keys:
+                    failed[k] = err
+                return
+            self._lost[host] = time.monotonic()
             self.metrics.inc("expertmesh_plan_fallbacks_total", node=host or "any")
             for k in keys:
                 plans[k].pending.extend(rows[k])

@@ -250,12 +250,13 @@ def qfp_replica(resp: pb.InspectResponse) -> str:
     return trace.replica_id
 
 
-def test_a_killed_expert_is_retried_on_a_replacement_or_named_in_unavailable(serving, stub):
-    """Kill every replica of qfp_defect. Each request that needs it must end in one of the two documented ways: an
-    answer from a replacement replica (a call whose replica died is retried within its deadline, README
-    "Re-planning"), or UNAVAILABLE naming the expert (README "Errors"). An answer from a killed replica means nothing
-    was killed, and a client deadline means the request hung: both fail. Then qfp_defect answers again."""
-    killed_names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#qfp_defect#" in a["name"]]
+def test_a_killed_expert_host_is_retried_on_a_replacement_or_named_in_unavailable(serving, stub):
+    """Kill every replica of the expert host (which holds qfp_defect). Each request that needs it must end in one of
+    the two documented ways: an answer from a replacement replica (a call whose replica died is retried within its
+    deadline, README "Re-planning"), or UNAVAILABLE naming the expert (README "Errors"). An answer from a killed
+    replica means nothing was killed, and a client deadline means the request hung: both fail. Then qfp_defect
+    answers again."""
+    killed_names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Host#" in a["name"]]
     killed = {a["name"].rsplit("#", 1)[1] for a in killed_names}
     assert killed and qfp_replica(inspect_qfp(serving, stub, 0)) in killed  # the ids traces carry
     for a in killed_names:

@@ -44,8 +44,8 @@ class ExplodingRouter:
     """A router whose every request fails in a way nothing expects (not an ExpertMeshError), or, asked to refuse,
     with a deliberate error, as the real router ends a request whose expert did not answer."""
 
-    async def inspect(self, image, meta) -> dict:
-        if meta.get("component_hint") == REFUSE_HINT:
+    async def inspect_batch(self, images, metas) -> list:
+        if any(meta.get("component_hint") == REFUSE_HINT for meta in metas):
             raise Unavailable("expert 'qfp_defect' did not answer within 30 s",
                               fix="retry later; if it persists, check the expert's replicas")
         raise RuntimeError(SECRET)
