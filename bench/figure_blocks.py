@@ -16,6 +16,7 @@ from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+from expertmesh.bench.throughput_table import headline_rows
 from expertmesh.experts.accuracy_tables import accuracy_tables
 
 FIGURES_DIR = Path("docs/figures")
@@ -167,21 +168,68 @@ def plan_tight(results: dict) -> str:
     return "\n" + wrap(f"{said} Both plans: {source_note('plan', results)}.") + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------- router overhead
-def router_overhead(results: dict) -> str:
-    st = results["router_overhead"]["data"]["stats"]
-    rows = [("chip_defect deployment called directly", st["expert"]),
-            ("Router.inspect (classifier + plan + chip_defect)", st["router"]),
-            ("gRPC Inspect through Serve's proxy and the ingress", st["grpc"])]
-    table = "\n".join(f"  | {name} | {num(s['p50_ms'], 2)} | {num(s['p99_ms'], 2)} |" for name, s in rows)
-    intro = wrap(f"- Router overhead (the three paths interleaved request by request in one run, {st['expert']['n']} "
-                 f"requests each; {source_note('router_overhead', results)}):",
-                 indent="  ")[2:]
-    after = wrap(f"The router path adds {num(st['router']['p50_ms'] - st['expert']['p50_ms'], 1)} ms at p50 over the "
-                 f"expert alone, most of it the second model call (the classifier); the gRPC proxy, auth and image "
-                 f"decoding add {num(st['grpc']['p50_ms'] - st['router']['p50_ms'], 1)} ms more. p99 moves between runs "
-                 f"on this shared machine; quote the p50s.", indent="  ")
-    return f"\n{intro}\n\n  | path | p50 ms | p99 ms |\n  |---|---|---|\n{table}\n\n{after}\n"
+# ---------------------------------------------------------------------------------------------------- throughput
+THROUGHPUT_RESULTS = "bench/results/throughput"  # what `expertmesh bench throughput` writes: .json, .md and .png
+
+
+def _headline_cells(docs: list[dict]) -> Callable[[str], list[str]]:
+    """The bench's own headline rows (bench/throughput_table.py) by label, one cell per document."""
+    rows = dict(headline_rows(docs))
+
+    def cells(label: str) -> list[str]:
+        if label not in rows:
+            raise ValueError(f"bench/throughput_table.py's headline_rows has no row {label!r} any more; update "
+                             "figure_blocks.throughput to its rows")
+        return rows[label]
+    return cells
+
+
+def _overload_cell(doc: dict, kind: str, share: str) -> str:
+    o = (doc.get("overload") or {}).get(kind)
+    if not o:
+        return "-"
+    return (f"{share} of capacity; {o['num_refused']} refused, {o['num_deadline_exceeded']} past deadline of "
+            f"{o['num_sent']}")
+
+
+def throughput(results: dict) -> str:
+    """Before (the design before issue 12) and now, side by side, in the bench's own headline figures."""
+    d = results["throughput"]["data"]
+    docs = [d["before"], d["now"]]
+    cell = _headline_cells(docs)
+
+    def joined(fmt: str, *labels: str) -> list[str]:
+        return [fmt.format(*parts) for parts in zip(*(cell(label) for label in labels))]
+
+    def overload(kind: str) -> list[str]:
+        return [_overload_cell(doc, kind, share)
+                for doc, share in zip(docs, cell(f"{kind}: overload throughput, share of capacity"))]
+    factor, board_size = num(d["now"]["settings"]["overload_factor"], 0), d["now"]["settings"]["board_size"]
+    rows = [
+        ("offline bound (one process, batched), components/s",
+         cell("offline bound (one process, batched), components/s")),
+        ("no-op Serve gRPC app, requests/s: capacity / highest rate with p99 <= 250 ms",
+         joined("{} / {}", "no-op Serve gRPC app: capacity, requests/s",
+                "no-op: highest rate with p99 <= 250 ms, requests/s")),
+        ("single Inspect, components/s: capacity / highest rate with p99 <= 250 ms (share of the no-op's)",
+         joined("{} / {} ({})", "single Inspect: capacity, components/s",
+                "single: highest rate with p99 <= 250 ms, requests/s", "single: that rate as a share of the no-op's")),
+        (f"boards of {board_size}, components/s: capacity / highest rate with board p99 <= 1 s (share of offline "
+         "bound)", joined("{} / {}", "boards of 50: capacity, components/s",
+                          "boards: that rate in components/s (share of offline bound)")),
+        (f"single Inspect at {factor}x capacity: throughput", overload("single")),
+        (f"boards at {factor}x capacity: throughput", overload("board")),
+        ("deploy to first answer, s", cell("ExpertMesh deploy to first answer, s")),
+        ("replicas' RSS after load (processes)",
+         joined("{} ({})", "ExpertMesh replicas' RSS after load", "ExpertMesh replica processes (after load)")),
+    ]
+    table = "\n".join([f"| `expertmesh bench throughput` | before ({docs[0]['commit'][:7]}) | now ({docs[1]['commit'][:7]}) |",
+                       "|---|---|---|", *(f"| {label} | {' | '.join(cells)} |" for label, cells in rows)])
+    after = wrap(f"`before` is the design before issue 12 ({docs[0]['commit'][:7]}, measured {docs[0]['date'][:10]}, "
+                 f"not re-run); every sweep point is in [`{THROUGHPUT_RESULTS}.md`]({THROUGHPUT_RESULTS}.md), the plot "
+                 f"in [`{THROUGHPUT_RESULTS}.png`]({THROUGHPUT_RESULTS}.png) "
+                 f"({source_note('throughput', results)}).")
+    return f"\n{table}\n\n{after}\n"
 
 
 # ---------------------------------------------------------------------------------------------------- node loss
@@ -241,7 +289,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "accuracy": accuracy,
     "profile.intro": profile_intro, "profile.table": profile_table, "profile.findings": profile_findings,
     "plan": plan, "plan.tight": plan_tight,
-    "router_overhead": router_overhead,
+    "throughput": throughput,
     "node_loss": node_loss, "node_loss.range": node_loss_range, "node_loss.colocation": node_loss_colocation,
     "ci": ci,
 }
@@ -266,7 +314,8 @@ def blocks(readme: str) -> dict[str, str]:
 
 def render_block(name: str, results: dict[str, dict]) -> str:
     if name not in RENDERERS:
-        raise ValueError(f"README block {name!r} has no renderer; known: {', '.join(sorted(RENDERERS))}")
+        raise ValueError(f"README block {name!r} has no renderer (known: {', '.join(sorted(RENDERERS))}); remove the "
+                         "block from README.md, or add its renderer to bench/figure_blocks.py")
     group = name.split(".")[0]
     if group not in results:
         raise ValueError(f"no {FIGURES_DIR}/{group}.json for README block {name!r}; run `make figures FIGURES={group}`")
@@ -287,10 +336,25 @@ def group_markdown(group: str, results: dict[str, dict]) -> str:
 
 
 def stale_blocks(readme: str, results: dict[str, dict]) -> list[str]:
-    """Blocks whose README text differs from their rendering, and renderers with no README block: as messages."""
+    """Blocks whose README text differs from their rendering (or that cannot be rendered), and renderers with no README
+    block, as messages. A group with no results file yet and no README block is not measured yet: no message."""
     found = blocks(readme)
-    problems = [f"README block {name!r} is not what {FIGURES_DIR}/{name.split('.')[0]}.json renders; run "
-                "`python bench/figures.py render`" for name, body in found.items() if body != render_block(name, results)]
+    problems = []
+    for name, body in found.items():
+        try:
+            rendered = render_block(name, results)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if body != rendered:
+            problems.append(f"README block {name!r} is not what {FIGURES_DIR}/{name.split('.')[0]}.json renders; run "
+                            "`python bench/figures.py render`")
     problems += [f"README has no block {name!r} (<!-- figures:{name} -->...<!-- /figures:{name} -->)"
-                 for name in RENDERERS if name not in found]
+                 for name in RENDERERS if name not in found and name.split(".")[0] in results]
     return problems
+
+
+def unmeasured_groups(readme: str, results: dict[str, dict]) -> list[str]:
+    """Groups with a renderer but neither a results file nor a README block yet (what `check` notes, not fails on)."""
+    quoted = {name.split(".")[0] for name in blocks(readme)}
+    return [g for g in GROUPS if g not in results and g not in quoted]

@@ -8,13 +8,16 @@
 "worktree_dirty", "date" (UTC), "command", "machine", "load_average_1_5_15m" (this machine is shared),
 "provenance" ("measured" or "transcribed"), "note", "data"}.
 Groups and what measures them (the last four start Ray, serve and take minutes):
-  accuracy         expertmesh zoo report                     (the accuracy table)
-  profile          expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
-  plan             expertmesh plan --explain                 (3 nodes of 0.06 GiB; 0.05 GiB exact and heuristic)
-  router_overhead  bench/router_overhead.py                  (expert vs router vs gRPC latency)
-  make_run         make run                                  (station figures, readiness, hit rates from Prometheus)
-  node_loss        pytest -s the 3-node node-loss test       (re-plan timings, the station under the loss)
-  ci               bash .ci/run on a clean clone             (CI time by phase, pytest's summary)
+  accuracy    expertmesh zoo report                     (the accuracy table)
+  profile     expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
+  plan        expertmesh plan --explain                 (3 nodes of 0.06 GiB; 0.05 GiB exact and heuristic)
+  throughput  expertmesh bench throughput --before ...  (before/now capacities, overload, ready time, RSS; ~15 min)
+  make_run    make run                                  (station figures, readiness, hit rates from Prometheus)
+  node_loss   pytest -s the 3-node node-loss test       (re-plan timings, the station under the loss)
+  ci          bash .ci/run on a clean clone             (CI time by phase, pytest's summary)
+`refresh --from-results throughput` records an existing bench/results/throughput.json instead of re-running the bench
+(the file keeps the commit, date and load of the run that made it). `check` passes a group that has neither a results
+file nor a README block yet (it says so).
 """
 
 from __future__ import annotations
@@ -72,12 +75,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} {platform.release()}"
 
 
-def write(group: str, command: str, data: dict, note: str = "") -> None:
+def write(group: str, command: str, data: dict, note: str = "", measured: dict | None = None) -> None:
+    """docs/figures/<group>.json; `measured` overrides the provenance fields (commit, date, ...) taken from here now."""
     record = {"figure": group, "commit": git("rev-parse", "HEAD"),
               "worktree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
               "machine": machine(), "load_average_1_5_15m": [round(x, 2) for x in os.getloadavg()],
               "provenance": "measured", "note": note, "data": data}
+    record.update(measured or {})
     path = ROOT / blocks.FIGURES_DIR / f"{group}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -120,11 +125,29 @@ def refresh_plan() -> None:
         note="tight: expertmesh plan --nodes 3 --node-memory-gb 0.05 --rps 20 --method exact|heuristic")
 
 
-def refresh_router_overhead() -> None:
-    out = ROOT / "bench" / "results" / "router_overhead.json"
-    run([PYTHON, "bench/router_overhead.py", "--zoo", str(zoo()), "-n", "200", "--json", str(out)])
-    write("router_overhead", f".venv/bin/python bench/router_overhead.py --zoo {os.path.relpath(zoo(), ROOT)} -n 200",
-          json.loads(out.read_text()), note="also in bench/results/router_overhead.json, the script's own output")
+THROUGHPUT = ROOT / "bench" / "results" / "throughput.json"
+THROUGHPUT_BEFORE = "bench/results/throughput-before.json"
+THROUGHPUT_COMMAND = f".venv/bin/python -m expertmesh.cli bench throughput --before {THROUGHPUT_BEFORE}"
+
+
+def refresh_throughput(from_results: bool = False) -> None:
+    """Run the bench (it writes bench/results/throughput.json/.md/.png), then record it beside the design before."""
+    if not from_results:
+        run([PYTHON, "-m", "expertmesh.cli", "bench", "throughput", "--before", THROUGHPUT_BEFORE])
+    if not THROUGHPUT.is_file():
+        raise SystemExit(f"figures: no {THROUGHPUT.relative_to(ROOT)}; run `{THROUGHPUT_COMMAND}` (or `make figures "
+                         "FIGURES=throughput`) first")
+    now, before = json.loads(THROUGHPUT.read_text()), json.loads((ROOT / THROUGHPUT_BEFORE).read_text())
+    if not now.get("commit"):
+        raise SystemExit(f"figures: {THROUGHPUT.relative_to(ROOT)} names no commit; it cannot be quoted")
+    m = now.get("machine", {})
+    load = m.get("load_average_1_5_15m_at_end") or m.get("load_average_1_5_15m") or []
+    write("throughput", now.get("command") or THROUGHPUT_COMMAND, {"before": before, "now": now},
+          note=f"the bench's own results: {THROUGHPUT.relative_to(ROOT)} (now) and {THROUGHPUT_BEFORE} (before); "
+               "commit, date and load are the run's own (load at its end)",
+          measured={"commit": now["commit"], "worktree_dirty": bool(now.get("worktree_dirty")), "date": now["date"],
+                    "machine": f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} cpus",
+                    "load_average_1_5_15m": [round(x, 2) for x in load]})
 
 
 def refresh_make_run() -> None:
@@ -187,7 +210,7 @@ def refresh_ci() -> None:
 
 REFRESH: dict[str, Callable[[], None]] = {
     "accuracy": refresh_accuracy, "profile": refresh_profile, "plan": refresh_plan,
-    "router_overhead": refresh_router_overhead, "make_run": refresh_make_run, "node_loss": refresh_node_loss,
+    "throughput": refresh_throughput, "make_run": refresh_make_run, "node_loss": refresh_node_loss,
     "ci": refresh_ci}
 
 
@@ -201,7 +224,11 @@ def render() -> None:
 
 
 def check() -> int:
-    problems = blocks.stale_blocks((ROOT / "README.md").read_text(), blocks.load_results(ROOT))
+    readme, results = (ROOT / "README.md").read_text(), blocks.load_results(ROOT)
+    for group in blocks.unmeasured_groups(readme, results):
+        print(f"figures: {group} is not measured yet (no {blocks.FIGURES_DIR}/{group}.json, no README block); "
+              f"`make figures FIGURES={group}` measures it")
+    problems = blocks.stale_blocks(readme, results)
     print("\n".join(problems) or "figures: every README block matches its file")
     return 1 if problems else 0
 
@@ -211,6 +238,8 @@ def main() -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     ref = sub.add_parser("refresh", help="measure the given groups (default all), then render")
     ref.add_argument("groups", nargs="*", default=["all"], help=f"all or any of: {', '.join(REFRESH)}")
+    ref.add_argument("--from-results", action="store_true",
+                     help="throughput only: record the existing bench/results/throughput.json, do not re-run the bench")
     sub.add_parser("render", help="rewrite the README's figure blocks from docs/figures")
     sub.add_parser("check", help="exit 1 when the README and docs/figures disagree")
     a = ap.parse_args()
@@ -221,8 +250,10 @@ def main() -> int:
         unknown = [g for g in groups if g not in REFRESH]
         if unknown:
             ap.error(f"unknown group(s) {', '.join(unknown)}; use all or any of: {', '.join(REFRESH)}")
+        if a.from_results and groups != ["throughput"]:
+            ap.error("--from-results records an existing bench run: use it with the throughput group alone")
         for g in groups:
-            REFRESH[g]()
+            REFRESH[g](**({"from_results": True} if a.from_results else {}))
     render()
     return 0
 
