@@ -38,6 +38,7 @@ from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggr
 from expertmesh.router.waves import PlanInFlight, merge
 
 MAX_HOST_ROUNDS = 16  # a plan crosses hosts at most this often (the dependency graph is acyclic: a backstop)
+NODE_CHECK_S = 0.5  # how often a call to a pinned host checks that the host's node is still alive
 LOST_HOLD_S = 10.0  # a pinned host seen dying gets no calls for this long (the node watch or a re-plan then knows)
 
 
@@ -112,6 +113,10 @@ class RouterDeployment:
                 self.metrics.set("expertmesh_expert_queue_depth", depth, expert=expert)
             self._stop.wait(every_s)
 
+    def _node_alive(self, node: str) -> bool:
+        """False once the node watch has seen `node` gone (or a re-plan removed its host)."""
+        return node in self.hosts and (self._alive is None or node in self._alive)
+
     # ------------------------------------------------------------------ step 1
     def _classify(self, images_u8: np.ndarray) -> list:
         return self.classifier.infer(to_pixel_values(images_u8, self.classifier.spec.input_size_px))
@@ -182,14 +187,19 @@ class RouterDeployment:
             self._in_flight[e] += experts.count(e)
         handle = self.hosts[host]
         names = ", ".join(sorted(set(experts)))
+        what = f"the expert host{' on ' + host if host else ''} (experts {names})"
         try:  # a pinned host's loss sends its rows to a survivor at once; the single host is retried (Serve replaces it)
-            answers = await call_with_deadline(
+            call = asyncio.ensure_future(call_with_deadline(
                 lambda: handle.run.remote(sub, [(rows[k], sorted(plans[k].planned)) for k in keys]),
-                self.host_timeout_s, f"the expert host{' on ' + host if host else ''} (experts {names})",
-                retries_on_loss=0 if host else 4,
+                self.host_timeout_s, what, retries_on_loss=0 if host else 4,
                 timeout_fix="retry later; if it persists, check the expert hosts",
                 full_fix="retry later with backoff; the expert hosts are overloaded",
-                failure_fix="retry later; if it persists, check the expert host's logs")
+                failure_fix="retry later; if it persists, check the expert host's logs"))
+            while not (await asyncio.wait({call}, timeout=NODE_CHECK_S))[0]:
+                if host and not self._node_alive(host):  # its node is gone: do not wait for the call's timeout
+                    call.cancel()
+                    raise ReplicaLost(f"{what} is on a lost node", fix="retry later")
+            answers = call.result()
         except ReplicaLost as err:  # its node went away: the rows try a surviving host in the next round
             if not host:
                 for k in keys:
