@@ -29,5 +29,7 @@ class NoopInspection:
             yield pb.InspectResponse(component_index=i)
 
 
-def noop_app() -> Application:
-    return NoopInspection.bind()
+def noop_app(logging_config: dict | None = None) -> Application:
+    """The no-op app, with the same Serve logging config as ExpertMesh's deployments (access log off by default)."""
+    deployment = NoopInspection.options(logging_config=logging_config) if logging_config else NoopInspection
+    return deployment.bind()

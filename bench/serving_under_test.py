@@ -119,9 +119,10 @@ def deploy_noop(address: str, settings: ServeSettings) -> float:
     t0 = time.perf_counter()
     ray.init(address=address, log_to_driver=False)
     proxies = proxy_options(settings)
+    # the proxy as ExpertMesh starts it (access log off unless settings.access_log), and the no-op replica the same
     serve.start(proxy_location="HeadOnly", http_options=proxies["http_options"],
-                grpc_options=gRPCOptions(**proxies["grpc_options"]))
-    serve.run(noop_app(), name=NOOP_APP_NAME, route_prefix="/")
+                grpc_options=gRPCOptions(**proxies["grpc_options"]), logging_config=proxies["logging_config"])
+    serve.run(noop_app(logging_config=proxies["logging_config"]), name=NOOP_APP_NAME, route_prefix="/")
     return time.perf_counter() - t0
 
 

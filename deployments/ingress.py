@@ -42,7 +42,8 @@ class StreamEnded(Exception):
     """Raised to end a gRPC server stream with the status already set on its context (see `_end_stream`)."""
 
 
-MAX_CONCURRENT_BATCHES = 8  # batches in flight to the router at once: a slow one (a lost node) never blocks the rest
+MAX_CONCURRENT_BATCHES = 2  # batches in flight to the router at once: one classifies while one is on the hosts,
+# and a batch held up (a host lost mid-call, cancelled within a second) does not stop the next
 ROUTER_CALL_TIMEOUT_S = 300.0  # a backstop: the proxies' request_timeout_s answers stations first
 logger = logging.getLogger("ray.serve")
 _VERDICTS = {"PASS": pb.PASS, "DEFECT": pb.DEFECT, "UNCERTAIN": pb.UNCERTAIN}
