@@ -234,38 +234,67 @@ def throughput(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------- node loss
 def node_loss_range(results: dict) -> str:
-    runs = results["node_loss"]["data"]["runs"]
-    return f"{span(runs['min_s'], runs['max_s'])} s"
+    """Seconds from the node's loss until the re-planned placement was running."""
+    return f"{num(results['node_loss']['data']['replan']['running_after_s'], 1)} s"
 
 
 def node_loss_colocation(results: dict) -> str:
-    c = results["node_loss"]["data"]["colocation_test"]
-    return f"{c['one_node']} of {c['requests']}"
+    c = results["node_loss"]["data"]["colocation"]
+    return f"{c['one_node']} of {c['inspections']} inspections ({c['requests']} requests)"
+
+
+def _short(expert: str) -> str:
+    return expert.removesuffix("_defect")
+
+
+def _node_loss_before(before: dict | None) -> str:
+    """The per-expert deployments' figures (before issue 12), when the file keeps them."""
+    if not before:
+        return ""
+    runs, st = before["running_after_s"], before["station"]
+    errors = sum(st["errors_by_code"].values())
+    over = (f" over {runs['num_runs']} runs" if runs["num_runs"] > 1 else "")
+    at = f", {before['commit'][:7]}" if before.get("commit") else ""
+    return (f" Before issue 12 (one deployment per expert{at}: a lost node's experts needed new replicas, new processes "
+            f"importing torch), the new placement was running {span(runs['min'], runs['max'])} s after the loss{over}, "
+            f"and {errors} of {st['num_sent']} station requests "
+            + ("waited past the 30 s deadline." if set(st["errors_by_code"]) == {"DEADLINE_EXCEEDED"}
+               else f"ended in an error ({', '.join(f'{k} {v}' for k, v in sorted(st['errors_by_code'].items()))})."))
 
 
 def node_loss(results: dict) -> str:
     d = results["node_loss"]["data"]
-    runs, st, before = d["runs"], d["station"], d["colocation_before_loss"]
-    earlier = "".join(f"; {num(e['s'], 1)} s {e['when']}" for e in d.get("earlier", []))
-    errors = and_list([f"{v} explicit {k}" for k, v in sorted(st["errors_by_code"].items())]) if st["errors_by_code"] else ""
-    ended = (f"{st['num_ok']} answered, {errors} - requests that needed one of the moved experts and waited past the "
-             f"station's {num(st['timeout_s'], 0)} s deadline for their replacements" if errors else
-             f"{st['num_ok']} answered")
+    r, st, co, rec = d["replan"], d["station"], d["colocation"], d["recovery"]
+    codes = st["codes"]
+    errors = {k: v for k, v in codes.items() if k != "OK"}
+    ended = (f"all ended: {codes.get('OK', 0)} answered, "
+             + and_list([f"{v} explicit {k}" for k, v in sorted(errors.items())]) if errors else "were all answered")
+    if rec:
+        slowest = sorted(e for e, s in rec["by_expert_s"].items() if num(s, 1) == num(rec["max_s"], 1))
+        recovered = (f"every lost expert a request needed answered again within {num(rec['max_s'], 1)} s of the loss "
+                     f"(to each expert's first OK answer to a request sent after the loss: {len(rec['by_expert_s'])} "
+                     f"experts, {span(min(rec['by_expert_s'].values()), rec['max_s'], 1)} s, {and_list(slowest)} the "
+                     f"last)")
+    else:
+        recovered = "no request sent after the loss needed one of the lost experts"
+    moved_to = sorted({n for ns in d["moved_to"].values() for n in ns} - {d["victim"]})
+    moved = (f"moves {len(d['moved'])} experts ({', '.join(_short(e) for e in d['moved'])}) onto the "
+             f"host{'s' * (len(moved_to) > 1)} on {and_list(moved_to)} and nothing else" if d["moved"] else "moves nothing")
     return "\n" + wrap(
         f"Measured on this 2-core machine (`tests/test_local_cluster.py::test_a_plan_puts_replicas_on_the_planned_nodes`, "
         f"or by hand: `expertmesh up --nodes 3 --node-memory-gb 0.06`, `expertmesh plan --json plan.json`, `expertmesh "
-        f"serve --address local --plan plan.json --replan`, a station at {num(st['rate'], 0)} requests/s, then "
-        f"`expertmesh node remove {d['victim']}`): the loss is seen within {num(d['seen_within_s'], 1)} s and planned in "
-        f"{span(d['plan_s'][0], d['plan_s'][1], 1)} s; the new placement moves {d['victim']}'s {len(d['moved'])} "
-        f"experts ({', '.join(e.removesuffix('_defect') for e in d['moved'])}) to {d['moved_to']} and nothing else, "
-        f"cut {d['cut_after']} of {d['total_weight']} calls/s, and was running again {num(runs['latest_s'], 1)} s after "
-        f"the loss in the latest run"
-        + (f" ({span(runs['min_s'], runs['max_s'])} s over {runs['num_runs']} runs{earlier}). " if runs["num_runs"] > 1
-           else f" ({earlier[2:]}). " if earlier else ". ") +
-        f"The routers learn the placement through `user_config` and are reconfigured in place, never restarted. In that "
-        f"run the station's {st['num_sent']} requests all ended: {ended}. Before the loss, {before['one_node']} of "
-        f"{before['requests']} station requests ran all their expert calls on one node "
-        f"({source_note('node_loss', results)}).") + "\n"
+        f"serve --address local --plan plan.json --replan`, a station at {num(st['rate_per_s'], 0)} requests/s for "
+        f"{num(st['duration_s'], 0)} s, then `expertmesh node remove {d['victim']}`). A lost node's experts are answered "
+        f"from a surviving expert host as soon as the router sees the node gone: the host loads them into its running "
+        f"process (no new process, no new replica), and {recovered}. The controller began re-planning "
+        f"{num(r['began_s'], 1)} s after the loss and planned in {num(r['plan_s'], 1)} s; the new placement {moved}, cut "
+        f"{d['cut_after']} of {d['total_weight']} calls/s, and was running {num(r['running_after_s'], 1)} s after the "
+        f"loss ({num(r['plan_apply_s'], 1)} s to plan and apply): the re-plan only reconfigures the running hosts, the "
+        f"router and the ingress through `user_config` (the same replica actors before and after). The station's "
+        f"{st['num_sent']} requests {ended}; {d['requests_past_30_s']} took longer than 30 s (the issue's "
+        f"deadline). Before the loss, {co['one_node']} of {co['inspections']} inspections ({co['requests']} requests) ran "
+        f"all their expert calls on one node (the plan cuts {co['plan_cut']}).{_node_loss_before(d.get('before_pooled_hosts'))}"
+        f" ({source_note('node_loss', results)}).") + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- CI

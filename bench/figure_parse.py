@@ -6,6 +6,7 @@ loudly instead of writing a wrong figure.
 
 from __future__ import annotations
 
+import ast
 import re
 
 
@@ -104,27 +105,58 @@ def profile_timings(text: str) -> dict:
 
 def pytest_summary(text: str) -> dict:
     """pytest's last summary line: counts by outcome, the total and the seconds."""
-    m = None
-    for m in re.finditer(r"^=+ (.*?) in ([\d.]+)s(?: \([\d:]+\))? =+$", text, re.M):
+    m = None  # `=== 1 passed in 3.2s ===`, or under -q the bare `1 passed, 2 deselected in 459.31s (0:07:39)`
+    for m in re.finditer(r"^(?:=+ (.*?)|(\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)\b.*?))"
+                         r" in ([\d.]+)s(?: \([\d:]+\))?(?(1) =+)$", text, re.M):
         pass
     if m is None:
         raise FigureParseError("no pytest summary line ('=== N passed, ... in S s ===') in the output")
-    counts = {outcome: int(n) for n, outcome in re.findall(r"(\d+) (\w+)", m[1])}
+    line = m[1] or m[2]
+    counts = {outcome: int(n) for n, outcome in re.findall(r"(\d+) (\w+)", line)}
     counts = {("errors" if k == "error" else k): v for k, v in counts.items()}
-    return {"summary": m[1], "counts": counts, "seconds": float(m[2]),
+    return {"summary": line, "counts": counts, "seconds": float(m[3]),
             "num_tests": sum(v for k, v in counts.items() if k in ("passed", "failed", "skipped", "xfailed", "xpassed"))}
 
 
+def _placement(tail: str) -> dict[str, list[str]]:
+    """`expert@node+node, ...` (the end of the controller's re-plan log line) as expert -> nodes."""
+    try:
+        return {e: ns.split("+") for e, ns in (item.strip().split("@") for item in tail.split(", "))}
+    except ValueError:
+        raise FigureParseError(f"no placement ('expert@node+node, ...') at the end of the re-plan log line: {tail!r}")
+
+
 def node_loss_test(text: str) -> dict:
-    """`pytest -s` of the 3-node test: co-location, the station under the loss, and the re-plan timings."""
-    co = _search(r"co-location: (\d+)/(\d+) requests ran their plan on one node", text, "co-location line")
+    """`pytest -s` of the 3-node test: co-location before the loss, the first re-plan after it (timings, what moved
+    where), how soon the lost experts answered again (None when no request after the loss needed one), and the
+    station under the loss (its codes and the requests past 30 s)."""
+    co = _search(r"co-location: (\d+)/(\d+) inspections of (\d+) requests ran their plan on one node \(plan cut (\S+)\)",
+                 text, "co-location line")
+    applied = _search(r"\[placement\] re-planned and applied in ([\d.]+) s \((.*?); planned in ([\d.]+) s\): moved (.*?); "
+                      r"cut (\S+) of (\S+) calls/s; (.*)", text, "'[placement] re-planned and applied' log line")
     loss = _search(r"node (\S+) removed: re-planning began ([\d.]+) s after, the new placement was running ([\d.]+) s "
-                   r"after \(([\d.]+) s to plan and apply\)", text, "node-loss timing line")
-    applied = _search(r"\[placement\] re-planned and applied in .*", text, "'[placement] re-planned and applied' log line")[0]
-    planned = _search(r"planned in ([\d.]+) s", applied, "'planned in S s' in the re-plan log line")
-    moved = _search(r"moved (.*?);", applied, "'moved ...;' in the re-plan log line")[1]
-    cut = _search(r"cut (\S+) of (\S+) calls/s", applied, "'cut X of Y calls/s' in the re-plan log line")
-    return {"colocation": {"one_node": int(co[1]), "requests": int(co[2])}, "victim": loss[1],
-            "replan_began_s": float(loss[2]), "running_after_s": float(loss[3]), "plan_apply_s": float(loss[4]),
-            "plan_s": float(planned[1]), "moved": [] if moved == "nothing" else moved.split(", "),
-            "cut_after": cut[1], "total_weight": cut[2], "station": station(text)}
+                   r"after \(([\d.]+) s to plan and apply, ([\d.]+) s to plan\)", text, "node-loss timing line")
+    recovered = re.search(r"lost experts answering again after ([\d.]+) s: (.*)", text)
+    past = _search(r"requests past 30 s \(the station's deadline in the issue\): (\d+)", text, "'requests past 30 s' line")
+    st = _search(r"station during the loss: (\d+) requests, (\{.*\})", text, "'station during the loss' line")
+    try:
+        codes = ast.literal_eval(st[2])
+    except (ValueError, SyntaxError):
+        codes = None
+    if not isinstance(codes, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in codes.items()):
+        raise FigureParseError(f"the station's codes are not a dict of code -> count: {st[2]!r}")
+    placement = _placement(applied[7])
+    moved = [] if applied[4] == "nothing" else applied[4].split(", ")
+    by_expert = ({e: float(s) for e, s in (part.rsplit(" ", 1) for part in recovered[2].removesuffix(" s").split(" s, "))}
+                 if recovered else {})
+    return {
+        "victim": loss[1],
+        "colocation": {"one_node": int(co[1]), "inspections": int(co[2]), "requests": int(co[3]), "plan_cut": co[4]},
+        "replan": {"reason": applied[2], "began_s": float(loss[2]), "running_after_s": float(loss[3]),
+                   "plan_apply_s": float(loss[4]), "plan_s": float(loss[5])},
+        "moved": moved, "moved_to": {e: placement.get(e, []) for e in moved},
+        "cut_after": applied[5], "total_weight": applied[6], "placement_after": placement,
+        "recovery": {"max_s": float(recovered[1]), "by_expert_s": by_expert} if recovered else None,
+        "requests_past_30_s": int(past[1]),
+        "station": {"num_sent": int(st[1]), "codes": codes},
+    }

@@ -75,7 +75,7 @@ def test_a_figure_that_moves_in_the_file_fails_the_check():
     changed["make_run"]["data"]["station"]["p50_ms"] += 1.0
     assert [p for p in blocks.stale_blocks(README, changed) if "make_run.station" in p]
     changed = copy.deepcopy(RESULTS)
-    changed["node_loss"]["data"]["runs"]["max_s"] += 5
+    changed["node_loss"]["data"]["replan"]["running_after_s"] += 5
     stale = blocks.stale_blocks(README, changed)
     assert any("node_loss.range" in p for p in stale) and any("'node_loss'" in p for p in stale)
 
@@ -189,13 +189,62 @@ def test_the_plan_header_parses():
     assert parse.plan_header(RESULTS["plan"]["data"]["printout"])["method"] == "exact"
 
 
-def test_node_loss_output_parses():
-    text = (STATION + "co-location: 95/96 requests ran their plan on one node (plan cut 0)\n"
-            "[placement] re-planned and applied in 31.0 s (node lost: node-1; planned in 0.1 s): moved polarity, "
-            "soic_defect; cut 0 of 6 calls/s; polarity@node-2, soic_defect@node-2\n"
-            "node node-1 removed: re-planning began 1.2 s after, the new placement was running 33.0 s after "
-            "(31.0 s to plan and apply)\n")
-    f = parse.node_loss_test(text)
-    assert f["victim"] == "node-1" and f["moved"] == ["polarity", "soic_defect"] and f["running_after_s"] == 33.0
-    assert f["colocation"] == {"one_node": 95, "requests": 96} and f["plan_s"] == 0.1
+NODE_LOSS_LOG = """co-location: 126/126 inspections of 96 requests ran their plan on one node (plan cut 0)
+[placement] re-planning: node lost: node-1
+[placement] re-planned and applied in 1.7 s (node lost: node-1; planned in 0.0 s): moved polarity, soic_defect, \
+solder_fine; cut 0 of 4.79 calls/s; component_classifier@node-0+node-2, polarity@node-2, soic_defect@node-2, \
+solder_fine@node-2+node-0
+[placement] re-planned and applied in 0.4 s (traffic drift; planned in 0.1 s): moved nothing; cut 0 of 5 calls/s; \
+polarity@node-2
+node node-1 removed: re-planning began 0.4 s after, the new placement was running 2.1 s after (1.7 s to plan and \
+apply, 0.0 s to plan)
+lost experts answering again after 3.9 s: polarity 1.5 s, soic_defect 3.9 s
+station during the loss: 180 requests, {'OK': 170, 'UNAVAILABLE': 10}
+requests past 30 s (the station's deadline in the issue): 0
+.
+1 passed, 2 deselected in 459.31s (0:07:39)
+"""
 
+
+def test_node_loss_output_parses():
+    f = parse.node_loss_test(NODE_LOSS_LOG)
+    assert f["victim"] == "node-1" and f["moved"] == ["polarity", "soic_defect", "solder_fine"]
+    assert f["replan"] == {"reason": "node lost: node-1", "began_s": 0.4, "running_after_s": 2.1, "plan_apply_s": 1.7,
+                           "plan_s": 0.0}
+    assert f["moved_to"]["solder_fine"] == ["node-2", "node-0"] and f["placement_after"]["polarity"] == ["node-2"]
+    assert (f["cut_after"], f["total_weight"]) == ("0", "4.79"), "the first re-plan after the loss, not a later one"
+    assert f["colocation"] == {"one_node": 126, "inspections": 126, "requests": 96, "plan_cut": "0"}
+    assert f["recovery"] == {"max_s": 3.9, "by_expert_s": {"polarity": 1.5, "soic_defect": 3.9}}
+    assert f["requests_past_30_s"] == 0 and f["station"] == {"num_sent": 180, "codes": {"OK": 170, "UNAVAILABLE": 10}}
+    assert parse.pytest_summary(NODE_LOSS_LOG)["counts"] == {"passed": 1, "deselected": 2}, "pytest -q's bare line"
+
+
+def test_node_loss_output_without_a_lost_expert_hit_or_with_an_old_line_format():
+    no_hit = "\n".join(ln for ln in NODE_LOSS_LOG.splitlines() if not ln.startswith("lost experts"))
+    assert parse.node_loss_test(no_hit)["recovery"] is None
+    with pytest.raises(parse.FigureParseError, match="co-location line"):
+        parse.node_loss_test(NODE_LOSS_LOG.replace("126/126 inspections of 96 requests", "95/96 requests"))
+    with pytest.raises(parse.FigureParseError, match="codes are not a dict"):
+        parse.node_loss_test(NODE_LOSS_LOG.replace("{'OK': 170, 'UNAVAILABLE': 10}", "{'OK': 'many'}"))
+
+
+def test_the_node_loss_block_quotes_its_file():
+    f = parse.node_loss_test(NODE_LOSS_LOG)
+    record = {**RESULTS["node_loss"], "provenance": "measured", "commit": "0123456789" * 4,
+              "date": "2026-11-26T10:00:00+00:00", "load_average_1_5_15m": None,
+              "data": {**f, "station": {"rate_per_s": 4, "duration_s": 45, **f["station"]}, "before_pooled_hosts": None}}
+    results = {**RESULTS, "node_loss": record}
+    body = " ".join(blocks.render_block("node_loss", results).split())
+    assert "answered from a surviving expert host as soon as the router sees the node gone" in body
+    assert "within 3.9 s of the loss" in body and "1.5-3.9 s, soic_defect the last" in body
+    assert "moves 3 experts (polarity, soic, solder_fine) onto the hosts on node-0 and node-2" in body
+    assert "running 2.1 s after the loss (1.7 s to plan and apply)" in body
+    assert "180 requests all ended: 170 answered, 10 explicit UNAVAILABLE; 0 took longer than 30 s" in body
+    assert "126 of 126 inspections (96 requests)" in body and "Before issue 12" not in body
+    assert blocks.render_block("node_loss.range", results) == "2.1 s"
+    assert blocks.render_block("node_loss.colocation", results) == "126 of 126 inspections (96 requests)"
+    record["data"]["recovery"], record["data"]["station"]["codes"] = None, {"OK": 180}
+    record["data"]["moved_to"]["solder_fine"] = ["node-2"]
+    body = " ".join(blocks.render_block("node_loss", results).split())
+    assert "no request sent after the loss needed one of the lost experts" in body
+    assert "180 requests were all answered; 0 took" in body and "onto the host on node-2 and nothing else" in body
