@@ -3,8 +3,8 @@
 Both ingresses share one path: authenticate the factory's bearer token, admit the request within the
 components in flight (`deployments.admission`: past capacity RESOURCE_EXHAUSTED at once), decode the
 image once and resize it to every expert input size (a few KB instead of the image), and hand it to a
-batcher that sends concurrent requests to the router together (a bounded wait, as `@serve.batch` does):
-one router call per batch, not per request. Any `ExpertMeshError` maps to a status through
+batcher (`deployments/batcher.py`) that sends concurrent requests to the router together: one router call per
+batch, not per request, the batch formed when a call slot frees so it takes everything that queued meanwhile. Any `ExpertMeshError` maps to a status through
 `expertmesh.errors` (gRPC status + details, or HTTP status + JSON body). Anything unexpected becomes
 INTERNAL with the request id and no stack trace; the stack goes to the log.
 """
@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, grpc_status)
 from expertmesh.deployments.admission import Admission
 from expertmesh.deployments.auth import TokenTable
+from expertmesh.deployments.batcher import Batcher
 from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
                                           check_ids, component_error)
 from expertmesh.deployments.deadline import call_with_deadline
@@ -79,8 +80,8 @@ class IngressDeployment:
         self.board_limits = BoardLimits.model_validate(board_limits or {})
         self.admission = Admission(max_in_flight_components)
         batch = route_batch or {}
-        self._route.set_max_batch_size(int(batch.get("max_size", 64)))
-        self._route.set_batch_wait_timeout_s(float(batch.get("wait_s", 0.002)))
+        self._batcher = Batcher(self._route, max_size=int(batch.get("max_size", 64)),
+                                wait_s=float(batch.get("wait_s", 0.005)), max_in_flight=MAX_CONCURRENT_BATCHES)
         self.metrics = instruments()
         self._factories = self.tokens.factories | {"none"}
 
@@ -103,7 +104,7 @@ class IngressDeployment:
         try:
             request_id = request_id or uuid.uuid4().hex
             sized = resize_for(decode_image(image, self.spec.image, field="image"), self.spec.input_sizes_px)
-            result = await self._route(sized, meta)
+            result = await self._batcher.submit((sized, meta))
         finally:
             if not admitted:
                 self.admission.release(1)
@@ -111,10 +112,10 @@ class IngressDeployment:
             raise result
         return request_id, result
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _route(self, sized: list[dict[int, np.ndarray]], metas: list[dict]) -> list[dict | ExpertMeshError]:
+    async def _route(self, items: list[tuple[dict[int, np.ndarray], dict]]) -> list[dict | ExpertMeshError]:
         """Concurrent requests -> one router call: each input size stacked into one array [N, S, S, 3]."""
-        images = {size: np.stack([s[size] for s in sized]) for size in sized[0]}
+        metas = [meta for _, meta in items]
+        images = {size: np.stack([sized[size] for sized, _ in items]) for size in items[0][0]}
         try:  # a router replica lost mid-call (its node went away) is retried with backoff within the deadline
             return await call_with_deadline(
                 lambda: self.router.inspect_batch.remote(images, metas), ROUTER_CALL_TIMEOUT_S, "the router",
