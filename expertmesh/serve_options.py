@@ -26,14 +26,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
-    p.add_argument("--profile", help="profile store to take batch sizes and autoscaling targets from "
+    p.add_argument("--profile", help="profile store to take each expert's batch size on its host from "
                                      "(default: <zoo>/profile.json when it exists)")
-    p.add_argument("--no-profile", action="store_true", help="use the spec's batch sizes and targets")
+    p.add_argument("--no-profile", action="store_true", help="use the spec's batch sizes")
     p.add_argument("--plan", help="plan JSON (expertmesh plan --json): pin each expert's replicas to its planned nodes")
-    p.add_argument("--device-idle-s", type=float, help="an expert replica idle this long moves its weights off the "
+    p.add_argument("--device-idle-s", type=float, help="an expert idle this long on its host moves its weights off the "
                                                        "device to host memory (default: never)")
     add_gpu_arg(p)
-    p.add_argument("--host-idle-s", type=float, help="an expert replica idle this long drops its weights to disk "
+    p.add_argument("--host-idle-s", type=float, help="an expert idle this long on its host drops its weights to disk "
                                                      "(default: never); the next request loads them back")
 
 
@@ -61,7 +61,7 @@ def profile_path(args: argparse.Namespace, zoo_root: Path) -> Path | None:
         raise InvalidArgument(f"no profile at {profile}", field="--profile", fix="run `expertmesh profile` first")
     if not profile.is_file():
         return None
-    print(f"profile: {profile} (current entries set batch sizes and autoscaling targets)", file=sys.stderr)
+    print(f"profile: {profile} (current entries set each expert's batch size)", file=sys.stderr)
     return profile
 
 
