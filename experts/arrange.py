@@ -7,7 +7,8 @@ to run now:
   some call has waited `max_wait_s`, when the expert of the oldest call goes first (the wait is bounded);
 - split: at most the expert's best batch (the profile's largest useful batch), and at most what the free device
   memory holds in activations (at least one call, so the queue always moves).
-FCFS stays selectable (the expert of the oldest call, in arrival order) as the baseline. Dependent calls reach the
+FCFS stays selectable as the baseline: calls in arrival order, a batch being the run of consecutive calls of one
+expert. Dependent calls reach the
 queue only after their upstream ran, so they follow it; the host runs them while the upstream's inputs are hot.
 """
 
@@ -46,7 +47,11 @@ def next_batch(policy: ArrangePolicy, queue: Mapping[str, Sequence[float]], resi
         on_device = [e for e in waiting if e in set(resident)]
         pool, reason = (on_device, "resident") if on_device else (list(waiting), "largest")
         expert = max(pool, key=lambda e: (len(waiting[e]), -waiting[e][0], e))
-    n = min(len(waiting[expert]), max(1, max_batch.get(expert, len(waiting[expert]))))
+    n = len(waiting[expert])
+    if policy is ArrangePolicy.FCFS:  # in arrival order: only the run of this expert's calls before another's
+        arrivals = sorted((t, e) for e, times in waiting.items() for t in times)
+        n = next((i for i, (_, e) in enumerate(arrivals) if e != expert), len(arrivals))
+    n = min(n, max(1, max_batch.get(expert, n)))
     if free_bytes is not None and activation_bytes and activation_bytes.get(expert, 0) > 0:
         n = max(1, min(n, free_bytes // activation_bytes[expert]))
     return NextBatch(expert, n, reason)

@@ -39,5 +39,7 @@ def test_split_by_best_batch_and_free_memory_but_always_one():
 def test_fcfs_baseline_and_an_empty_queue():
     queue = {"a": [2.0], "b": [1.0, 3.0]}
     pick = next_batch(ArrangePolicy.FCFS, queue, {"a"}, 3.5, max_wait_s=10, max_batch=MAX)
-    assert (pick.expert, pick.num_calls, pick.reason) == ("b", 2, "fcfs")
+    assert (pick.expert, pick.num_calls, pick.reason) == ("b", 1, "fcfs")  # b@1.0, then a@2.0 breaks the run
+    pick = next_batch(ArrangePolicy.FCFS, {"a": [2.0], "b": [1.0, 1.5]}, set(), 3.5, max_wait_s=10, max_batch=MAX)
+    assert (pick.expert, pick.num_calls) == ("b", 2)
     assert next_batch(ArrangePolicy.COSERVE, {"a": []}, set(), 0.0, max_wait_s=1, max_batch=MAX) is None
