@@ -216,6 +216,8 @@ def refresh_ci() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "expertmesh"
         run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)])
+        cloned = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True,
+                                check=True).stdout.strip()  # what was measured, whatever lands on main meanwhile
         # a clean clone builds its own zoo, as CI does on a fresh machine (no cached zoo under ~/.cache)
         env = {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS")},
                "EXPERTMESH_HOME": str(Path(tmp) / "home"), "CI": "true"}
@@ -232,7 +234,8 @@ def refresh_ci() -> None:
     write("ci", "bash .ci/run (on a clean clone)", {
         "total_min": end / 60, "install_min": zoo_at / 60, "zoo_min": (tests_at - zoo_at) / 60,
         "tests_min": (end - tests_at) / 60, "pytest": summary},
-        note="phases split where make echoes the zoo build and the pytest command; times are when output lines arrived")
+        note="phases split where make echoes the zoo build and the pytest command; times are when output lines arrived",
+        measured={"commit": cloned, "worktree_dirty": False})
 
 
 REFRESH: dict[str, Callable[[], None]] = {
