@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from ray.serve.config import gRPCOptions
 
 from expertmesh.bench.noop_app import NOOP_APP_NAME, noop_app
 from expertmesh.cluster.connect import keep_ray_on_loopback
+from expertmesh.cluster.ports import free_port
 from expertmesh.deployments import runner
 from expertmesh.deployments.auth import write_dev_tokens
 from expertmesh.deployments.config import AppArgs, ServeSettings, proxy_options
@@ -37,12 +37,6 @@ from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
 FACTORY_ID = "bench"
 REPLICA_PREFIX = "ServeReplica:expertmesh:"  # Serve names a replica's actor class ServeReplica:<app>:<deployment>
 RAY_START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

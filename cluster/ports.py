@@ -3,7 +3,7 @@ the flag (and `make run` variable) that moves it.
 
 Pure: `run_ports(...)` lists the ports of a `make run` layout, and `port_conflicts(wanted, is_free)` takes those and
 a probe (port -> free?) and returns one message per problem (a port in use, the same port wanted twice, a number
-that is not a port). Glue: `bind_probe` tries to bind each port; `main` is what the Makefile runs
+that is not a port). Glue: `bind_probe` tries to bind each port; `free_port` asks the OS for a free one; `main` is what the Makefile runs
 (`python -m expertmesh.cluster.ports ...`, exit 1 with the messages on stderr when any port is taken).
 
 Ray's own ports are not listed: the GCS, raylets and workers take free ports Ray picks itself.
@@ -99,6 +99,13 @@ def bind_probe(port: int) -> bool:
                 if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                     return False
     return True
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it): for tests and benchmarks that start servers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -12,11 +11,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from expertmesh.cluster.ports import free_port  # noqa: F401 - the tests import it from here
 
 
 @dataclass
