@@ -1,7 +1,7 @@
 """Calls to other deployments with a deadline: every way a handle call can go wrong becomes an explicit error.
 
 `call_with_deadline` is the one place the request path awaits another deployment (the ingress calling the router,
-the router calling experts or a plan executor). A timeout or a crash is UNAVAILABLE naming what did not answer, a
+the router calling the expert hosts). A timeout or a crash is UNAVAILABLE naming what did not answer, a
 full queue RESOURCE_EXHAUSTED, and a call whose replica died (its node was lost, or a redeploy removed it) is sent
 again with a growing pause within the same deadline. The clock and the sleep are injected, so the retry schedule is
 unit-tested without waiting for real.
@@ -57,7 +57,7 @@ async def call_with_deadline(send: Callable[[], Awaitable], timeout_s: float, wh
         except BackPressureError:
             raise ResourceExhausted(f"{what} has a full queue", fix=full_fix) from None
         except (RayActorError, DeploymentUnavailableError) as exc:  # the replica or its node died, or a redeploy
-            # removed the deployment (a lost node's plan executor): retry while the deadline allows
+            # removed the deployment (a lost node's expert host): retry while the deadline allows
             pause_s = LOSS_BACKOFF_S[min(attempt, len(LOSS_BACKOFF_S) - 1)]
             if attempt == retries_on_loss or clock() + pause_s >= deadline:
                 raise ReplicaLost(f"{what} lost its replica ({type(exc).__name__})", fix=failure_fix) from None

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,8 +123,8 @@ class ExpertHostDeployment:
         seconds = time.perf_counter() - t0
         m = self.metrics
         m.observe("expertmesh_expert_latency_seconds", seconds, expert=expert)
-        for reason in set(reasons):
-            m.inc("expertmesh_expert_invocations_total", reasons.count(reason), expert=expert, reason=reason)
+        for reason, n in Counter(reasons).items():
+            m.inc("expertmesh_expert_invocations_total", n, expert=expert, reason=reason)
         return preds, {"latency_ms": seconds * 1000.0, "batch_size": len(preds), "readiness": readiness,
                        "node_id": self.node_id, "replica_id": self.replica_id}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -182,11 +182,11 @@ class RouterDeployment:
         keys = list(rows)
         index = np.asarray(keys, dtype=np.int64)
         sub = {size: arr if len(keys) == len(arr) else arr[index] for size, arr in images.items()}
-        experts = [c.expert for k in keys for c in rows[k]]
-        for e in set(experts):
-            self._in_flight[e] += experts.count(e)
+        experts = Counter(c.expert for k in keys for c in rows[k])
+        for e, n in experts.items():
+            self._in_flight[e] += n
         handle = self.hosts[host]
-        names = ", ".join(sorted(set(experts)))
+        names = ", ".join(sorted(experts))
         what = f"the expert host{' on ' + host if host else ''} (experts {names})"
         try:  # a pinned host's loss sends its rows to a survivor at once; the single host is retried (Serve replaces it)
             call = asyncio.ensure_future(call_with_deadline(
@@ -200,23 +200,19 @@ class RouterDeployment:
                     call.cancel()
                     raise ReplicaLost(f"{what} is on a lost node", fix="retry later")
             answers = call.result()
-        except ReplicaLost as err:  # its node went away: the rows try a surviving host in the next round
-            if not host:
+        except ExpertMeshError as err:
+            if isinstance(err, ReplicaLost) and host:  # its node went away: the rows try a survivor next round
+                self._lost[host] = time.monotonic()
+                self.metrics.inc("expertmesh_plan_fallbacks_total", node=host)
+                for k in keys:
+                    plans[k].pending.extend(rows[k])
+            else:
                 for k in keys:
                     failed[k] = err
-                return
-            self._lost[host] = time.monotonic()
-            self.metrics.inc("expertmesh_plan_fallbacks_total", node=host or "any")
-            for k in keys:
-                plans[k].pending.extend(rows[k])
-            return
-        except ExpertMeshError as err:
-            for k in keys:
-                failed[k] = err
             return
         finally:
-            for e in set(experts):
-                self._in_flight[e] -= experts.count(e)
+            for e, n in experts.items():
+                self._in_flight[e] -= n
         for k, answer in zip(keys, answers):
             traces[k].extend(answer["trace"])
             done = [(Call(t["expert"], Reason(t["reason"]), t["because_of"] or None),
