@@ -1,16 +1,21 @@
 """The expert runtime: one expert's model moving between memory tiers, and inference on a batch.
 
-Tiers: DISK (checkpoint only) -> HOST (weights in host memory) -> DEVICE (ready on the compute
-device). On a CPU-only host the device *is* host memory, so HOST -> DEVICE moves no bytes and
-costs ~0 s; on CUDA it is a real copy. Every move is timed and reported (`TierMove`), and the
-footprint (parameters + buffers, bytes) is measured when the weights are loaded. Which experts
-stay resident where is decided elsewhere (a pure policy); this class only does the moves.
+Tiers: DISK (the checkpoint's safetensors file) -> HOST (the weights as a state dict in host memory, pinned on
+CUDA) -> DEVICE (a model built on the compute device, ready to run). The host copy is kept while the expert is on
+the device (the tiers are inclusive), so sending an expert back to host memory frees device memory at no cost and
+bringing it back is one copy: the model's modules are kept on the `meta` device (no storage; built once, without
+initialisation, from the first load), their storage allocated on the device and the host state dict copied in. On a CPU-only host the "device" copy is a second copy in the same
+memory - the budget of resident models - and HOST -> DEVICE is a memcpy. DISK -> HOST reads the safetensors file
+(memory-mapped by safetensors). Every move is timed and reported (`TierMove`, with the bytes it moved); the
+footprint (parameters + buffers, bytes) is known before any load, from the checkpoint's header. Which experts stay
+resident where is decided elsewhere (pure policies); this class only does the moves.
 """
 
 from __future__ import annotations
 
 import enum
 import gc
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +24,10 @@ from pathlib import Path
 import torch
 
 from expertmesh.errors import FailedPrecondition, InvalidArgument
-from expertmesh.experts.models import load_model, num_parameters, parameter_bytes
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from expertmesh.experts.models import load_model, num_parameters
 from expertmesh.experts.images import decode_image
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.spec import ExpertSpec, ImageLimits
@@ -63,14 +71,19 @@ def resolve_device(preference: str) -> torch.device:
 class ExpertRuntime:
     """One expert: load/offload/unload between tiers and run batches. Moves are serialised by a lock."""
 
+    WEIGHTS_FILE = "model.safetensors"
+
     def __init__(self, spec: ExpertSpec, checkpoint_dir: Path, *, device: str | None = None,
                  image_limits: ImageLimits | None = None) -> None:
         self.spec = spec
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = resolve_device(device or spec.device)
         self.image_limits = image_limits or ImageLimits()
-        self._model: torch.nn.Module | None = None
-        self._tier = Tier.DISK
+        self._model: torch.nn.Module | None = None  # on the device
+        self._host_weights: dict[str, torch.Tensor] | None = None  # in host memory
+        self._transient: dict[str, torch.Tensor] = {}  # non-persistent buffers, restored after each load
+        self._raw_keys_match = False  # the safetensors file's keys are the model's (no conversion on load)
+        self._husk: torch.nn.Module | None = None  # the model's modules on `meta` (no storage), reused by every load
         self._footprint_bytes = 0
         self._num_parameters = 0
         self._lock = threading.RLock()
@@ -81,72 +94,130 @@ class ExpertRuntime:
 
     @property
     def tier(self) -> Tier:
-        return self._tier
+        """The fastest tier the expert is in (DEVICE implies a host copy too, unless it was dropped)."""
+        if self._model is not None:
+            return Tier.DEVICE
+        return Tier.HOST if self._host_weights is not None else Tier.DISK
+
+    @property
+    def on_device(self) -> bool:
+        return self._model is not None
+
+    @property
+    def in_host(self) -> bool:
+        """A copy of the weights is held in host memory."""
+        return self._host_weights is not None
 
     @property
     def module(self) -> torch.nn.Module | None:
-        """The loaded model (None on DISK); for measuring it (the profiler's hooks), not for moving it."""
+        """The loaded model (None unless on the device); for measuring it (the profiler's hooks), not for moving it."""
         return self._model
 
     @property
     def footprint_bytes(self) -> int:
-        """Parameters + buffers in bytes, measured at the last load (0 before the first)."""
+        """Parameters + buffers in bytes, read from the checkpoint's header (what one copy of the weights takes)."""
+        if not self._footprint_bytes:
+            self._footprint_bytes = checkpoint_bytes(self.checkpoint_dir / self.WEIGHTS_FILE)
         return self._footprint_bytes
 
     @property
     def num_parameters(self) -> int:
-        """Parameter count, measured at the last load (0 before the first)."""
+        """Parameter count, measured at the last load onto the device (0 before the first)."""
         return self._num_parameters
 
-    def load(self) -> list[TierMove]:
-        """Bring the expert to DEVICE, from wherever it is; returns the moves made, each timed."""
+    def load(self, *, keep_host_copy: bool = True) -> list[TierMove]:
+        """Bring the expert to DEVICE, from wherever it is; returns the moves made, each timed. Without
+        `keep_host_copy` the host copy read from disk on the way is dropped once the device copy is made."""
         moves: list[TierMove] = []
         with self._lock:
-            if self._tier is Tier.DISK:
-                t0 = time.perf_counter()
-                model = load_model(self.spec, self.checkpoint_dir)
-                self._footprint_bytes = parameter_bytes(model)
-                self._num_parameters = num_parameters(model)
-                self._model, self._tier = model, Tier.HOST
-                moves.append(TierMove(self.name, Tier.DISK, Tier.HOST, time.perf_counter() - t0, self._footprint_bytes))
-            if self._tier is Tier.HOST:
-                t0 = time.perf_counter()
-                self._model = self._model.to(self.device)
-                sync_device(self.device)
-                moved = self._footprint_bytes if self.device.type != "cpu" else 0
-                self._tier = Tier.DEVICE
-                moves.append(TierMove(self.name, Tier.HOST, Tier.DEVICE, time.perf_counter() - t0, moved))
+            if self._model is not None:
+                return moves
+            read_from_disk = self._host_weights is None
+            if read_from_disk:
+                moves.append(self._read_weights())
+            t0 = time.perf_counter()
+            model, self._husk = self._husk.to_empty(device=self.device), None
+            model.load_state_dict(self._host_weights, strict=True)
+            for name, value in self._transient.items():  # buffers not in a state dict (e.g. position ids)
+                model.get_buffer(name).copy_(value)
+            sync_device(self.device)
+            self._model = model.eval()
+            self._num_parameters = num_parameters(model)
+            moves.append(TierMove(self.name, Tier.HOST, Tier.DEVICE, time.perf_counter() - t0, self.footprint_bytes))
+            if read_from_disk and not keep_host_copy:
+                self._host_weights = None
         return moves
 
-    def offload(self) -> TierMove | None:
-        """DEVICE -> HOST (frees device memory, keeps the weights in host memory). None if not on the device."""
+    def fetch_to_host(self) -> TierMove | None:
+        """DISK -> HOST: read the weights into host memory (a prefetch, or warming the host tier). None if held."""
         with self._lock:
-            if self._tier is not Tier.DEVICE:
+            return self._read_weights() if self._host_weights is None and self._model is None else None
+
+    def offload(self) -> TierMove | None:
+        """DEVICE -> HOST: free the device copy, keeping (or making) the host copy. None if not on the device."""
+        with self._lock:
+            if self._model is None:
                 return None
             t0 = time.perf_counter()
-            self._model = self._model.to("cpu")
-            moved = self._footprint_bytes if self.device.type != "cpu" else 0
-            self._tier = Tier.HOST
+            moved = 0
+            if self._host_weights is None:  # dropped earlier: copy the weights back
+                self._host_weights = _host_state_dict(self._model, self.device)
+                moved = self.footprint_bytes
+            self._husk, self._model = self._model.to("meta"), None  # frees the storage, keeps the modules
             _release_device_memory(self.device)
             return TierMove(self.name, Tier.DEVICE, Tier.HOST, time.perf_counter() - t0, moved)
+
+    def drop_host_copy(self) -> bool:
+        """Free the host-memory copy (the device copy, if any, stays). True if one was dropped."""
+        with self._lock:
+            dropped, self._host_weights = self._host_weights is not None, None
+            return dropped
 
     def unload(self) -> TierMove | None:
         """Drop the weights entirely (back to DISK). None if already there."""
         with self._lock:
-            if self._tier is Tier.DISK:
+            if self._model is None and self._host_weights is None:
                 return None
-            source, t0 = self._tier, time.perf_counter()
-            self._model, self._tier = None, Tier.DISK
+            source, t0 = self.tier, time.perf_counter()
+            if self._model is not None:
+                self._husk = self._model.to("meta")
+            self._model, self._host_weights = None, None
             gc.collect()
             _release_device_memory(self.device)
-            return TierMove(self.name, source, Tier.DISK, time.perf_counter() - t0, self._footprint_bytes)
+            return TierMove(self.name, source, Tier.DISK, time.perf_counter() - t0, self.footprint_bytes)
+
+    def _read_weights(self) -> TierMove:
+        """DISK -> HOST. The first read goes through `from_pretrained` (it checks the labels and converts renamed keys of
+        older checkpoints) and keeps the model's modules as the husk; later reads take the safetensors file as it is,
+        when its keys are the model's."""
+        t0 = time.perf_counter()
+        path = self.checkpoint_dir / self.WEIGHTS_FILE
+        if self._husk is None and self._model is None or not self._raw_keys_match:
+            model = load_model(self.spec, self.checkpoint_dir)
+            weights = {k: v.detach() for k, v in model.state_dict().items()}
+            with safe_open(str(path), framework="pt") as f:
+                self._raw_keys_match = set(f.keys()) == set(weights)
+            if self._model is None:
+                self._transient = _non_persistent_buffers(model)
+                self._husk = model.to("meta")
+        else:
+            try:
+                weights = load_file(str(path), device="cpu")
+            except (OSError, ValueError) as exc:
+                raise FailedPrecondition(f"cannot read checkpoint {str(path)!r}: {exc}",
+                                         field=f"experts.{self.name}.checkpoint",
+                                         fix="rebuild the zoo (`expertmesh zoo build`)") from None
+        if self.device.type == "cuda":
+            weights = {k: v.pin_memory() for k, v in weights.items()}  # so HOST -> DEVICE is one DMA copy
+        self._host_weights = weights
+        return TierMove(self.name, Tier.DISK, Tier.HOST, time.perf_counter() - t0, self.footprint_bytes)
 
     @torch.inference_mode()
     def infer(self, pixel_values: torch.Tensor) -> list[Prediction]:
         """Classify a preprocessed batch [N, 3, S, S]; the expert must be on DEVICE."""
         with self._lock:
-            if self._tier is not Tier.DEVICE:
-                raise FailedPrecondition(f"expert {self.name!r} is in tier {self._tier.value}, not on the device",
+            if self._model is None:
+                raise FailedPrecondition(f"expert {self.name!r} is in tier {self.tier.value}, not on the device",
                                          fix="call load() first")
             size = self.spec.input_size_px
             if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
@@ -161,6 +232,35 @@ class ExpertRuntime:
         """Decode, validate and classify encoded images (PNG/JPEG); a bad image raises naming its index."""
         decoded = [decode_image(data, self.image_limits, field=f"images[{i}]") for i, data in enumerate(images)]
         return self.infer(to_pixel_values(decoded, self.spec.input_size_px))
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of every tensor in a safetensors file, from its header alone (nothing is loaded)."""
+    with safe_open(str(path), framework="pt") as f:
+        total = 0
+        for key in f.keys():
+            sl = f.get_slice(key)
+            total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
+        return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, mod in model.named_modules():
+        for name in mod._non_persistent_buffers_set:
+            buf = mod._buffers.get(name)
+            if buf is not None:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().clone()
+    return out
+
+
+def _host_state_dict(model: torch.nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu").pin_memory() for k, v in model.state_dict().items()}
 
 
 def sync_device(device: torch.device) -> None:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from expertmesh.errors import FailedPrecondition, InvalidArgument, PayloadTooLarge
-from expertmesh.experts.models import load_model, parameter_bytes
+from expertmesh.experts.models import build_model, load_model, parameter_bytes
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.images import decode_image, encode_png
 from expertmesh.experts.preprocess import to_pixel_values
@@ -29,16 +29,33 @@ def png(img: Image.Image) -> bytes:
 
 def test_tier_moves_are_timed_and_measured(tiny_spec, tiny_zoo):
     rt = runtime(tiny_spec, tiny_zoo)
-    assert rt.tier is Tier.DISK and rt.footprint_bytes == 0
+    assert rt.tier is Tier.DISK and rt.footprint_bytes > 0  # known from the checkpoint's header, before any load
     moves = rt.load()
     assert [(m.source, m.target) for m in moves] == [(Tier.DISK, Tier.HOST), (Tier.HOST, Tier.DEVICE)]
     assert moves[0].seconds > 0 and moves[0].num_bytes == rt.footprint_bytes > 0
-    assert moves[1].num_bytes == 0  # the CPU is the device: nothing is copied
+    assert moves[1].num_bytes == rt.footprint_bytes  # one copy of the weights onto the device
+    assert rt.on_device and rt.in_host  # the tiers are inclusive: the host copy stays
     assert rt.load() == []  # already resident
-    assert rt.offload().target is Tier.HOST and rt.tier is Tier.HOST
-    assert rt.load()[0].source is Tier.HOST
+    off = rt.offload()
+    assert off.target is Tier.HOST and off.num_bytes == 0 and rt.tier is Tier.HOST  # the host copy was there: free
+    assert [m.source for m in rt.load()] == [Tier.HOST]
     assert rt.unload().target is Tier.DISK and rt.tier is Tier.DISK
     assert rt.unload() is None
+
+
+def test_host_copy_can_be_dropped_and_remade(tiny_spec, tiny_zoo):
+    rt = runtime(tiny_spec, tiny_zoo)
+    x = to_pixel_values(np.zeros((2, 64, 64, 3), np.uint8), 64)
+    rt.load(keep_host_copy=False)
+    assert rt.on_device and not rt.in_host
+    first = rt.infer(x)
+    off = rt.offload()  # no host copy left: the device copy is copied back
+    assert off.num_bytes == rt.footprint_bytes and rt.in_host and not rt.on_device
+    rt.load()
+    assert rt.drop_host_copy() and rt.tier is Tier.DEVICE and rt.infer(x) == first
+    assert rt.fetch_to_host() is None  # on the device: nothing to fetch
+    rt.unload()
+    assert rt.fetch_to_host().target is Tier.HOST and rt.tier is Tier.HOST
 
 
 def test_footprint_is_parameters_plus_buffers(tiny_spec, tiny_zoo):
@@ -174,3 +191,22 @@ def test_architecture_config_may_not_set_derived_keys():
 
     with pytest.raises(ValidationError, match="derived from the expert"):
         ArchitectureSpec(family="resnet", config={"num_labels": 3})
+
+
+def test_every_family_predicts_the_same_after_a_round_trip_through_host_memory(tiny_spec, tiny_zoo, tmp_path):
+    """The device copy is rebuilt from the modules kept on `meta` and the host copy: same outputs as a fresh load."""
+    vit = tiny_spec.expert("polarity").model_copy(update={
+        "architecture": tiny_spec.expert("polarity").architecture.model_copy(update={
+            "family": "vit", "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                        "intermediate_size": 64, "patch_size": 16}})})
+    build_model(vit, seed=0).save_pretrained(tmp_path / "vit")
+    for rt in (runtime(tiny_spec, tiny_zoo, "component_classifier"), ExpertRuntime(vit, tmp_path / "vit", device="cpu")):
+        x = to_pixel_values(np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8), 64)
+        rt.load()
+        first = rt.infer(x)
+        rt.offload()
+        rt.load()
+        assert rt.infer(x) == first
+        rt.unload()
+        rt.load()
+        assert rt.infer(x) == first
