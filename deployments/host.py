@@ -1,15 +1,18 @@
 """The expert host deployment: one process holds many experts and runs the router's batches of plans.
 
-One torch runtime per process, however many experts: a replica loads the experts the plan gives its node
-(user_config `experts`, in parallel, each answering a warm-up batch before the replica reports ready) and
-runs a batch of plans in waves (`router.waves`): every pending call of the batch grouped by expert, one
-inference per expert per wave, and the calls an output triggers run in the same process when their expert
-is here too - dependent experts co-located on a node cost no hop at all. Calls for experts held elsewhere
-come back pending, for the router to send on. A call for an expert this host does not hold (its own node
-was lost) loads it on demand: a load of a few ms, not a new process, counted as a switch.
+One torch runtime per process, however many experts: a replica is given the experts the plan puts on its node
+(user_config `experts`) and its memory budgets (user_config, else what the node offers: `experts.residency`). It
+loads them onto the device until the device budget is full, the rest into host memory while that budget lasts
+(each loaded expert answering a warm-up batch before the replica reports ready). It runs a batch of plans in waves
+(`router.waves`): every pending call of the batch goes to the pool's executor (`deployments.pool_executor`), which
+queues the calls of every batch in flight per expert and runs them in the order the pool's policies choose, loading
+(switching) and evicting experts within the budgets. The calls an output triggers run in the same process when their
+expert is here too - dependent experts co-located on a node cost no hop at all. Calls for experts held elsewhere
+come back pending, for the router to send on. A call for an expert this host was not given (its own node was lost)
+loads it on demand, counted as a switch.
 
-Glue only: what runs next is `HostQueue`'s (pure, `experts.pool`), when idle weights leave the device is
-`experts.residency`'s; inference runs on one worker thread so the event loop keeps taking batches.
+Glue only: the policies are pure (`experts.arrange`, `experts.tiering`, `experts.eviction`, `experts.prefetch`, and
+`experts.residency` for idle timeouts); torch runs on one worker thread so the event loop keeps taking batches.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import torch
 from ray import serve
 
 from expertmesh.deployments.memory import declared_memory_mib, device_memory_bytes, machine_memory_bytes
-from expertmesh.experts.pool import split_batches
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
-from expertmesh.experts.runtime import ExpertRuntime, Prediction, Tier, TierMove
+from expertmesh.deployments.pool_executor import PoolExecutor, PoolSettings
+from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
 from expertmesh.experts.spec import load_spec, resolve_checkpoint
 from expertmesh.metrics import instruments, node_name
 from expertmesh.router.plan import Call, ExpertOutput
@@ -55,41 +58,41 @@ class ExpertHostDeployment:
         self.node = node_name()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.hosted: frozenset[str] = frozenset()  # the experts the plan gives this host (set by reconfigure)
-        self.max_batch = {e.name: e.max_batch for e in self.spec.experts}
         self.residency = ResidencyConfig()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")  # torch runs here, one at a time
         self._lock = threading.Lock()  # held by a batch (load + infer) and by each residency move
         self._busy: dict[str, int] = {}  # expert -> batches running (event loop writes, residency thread reads)
-        self._last_used_s: dict[str, float] = {}
         device = next(iter(self.runtimes.values())).device
         self.budget_bytes = memory_budget_bytes(declared_memory_mib(self.node_id), machine_bytes=machine_memory_bytes(),
                                                 device_bytes=device_memory_bytes(device))
+        self.pool = PoolExecutor(self.spec, self.runtimes, self._worker, self._lock, self.metrics, self.node,
+                                 on_moves=self._record_moves)
         self._stop = threading.Event()
         threading.Thread(target=self._residency_loop, name="host-residency", daemon=True).start()
 
+    POOL_KEYS = frozenset(PoolSettings.model_fields)
+
     def reconfigure(self, user_config: dict) -> None:
-        """Host the plan's experts (loaded in parallel, each warmed up by one batch; Serve reports the replica ready
-        only after this returns), with their batch sizes and the residency timeouts."""
-        self.max_batch.update({k: int(v) for k, v in (user_config.get("max_batch") or {}).items()})
+        """Host the plan's experts within the pool's budgets (user_config; by default what the node offers), with their
+        batch sizes, the pool's policies and the residency timeouts. Serve reports the replica ready only after the
+        experts placed on the device are loaded and have each answered a warm-up batch."""
+        pool = {k: v for k, v in user_config.items() if k in self.POOL_KEYS}
+        pool.setdefault("device_budget_bytes", self.budget_bytes[Tier.DEVICE])
+        pool.setdefault("host_budget_bytes", self.budget_bytes[Tier.HOST])
+        self.pool.configure(PoolSettings(**pool), {k: int(v) for k, v in (user_config.get("max_batch") or {}).items()})
         self.residency = ResidencyConfig(device_idle_s=user_config.get("device_idle_s"),
                                          host_idle_s=user_config.get("host_idle_s"))
         wanted = [e for e in user_config.get("experts") or [] if e in self.runtimes]
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="load") as pool:
-            list(pool.map(self._load_and_warm, wanted))
+        for expert in self.pool.warm(wanted):
+            rt = self.runtimes[expert]
+            size = rt.spec.input_size_px
+            with self._lock:
+                rt.infer(to_pixel_values(np.zeros((1, size, size, 3), np.uint8), size))
         self.hosted = frozenset(wanted)
         self._publish_gauges()
-        logger.info("host on %s holds %d experts, loaded and warmed in %.2f s", self.node, len(wanted),
-                    time.perf_counter() - t0)
-
-    def _load_and_warm(self, expert: str) -> None:
-        rt = self.runtimes[expert]
-        with self._lock:
-            self._record_moves(expert, rt.load(), on_demand=False)
-        size = rt.spec.input_size_px
-        with self._lock:
-            rt.infer(to_pixel_values(np.zeros((1, size, size, 3), np.uint8), size))
-        self._last_used_s[expert] = time.monotonic()
+        logger.info("host on %s holds %d experts (%d on the device), loaded and warmed in %.2f s", self.node,
+                    len(wanted), sum(rt.on_device for rt in self.runtimes.values()), time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ the request path
     async def run(self, images: dict[int, np.ndarray], plans: list[tuple[list[Call], list[str]]]) -> list[dict]:
@@ -100,45 +103,38 @@ class ExpertHostDeployment:
         sent = {c.expert for calls, _ in plans for c in calls}  # sent here: run even if not hosted (a re-route)
         traces: dict[int, list[dict]] = {i: [] for i in inflight}
         while wave := take_calls(inflight, lambda e: e in self.hosted or e in sent):
-            for expert, items in wave.items():
-                for part in split_batches(len(items), self.max_batch.get(expert, 16)):
-                    chunk = items[part]
-                    rows = np.fromiter((i for i, _ in chunk), dtype=np.int64, count=len(chunk))
-                    size = self.runtimes[expert].spec.input_size_px
-                    preds, entry = await self._infer(expert, images[size][rows], [c.reason.value for _, c in chunk])
-                    for (i, call), pred in zip(chunk, preds):
-                        record(self.spec, inflight[i], call, ExpertOutput(expert, pred.label, pred.score))
-                        traces[i].append({**entry, "expert": expert, "label": pred.label, "score": pred.score,
-                                          "reason": call.reason.value, "because_of": call.because_of or ""})
+            groups = list(wave.items())
+            results = await asyncio.gather(*(self._call(expert, images, items) for expert, items in groups))
+            for (expert, items), rows in zip(groups, results):
+                for (i, call), (pred, info) in zip(items, rows):
+                    record(self.spec, inflight[i], call, ExpertOutput(expert, pred.label, pred.score))
+                    traces[i].append({"latency_ms": info.latency_ms, "batch_size": info.batch_size,
+                                      "readiness": info.readiness, "node_id": self.node_id,
+                                      "replica_id": self.replica_id, "expert": expert, "label": pred.label,
+                                      "score": pred.score, "reason": call.reason.value,
+                                      "because_of": call.because_of or ""})
         return [{"trace": traces[i], "pending": p.pending, "planned": sorted(p.planned)} for i, p in inflight.items()]
 
-    async def _infer(self, expert: str, pixels_u8: np.ndarray, reasons: list[str]) -> tuple[list[Prediction], dict]:
+    async def _call(self, expert: str, images: dict[int, np.ndarray], items: list[tuple[int, Call]]) -> list:
         t0 = time.perf_counter()
+        rows = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
         self._busy[expert] = self._busy.get(expert, 0) + 1  # busy: the residency thread leaves its weights alone
         try:
-            preds, readiness = await asyncio.get_running_loop().run_in_executor(
-                self._worker, self._infer_sync, expert, pixels_u8)
+            out = await self.pool.submit(expert, images[self.runtimes[expert].spec.input_size_px][rows])
         finally:
             self._busy[expert] -= 1
-        seconds = time.perf_counter() - t0
-        m = self.metrics
-        m.observe("expertmesh_expert_latency_seconds", seconds, expert=expert)
-        for reason, n in Counter(reasons).items():
-            m.inc("expertmesh_expert_invocations_total", n, expert=expert, reason=reason)
-        return preds, {"latency_ms": seconds * 1000.0, "batch_size": len(preds), "readiness": readiness,
-                       "node_id": self.node_id, "replica_id": self.replica_id}
+        self.metrics.observe("expertmesh_expert_latency_seconds", time.perf_counter() - t0, expert=expert)
+        for reason, n in Counter(c.reason.value for _, c in items).items():
+            self.metrics.inc("expertmesh_expert_invocations_total", n, expert=expert, reason=reason)
+        return out
 
-    def _infer_sync(self, expert: str, pixels_u8: np.ndarray) -> tuple[list[Prediction], str]:
-        rt = self.runtimes[expert]
-        pixels = to_pixel_values(pixels_u8, rt.spec.input_size_px)
-        with self._lock:
-            readiness = "ready" if rt.tier is Tier.DEVICE else "waited_load"
-            if readiness == "waited_load":
-                self._record_moves(expert, rt.load(), on_demand=True)
-            preds = rt.infer(pixels)
-            self._last_used_s[expert] = time.monotonic()
-        self.metrics.inc("expertmesh_expert_requests_total", len(preds), expert=expert, readiness=readiness)
-        return preds, readiness
+    def stats(self) -> dict:
+        """The pool's counters since the last reset (switches, loads by tier, evictions by reason, prefetches, peak bytes
+        per tier) and what it holds now: what the memory benchmark and the tests read."""
+        return {**self.pool.stats(), "node": self.node, "replica_id": self.replica_id}
+
+    def reset_stats(self) -> None:
+        self.pool.reset_stats()
 
     # ------------------------------------------------------------------ residency and gauges
     def _residency_loop(self) -> None:
@@ -152,7 +148,7 @@ class ExpertHostDeployment:
             for expert, rt in self.runtimes.items():
                 try:
                     with self._lock:
-                        snap = ResidencySnapshot(rt.tier, self._last_used_s.get(expert, 0.0),
+                        snap = ResidencySnapshot(rt.tier, self.pool.last_used_s.get(expert, 0.0),
                                                  busy=self._busy.get(expert, 0) > 0)
                         target = decide(self.residency, snap, time.monotonic())
                         move = {Tier.HOST: rt.offload, Tier.DISK: rt.unload}[target]() if target else None
@@ -162,7 +158,7 @@ class ExpertHostDeployment:
                 except Exception:  # noqa: BLE001 - a failed move must not kill the thread; the next batch reloads
                     logger.exception("residency move of %s failed", expert)
 
-    def _record_moves(self, expert: str, moves: list[TierMove], *, on_demand: bool) -> None:
+    def _record_moves(self, expert: str, moves: list[TierMove], on_demand: bool) -> None:
         for m in moves:
             self.metrics.inc("expertmesh_expert_loads_total", expert=expert, tier=m.target.value)
             self.metrics.observe("expertmesh_expert_load_seconds", m.seconds, expert=expert, tier=m.target.value)
@@ -198,4 +194,4 @@ class ExpertHostDeployment:
     def info(self) -> dict:
         return {"node_id": self.node_id, "node": self.node, "replica_id": self.replica_id, "hosted": sorted(self.hosted),
                 "resident": {e: rt.tier.value for e, rt in self.runtimes.items() if rt.tier is not Tier.DISK},
-                "footprint_bytes": {e: rt.footprint_bytes for e, rt in self.runtimes.items() if rt.footprint_bytes}}
+                "footprint_bytes": {e: rt.footprint_bytes for e, rt in self.runtimes.items() if rt.tier is not Tier.DISK}}

@@ -76,6 +76,17 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("expertmesh_expert_unloads_total", "counter", "Tier moves down, by expert and the tier left", ("expert", "tier")),
     MetricDef("expertmesh_expert_switches_total", "counter",
               "Loads a waiting request forced (the expert was switched back onto the device), by expert", ("expert",)),
+    MetricDef("expertmesh_expert_evictions_total", "counter",
+              "Experts a pooled host moved off its device to make room, by expert and reason (orphaned_downstream, "
+              "low_usage, lru, fifo)", ("expert", "reason")),
+    MetricDef("expertmesh_expert_prefetches_total", "counter",
+              "Downstream experts a pooled host loaded while their upstream ran, by expert and outcome (loaded; hit: "
+              "a call found it there)", ("expert", "outcome")),
+    MetricDef("expertmesh_host_queued_calls", "gauge", "Expert calls queued in a pooled host, by node and expert",
+              ("node", "expert")),
+    MetricDef("expertmesh_host_memory_bytes", "gauge",
+              "Bytes of expert weights a pooled host holds, by node and tier (device; host: the host-memory copies)",
+              ("node", "tier")),
     MetricDef("expertmesh_expert_load_seconds", "histogram", "Duration of one tier move up, by expert and the tier loaded into",
               ("expert", "tier"), LOAD_BUCKETS_S),
     MetricDef("expertmesh_expert_replicas", "gauge",

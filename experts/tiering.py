@@ -1,0 +1,98 @@
+"""Making room for an expert on a pool's device, within its device and host-memory budgets. Pure.
+
+A pooled host holds experts in three tiers (`experts.runtime`): the device (models ready to run), host memory (a
+copy of the weights, inclusive: an expert on the device keeps its host copy while the host budget allows) and disk
+(everything). Before an expert's batch runs, `make_room` decides, from a snapshot, what moves:
+- which experts leave the device (`experts.eviction.choose_evictions` in the pool's policy). Experts with queued or
+  running work are kept; if that leaves too little, experts with only queued work may go (never the running one,
+  never the incoming one): a pool must not stall because every resident expert has a queue. None when even that
+  cannot make room (a single expert larger than the budget: the caller reports it);
+- whether the incoming expert's weights, read from disk, are kept in host memory: yes when the host budget holds
+  them after dropping the least recently used host copies of experts that are not on the device.
+An expert leaving the device keeps its host copy when it has one (it is already counted in the host budget), else
+goes to disk. A budget of None is unlimited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from expertmesh.experts.eviction import Eviction, EvictionPolicy, ResidentExpert, choose_evictions
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    name: str
+    num_bytes: int
+    last_used_s: float
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    device: Sequence[ResidentExpert]  # on the device (busy: queued or running work)
+    host: Sequence[HostCopy]  # experts with a copy in host memory (those on the device included)
+    device_budget_bytes: int | None
+    host_budget_bytes: int | None
+    running: frozenset[str] = frozenset()  # the experts whose batch runs now: never evicted
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(e.num_bytes for e in self.device)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(h.num_bytes for h in self.host)
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    evictions: tuple[Eviction, ...] = ()  # leave the device, in this order
+    host_drops: tuple[str, ...] = ()  # host copies dropped to keep the incoming expert's weights
+    keep_host_copy: bool = True  # keep the incoming expert's weights in host memory (only matters when read from disk)
+
+
+def make_room(policy: EvictionPolicy, snap: PoolSnapshot, expert: str, num_bytes: int, *, in_host: bool,
+              upstreams: Mapping[str, Collection[str]]) -> RoomPlan | None:
+    """What to move so that `expert` (`num_bytes`, with a host copy or not) fits on the device; None if it cannot."""
+    evictions: list[Eviction] = []
+    if snap.device_budget_bytes is not None:
+        if num_bytes > snap.device_budget_bytes:
+            return None
+        free = snap.device_budget_bytes - snap.device_bytes
+        chosen = choose_evictions(policy, snap.device, upstreams, need_bytes=num_bytes, free_bytes=free,
+                                  protect={expert} | snap.running)
+        if chosen is None:  # every resident expert has work queued: let queued (not running) ones go
+            idle = [ResidentExpert(e.name, e.num_bytes, e.last_used_s, e.loaded_s, busy=False, usage=e.usage)
+                    for e in snap.device]
+            chosen = choose_evictions(policy, idle, upstreams, need_bytes=num_bytes, free_bytes=free,
+                                      protect={expert} | snap.running)
+        if chosen is None:
+            return None
+        evictions = chosen
+    if in_host:
+        return RoomPlan(tuple(evictions))
+    drops = _host_drops(snap, expert, num_bytes, leaving={e.expert for e in evictions})
+    if drops is None:
+        return RoomPlan(tuple(evictions), keep_host_copy=False)
+    return RoomPlan(tuple(evictions), tuple(drops))
+
+
+def _host_drops(snap: PoolSnapshot, expert: str, num_bytes: int, leaving: set[str]) -> list[str] | None:
+    """The least recently used host copies of experts off the device to drop so `num_bytes` more fit; None if the
+    host budget cannot hold them even then."""
+    if snap.host_budget_bytes is None:
+        return []
+    if num_bytes > snap.host_budget_bytes:
+        return None
+    free = snap.host_budget_bytes - snap.host_bytes
+    on_device = {e.name for e in snap.device} - leaving
+    drops: list[str] = []
+    for copy in sorted(snap.host, key=lambda h: (h.last_used_s, h.name)):
+        if free >= num_bytes:
+            break
+        if copy.name in on_device or copy.name == expert:
+            continue
+        drops.append(copy.name)
+        free += copy.num_bytes
+    return drops if free >= num_bytes else None
