@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.errors import InvalidArgument
+from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.serving_profiles import serving_device, serving_devices, usable_profiles
 from expertmesh.profiler.store import ExpertProfile, ProfileStore
@@ -73,6 +74,23 @@ class ServeSettings(BaseModel):
     max_surge_percent: int = Field(
         100, ge=0, le=100, description="a redeploy starts replacement replicas before it stops the old ones "
                                        "(Serve's rolling update surge); 0: stop first")
+    pool_device_budget_mib: float | None = Field(
+        None, gt=0, description="device memory an expert host replica fills with experts; none: what the node offers "
+                                "(its expertmesh_memory_mib resource, else the whole device)")
+    pool_host_budget_mib: float | None = Field(
+        None, gt=0, description="host memory an expert host replica keeps expert copies in; none: what the node offers")
+    pool_arrange: Literal["coserve", "fcfs"] = Field(
+        "coserve", description="order of a host's queued calls: coserve (same expert together, resident first, the "
+                               "oldest after pool_max_wait_s) or fcfs (arrival order)")
+    pool_evict: Literal["coserve", "lru", "fifo"] = Field(
+        "coserve", description="which experts leave a full device: coserve (orphaned downstream experts, then the "
+                               "least used), lru or fifo")
+    pool_max_wait_s: float = Field(0.05, gt=0, le=60, description="a call queued this long goes next on its host")
+    pool_prefetch: bool = Field(True, description="load likely downstream experts while their upstream runs, "
+                                                  "into free device memory")
+    host_request_router: Literal["assign", "pow2"] = Field(
+        "assign", description="how handles pick a host replica: assign (predicted completion time, with switch "
+                              "costs: deployments.assign_router) or pow2 (Serve's default, power of two choices)")
     ingress_max_queued_requests: int = Field(
         256, ge=-1, description="requests waiting for an ingress replica; past it stations get RESOURCE_EXHAUSTED "
                                 "(HTTP 503); -1: unbounded")
@@ -132,8 +150,34 @@ def host_options(name: str, experts: list[str], spec: CoESpec, settings: ServeSe
         "ray_actor_options": {"num_cpus": s.host_num_cpus,
                               "num_gpus": s.expert_num_gpus if _uses_gpu(spec, s) else 0},
         "user_config": {"experts": sorted(experts), "max_batch": batch_sizes(spec, profiles),
-                        "device_idle_s": s.expert_device_idle_s, "host_idle_s": s.expert_host_idle_s},
+                        "device_idle_s": s.expert_device_idle_s, "host_idle_s": s.expert_host_idle_s,
+                        **pool_config(spec, s)},
+        **({"request_router_config": {"request_router_class": ASSIGN_ROUTER, "request_routing_stats_period_s": 1.0,
+                                      "request_router_kwargs": {"costs": pool_costs(profiles)}}}
+           if s.host_request_router == "assign" else {}),
     }
+
+
+ASSIGN_ROUTER = "expertmesh.deployments.assign_router:AssignRequestRouter"
+
+
+def pool_config(spec: CoESpec, settings: ServeSettings) -> dict[str, Any]:
+    """A host's memory budgets (bytes; absent: what the node offers), policies and each expert's usage probability
+    (the spec's expected mix: what the CoServe eviction ranks by)."""
+    s = settings
+    mib = {"device_budget_bytes": s.pool_device_budget_mib, "host_budget_bytes": s.pool_host_budget_mib}
+    return {**{k: int(v * 2**20) for k, v in mib.items() if v is not None},
+            "arrange": s.pool_arrange, "evict": s.pool_evict, "max_wait_s": s.pool_max_wait_s,
+            "prefetch": s.pool_prefetch, "usage": {e: round(p, 6) for e, p in sorted(usage_probabilities(spec).items())}}
+
+
+def pool_costs(profiles: dict[str, ExpertProfile] | None) -> dict[str, list[float]]:
+    """expert -> [K ms per item, B ms per batch, switch ms (host memory -> device)] from current profile entries."""
+    out = {}
+    for name, p in sorted((profiles or {}).items()):
+        switch_s = next((m.median_s for m in p.moves if (m.source, m.target) == ("host", "device")), 0.0)
+        out[name] = [round(p.fit.k_ms_per_item, 4), round(p.fit.b_ms, 4), round(switch_s * 1000.0, 4)]
+    return out
 
 
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it

@@ -136,6 +136,11 @@ class ExpertHostDeployment:
     def reset_stats(self) -> None:
         self.pool.reset_stats()
 
+    def record_routing_stats(self) -> dict:
+        """What Serve's request router (`deployments.assign_router`) reads about this replica: the experts on its
+        device (the calls queued here it counts itself)."""
+        return {"resident": sorted(e for e, rt in self.runtimes.items() if rt.on_device)}
+
     # ------------------------------------------------------------------ residency and gauges
     def _residency_loop(self) -> None:
         last_refresh_s = time.monotonic()

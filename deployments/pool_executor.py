@@ -178,7 +178,7 @@ class PoolExecutor:
 
     def _publish_queue(self) -> None:
         for expert, q in self._queue.items():
-            self.metrics.set("expertmesh_host_queued_calls", len(q), node=self.node, expert=expert)
+            self.metrics.set("expertmesh_host_queue_depth", len(q), node=self.node, expert=expert)
 
     # ------------------------------------------------------------------ one batch (worker thread)
     def _run_batch(self, expert: str, pixels_u8: np.ndarray) -> list[tuple[Prediction, BatchInfo]]:

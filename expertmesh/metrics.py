@@ -82,7 +82,7 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("expertmesh_expert_prefetches_total", "counter",
               "Downstream experts a pooled host loaded while their upstream ran, by expert and outcome (loaded; hit: "
               "a call found it there)", ("expert", "outcome")),
-    MetricDef("expertmesh_host_queued_calls", "gauge", "Expert calls queued in a pooled host, by node and expert",
+    MetricDef("expertmesh_host_queue_depth", "gauge", "Expert calls queued in a pooled host, by node and expert",
               ("node", "expert")),
     MetricDef("expertmesh_host_memory_bytes", "gauge",
               "Bytes of expert weights a pooled host holds, by node and tier (device; host: the host-memory copies)",

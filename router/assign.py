@@ -52,3 +52,21 @@ def choose_replica(replicas: Sequence[ReplicaSnapshot], expert: str, num_items: 
         if best is None or key < best:
             best, choice = key, r.replica_id
     return choice
+
+
+DEFAULT_COST = ExpertCost(k_ms_per_item=1.0, b_ms=2.0, switch_ms=10.0)  # an expert with no profile: a small model
+
+
+def rank_replicas(replicas: Sequence[ReplicaSnapshot], calls: Mapping[str, int],
+                  costs: Mapping[str, ExpertCost]) -> list[str]:
+    """Replica ids, best first, for a batch of calls (`calls`: expert -> number of calls): the predicted completion of
+    the batch is the queued work ahead of it plus each expert's batch with its switch where needed (`predicted_ms`
+    per expert, the queue ahead counted once). Experts without a cost get `DEFAULT_COST`. Ties keep the given order."""
+    full = {**{e: DEFAULT_COST for e in calls}, **costs}
+    scored = []
+    for i, r in enumerate(replicas):
+        ahead = sum(full.get(e, DEFAULT_COST).batch_ms(n) for e, n in r.queued.items() if n > 0 and e not in calls)
+        own = sum(predicted_ms(ReplicaSnapshot(r.replica_id, {e: r.queued.get(e, 0)}, r.resident), e, n, full)
+                  for e, n in calls.items() if n > 0)
+        scored.append((ahead + own, i, r.replica_id))
+    return [rid for _, _, rid in sorted(scored)]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from expertmesh.router.assign import ExpertCost, ReplicaSnapshot, choose_replica, predicted_ms
+from expertmesh.deployments.assign_router import calls_of
+from expertmesh.router.assign import DEFAULT_COST, ExpertCost, ReplicaSnapshot, choose_replica, predicted_ms, rank_replicas
+from expertmesh.router.plan import Call, Reason
 
 COSTS = {"a": ExpertCost(k_ms_per_item=1.0, b_ms=10.0, switch_ms=50.0),
          "b": ExpertCost(k_ms_per_item=2.0, b_ms=5.0, switch_ms=200.0)}
@@ -32,3 +36,28 @@ def test_a_long_queue_sends_calls_elsewhere_despite_a_switch():
 def test_ties_go_to_the_first_replica_and_none_without_replicas():
     assert choose_replica([ReplicaSnapshot("x"), ReplicaSnapshot("y")], "b", 3, COSTS) == "x"
     assert choose_replica([], "a", 1, COSTS) is None
+
+
+def test_a_batch_of_calls_goes_where_its_experts_are_resident_unless_the_queue_there_costs_more():
+    costs = {"a": ExpertCost(1.0, 2.0, 50.0), "b": ExpertCost(1.0, 2.0, 50.0)}
+    holds_both = ReplicaSnapshot("r0", queued={}, resident=frozenset({"a", "b"}))
+    holds_none = ReplicaSnapshot("r1", queued={}, resident=frozenset())
+    assert rank_replicas([holds_none, holds_both], {"a": 3, "b": 1}, costs) == ["r0", "r1"]
+    busy = ReplicaSnapshot("r0", queued={"c": 200}, resident=frozenset({"a", "b"}))
+    assert rank_replicas([busy, holds_none], {"a": 3, "b": 1}, costs) == ["r1", "r0"]  # 200 queued calls of c: worse
+
+
+def test_unknown_experts_get_the_default_cost_and_an_empty_batch_keeps_the_order():
+    r0, r1 = ReplicaSnapshot("r0", queued={"x": 5}), ReplicaSnapshot("r1")
+    assert rank_replicas([r0, r1], {"x": 1}, {}) == ["r0", "r1"]  # joins x's queued batch: no switch there
+    assert rank_replicas([r0, r1], {}, {}) == ["r1", "r0"]  # nothing to run: the shorter queue first
+    assert DEFAULT_COST.switch_ms > 0
+
+
+def test_the_serve_router_reads_the_calls_of_a_host_run_request():
+    meta = SimpleNamespace(call_method="run", internal_request_id="1")
+    plans = [([Call("a", Reason.TABLE), Call("b", Reason.TABLE)], []), ([Call("a", Reason.TABLE)], ["x"])]
+    assert calls_of(SimpleNamespace(metadata=meta, args=[{}, plans])) == {"a": 2, "b": 1}
+    assert calls_of(SimpleNamespace(metadata=SimpleNamespace(call_method="stats"), args=[])) == {}
+    assert calls_of(SimpleNamespace(metadata=meta, args=[{}, "not plans"])) == {}
+    assert calls_of(None) == {}
