@@ -1,96 +1,103 @@
-"""A discrete-event simulator of one pooled executor under a memory budget, driving the pure policies. Pure.
+"""A discrete-event simulator of a device's executors under memory tiers, driving the serving policies. Pure.
 
-It replays a workload (requests arriving at given times, each a chain of expert calls: a call's downstream call is
-queued when it finishes) through one executor with a device budget, using the same policy modules the hosts use:
-`experts.arrange.next_batch` picks what runs next, `experts.eviction.choose_evictions` makes room for a switch.
-Costs are given per expert (the profile's K*n+B, a load time, the weights' bytes). It reports throughput, latency
-and switches, so policies can be compared at scales this machine cannot run (the memory-limited serving issue
-builds its simulator table on this). No Ray, no clock but the simulated one.
+It replays a workload (requests, each a chain of expert calls, arriving at given times) through one device whose
+memory is a budget, with host memory and disk behind it, using the same policy modules the pooled hosts use:
+`router.assign.choose_replica` picks the executor of each call, `experts.arrange.next_batch` what an executor runs
+next, `experts.eviction.choose_evictions` what leaves its pool to make room. Costs are given per expert (the
+profile's K*n+B, bytes, load times or the tiers' bandwidths), so the policies can be compared at scales this machine
+cannot run, or fed this machine's profile and a workload to predict a measured run:
+
+    results = simulate_policies(experts, requests, config)   # {policy name: SimResult}
+
+The model (`simulate_model`), the memory tiers (`simulate_tiers`) and the event loop (`simulate_engine`) are beside
+this module. No Ray, no clock but the simulated one; the same inputs give the same results.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
-from expertmesh.experts.arrange import ArrangePolicy, next_batch
-from expertmesh.experts.eviction import EvictionPolicy, ResidentExpert, choose_evictions
+from expertmesh.cluster.simulate_engine import TaskOutcome, run_task
+from expertmesh.cluster.simulate_model import (ABLATION, BASELINE, POLICIES, AssignPolicy, PolicySpec, SimConfig,
+                                               SimExpert, SimRequest, SimResult)
+from expertmesh.cluster.simulate_tiers import Tier
+from expertmesh.errors import InvalidArgument
 
-
-@dataclass(frozen=True)
-class SimExpert:
-    num_bytes: int
-    k_ms_per_item: float
-    b_ms: float
-    load_ms: float  # onto the device, from wherever it sits
-    max_batch: int = 32
-    usage: float = 0.0
+__all__ = ["ABLATION", "BASELINE", "POLICIES", "AssignPolicy", "PolicySpec", "SimConfig", "SimExpert", "SimRequest",
+           "SimResult", "simulate", "simulate_policies", "check_inputs"]
 
 
-@dataclass(frozen=True)
-class SimRequest:
-    arrival_ms: float
-    chain: tuple[str, ...]  # expert calls in dependency order: each queued when the previous one finishes
+def check_inputs(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: SimConfig,
+                 policies: Mapping[str, PolicySpec]) -> None:
+    """Raise InvalidArgument naming the field and the fix when the inputs cannot be simulated."""
+    if not requests:
+        raise InvalidArgument("no requests to simulate", field="requests", fix="give at least one request")
+    unknown = sorted({e for r in requests for e in r.chain} - set(experts))
+    if unknown or any(not r.chain for r in requests):
+        raise InvalidArgument(f"requests call experts with no costs: {unknown[:5] or 'an empty chain'}",
+                              field="requests", fix="give a SimExpert for every expert a chain calls, and no "
+                                                    "empty chain")
+    bad = sorted(e for e, x in experts.items() if x.num_bytes <= 0 or x.max_batch < 1 or x.k_ms_per_item < 0
+                 or x.b_ms < 0)
+    if bad:
+        raise InvalidArgument(f"experts {bad[:5]} have a non-positive size or batch, or a negative cost",
+                              field="experts", fix="give num_bytes > 0, max_batch >= 1, k_ms_per_item and b_ms >= 0")
+    for name, spec in policies.items():
+        n = config.num_executors(spec.assign)
+        budget = config.pool_budget_bytes(n)
+        too_big = sorted(e for e, x in experts.items() if x.num_bytes > budget)
+        if too_big:
+            raise InvalidArgument(f"policy {name}: experts {too_big[:5]} are larger than an executor's pool of "
+                                  f"{budget} bytes ({n} executor(s) on {config.device_budget_bytes} bytes, "
+                                  f"{config.activation_reserve_bytes} reserved each)", field="device_budget_bytes",
+                                  fix="raise the device budget, or lower num_parallel_executors or the reserve")
 
 
-@dataclass(frozen=True)
-class SimResult:
-    num_requests: int
-    makespan_ms: float
-    switches: int
-    p50_ms: float
-    p99_ms: float
+def _merge(outcomes: Sequence[TaskOutcome], num_executors: int, pool_budget_bytes: int) -> SimResult:
+    latencies = sorted(ms for o in outcomes for ms in o.latencies_ms)
 
-    @property
-    def throughput_per_s(self) -> float:
-        return self.num_requests / (self.makespan_ms / 1000.0) if self.makespan_ms > 0 else 0.0
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
+    evictions: Counter = sum((o.evictions for o in outcomes), Counter())
+    return SimResult(
+        num_requests=len(latencies), makespan_ms=sum(o.makespan_ms for o in outcomes),
+        switches=sum(sum(o.tiers.loads.values()) for o in outcomes),
+        loads_from_host=sum(o.tiers.loads[Tier.HOST] for o in outcomes),
+        loads_from_disk=sum(o.tiers.loads[Tier.DISK] for o in outcomes),
+        demotions_to_host=sum(o.tiers.demotions_to_host for o in outcomes),
+        dropped_to_disk=sum(o.tiers.dropped_to_disk for o in outcomes), evictions=dict(sorted(evictions.items())),
+        num_batches=sum(o.num_batches for o in outcomes), num_calls=sum(o.num_calls for o in outcomes),
+        p50_ms=pct(0.5), p99_ms=pct(0.99),
+        peak_device_bytes=max(o.tiers.peak_device_bytes for o in outcomes),
+        peak_pool_bytes=tuple(max(p) for p in zip(*(o.tiers.peak_pool_bytes for o in outcomes))),
+        peak_host_bytes=max(o.tiers.peak_host_bytes for o in outcomes), num_executors=num_executors,
+        pool_budget_bytes=pool_budget_bytes,
+        task_throughput_per_s=tuple(len(o.latencies_ms) / (o.makespan_ms / 1000.0) if o.makespan_ms > 0 else 0.0
+                                    for o in outcomes))
 
 
-def simulate(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], budget_bytes: int, *,
-             arrange: ArrangePolicy, evict: EvictionPolicy, upstreams: Mapping[str, set[str]],
-             max_wait_ms: float = 50.0) -> SimResult:
-    """Run every request to the end of its chain on one executor; raises ValueError if an expert cannot fit."""
-    too_big = [e for e, x in experts.items() if x.num_bytes > budget_bytes]
-    if too_big:
-        raise ValueError(f"experts {too_big} are larger than the budget of {budget_bytes} bytes; raise the budget")
-    pending = sorted(range(len(requests)), key=lambda i: requests[i].arrival_ms)
-    queue: dict[str, list[tuple[float, int, int]]] = defaultdict(list)  # expert -> (queued at, request, step)
-    resident: dict[str, tuple[float, float]] = {}  # expert -> (loaded at, last used)
-    now, switches, done = 0.0, 0, {}
-    nxt = 0
-    while nxt < len(pending) or any(queue.values()):
-        while nxt < len(pending) and requests[pending[nxt]].arrival_ms <= now:
-            i = pending[nxt]
-            queue[requests[i].chain[0]].append((requests[i].arrival_ms, i, 0))
-            nxt += 1
-        pick = next_batch(arrange, {e: [t for t, _, _ in q] for e, q in queue.items()}, resident.keys(), now,
-                          max_wait_s=max_wait_ms, max_batch={e: x.max_batch for e, x in experts.items()})
-        if pick is None:
-            now = requests[pending[nxt]].arrival_ms  # idle until the next arrival
-            continue
-        e = pick.expert
-        if e not in resident:
-            free = budget_bytes - sum(experts[r].num_bytes for r in resident)
-            snap = [ResidentExpert(r, experts[r].num_bytes, last_used_s=used, loaded_s=loaded, usage=experts[r].usage)
-                    for r, (loaded, used) in resident.items()]
-            for ev in choose_evictions(evict, snap, upstreams, need_bytes=experts[e].num_bytes, free_bytes=free,
-                                       protect={e}) or []:
-                del resident[ev.expert]
-            now += experts[e].load_ms
-            switches += 1
-            resident[e] = (now, now)
-        batch = sorted(queue[e])[:pick.num_calls]
-        queue[e] = sorted(queue[e])[pick.num_calls:]
-        now += experts[e].k_ms_per_item * len(batch) + experts[e].b_ms
-        resident[e] = (resident[e][0], now)
-        for _, i, step in batch:
-            chain = requests[i].chain
-            if step + 1 < len(chain):
-                queue[chain[step + 1]].append((now, i, step + 1))
-            else:
-                done[i] = now - requests[i].arrival_ms
-    latencies = sorted(done.values())
-    pct = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else (lambda q: 0.0)
-    start = min((r.arrival_ms for r in requests), default=0.0)
-    return SimResult(len(done), now - start, switches, pct(0.5), pct(0.99))
+def simulate(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: SimConfig,
+             policy: PolicySpec) -> SimResult:
+    """Every request to the end of its chain under one policy; tasks run one after another from the same start."""
+    check_inputs(experts, requests, config, {policy.label: policy})
+    by_task: dict[int, list[SimRequest]] = defaultdict(list)
+    for r in requests:
+        by_task[r.task].append(r)
+    outcomes = [run_task(experts, by_task[t], config, policy) for t in sorted(by_task)]
+    n = config.num_executors(policy.assign)
+    return _merge(outcomes, n, config.pool_budget_bytes(n))
+
+
+def simulate_policies(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: SimConfig,
+                      policies: Mapping[str, PolicySpec] | None = None,
+                      progress: Callable[[str, SimResult], None] | None = None) -> dict[str, SimResult]:
+    """The same workload under each policy (default: every one in POLICIES); `progress` hears of each as it ends."""
+    policies = dict(POLICIES if policies is None else policies)
+    check_inputs(experts, requests, config, policies)
+    out = {}
+    for name, spec in policies.items():
+        out[name] = simulate(experts, requests, config, spec)
+        if progress:
+            progress(name, out[name])
+    return out

@@ -1,4 +1,4 @@
-"""The executor simulator (cluster/simulate.py, pure) drives the arrange and eviction policies."""
+"""The simulator (cluster/simulate*.py, pure): memory tiers, executors with assign, arrange and eviction policies."""
 
 from __future__ import annotations
 
@@ -6,45 +6,150 @@ import random
 
 import pytest
 
-from expertmesh.cluster.simulate import SimExpert, SimRequest, simulate
+from expertmesh.cluster.simulate import (POLICIES, AssignPolicy, PolicySpec, SimConfig, SimExpert, SimRequest,
+                                         simulate, simulate_policies)
+from expertmesh.cluster.simulate_tiers import DevicePool, Tier, Tiers
+from expertmesh.errors import InvalidArgument
 from expertmesh.experts.arrange import ArrangePolicy
 from expertmesh.experts.eviction import EvictionPolicy
 
+MB = 10**6
 
-def workload(num_experts: int = 12, num_requests: int = 400, seed: int = 3):
-    """A classifier-like head expert per request, then one of `num_experts` (Zipf-skewed), some with a detector."""
+
+def config(device_mb: int = 45, host_mb: int = 30, **over) -> SimConfig:
+    """1 MB/ms from host, 0.1 MB/ms from disk: a 10 MB expert loads in 10 ms from host, 100 ms from disk."""
+    return SimConfig(**({"device_budget_bytes": device_mb * MB, "host_budget_bytes": host_mb * MB,
+                         "host_to_device_bytes_per_s": 1e9, "disk_bytes_per_s": 1e8, "max_wait_ms": 500.0,
+                         "warm_start": False} | over))
+
+
+def workload(num_experts: int = 14, num_requests: int = 600, seed: int = 3, num_tasks: int = 2):
+    """A Zipf mix over `num_experts` 10 MB experts; a third of the calls of half of them trigger a shared detector."""
     rng = random.Random(seed)
-    experts = {"cls": SimExpert(10, 0.2, 1.0, load_ms=20.0, usage=1.0), "det": SimExpert(10, 0.3, 1.0, 20.0, usage=0.3)}
+    names = [f"e{k}" for k in range(num_experts)]
     weights = [1.0 / (k + 1) for k in range(num_experts)]
-    for k in range(num_experts):
-        experts[f"e{k}"] = SimExpert(10, 0.3, 2.0, load_ms=20.0, usage=weights[k] / sum(weights))
+    usage = {n: w / sum(weights) for n, w in zip(names, weights)}
+    with_detector = set(names[::2])
+    experts = {n: SimExpert(10 * MB, 1.0, 4.0, max_batch=16, usage=usage[n]) for n in names}
+    experts["det"] = SimExpert(10 * MB, 2.0, 4.0, max_batch=8, usage=sum(usage[n] for n in with_detector) / 3,
+                               upstreams=frozenset(with_detector))
     reqs = []
-    for i in range(num_requests):
-        e = rng.choices([f"e{k}" for k in range(num_experts)], weights)[0]
-        reqs.append(SimRequest(i * 0.5, ("cls", e, "det") if rng.random() < 0.3 else ("cls", e)))
-    upstreams = {f"e{k}": {"cls"} for k in range(num_experts)} | {"det": {f"e{k}" for k in range(num_experts)}}
-    return experts, reqs, upstreams
+    for t in range(num_tasks):
+        for i, e in enumerate(rng.choices(names, weights, k=num_requests // num_tasks)):
+            chain = (e, "det") if e in with_detector and rng.random() < 1 / 3 else (e,)
+            reqs.append(SimRequest(i * 2.0, chain, task=t))
+    return experts, reqs
 
 
-def test_every_request_finishes_and_arranging_cuts_switches_under_a_tight_budget():
-    experts, reqs, upstreams = workload()
-    budget = 40  # four of fourteen experts fit
-    fcfs = simulate(experts, reqs, budget, arrange=ArrangePolicy.FCFS, evict=EvictionPolicy.LRU, upstreams=upstreams)
-    coserve = simulate(experts, reqs, budget, arrange=ArrangePolicy.COSERVE, evict=EvictionPolicy.COSERVE,
-                       upstreams=upstreams)
-    assert fcfs.num_requests == coserve.num_requests == len(reqs)
-    assert coserve.switches <= 0.5 * fcfs.switches, (coserve, fcfs)
-    assert coserve.throughput_per_s > fcfs.throughput_per_s
+def test_every_request_finishes_and_no_tier_ever_exceeds_its_budget():
+    experts, reqs = workload()
+    cfg = config(activation_reserve_bytes=2 * MB)
+    for name, result in simulate_policies(experts, reqs, cfg).items():
+        assert result.num_requests == len(reqs), name
+        assert result.num_calls == sum(len(r.chain) for r in reqs), name
+        assert all(peak <= result.pool_budget_bytes for peak in result.peak_pool_bytes), (name, result)
+        assert result.peak_device_bytes <= cfg.device_budget_bytes, name
+        assert result.peak_host_bytes <= cfg.host_budget_bytes, name
+        assert result.switches == result.loads_from_host + result.loads_from_disk, name
+        assert result.demotions_to_host <= sum(result.evictions.values()) <= result.switches, name
 
 
-def test_with_room_for_everything_each_expert_loads_once():
-    experts, reqs, upstreams = workload()
-    result = simulate(experts, reqs, 10 * len(experts), arrange=ArrangePolicy.COSERVE, evict=EvictionPolicy.COSERVE,
-                      upstreams=upstreams)
-    assert result.switches == len({e for r in reqs for e in r.chain})
+def test_with_room_for_everything_each_expert_loads_once_from_disk():
+    experts, reqs = workload()
+    result = simulate(experts, reqs[:300], config(device_mb=1000), POLICIES["fcfs_lru"])
+    assert result.switches == result.loads_from_disk == len({e for r in reqs[:300] for e in r.chain})
+    assert result.evictions == {} and result.loads_from_host == 0
 
 
-def test_an_expert_larger_than_the_budget_is_refused():
-    experts, reqs, upstreams = workload()
-    with pytest.raises(ValueError, match="larger than the budget"):
-        simulate(experts, reqs, 5, arrange=ArrangePolicy.FCFS, evict=EvictionPolicy.LRU, upstreams=upstreams)
+def test_an_evicted_expert_comes_back_from_host_memory_and_costs_the_host_load():
+    experts = {"a": SimExpert(10 * MB, 1.0, 0.0), "b": SimExpert(10 * MB, 1.0, 0.0)}
+    reqs = [SimRequest(0.0, ("a",)), SimRequest(1000.0, ("b",)), SimRequest(2000.0, ("a",))]
+    result = simulate(experts, reqs, config(device_mb=10, host_mb=10), POLICIES["fcfs_lru"])
+    assert (result.loads_from_disk, result.loads_from_host, result.demotions_to_host) == (2, 1, 2)
+    # a from disk (100 ms) + 1 ms; b at 1000 from disk (100) + 1; a at 2000 from host (10) + 1
+    assert result.makespan_ms == pytest.approx(2011.0)
+    without_host = simulate(experts, reqs, config(device_mb=10, host_mb=0), POLICIES["fcfs_lru"])
+    assert (without_host.loads_from_disk, without_host.loads_from_host) == (3, 0)
+    assert without_host.makespan_ms == pytest.approx(2101.0)
+
+
+def test_measured_load_times_override_the_bandwidths():
+    experts = {"a": SimExpert(10 * MB, 0.0, 0.0, load_from_disk_ms=7.0)}
+    result = simulate(experts, [SimRequest(0.0, ("a",))], config(), POLICIES["fcfs_lru"])
+    assert result.makespan_ms == pytest.approx(7.0)
+
+
+def test_host_tier_drops_its_least_recently_used_to_make_room_and_a_load_moves_an_expert_out():
+    tiers = Tiers([DevicePool(100)], host_budget_bytes=20)
+    assert tiers.demote("a", 10) is Tier.HOST and tiers.demote("b", 10) is Tier.HOST
+    assert tiers.demote("c", 10) is Tier.HOST  # a, the least recently used, goes to disk
+    assert list(tiers.host) == ["b", "c"] and tiers.dropped_to_disk == 1
+    assert tiers.demote("huge", 30) is Tier.DISK
+    assert tiers.claim("b") is Tier.HOST and "b" not in tiers.host
+    tiers.load(0, "b", 10, 0.0, Tier.HOST)
+    assert tiers.claim("a") is Tier.DISK
+    tiers.load(0, "a", 10, 0.0, Tier.DISK)
+    assert tiers.peak_host_bytes == 20 and tiers.pools[0].used_bytes == 20
+    assert tiers.loads == {Tier.HOST: 1, Tier.DISK: 1}
+    with pytest.raises(ValueError, match="over its budget"):
+        tiers.load(0, "x", 81, 0.0, Tier.DISK)
+
+
+def test_usage_ordered_host_tier_keeps_the_most_used():
+    tiers = Tiers([DevicePool(100)], host_budget_bytes=20, host_usage={"a": 0.5, "b": 0.1, "c": 0.3, "d": 0.05})
+    tiers.demote("a", 10)
+    tiers.demote("b", 10)
+    assert tiers.demote("c", 10) is Tier.HOST and set(tiers.host) == {"a", "c"}  # b, the least used, dropped
+    assert tiers.demote("d", 10) is Tier.DISK and set(tiers.host) == {"a", "c"}  # d is used less than both
+
+
+def test_arrange_and_coserve_eviction_cut_switches_and_win_on_a_skewed_workload():
+    experts, reqs = workload()
+    out = simulate_policies(experts, reqs, config(), {k: POLICIES[k] for k in ("fcfs_lru", "evict_arrange",
+                                                                               "expertmesh")})
+    base = out["fcfs_lru"]
+    for name in ("evict_arrange", "expertmesh"):
+        assert out[name].switches <= 0.5 * base.switches, (name, out[name], base)
+        assert out[name].throughput_per_s >= 1.5 * base.throughput_per_s, (name, out[name], base)
+
+
+def test_assign_sends_a_call_where_its_expert_is_and_round_robin_does_not():
+    experts = {"a": SimExpert(10 * MB, 1.0, 1.0, usage=0.6), "b": SimExpert(10 * MB, 1.0, 1.0, usage=0.4)}
+    reqs = [SimRequest(10.0 * i, ("a" if i % 3 else "b",)) for i in range(60)]
+    cfg = config(device_mb=20, host_mb=0, warm_start=True)  # two executors, a pool of one expert each, warm
+    assigned = simulate(experts, reqs, cfg, POLICIES["expertmesh"])
+    dealt = simulate(experts, reqs, cfg, POLICIES["round_robin"])
+    assert assigned.num_executors == dealt.num_executors == 2
+    assert assigned.switches == 0
+    assert dealt.switches > 10
+
+
+def test_warm_start_needs_no_load_for_the_most_used_experts():
+    experts, reqs = workload()
+    result = simulate(experts, [r for r in reqs if r.chain == ("e0",)][:50], config(warm_start=True),
+                      POLICIES["fcfs_lru"])
+    assert result.switches == 0
+
+
+def test_same_inputs_same_results():
+    experts, reqs = workload(seed=5)
+    first = {k: r.to_dict() for k, r in simulate_policies(experts, reqs, config()).items()}
+    again = {k: r.to_dict() for k, r in simulate_policies(*workload(seed=5), config()).items()}
+    other = {k: r.to_dict() for k, r in simulate_policies(*workload(seed=6), config()).items()}
+    assert first == again
+    assert first != other
+
+
+def test_custom_policy_and_bad_inputs_are_named():
+    experts, reqs = workload()
+    fifo_rr = PolicySpec(label="rr fifo", assign=AssignPolicy.ROUND_ROBIN, arrange=ArrangePolicy.FCFS,
+                         evict=EvictionPolicy.FIFO)
+    assert simulate(experts, reqs, config(), fifo_rr).num_executors == 2
+    with pytest.raises(InvalidArgument, match="larger than an executor's pool") as info:
+        simulate(experts, reqs, config(device_mb=15), fifo_rr)  # 7.5 MB pools
+    assert info.value.field == "device_budget_bytes"
+    with pytest.raises(InvalidArgument, match="no costs") as info:
+        simulate(experts, [SimRequest(0.0, ("nope",))], config(), fifo_rr)
+    assert info.value.field == "requests"
+    with pytest.raises(InvalidArgument, match="no requests"):
+        simulate(experts, [], config(), fifo_rr)
