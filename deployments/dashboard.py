@@ -95,6 +95,19 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int, dict]] = [
         ("used {{node}} {{tier}}", f'sum by (node, tier) ({m("expertmesh_expert_memory_bytes")})'),
         ("budget {{node}} {{tier}}", f'max by (node, tier) ({m("expertmesh_node_memory_budget_bytes")})'),
     ], 12, {}),
+    # memory pressure: pooled hosts under their budgets
+    ("Memory pressure: pool bytes per node and tier against the budget", "timeseries", "bytes", [
+        ("held {{node}} {{tier}}", f'sum by (node, tier) ({m("expertmesh_host_memory_bytes")})'),
+        ("budget {{node}} {{tier}}", f'max by (node, tier) ({m("expertmesh_node_memory_budget_bytes")})'),
+    ], 8, {}),
+    ("Memory pressure: evictions and switches per second", "timeseries", "ops", [
+        ("evict ({{reason}})", f'sum by (reason) (rate({m("expertmesh_expert_evictions_total")}[{RATE}]))'),
+        ("switch", f'sum(rate({m("expertmesh_expert_switches_total")}[{RATE}]))'),
+        ("prefetch ({{outcome}})", f'sum by (outcome) (rate({m("expertmesh_expert_prefetches_total")}[{RATE}]))'),
+    ], 8, {}),
+    ("Memory pressure: calls queued in hosts per expert", "timeseries", "short", [
+        ("{{node}} {{expert}}", _q(f'sum by (node, expert) ({m("expertmesh_host_queue_depth")}{{{{E}}}})')),
+    ], 8, {}),
     ("Placement (replicas per expert and node)", "table", "short", [
         ("", _q(f'sum by (expert, node) ({m("expertmesh_expert_replicas")}{{{{E}}}}) > 0')),
     ], 12, {"instant": True}),

@@ -58,10 +58,12 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
     # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly; short residency
-    # timeouts, so idle experts really leave memory and the next request waits for a load
+    # timeouts, so idle experts really leave memory and the next request waits for a load; a device budget below what
+    # the experts take, so the memory-limited path (evictions, switches, prefetches) runs under every integration test
     settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, host_num_cpus=0.5, upscale_delay_s=1,
                              downscale_delay_s=5, expert_timeout_s=20, ingress_max_ongoing_requests=4,
-                             ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0)
+                             ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0,
+                             pool_device_budget_mib=2.0)  # ~6 of the 10 experts: the pool evicts and switches
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo, metrics_port,
