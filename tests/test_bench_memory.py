@@ -1,0 +1,194 @@
+"""`expertmesh bench memory`: its pure parts (budgets, Serve multiplexing's K, the pooled hosts' configs, closed-loop
+figures, the label check, the headline against the issue's targets, the table and the plot) without Ray, and the
+quick run of every system on one local Ray node so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from expertmesh.bench.memory_command import SYSTEM_NAMES, register, settings_overrides, write_results
+from expertmesh.bench.memory_run import MemorySettings, open_start_rate, run_memory, served_experts
+from expertmesh.bench.memory_systems import (ABLATION, REFERENCE, SYSTEMS, budgets, host_user_config,
+                                             models_per_replica)
+from expertmesh.bench.memory_table import closed_summary, headline, label_check, markdown, within_budget
+from expertmesh.bench.throughput_sweep import DEADLINE, OK, RequestRecord
+
+MB = 1_000_000
+SIZES = {"s1": 1 * MB, "s2": 1 * MB, "s3": 1 * MB, "big1": 45 * MB, "big2": 45 * MB}  # 93 MB in all
+USAGE = {"s1": 0.9, "big1": 0.5, "s2": 0.3, "big2": 0.2, "s3": 0.1}
+
+
+def test_budgets_are_fractions_of_every_expert_and_hold_the_largest():
+    b = budgets(SIZES, 0.5, 1.0)
+    assert (b.total_expert_bytes, b.device_bytes, b.host_bytes) == (93 * MB, 46.5 * MB, 93 * MB)
+    assert budgets(SIZES, 0.5, None).host_bytes is None
+    with pytest.raises(ValueError, match="largest expert 'big1'"):
+        budgets(SIZES, 1 / 3, None)  # 31 MB cannot hold a 45 MB expert
+
+
+def test_multiplexing_k_per_rule():
+    budget = 48 * MB
+    assert models_per_replica(budget, SIZES, "largest") == 1  # 48 // 45: never over the budget
+    assert models_per_replica(budget, SIZES, "mean") == 2  # 48 // 18.6
+    # most used first while they fit together: s1 (1) + big1 (46), then s2 would make 47 + ... s2 fits (47), big2 not
+    assert models_per_replica(budget, SIZES, "usage", USAGE) == 3
+    assert models_per_replica(10 * MB, SIZES, "usage", USAGE) == 1  # big1 does not fit after s1: K is at least 1
+    assert models_per_replica(10**12, SIZES, "mean") == len(SIZES)  # at most every expert
+    with pytest.raises(ValueError, match="usage"):
+        models_per_replica(budget, SIZES, "usage")
+    with pytest.raises(ValueError, match="unknown K rule"):
+        models_per_replica(budget, SIZES, "median")
+
+
+def test_host_configs_differ_only_in_policies_and_lifted_budgets():
+    b = budgets(SIZES, 0.5, 1.0)
+    configs = {n: host_user_config(s, list(SIZES), {"s1": 32}, b, USAGE, 0.05) for n, s in SYSTEMS.items()
+               if s.kind == "host"}
+    assert configs["expertmesh"]["arrange"] == "coserve" and configs["expertmesh"]["evict"] == "coserve"
+    assert configs["expertmesh"]["prefetch"] is True
+    assert (configs["fcfs_lru"]["arrange"], configs["fcfs_lru"]["evict"], configs["fcfs_lru"]["prefetch"]) == \
+        ("fcfs", "lru", False)
+    assert (configs["evict_only"]["arrange"], configs["evict_only"]["evict"]) == ("fcfs", "coserve")
+    assert (configs["evict_arrange"]["arrange"], configs["evict_arrange"]["prefetch"]) == ("coserve", False)
+    assert configs["all_resident"]["device_budget_bytes"] is None and configs["all_resident"]["host_budget_bytes"] is None
+    for name in ("expertmesh", "fcfs_lru", "evict_only", "evict_arrange"):
+        assert configs[name]["device_budget_bytes"] == b.device_bytes and configs[name]["host_budget_bytes"] == b.host_bytes
+        assert configs[name]["experts"] == list(SIZES) and configs[name]["usage"] == USAGE
+    assert ABLATION[-1] == "expertmesh" and REFERENCE == "all_resident"
+    assert set(SYSTEM_NAMES) == set(SYSTEMS)
+
+
+def test_closed_summary_and_label_check():
+    records = [RequestRecord(0.0, 100.0, OK, 1), RequestRecord(0.0, 200.0, OK, 1), RequestRecord(0.2, 300.0, OK, 1),
+               RequestRecord(0.3, 700.0, DEADLINE, 0)]
+    c = closed_summary(records, 2)
+    assert c["num_sent"] == 4 and c["num_ok"] == 3 and c["duration_s"] == pytest.approx(1.0)
+    assert c["throughput_per_s"] == pytest.approx(3.0) and c["p50_ms"] == 200.0
+    assert c["errors_by_code"] == {DEADLINE: 1}
+    with pytest.raises(ValueError):
+        closed_summary([], 1)
+    ref = {"1": {"a": "ok"}, "2": {"a": "bad", "b": "ok"}, "3": {"a": "ok"}}
+    got = {"1": {"a": "ok"}, "2": {"a": "bad"}, "4": {"a": "ok"}}
+    check = label_check(ref, got)
+    assert (check["num_compared"], check["num_mismatched"]) == (2, 1)
+    assert check["examples"] == [{"request_id": "2", "reference": ref["2"], "got": got["2"]}]
+
+
+def test_within_budget():
+    assert within_budget({"peak_device_bytes": 10, "device_budget_bytes": 10, "peak_host_bytes": 5,
+                          "host_budget_bytes": None})
+    assert within_budget({"peak_device_bytes": 11, "device_budget_bytes": 10}) is False
+    assert within_budget({"peak_device_bytes": 1, "device_budget_bytes": 10, "peak_host_bytes": 21,
+                          "host_budget_bytes": 20}) is False
+    assert within_budget(None) is None and within_budget({}) is None
+
+
+def system(closed_per_s: float, open_per_s: float | None, switches: int, kind: str = "host",
+           peak: int = 40, budget: int | None = 50, mismatched: int = 0) -> dict:
+    stats = {"switches": switches, "loads_by_tier": {"disk": switches, "host": 0}, "evictions_by_reason": {"lru": 1},
+             "peak_device_bytes": peak * 2**20, "device_budget_bytes": None if budget is None else budget * 2**20,
+             "peak_host_bytes": 0, "host_budget_bytes": None, "prefetch_hits": 0}
+    return {"title": kind, "kind": kind, "config": {"max_num_models_per_replica": 1} if kind == "multiplexed" else {},
+            "closed": {"throughput_per_s": closed_per_s, "p50_ms": 10.0, "p99_ms": 50.0, "num_ok": 100,
+                       "errors_by_code": {}, "stats": stats},
+            "open": {"highest_rate_meeting_target_per_s": open_per_s, "capacity_per_s": open_per_s,
+                     "points": [{"offered_per_s": 1.0, "achieved_per_s": 1.0, "p50_ms": 10.0, "p99_ms": 40.0,
+                                 "errors_by_code": {}}], "stats": stats},
+            "labels": {"num_compared": 100, "num_mismatched": mismatched, "examples": []}}
+
+
+def results_doc() -> dict:
+    return {"benchmark": "memory", "commit": "a" * 40, "date": "2026-01-01", "machine": {"cpu_count": 2},
+            "settings": MemorySettings.quick().model_dump(mode="json"),
+            "workload": {"num_experts": 5, "total_expert_bytes": 93 * MB, "device_budget_bytes": 31 * MB,
+                         "host_budget_bytes": None, "multiplexed_k": 1, "k_rule": "largest",
+                         "k_by_rule": {"largest": 1, "usage": 3, "mean": 2}},
+            "order": ["all_resident", "expertmesh", "multiplexed", "fcfs_lru", "evict_only"],
+            "ablation": ["evict_only", "expertmesh"],
+            "systems": {"all_resident": system(50.0, 40.0, 0, budget=None, peak=90),
+                        "expertmesh": system(45.0, 36.0, 5),
+                        "multiplexed": system(5.0, 4.0, 100, kind="multiplexed", peak=45),
+                        "fcfs_lru": system(20.0, 16.0, 60, peak=60),
+                        "evict_only": system(25.0, 20.0, 40, mismatched=2)}}
+
+
+def test_headline_against_the_targets():
+    h = headline(results_doc())
+    assert h["open_speedup_over_multiplexed"] == pytest.approx(9.0)
+    assert h["closed_speedup_over_multiplexed"] == pytest.approx(9.0)
+    assert h["switch_fraction_of_multiplexed"] == pytest.approx(0.05)
+    assert h["open_fraction_of_all_resident"] == pytest.approx(0.9)
+    assert h["open_speedup_over_multiplexed_mean_k"] is None  # (b') did not run
+    assert h["hosts_within_budget"] == {"all_resident": True, "expertmesh": True, "fcfs_lru": False,
+                                        "evict_only": True}
+    assert h["label_mismatches"] == 2
+    met = h["met"]
+    assert met["open_speedup_over_multiplexed"] and met["switch_fraction_of_multiplexed"]
+    assert met["open_fraction_of_all_resident"] and met["closed_fraction_of_all_resident"]
+    assert met["hosts_within_budget"] is False and met["same_answers"] is False
+    assert headline({"systems": {}})["met"]["open_speedup_over_multiplexed"] is None
+
+
+def test_markdown_and_plot(tmp_path):
+    doc = results_doc()
+    md = markdown(doc)
+    assert md.startswith("# Memory-limited serving")
+    assert "## Ablation" in md and "## Targets" in md and "## Open-loop points" in md
+    assert "| multiplexed [K=1] | 5.0 |" in md
+    assert "| (a) throughput >= 4.5x (b), open loop at the p99 bound | 9.00 | yes |" in md
+    assert "fcfs_lru OVER" in md and "| every answer equals the all-resident run's | 2 mismatches | no |" in md
+    paths = write_results(doc, tmp_path / "memory")
+    assert [p.name for p in paths] == ["memory.json", "memory.md", "memory.png"]
+    assert json.loads(paths[0].read_text())["benchmark"] == "memory"
+    assert paths[2].stat().st_size > 10_000
+
+
+def test_settings_and_command_line():
+    quick, full = MemorySettings.quick(), MemorySettings()
+    assert quick.closed_requests < full.closed_requests and quick.num_small_experts < full.num_small_experts
+    assert full.device_budget_fraction == pytest.approx(1 / 3)
+    assert MemorySettings(systems=("multiplexed", "all_resident")).systems == ("all_resident", "multiplexed")
+    with pytest.raises(ValueError, match="unknown systems"):
+        MemorySettings(systems=("vllm",))
+    assert open_start_rate(31.0, full) == 16.0 and open_start_rate(None, full) == 1.0
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="bench_command"))
+    args = parser.parse_args(["memory", "--quick", "--systems", "expertmesh", "all_resident", "--k-rule", "mean",
+                              "--closed-requests", "50"])
+    assert args.quick and args.func.__name__ == "cmd_bench_memory"
+    assert settings_overrides(args) == {"systems": ("expertmesh", "all_resident"), "k_rule": "mean",
+                                        "closed_requests": 50}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["memory", "--systems", "vllm"])
+
+
+def test_served_experts_are_what_requests_reach(default_spec):
+    served = served_experts(default_spec)
+    assert default_spec.router.expert not in served  # the bench's requests come with their category
+    assert "polarity" in served and "solder_fine" in served  # reached through dependencies
+    assert "general_defect" not in served  # the fallback: no category and no dependency reaches it
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_run_of_every_system(tmp_path):
+    """`expertmesh bench memory --quick`: every system on one Ray node, every request answered with the all-resident
+    run's labels, no pooled host over its budgets, the multiplexed baselines within their K."""
+    doc = run_memory(MemorySettings.quick())
+    assert list(doc["systems"]) == list(SYSTEMS)
+    for name, sys in doc["systems"].items():
+        closed = sys["closed"]
+        assert closed["num_ok"] == closed["num_sent"] == 40, name
+        assert sys["open"]["points"] and all(not p["errors_by_code"] for p in sys["open"]["points"]), name
+        assert sys["labels"]["num_compared"] >= 40 and sys["labels"]["num_mismatched"] == 0, name
+        assert sys["num_inconsistent_answers"] == 0, name
+        if sys["kind"] == "multiplexed":
+            assert closed["stats"]["peak_models_held"] <= sys["config"]["max_num_models_per_replica"]
+    assert doc["systems"]["all_resident"]["closed"]["stats"]["switches"] == 0
+    h = doc["headline"]
+    assert h["met"]["hosts_within_budget"] and h["met"]["same_answers"]
+    paths = write_results(doc, tmp_path / "memory")
+    assert markdown(doc).startswith("# Memory-limited serving") and paths[2].exists()
