@@ -84,8 +84,8 @@ def perfect_bound(experts: dict[str, SimExpert], requests: list[SimRequest], con
         disk_loads += len(need - in_host)
         host_loads += len(from_host)
     return {"images_per_s": len(requests) / (total_ms / 1000.0), "disk_loads": disk_loads, "host_loads": host_loads,
-            "what": "each task's experts not on the device at the start loaded once, full batches, loads "
-                    "overlapping compute (one executor's warm start)"}
+            "what": "from one executor's warm start, each task's experts not on the device loaded once, full "
+                    "batches, loads overlapping compute"}
 
 
 def _sensitivity_row(label: str, workload_over: dict, machine_over: dict, policy_over: dict, em: SimResult,

@@ -10,7 +10,7 @@ cannot run, or fed this machine's profile and a workload to predict a measured r
     results = simulate_policies(experts, requests, config)   # {policy name: SimResult}
 
 The model (`simulate_model`), the memory tiers (`simulate_tiers`) and the event loop (`simulate_engine`) are beside
-this module. No Ray, no clock but the simulated one; the same inputs give the same results.
+this module; `simulate_profile.experts_from_profile` makes the experts from a measured profile. No Ray, no clock but the simulated one; the same inputs give the same results.
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ import pytest
 
 from expertmesh.cluster.simulate import (POLICIES, AssignPolicy, PolicySpec, SimConfig, SimExpert, SimRequest,
                                          simulate, simulate_policies)
+from expertmesh.cluster.simulate_profile import experts_from_profile
 from expertmesh.cluster.simulate_tiers import DevicePool, Tier, Tiers
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.arrange import ArrangePolicy
 from expertmesh.experts.eviction import EvictionPolicy
+from expertmesh.profiler.fit import LatencyFit
+from expertmesh.profiler.store import EdgeWeight, ExpertProfile, MoveTiming, ProfileStore, UsageProfile
 
 MB = 10**6
 
@@ -153,3 +156,28 @@ def test_custom_policy_and_bad_inputs_are_named():
     assert info.value.field == "requests"
     with pytest.raises(InvalidArgument, match="no requests"):
         simulate(experts, [], config(), fifo_rr)
+
+
+def test_experts_from_a_profile_carry_its_measured_costs():
+    fit = LatencyFit(k_ms_per_item=2.0, b_ms=5.0, r2=1.0, num_points=3)
+    moves = [MoveTiming(source="disk", target="host", median_s=0.3, min_s=0.3, max_s=0.3, num_runs=1),
+             MoveTiming(source="host", target="device", median_s=0.02, min_s=0.02, max_s=0.02, num_runs=1)]
+
+    def entry(name: str) -> ExpertProfile:
+        return ExpertProfile(expert=name, device="cuda", device_name="gpu", checkpoint_sha256="0", versions={},
+                             measured_at="now", num_parameters=1, footprint_bytes=10 * MB, batches=[], fit=fit,
+                             max_useful_batch=8, moves=moves if name == "b" else [], seconds=1.0)
+    store = ProfileStore(spec="s", usage=UsageProfile(source="spec", num_requests=0, usage={"a": 1.0, "b": 0.3},
+                                                      edges=[EdgeWeight(upstream="a", downstream="b",
+                                                                        kind="dependency", probability=0.3)]))
+    for name in ("a", "b"):
+        store.put(entry(name))
+    experts = experts_from_profile(store, "cuda")
+    b = experts["b"]
+    assert (b.k_ms_per_item, b.b_ms, b.max_batch, b.usage, b.upstreams) == (2.0, 5.0, 8, 0.3, frozenset({"a"}))
+    assert b.load_from_host_ms == pytest.approx(20.0) and b.load_from_disk_ms == pytest.approx(320.0)
+    assert experts["a"].load_from_disk_ms is None  # not measured: the config's bandwidths apply
+    result = simulate(experts, [SimRequest(0.0, ("a", "b"))], config(), POLICIES["fcfs_lru"])
+    assert result.makespan_ms == pytest.approx(100.0 + 7.0 + 320.0 + 7.0)  # a from disk by bandwidth, b measured
+    with pytest.raises(InvalidArgument, match="no entries for device"):
+        experts_from_profile(store, "cpu")
