@@ -15,6 +15,7 @@ by tier, evictions by reason, prefetches, peak bytes per tier); the same counts 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter, defaultdict
@@ -35,6 +36,8 @@ from expertmesh.experts.runtime import ExpertRuntime, Prediction, TierMove
 from expertmesh.experts.spec import CoESpec
 from expertmesh.experts.tiering import HostCopy, PoolSnapshot, make_room
 from expertmesh.metrics import Instruments
+
+logger = logging.getLogger("ray.serve")
 
 
 class PoolSettings(BaseModel):
@@ -156,32 +159,50 @@ class PoolExecutor:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while pick := next_batch(self.settings.arrange, {e: [c.arrival_s for c in q] for e, q in self._queue.items()},
-                                     {e for e, rt in self.runtimes.items() if rt.on_device}, self._clock(),
-                                     max_wait_s=self.settings.max_wait_s, max_batch=self.max_batch):
-                queue = self._queue[pick.expert]  # even batches: 70 calls by 64 run as 35 + 35, not 64 + 6
-                num = min(pick.num_calls, split_batches(len(queue), self.max_batch.get(pick.expert, len(queue)))[0].stop)
-                calls = queue[:num]
-                del queue[:num]
-                self._publish_queue()
+            while self._queue_not_empty():
                 try:
-                    results = await asyncio.get_running_loop().run_in_executor(
-                        self._worker, self._run_batch, pick.expert, np.stack([c.pixels_u8 for c in calls]))
-                except Exception as exc:  # noqa: BLE001 - every queued call ends in its result or this error
-                    for c in calls:
-                        if not c.future.done():
-                            c.future.set_exception(exc)
-                    continue
-                for c, result in zip(calls, results):
-                    if not c.future.done():  # the caller may have been cancelled
-                        c.future.set_result(result)
+                    await self._run_next()
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive any one batch's failure
+                    logger.exception("pool executor: picking the next batch failed; failing the queued calls")
+                    for q in self._queue.values():
+                        for c in q:
+                            if not c.future.done():
+                                c.future.set_exception(exc)
+                        q.clear()
+
+    def _queue_not_empty(self) -> bool:
+        return any(self._queue.values())
+
+    async def _run_next(self) -> None:
+        pick = next_batch(self.settings.arrange, {e: [c.arrival_s for c in q] for e, q in self._queue.items()},
+                          {e for e, rt in self.runtimes.items() if rt.on_device}, self._clock(),
+                          max_wait_s=self.settings.max_wait_s, max_batch=self.max_batch)
+        if pick is None:
+            return
+        queue = self._queue[pick.expert]  # even batches: 70 calls by 64 run as 35 + 35, not 64 + 6
+        num = min(pick.num_calls, split_batches(len(queue), self.max_batch.get(pick.expert, len(queue)))[0].stop)
+        calls = queue[:num]
+        del queue[:num]
+        self._publish_queue()
+        queued = frozenset(e for e, q in self._queue.items() if q)  # read here: the loop owns the queue
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._worker, self._run_batch, pick.expert, np.stack([c.pixels_u8 for c in calls]), queued)
+        except Exception as exc:  # noqa: BLE001 - every queued call ends in its result or this error
+            for c in calls:
+                if not c.future.done():
+                    c.future.set_exception(exc)
+            return
+        for c, result in zip(calls, results):
+            if not c.future.done():  # the caller may have been cancelled
+                c.future.set_result(result)
 
     def _publish_queue(self) -> None:
         for expert, q in self._queue.items():
             self.metrics.set("expertmesh_host_queue_depth", len(q), node=self.node, expert=expert)
 
     # ------------------------------------------------------------------ one batch (worker thread)
-    def _run_batch(self, expert: str, pixels_u8: np.ndarray) -> list[tuple[Prediction, BatchInfo]]:
+    def _run_batch(self, expert: str, pixels_u8: np.ndarray, queued: frozenset[str]) -> list[tuple[Prediction, BatchInfo]]:
         t0 = time.perf_counter()
         rt = self.runtimes[expert]
         pixels = to_pixel_values(pixels_u8, rt.spec.input_size_px)
@@ -190,7 +211,7 @@ class PoolExecutor:
             try:
                 readiness = "ready"
                 if not rt.on_device:
-                    self._make_room_and_load(expert)
+                    self._make_room_and_load(expert, queued)
                     readiness = "waited_load"
                 elif expert in self._prefetched:
                     self.counts["prefetch_hits"] += 1
@@ -208,19 +229,18 @@ class PoolExecutor:
         info = BatchInfo((time.perf_counter() - t0) * 1000.0, len(preds), readiness)
         return [(p, info) for p in preds]
 
-    def _snapshot(self) -> PoolSnapshot:
-        queued = {e for e, q in self._queue.items() if q}
+    def _snapshot(self, queued: frozenset[str]) -> PoolSnapshot:
         device = [ResidentExpert(e, rt.footprint_bytes, self.last_used_s.get(e, 0.0), self._loaded_s.get(e, 0.0),
                                  busy=e in queued, usage=self.settings.usage.get(e, 0.0))
                   for e, rt in self.runtimes.items() if rt.on_device]
-        host = [HostCopy(e, rt.footprint_bytes, self.last_used_s.get(e, 0.0))
+        host = [HostCopy(e, rt.footprint_bytes, self.last_used_s.get(e, 0.0), self.settings.usage.get(e, 0.0))
                 for e, rt in self.runtimes.items() if rt.in_host]
         return PoolSnapshot(device, host, self.settings.device_budget_bytes, self.settings.host_budget_bytes,
                             running=self._running)
 
-    def _make_room_and_load(self, expert: str) -> None:
+    def _make_room_and_load(self, expert: str, queued: frozenset[str]) -> None:
         rt = self.runtimes[expert]
-        plan = make_room(self.settings.evict, self._snapshot(), expert, rt.footprint_bytes, in_host=rt.in_host,
+        plan = make_room(self.settings.evict, self._snapshot(queued), expert, rt.footprint_bytes, in_host=rt.in_host,
                          upstreams=self._upstreams)
         if plan is None:
             raise ResourceExhausted(

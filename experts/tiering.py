@@ -8,7 +8,9 @@ copy of the weights, inclusive: an expert on the device keeps its host copy whil
   never the incoming one): a pool must not stall because every resident expert has a queue. None when even that
   cannot make room (a single expert larger than the budget: the caller reports it);
 - whether the incoming expert's weights, read from disk, are kept in host memory: yes when the host budget holds
-  them after dropping the least recently used host copies of experts that are not on the device.
+  them after dropping host copies of experts that are not on the device - under the CoServe policy the least likely
+  to be used first (the usage probability; ties: least recently used), so the host tier keeps the experts a request
+  is likely to need; under the LRU and FIFO baselines the least recently used first.
 An expert leaving the device keeps its host copy when it has one (it is already counted in the host budget), else
 goes to disk. A budget of None is unlimited.
 """
@@ -26,6 +28,7 @@ class HostCopy:
     name: str
     num_bytes: int
     last_used_s: float
+    usage: float = 0.0  # probability a request calls it
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,16 @@ def make_room(policy: EvictionPolicy, snap: PoolSnapshot, expert: str, num_bytes
         evictions = chosen
     if in_host:
         return RoomPlan(tuple(evictions))
-    drops = _host_drops(snap, expert, num_bytes, leaving={e.expert for e in evictions})
+    drops = _host_drops(policy, snap, expert, num_bytes, leaving={e.expert for e in evictions})
     if drops is None:
         return RoomPlan(tuple(evictions), keep_host_copy=False)
     return RoomPlan(tuple(evictions), tuple(drops))
 
 
-def _host_drops(snap: PoolSnapshot, expert: str, num_bytes: int, leaving: set[str]) -> list[str] | None:
-    """The least recently used host copies of experts off the device to drop so `num_bytes` more fit; None if the
-    host budget cannot hold them even then."""
+def _host_drops(policy: EvictionPolicy, snap: PoolSnapshot, expert: str, num_bytes: int,
+                leaving: set[str]) -> list[str] | None:
+    """The host copies of experts off the device to drop so `num_bytes` more fit (CoServe: least used first, else
+    least recently used first); None if the host budget cannot hold them even then."""
     if snap.host_budget_bytes is None:
         return []
     if num_bytes > snap.host_budget_bytes:
@@ -88,7 +92,11 @@ def _host_drops(snap: PoolSnapshot, expert: str, num_bytes: int, leaving: set[st
     free = snap.host_budget_bytes - snap.host_bytes
     on_device = {e.name for e in snap.device} - leaving
     drops: list[str] = []
-    for copy in sorted(snap.host, key=lambda h: (h.last_used_s, h.name)):
+    if policy is EvictionPolicy.COSERVE:
+        order = sorted(snap.host, key=lambda h: (h.usage, h.last_used_s, h.name))
+    else:
+        order = sorted(snap.host, key=lambda h: (h.last_used_s, h.name))
+    for copy in order:
         if free >= num_bytes:
             break
         if copy.name in on_device or copy.name == expert:

@@ -64,6 +64,14 @@ def test_host_copies_of_experts_off_the_device_make_room_lru_first():
     assert plan.host_drops == ()  # its host copy is already counted
 
 
+def test_coserve_keeps_the_likely_experts_in_host_memory():
+    host = [HostCopy("rare_recent", 10 * MB, 9.0, usage=0.01), HostCopy("common_old", 10 * MB, 1.0, usage=0.5)]
+    plan = make_room(EvictionPolicy.COSERVE, snap([], host, host_mb=20), "new", 10 * MB, in_host=False, upstreams={})
+    assert plan.host_drops == ("rare_recent",)
+    plan = make_room(EvictionPolicy.LRU, snap([], host, host_mb=20), "new", 10 * MB, in_host=False, upstreams={})
+    assert plan.host_drops == ("common_old",)
+
+
 def test_prefetch_loads_likely_downstream_experts_into_free_memory_only():
     sizes = {"likely": 10, "unlikely": 10, "big": 100, "resident": 10}
     down = {"likely": 0.6, "unlikely": 0.01, "big": 0.9, "resident": 0.9}
