@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from expertmesh.bench.memory_command import register as register_memory_bench
+from expertmesh.bench.simulate_command import register as register_simulate_bench
 from expertmesh.cli_options import add_spec_args, positive, spec_and_zoo
 from expertmesh.cluster import commands as cluster_commands
 from expertmesh.deployments.config import build_serve_config
@@ -191,6 +193,8 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     throughput.add_argument("--board-start-rate", type=positive(float), help="boards/s the board sweep starts at")
     throughput.add_argument("--deadline-s", type=positive(float), help="per-request deadline (default 30)")
     throughput.set_defaults(func=loaded_on_use("expertmesh.bench_command", "cmd_bench_throughput"))
+    register_memory_bench(bench)
+    register_simulate_bench(bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
