@@ -16,8 +16,8 @@ from pathlib import Path
 from expertmesh.cli_options import positive
 from expertmesh.errors import InvalidArgument
 
-SYSTEM_NAMES = ("all_resident", "expertmesh", "multiplexed", "multiplexed_mean_k", "fcfs_lru", "evict_only",
-                "evict_arrange")
+SYSTEM_NAMES = ("all_resident", "expertmesh", "multiplexed", "multiplexed_mean_k", "expertmesh_no_host_tier",
+                "fcfs_lru", "evict_only", "evict_arrange")
 
 
 def register(bench: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def register(bench: argparse._SubParsersAction) -> None:
                    help="(b)'s K: the device budget over the largest expert's bytes (default: never over the budget), "
                         "the most used experts that fit it together, or the budget over the mean expert's bytes")
     p.add_argument("--multiplexed-k", type=int, help="K given outright")
-    p.add_argument("--target-p99-ms", type=positive(float), help="the open-loop p99 bound (default 2000)")
+    p.add_argument("--target-p99-ms", type=positive(float), help="the open-loop p99 bound (default 1000)")
     p.add_argument("--point-s", type=positive(float), help="seconds per open-loop point (default 10; --quick 1)")
     p.set_defaults(func=cmd_bench_memory)
 

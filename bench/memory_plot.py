@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 COLORS = {"expertmesh": "tab:blue", "multiplexed": "tab:red", "fcfs_lru": "tab:orange", "all_resident": "tab:gray",
-          "evict_only": "tab:olive", "evict_arrange": "tab:cyan"}
+          "evict_only": "tab:olive", "evict_arrange": "tab:cyan", "multiplexed_mean_k": "tab:purple",
+          "expertmesh_no_host_tier": "tab:green"}
 
 
 def _get(doc, *path):
@@ -30,7 +31,7 @@ def _bars(ax, names: list[str], series: list[tuple[str, list]], ylabel: str) -> 
     for i, (label, values) in enumerate(series):
         heights = [v or 0 for v in values]
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label,
-                      color=[COLORS.get(n, "tab:purple") for n in names], alpha=1.0 - 0.45 * i,
+                      color=[COLORS.get(n, "tab:brown") for n in names], alpha=1.0 - 0.45 * i,
                       edgecolor="black", linewidth=0.5)
         for bar, v in zip(bars, values):
             ax.annotate("-" if v is None else f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -58,7 +59,7 @@ def plot(doc: dict, out: Path) -> None:
                      key=lambda p: p["offered_per_s"])
         if pts:
             lat.plot([p["offered_per_s"] for p in pts], [p["p99_ms"] for p in pts], "-o",
-                     color=COLORS.get(n, "tab:purple"), label=n)
+                     color=COLORS.get(n, "tab:brown"), label=n)
     if bound:
         lat.axhline(bound, color="black", linestyle=":", linewidth=1, label=f"p99 bound {bound:g} ms")
     lat.set_xscale("log")

@@ -11,7 +11,8 @@ under the same device budget (a fraction, at most a third, of all the served exp
 - (d) `all_resident`: the pooled host with the budgets lifted (the upper bound);
 - the ablation: `evict_only` (FCFS + dependency-aware eviction), `evict_arrange` (+ CoServe arrange, no prefetch),
   then (a) (+ prefetch).
-The pooled hosts get the host-memory budget too; Serve's multiplexer has no host tier (a load is from disk).
+The pooled hosts get the host-memory budget too; Serve's multiplexer has no host tier (a load is from disk), so
+`expertmesh_no_host_tier` is (a) keeping no host-memory copies: the same memory as (b), loads from disk as (b)'s.
 
 A deployed system answers `send(request)` with the labels of every expert the request's chain ran (the pooled host
 runs the chain in-process; for the multiplexed baseline the caller follows it, one call per expert, since a request
@@ -40,6 +41,7 @@ from expertmesh.router.waves import PlanInFlight, record, take_calls
 HOST = "host"
 MULTIPLEXED = "multiplexed"
 K_RULES = ("largest", "usage", "mean")
+NO_HOST_COPIES_BYTES = 1  # the smallest host budget a pool takes (PoolSettings: >= 1): no expert's copy fits
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class SystemUnderTest:
     prefetch: bool = False
     budgeted: bool = True  # False: the budgets are lifted (every expert resident)
     k_rule: str | None = None  # multiplexed: how K is chosen (None: the run's setting)
+    host_tier: bool = True  # a pooled host keeps host-memory copies within the host budget (False: none)
 
 
 SYSTEMS: dict[str, SystemUnderTest] = {s.name: s for s in (
@@ -61,6 +64,8 @@ SYSTEMS: dict[str, SystemUnderTest] = {s.name: s for s in (
     SystemUnderTest("multiplexed", "(b) Ray Serve @serve.multiplexed (LRU) + @serve.batch", MULTIPLEXED),
     SystemUnderTest("multiplexed_mean_k", "(b') the same, K = budget / mean expert (may exceed the budget)",
                     MULTIPLEXED, k_rule="mean"),
+    SystemUnderTest("expertmesh_no_host_tier", "(a) without the host-memory tier (loads from disk, as (b)'s)", HOST,
+                    prefetch=True, host_tier=False),
     SystemUnderTest("fcfs_lru", "(c) FCFS + LRU", HOST, arrange="fcfs", evict="lru"),
     SystemUnderTest("evict_only", "eviction only (FCFS + dependency-aware eviction)", HOST, arrange="fcfs"),
     SystemUnderTest("evict_arrange", "+ arrange (no prefetch)", HOST),
@@ -127,7 +132,7 @@ def host_user_config(system: SystemUnderTest, experts: Sequence[str], max_batch:
     """The pooled host's user_config for `system`: every served expert, the budgets (None when lifted), policies."""
     return {"experts": list(experts), "max_batch": dict(max_batch),
             "device_budget_bytes": b.device_bytes if system.budgeted else None,
-            "host_budget_bytes": b.host_bytes if system.budgeted else None,
+            "host_budget_bytes": (b.host_bytes if system.host_tier else NO_HOST_COPIES_BYTES) if system.budgeted else None,
             "arrange": system.arrange, "evict": system.evict, "max_wait_s": max_wait_s, "prefetch": system.prefetch,
             "usage": dict(usage)}
 

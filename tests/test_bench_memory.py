@@ -54,6 +54,10 @@ def test_host_configs_differ_only_in_policies_and_lifted_budgets():
     assert (configs["evict_only"]["arrange"], configs["evict_only"]["evict"]) == ("fcfs", "coserve")
     assert (configs["evict_arrange"]["arrange"], configs["evict_arrange"]["prefetch"]) == ("coserve", False)
     assert configs["all_resident"]["device_budget_bytes"] is None and configs["all_resident"]["host_budget_bytes"] is None
+    no_host = configs["expertmesh_no_host_tier"]
+    assert no_host["host_budget_bytes"] == 1 and no_host["device_budget_bytes"] == b.device_bytes  # no copy fits
+    assert {k: v for k, v in no_host.items() if k != "host_budget_bytes"} == \
+        {k: v for k, v in configs["expertmesh"].items() if k != "host_budget_bytes"}
     for name in ("expertmesh", "fcfs_lru", "evict_only", "evict_arrange"):
         assert configs[name]["device_budget_bytes"] == b.device_bytes and configs[name]["host_budget_bytes"] == b.host_bytes
         assert configs[name]["experts"] == list(SIZES) and configs[name]["usage"] == USAGE
@@ -180,6 +184,7 @@ def test_quick_run_of_every_system(tmp_path):
     doc = run_memory(MemorySettings.quick())
     assert list(doc["systems"]) == list(SYSTEMS)
     for name, sys in doc["systems"].items():
+        assert "error" not in sys, (name, sys.get("error"))
         closed = sys["closed"]
         assert closed["num_ok"] == closed["num_sent"] == 40, name
         assert sys["open"]["points"] and all(not p["errors_by_code"] for p in sys["open"]["points"]), name
