@@ -38,6 +38,7 @@ from expertmesh.experts.tiering import HostCopy, PoolSnapshot, make_room
 from expertmesh.metrics import Instruments
 
 logger = logging.getLogger("ray.serve")
+SLOW_WAIT_S = 5.0  # a call queued longer than this is logged, with the queue
 
 
 class PoolSettings(BaseModel):
@@ -184,6 +185,10 @@ class PoolExecutor:
         calls = queue[:num]
         del queue[:num]
         self._publish_queue()
+        waited_s = self._clock() - calls[0].arrival_s
+        if waited_s > SLOW_WAIT_S:
+            logger.warning("pool executor: calls of %s waited %.1f s in the queue (%s)", pick.expert, waited_s,
+                           {e: len(q) for e, q in self._queue.items() if q})
         queued = frozenset(e for e, q in self._queue.items() if q)  # read here: the loop owns the queue
         try:
             results = await asyncio.get_running_loop().run_in_executor(

@@ -14,6 +14,7 @@ explicit error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter, defaultdict
@@ -38,6 +39,8 @@ from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggr
 from expertmesh.router.waves import PlanInFlight, merge
 
 MAX_HOST_ROUNDS = 16  # a plan crosses hosts at most this often (the dependency graph is acyclic: a backstop)
+logger = logging.getLogger("ray.serve")
+SLOW_CALL_S = 5.0  # a host call slower than this is logged (with its host and experts)
 NODE_CHECK_S = 0.5  # how often a call to a pinned host checks that the host's node is still alive
 LOST_HOLD_S = 10.0  # a pinned host seen dying gets no calls for this long (the node watch or a re-plan then knows)
 
@@ -195,11 +198,14 @@ class RouterDeployment:
                 timeout_fix="retry later; if it persists, check the expert hosts",
                 full_fix="retry later with backoff; the expert hosts are overloaded",
                 failure_fix="retry later; if it persists, check the expert host's logs"))
+            sent_s = time.monotonic()
             while not (await asyncio.wait({call}, timeout=NODE_CHECK_S))[0]:
                 if host and not self._node_alive(host):  # its node is gone: do not wait for the call's timeout
                     call.cancel()
                     raise ReplicaLost(f"{what} is on a lost node", fix="retry later")
             answers = call.result()
+            if time.monotonic() - sent_s > SLOW_CALL_S:
+                logger.warning("a call to %s with %d rows took %.1f s", what, len(keys), time.monotonic() - sent_s)
         except ExpertMeshError as err:
             if isinstance(err, ReplicaLost) and host:  # its node went away: the rows try a survivor next round
                 self._lost[host] = time.monotonic()
