@@ -85,7 +85,9 @@ class ServeSettings(BaseModel):
     pool_evict: Literal["coserve", "lru", "fifo"] = Field(
         "coserve", description="which experts leave a full device: coserve (orphaned downstream experts, then the "
                                "least used), lru or fifo")
-    pool_max_wait_s: float = Field(0.05, gt=0, le=60, description="a call queued this long goes next on its host")
+    pool_max_wait_s: float = Field(
+        0.5, gt=0, le=60, description="a call queued this long goes next on its host, whatever is resident (the bound "
+                                      "on how long grouping calls by expert may delay one)")
     pool_prefetch: bool = Field(True, description="load likely downstream experts while their upstream runs, "
                                                   "into free device memory")
     host_request_router: Literal["assign", "pow2"] = Field(

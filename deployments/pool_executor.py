@@ -4,8 +4,10 @@ CoServe's executor inside a Ray Serve replica. Every call the host's `run` makes
 queue per expert, whichever router batch it came from. One loop takes the next batch (`experts.arrange.next_batch`:
 the same expert's calls together, experts already on the device first, the oldest call after `max_wait_s`, at most
 the best batch), makes room for its expert if it is not on the device (`experts.tiering.make_room`: evictions in the
-pool's policy, host copies kept within the host budget), loads it (a switch) from host memory or disk, runs it, and
-loads the likely downstream experts of what just ran while memory is free (`experts.prefetch`). Torch work (moves and
+pool's policy, host copies kept within the host budget), loads it (a switch) from host memory or disk, runs it, and,
+when no other expert's calls are waiting, loads the likely downstream experts of what just ran into free memory
+(`experts.prefetch`: the load uses the time the executor would idle until the dependent calls arrive, and never
+delays queued work - on a CPU host a load takes the same cores as inference). Torch work (moves and
 inference) runs on the host's single worker thread; the loop and the queue live on the replica's event loop.
 
 Glue only: every decision is a pure policy's. `stats()` counts what the benchmark and the tests read (switches, loads
@@ -50,7 +52,7 @@ class PoolSettings(BaseModel):
     host_budget_bytes: int | None = Field(None, ge=1, description="bytes of host-memory copies; None: no limit")
     arrange: ArrangePolicy = ArrangePolicy.COSERVE
     evict: EvictionPolicy = EvictionPolicy.COSERVE
-    max_wait_s: float = Field(0.05, gt=0, le=60, description="a call waiting this long goes next, whatever is resident")
+    max_wait_s: float = Field(0.5, gt=0, le=60, description="a call waiting this long goes next, whatever is resident")
     prefetch: bool = True
     prefetch_min_probability: float = Field(0.5, ge=0, le=1)
     usage: dict[str, float] = Field(default_factory=dict, description="expert -> probability a request calls it")
@@ -224,7 +226,7 @@ class PoolExecutor:
                 self._prefetched.discard(expert)
                 preds = rt.infer(pixels)
                 self.last_used_s[expert] = self._clock()
-                if self.settings.prefetch:
+                if self.settings.prefetch and not queued - {expert}:  # idle: nothing else waits for this thread
                     self._prefetch_downstream(expert, len(preds))
             finally:
                 self._running = frozenset()
