@@ -15,6 +15,7 @@ from expertmesh.bench.memory_systems import (ABLATION, REFERENCE, SYSTEMS, budge
                                              models_per_replica)
 from expertmesh.bench.memory_table import closed_summary, headline, label_check, markdown, within_budget
 from expertmesh.bench.throughput_sweep import DEADLINE, OK, RequestRecord
+from expertmesh.cli import build_parser
 
 MB = 1_000_000
 SIZES = {"s1": 1 * MB, "s2": 1 * MB, "s3": 1 * MB, "big1": 45 * MB, "big2": 45 * MB}  # 93 MB in all
@@ -167,6 +168,8 @@ def test_settings_and_command_line():
                                         "closed_requests": 50}
     with pytest.raises(SystemExit):
         parser.parse_args(["memory", "--systems", "vllm"])
+    wired = build_parser().parse_args(["bench", "memory", "--quick", "--out", "x/y"])  # as cli.py registers it
+    assert wired.quick and wired.out == "x/y" and wired.func.__name__ == "cmd_bench_memory"
 
 
 def test_served_experts_are_what_requests_reach(default_spec):
