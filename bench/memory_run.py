@@ -76,7 +76,7 @@ class MemorySettings(BaseModel):
     replica_num_cpus: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(256, ge=1, description="per replica, every system")
-    max_wait_s: float = Field(0.05, ge=0, description="the pooled host's bound on how long arrange delays a call")
+    max_wait_s: float = Field(0.5, ge=0, description="the pooled host's bound on how long arrange delays a call (the serve default, pool_max_wait_s)")
     batch_wait_s: float = Field(0.01, ge=0, description="Serve's batch_wait_timeout_s for the multiplexed baseline")
     # load
     warmup_requests: int = Field(100, ge=0)
