@@ -15,7 +15,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
 
 from expertmesh.router.assign import ExpertCost, ReplicaSnapshot, rank_replicas
 from expertmesh.router.plan import Call
@@ -31,7 +38,9 @@ def calls_of(pending_request: PendingRequest | None) -> Counter[str]:
     return Counter(c.expert for p in plans if isinstance(p, (list, tuple)) and p for c in p[0] if isinstance(c, Call))
 
 
-class AssignRequestRouter(RequestRouter):
+class AssignRequestRouter(FIFOMixin, RequestRouter):
+    """FIFOMixin (as Serve's default router has): a replica that frees up takes the oldest pending request."""
+
     def initialize_state(self, costs: dict[str, list[float]] | None = None, **_: Any) -> None:
         """`costs`: expert -> [K ms per item, B ms per batch, switch ms] from the profile."""
         self._costs = {e: ExpertCost(*map(float, v)) for e, v in (costs or {}).items()}
@@ -39,6 +48,8 @@ class AssignRequestRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:  # every replica is ranked at once: when none has room, back off (Serve
+            pending_request.routing_context.should_backoff = True  # retries at once, spinning, while this is False)
         calls = calls_of(pending_request)
         if not calls or len(candidate_replicas) < 2:
             return [candidate_replicas]
