@@ -9,8 +9,11 @@ against the all-resident run's).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from expertmesh.bench.throughput_sweep import OK, RequestRecord, percentile_ms
 
@@ -202,7 +205,19 @@ def markdown(doc: dict) -> str:
              *[f"**{n} failed**: {sys['error']}" for n, sys in doc.get("systems", {}).items() if sys.get("error")],
              "## Ablation", "", *_table(SYSTEM_HEADER, system_rows(doc, [n for n in doc.get("ablation", ())])), "",
              "## Targets", "",
-             *_table(["target", "measured", "met"], [
+             *_table(["target", "measured", "met"], target_rows(h)),
+             "", "## Open-loop points", "",
+             *_table(["system", "offered /s", "achieved /s", "p50 ms", "p99 ms", "errors"], points_rows(doc, names))]
+    return "\n".join(lines) + "\n"
+
+
+def _met(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def target_rows(h: dict) -> list[list[str]]:
+    """The issue's targets against the headline figures: target, measured, met."""
+    return [
                  ["(a) throughput >= 4.5x (b), open loop at the p99 bound", _f(h["open_speedup_over_multiplexed"], ".2f"),
                   _met(h["met"]["open_speedup_over_multiplexed"])],
                  ["(a) throughput >= 4.5x (b), closed loop", _f(h["closed_speedup_over_multiplexed"], ".2f"),
@@ -224,11 +239,39 @@ def markdown(doc: dict) -> str:
                   ", ".join(f"{k} {'ok' if v else 'OVER'}" for k, v in h["hosts_within_budget"].items()) or "-",
                   _met(h["met"]["hosts_within_budget"])],
                  ["every answer equals the all-resident run's", f"{h['label_mismatches']} mismatches",
-                  _met(h["met"]["same_answers"])]]),
-             "", "## Open-loop points", "",
-             *_table(["system", "offered /s", "achieved /s", "p50 ms", "p99 ms", "errors"], points_rows(doc, names))]
-    return "\n".join(lines) + "\n"
+                  _met(h["met"]["same_answers"])]]
 
 
-def _met(v: bool | None) -> str:
-    return "-" if v is None else ("yes" if v else "no")
+README_COLUMNS = ("system", "closed req/s", "p99 ms", "open: highest rate at p99 bound, req/s", "switches",
+                  "loads disk / host", "peak device MiB / budget", "label mismatches")
+README_MARKERS = ("<!-- memory-table -->", "<!-- /memory-table -->")
+
+
+def readme_block(doc: dict) -> str:
+    """What the README shows of a run: the systems (a few columns) and the targets, with the commit and command."""
+    names = doc.get("order") or list(doc.get("systems", {}))
+    idx = [SYSTEM_HEADER.index(c) for c in README_COLUMNS]
+    rows = [[r[i] for i in idx] for r in system_rows(doc, names)]
+    return (f"Measured at {(doc.get('commit') or '?')[:7]} ({str(doc.get('date', '?'))[:16].replace('T', ' ')} UTC, "
+            f"{doc.get('machine', {}).get('cpu_count', '?')} shared CPUs; `{doc.get('command')}`):\n\n"
+            + "\n".join(_table(list(README_COLUMNS), rows)) + "\n\n"
+            + "\n".join(_table(["target", "measured", "met"], target_rows(doc.get("headline") or headline(doc))))
+            + "\n")
+
+
+def update_readme(readme_path: Path, results_path: Path) -> None:
+    """Rewrite the README's memory-table block from a results JSON (`python -m expertmesh.bench.memory_table`)."""
+    text = readme_path.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{readme_path} has no {start} ... {end} block; add the two markers where the table goes")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    block = readme_block(json.loads(results_path.read_text()))
+    readme_path.write_text(f"{head}{start}\n{block}{end}{tail}")
+
+
+if __name__ == "__main__":
+    update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"),
+                  Path(sys.argv[2] if len(sys.argv) > 2 else "bench/results/memory.json"))
+    print("README memory table rewritten")
