@@ -63,9 +63,11 @@ def _why(doc: dict) -> str:
             f"{bound['host_loads'] / num_tasks:.0f} from host memory, and reaches {bound['images_per_s']:.1f} images/s = "
             f"{bound['speedup_vs_fcfs_lru']:.2f}x FCFS + LRU. {100 * from_host:.0f}% of FCFS + LRU's switches come "
             f"from host memory (cheap) rather than disk. ExpertMesh loads "
-            f"{doc['policies']['expertmesh']['loads_from_disk'] / num_tasks:.0f} per task from disk: the host tier "
-            f"(LRU) takes every expert the device evicts, pushing out ones the task still needs (see the "
-            f"usage-ordered host tier row below).")
+            f"{doc['policies']['expertmesh']['loads_from_disk'] / num_tasks:.0f} per task from disk and "
+            f"{doc['policies']['expertmesh']['loads_from_host'] / num_tasks:.0f} from host memory. Host memory takes "
+            f"the experts a device evicts; under CoServe eviction it drops the least used copies first to make room "
+            f"(the pooled hosts' rule, experts/tiering.py), under the baselines the least recently used (the "
+            f"sensitivity row with ExpertMesh on the baselines' rule shows the difference).")
 
 
 def _costs(doc: dict) -> str:

@@ -4,10 +4,11 @@ The device has three resources, each doing one thing at a time in the order aske
 share it), the host -> device copy and the disk read (loads share them). So with parallel executors one loads while
 another computes, but two loads from disk take turns. Each executor is sequential: it picks its next batch with
 `experts.arrange.next_batch`; when the expert is not in its pool it makes room with
-`experts.eviction.choose_evictions` (evicted experts go to the host tier, `simulate_tiers`) and loads it from the
-host tier or disk; then runs the batch. Each arriving call (a request's first, or a dependent call when its upstream
-finished) goes to an executor: the only one, in turn (round robin), or the one `router.assign.choose_replica`
-predicts finishes it first (queued work at K*n+B plus the switch from the expert's tier). The clock is simulated.
+`experts.eviction.choose_evictions` (evicted experts go to the host tier, `simulate_tiers`, which drops host copies
+by `experts.tiering.make_room`'s rule for the policy's eviction) and loads it from the host tier or disk; then runs
+the batch. Each arriving call (a request's first, or a dependent call when its upstream finished) goes to an
+executor: the only one, in turn (round robin), or the one `router.assign.choose_replica` predicts finishes it first
+(queued work at K*n+B plus the switch from the expert's tier). The clock is simulated.
 
 Demoting an evicted expert to host memory costs no time here (a device -> host copy runs on its own copy engine);
 the baselines' LRU and FIFO ignore queued work, while CoServe's eviction never takes an expert with queued calls
@@ -53,10 +54,10 @@ class TaskOutcome:
 
 
 def warm_start(experts: Mapping[str, SimExpert], pool_budgets_bytes: Sequence[int], host_budget_bytes: int
-               ) -> tuple[list[list[tuple[str, float]]], list[str]]:
+               ) -> tuple[list[list[tuple[str, float]]], list[tuple[str, float]]]:
     """Where a task starts: the most used experts in the pools (dealt in turn while they fit), each with a last use
     that makes less used mean longer ago (LRU and FIFO start from the usage order too); then the next ones that fit
-    in the host tier, least used first (its LRU order)."""
+    in the host tier, least used (longest ago) first."""
     ranked = sorted(experts, key=lambda e: (-experts[e].usage, e))
     used = [0] * len(pool_budgets_bytes)
     pools: list[list[tuple[str, float]]] = [[] for _ in pool_budgets_bytes]
@@ -66,14 +67,14 @@ def warm_start(experts: Mapping[str, SimExpert], pool_budgets_bytes: Sequence[in
         order = [(rank + j) % len(used) for j in range(len(used))]
         fits = next((i for i in order if used[i] + size <= pool_budgets_bytes[i]), None)
         if fits is None:
-            rest.append(e)
+            rest.append((e, -1e-3 * (rank + 1)))
         else:
             used[fits] += size
             pools[fits].append((e, -1e-3 * (rank + 1)))
     room, host = host_budget_bytes, []
-    for e in rest:
+    for e, last_used_ms in rest:
         if experts[e].num_bytes <= room:
-            host.append(e)
+            host.append((e, last_used_ms))
             room -= experts[e].num_bytes
     return pools, host[::-1]
 
@@ -85,8 +86,9 @@ class _Task:
         n = config.num_executors(policy.assign)
         budget = config.pool_budget_bytes(n)
         self.executors = [_Executor(i) for i in range(n)]
-        self.tiers = Tiers([DevicePool(budget) for _ in range(n)], config.host_budget_bytes,
-                           {e: x.usage for e, x in experts.items()} if policy.host_by_usage else None)
+        host_policy = EvictionPolicy.LRU if policy.host_tier_lru else policy.evict  # as experts/tiering.py
+        self.tiers = Tiers([DevicePool(budget) for _ in range(n)], config.host_budget_bytes, host_policy,
+                           {e: x.usage for e, x in experts.items()})
         self.free_at_ms = {COMPUTE: 0.0, HOST_COPY: 0.0, DISK_READ: 0.0}
         self.events: list[tuple[float, int, int, tuple]] = []
         self.seq = 0
@@ -105,8 +107,8 @@ class _Task:
         for i, placed in enumerate(pools):
             for e, last_used_ms in placed:
                 self.tiers.place(i, e, self.experts[e].num_bytes, last_used_ms)
-        for e in host:
-            self.tiers.stock_host(e, self.experts[e].num_bytes)
+        for e, last_used_ms in host:
+            self.tiers.stock_host(e, self.experts[e].num_bytes, last_used_ms)
 
     def _push(self, at_ms: float, kind: int, data: tuple) -> None:
         heapq.heappush(self.events, (at_ms, self.seq, kind, data))

@@ -77,7 +77,9 @@ class PolicySpec(BaseModel):
     assign: AssignPolicy
     arrange: ArrangePolicy
     evict: EvictionPolicy
-    host_by_usage: bool = False  # the host tier keeps the most used experts instead of the most recently evicted
+    # The host tier drops copies by experts/tiering.py's rule for `evict` (CoServe: least used first; LRU, FIFO:
+    # least recently used first); True: least recently used first whatever `evict` is (the baselines' rule).
+    host_tier_lru: bool = False
 
 
 POLICIES: dict[str, PolicySpec] = {

@@ -83,27 +83,56 @@ def test_measured_load_times_override_the_bandwidths():
 
 
 def test_host_tier_drops_its_least_recently_used_to_make_room_and_a_load_moves_an_expert_out():
-    tiers = Tiers([DevicePool(100)], host_budget_bytes=20)
-    assert tiers.demote("a", 10) is Tier.HOST and tiers.demote("b", 10) is Tier.HOST
-    assert tiers.demote("c", 10) is Tier.HOST  # a, the least recently used, goes to disk
-    assert list(tiers.host) == ["b", "c"] and tiers.dropped_to_disk == 1
-    assert tiers.demote("huge", 30) is Tier.DISK
-    assert tiers.claim("b") is Tier.HOST and "b" not in tiers.host
-    tiers.load(0, "b", 10, 0.0, Tier.HOST)
-    assert tiers.claim("a") is Tier.DISK
-    tiers.load(0, "a", 10, 0.0, Tier.DISK)
+    tiers = Tiers([DevicePool(100)], host_budget_bytes=20)  # the baselines' rule (LRU) by default
+    assert tiers.demote("a", 10, 5.0) is Tier.HOST and tiers.demote("b", 10, 1.0) is Tier.HOST
+    assert tiers.demote("c", 10, 9.0) is Tier.HOST  # b, used longest ago (not a, demoted first), goes to disk
+    assert set(tiers.host) == {"a", "c"} and tiers.dropped_to_disk == 1
+    assert tiers.demote("huge", 30, 10.0) is Tier.DISK
+    assert tiers.claim("c") is Tier.HOST and "c" not in tiers.host
+    tiers.load(0, "c", 10, 0.0, Tier.HOST)
+    assert tiers.claim("b") is Tier.DISK
+    tiers.load(0, "b", 10, 0.0, Tier.DISK)
     assert tiers.peak_host_bytes == 20 and tiers.pools[0].used_bytes == 20
     assert tiers.loads == {Tier.HOST: 1, Tier.DISK: 1}
     with pytest.raises(ValueError, match="over its budget"):
         tiers.load(0, "x", 81, 0.0, Tier.DISK)
 
 
-def test_usage_ordered_host_tier_keeps_the_most_used():
-    tiers = Tiers([DevicePool(100)], host_budget_bytes=20, host_usage={"a": 0.5, "b": 0.1, "c": 0.3, "d": 0.05})
-    tiers.demote("a", 10)
-    tiers.demote("b", 10)
-    assert tiers.demote("c", 10) is Tier.HOST and set(tiers.host) == {"a", "c"}  # b, the least used, dropped
-    assert tiers.demote("d", 10) is Tier.DISK and set(tiers.host) == {"a", "c"}  # d is used less than both
+def test_under_coserve_eviction_the_host_tier_drops_the_least_used_first_as_the_pooled_hosts_do():
+    usage = {"a": 0.5, "b": 0.1, "c": 0.3, "d": 0.05, "e": 0.05}
+    tiers = Tiers([DevicePool(100)], host_budget_bytes=20, host_policy=EvictionPolicy.COSERVE, usage=usage)
+    tiers.demote("a", 10, 0.0)
+    tiers.demote("b", 10, 5.0)
+    assert tiers.demote("c", 10, 9.0) is Tier.HOST and set(tiers.host) == {"a", "c"}  # b, least used (not oldest)
+    # experts/tiering.py keeps the incoming expert whatever its usage: c (0.3) goes before a (0.5) to make room
+    assert tiers.demote("d", 10, 10.0) is Tier.HOST and set(tiers.host) == {"a", "d"}
+    assert tiers.demote("e", 10, 11.0) is Tier.HOST and set(tiers.host) == {"a", "e"}  # d, the least used
+    # a host copy of an expert still on a device is never dropped: only a can go, and then e is kept
+    tiers.place(0, "e", 10, 11.0)
+    assert tiers.demote("b", 10, 12.0) is Tier.HOST and set(tiers.host) == {"b", "e"}
+    assert tiers.demote("c", 20, 13.0) is Tier.DISK and set(tiers.host) == {"b", "e"}  # no room even then
+    ties = Tiers([DevicePool(100)], host_budget_bytes=20, host_policy=EvictionPolicy.COSERVE,
+                 usage={"p": 0.2, "q": 0.2, "r": 0.9})
+    ties.demote("p", 10, 3.0)
+    ties.demote("q", 10, 1.0)
+    assert ties.demote("r", 10, 4.0) is Tier.HOST and set(ties.host) == {"p", "r"}  # equal usage: q, used longer ago
+
+
+def test_the_simulated_host_tier_follows_the_policys_eviction_rule_end_to_end():
+    """a, b, c, d each fill the device in turn; the host tier holds two. Evicting c to take d finds a (used most)
+    and b (used least) there: CoServe eviction drops b, so a comes back from host memory; LRU drops a (used longest
+    ago), so a comes back from disk - and so does ExpertMesh's eviction when its host tier is told to use LRU."""
+    usage = {"a": 0.6, "b": 0.1, "c": 0.25, "d": 0.05}
+    experts = {e: SimExpert(10 * MB, 1.0, 0.0, usage=u) for e, u in usage.items()}
+    reqs = [SimRequest(1000.0 * i, (e,)) for i, e in enumerate("abcda")]
+    cfg = config(device_mb=10, host_mb=20)
+    coserve = simulate(experts, reqs, cfg, POLICIES["eviction_only"])
+    lru = simulate(experts, reqs, cfg, POLICIES["fcfs_lru"])
+    lru_host = POLICIES["eviction_only"].model_copy(update={"host_tier_lru": True})
+    coserve_lru_host = simulate(experts, reqs, cfg, lru_host)
+    assert (coserve.loads_from_disk, coserve.loads_from_host) == (4, 1)
+    assert (lru.loads_from_disk, lru.loads_from_host) == (5, 0)
+    assert (coserve_lru_host.loads_from_disk, coserve_lru_host.loads_from_host) == (5, 0)
 
 
 def test_arrange_and_coserve_eviction_cut_switches_and_win_on_a_skewed_workload():
