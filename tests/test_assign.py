@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
-from expertmesh.deployments.assign_router import calls_of
+from expertmesh.deployments.assign_router import AssignRequestRouter, calls_of
 from expertmesh.router.assign import DEFAULT_COST, ExpertCost, ReplicaSnapshot, choose_replica, predicted_ms, rank_replicas
 from expertmesh.router.plan import Call, Reason
 
@@ -61,3 +62,33 @@ def test_the_serve_router_reads_the_calls_of_a_host_run_request():
     assert calls_of(SimpleNamespace(metadata=SimpleNamespace(call_method="stats"), args=[])) == {}
     assert calls_of(SimpleNamespace(metadata=meta, args=[{}, "not plans"])) == {}
     assert calls_of(None) == {}
+
+
+class _Id:
+    def __init__(self, unique_id: str) -> None:
+        self.unique_id = unique_id
+
+
+def test_the_serve_router_ranks_replicas_counts_its_calls_in_flight_and_backs_off():
+    """Serve retries routing at once, without backing off, while a router leaves should_backoff False."""
+    router = AssignRequestRouter.__new__(AssignRequestRouter)  # the pure parts; Serve builds the rest
+    router.initialize_state(costs={"a": [1.0, 2.0, 50.0]})
+    r0, r1 = _Id("r0"), _Id("r1")
+    replicas = [SimpleNamespace(replica_id=r0, routing_stats={}),
+                SimpleNamespace(replica_id=r1, routing_stats={"resident": ["a"]})]
+
+    def request(rid: str, n: int):
+        return SimpleNamespace(metadata=SimpleNamespace(call_method="run", internal_request_id=rid),
+                               args=[{}, [([Call("a", Reason.TABLE)], [])] * n],
+                               routing_context=SimpleNamespace(should_backoff=False))
+
+    first = request("1", 1)
+    ranks = asyncio.run(router.choose_replicas(replicas, first))
+    assert first.routing_context.should_backoff
+    assert [rank[0].replica_id.unique_id for rank in ranks] == ["r1", "r0"]  # resident there: no switch
+    router.on_request_routed(request("2", 200), r1, None)  # 200 calls of a in flight on r1
+    assert [rank[0].replica_id.unique_id for rank in asyncio.run(router.choose_replicas(replicas, request("3", 1)))] \
+        == ["r0", "r1"]
+    router.on_request_completed(r1, "2")
+    assert [rank[0].replica_id.unique_id for rank in asyncio.run(router.choose_replicas(replicas, request("4", 1)))] \
+        == ["r1", "r0"]
