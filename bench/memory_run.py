@@ -37,7 +37,8 @@ from expertmesh.bench.memory_systems import (ABLATION, K_RULES, REFERENCE, SYSTE
 from expertmesh.bench.memory_table import closed_summary, headline, label_check
 from expertmesh.bench.memory_workload import (MemoryWorkloadConfig, WorkloadRequest, build_workload_coe,
                                               default_workload_dir, expert_bytes, make_requests, request_images)
-from expertmesh.bench.throughput_run import provenance, say
+from expertmesh.bench.provenance import provenance
+from expertmesh.bench.throughput_run import say
 from expertmesh.bench.throughput_sweep import (DEADLINE, OK, RequestRecord, SweepRule, next_rate, num_requests_for,
                                                send_offsets_s, summarize_point)
 from expertmesh.bench.throughput_table import sweep_summary

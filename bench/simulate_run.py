@@ -10,18 +10,15 @@ against FCFS + LRU with one assumption changed at a time), so the headline's rea
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from expertmesh.bench.provenance import provenance
 from expertmesh.bench.simulate_plot import plot
 from expertmesh.bench.simulate_table import markdown
 from expertmesh.bench.simulate_workload import COST_NOTES, WorkloadSettings, build_workload, describe, machine
@@ -29,7 +26,6 @@ from expertmesh.cluster.simulate import (ABLATION, BASELINE, POLICIES, SimConfig
                                          SimResult, simulate_policies)
 from expertmesh.cluster.simulate_engine import warm_start
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"source": "CoServe (ASPLOS 2025), ../shared/background.md",
          "speedup_vs_fcfs_lru": [4.5, 12.0], "max_switch_reduction": 0.9387, "switches": [1060, 65],
          "ablation_images_per_s": {"fcfs_lru": 4.5, "eviction_only": 5.8, "evict_arrange": 11.8, "expertmesh": 26.3}}
@@ -49,19 +45,6 @@ SENSITIVITY: tuple[tuple[str, dict, dict, dict], ...] = (
      {}, {}, {"host_tier_lru": True}),
 )
 
-
-def provenance() -> dict:
-    """The commit measured (of the source tree this code runs from), the machine, the date."""
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(SOURCE_ROOT), *a], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "HEAD") or None, "worktree_dirty": bool(git("status", "--porcelain")),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version()}}
 
 
 def perfect_bound(experts: dict[str, SimExpert], requests: list[SimRequest], config: SimConfig) -> dict:

@@ -8,10 +8,7 @@ sweeps only ExpertMesh (what the integration test does).
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from expertmesh.bench.provenance import provenance
 from expertmesh.bench.load_generator import BOARD, SINGLE, LoadGenerator
 from expertmesh.bench.offline_bound import offline_bound
 from expertmesh.bench.serving_under_test import (FACTORY_ID, RayNode, bench_tokens, delete_noop, deploy_expertmesh,
@@ -31,7 +29,6 @@ from expertmesh.deployments.config import AppArgs
 from expertmesh.experts.spec import CoESpec
 from expertmesh.station import sample_components
 
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("offline", "noop", "single", "board", "overload")
 
 
@@ -185,17 +182,3 @@ def run_noop(node: RayNode, settings, token: str, images: list[bytes], s: Throug
         return sweep_summary(points, rule, 1)
     finally:
         delete_noop()
-
-
-def provenance() -> dict:
-    """The commit measured (of the source tree this code runs from), the machine, the date."""
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(SOURCE_ROOT), *a], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "HEAD") or None, "worktree_dirty": bool(git("status", "--porcelain")),
-            "source": str(SOURCE_ROOT), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(), "load_average_1_5_15m": list(os.getloadavg())}}
