@@ -9,6 +9,7 @@ A `Pool` holds images per (component, defect); experts sharing a pair share its 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -81,6 +82,14 @@ def _render_chunk(args: tuple[str, str, int, int, int]) -> np.ndarray:
     return np.stack([np.asarray(generator.generate(comp, defect, seed, i)) for i in range(start, stop)])
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Render workers start from a fork server, not by forking the caller: a caller that holds gRPC or
+    Ray threads (a test process, a serving driver) can leave a forked child dead on a lock it never owns."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 @dataclass
 class Pool:
     """Generated images per (component, defect) for one seed: images[pair] is uint8 [n, H, W, 3]."""
@@ -98,7 +107,7 @@ class Pool:
         workers = workers or min(os.cpu_count() or 1, 8)
         with tqdm(total=sum(counts.values()), desc=desc, unit="img", disable=not progress) as bar:
             if workers > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(max_workers=workers) as ex:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as ex:
                     for job, arr in zip(jobs, ex.map(_render_chunk, jobs)):
                         parts[(job[0], job[1])].append(arr)
                         bar.update(len(arr))
