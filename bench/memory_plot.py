@@ -12,17 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from expertmesh.bench.memory_table import dig  # noqa: E402
+
 COLORS = {"expertmesh": "tab:blue", "multiplexed": "tab:red", "fcfs_lru": "tab:orange", "all_resident": "tab:gray",
           "evict_only": "tab:olive", "evict_arrange": "tab:cyan", "multiplexed_mean_k": "tab:purple",
           "expertmesh_no_host_tier": "tab:green"}
-
-
-def _get(doc, *path):
-    for key in path:
-        if not isinstance(doc, dict) or doc.get(key) is None:
-            return None
-        doc = doc[key]
-    return doc
 
 
 def _bars(ax, names: list[str], series: list[tuple[str, list]], ylabel: str) -> None:
@@ -46,16 +40,16 @@ def _bars(ax, names: list[str], series: list[tuple[str, list]], ylabel: str) -> 
 def plot(doc: dict, out: Path) -> None:
     names = [n for n in doc.get("order") or list(doc.get("systems", {})) if n in doc.get("systems", {})]
     systems = doc["systems"]
-    bound = _get(doc, "settings", "target_p99_ms")
+    bound = dig(doc, "settings", "target_p99_ms")
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     thr, lat, sw, mem = axes.flat
-    _bars(thr, names, [("closed loop", [_get(systems[n], "closed", "throughput_per_s") for n in names]),
+    _bars(thr, names, [("closed loop", [dig(systems[n], "closed", "throughput_per_s") for n in names]),
                        (f"open loop, highest rate with p99 <= {bound:g} ms" if bound else "open loop",
-                        [_get(systems[n], "open", "highest_rate_meeting_target_per_s") for n in names])],
+                        [dig(systems[n], "open", "highest_rate_meeting_target_per_s") for n in names])],
           "requests/s")
     thr.set_title("throughput")
     for n in names:
-        pts = sorted((p for p in _get(systems[n], "open", "points") or [] if p.get("p99_ms") is not None),
+        pts = sorted((p for p in dig(systems[n], "open", "points") or [] if p.get("p99_ms") is not None),
                      key=lambda p: p["offered_per_s"])
         if pts:
             lat.plot([p["offered_per_s"] for p in pts], [p["p99_ms"] for p in pts], "-o",
@@ -72,19 +66,19 @@ def plot(doc: dict, out: Path) -> None:
     lat.grid(True, which="both", alpha=0.3)
     lat.legend(fontsize=8)
     lat.set_title("open-loop p99 latency")
-    _bars(sw, names, [("switches", [_get(systems[n], "closed", "stats", "switches") for n in names])],
+    _bars(sw, names, [("switches", [dig(systems[n], "closed", "stats", "switches") for n in names])],
           "switches (closed loop)")
     sw.set_title("expert switches (loads on demand), closed loop")
-    peaks = [_get(systems[n], "closed", "stats", "peak_device_bytes") for n in names]
+    peaks = [dig(systems[n], "closed", "stats", "peak_device_bytes") for n in names]
     _bars(mem, names, [("peak", [None if v is None else v / 2**20 for v in peaks])], "MiB")
-    budget = _get(doc, "workload", "device_budget_bytes")
+    budget = dig(doc, "workload", "device_budget_bytes")
     if budget:
         mem.axhline(budget / 2**20, color="black", linestyle=":", linewidth=1, label="device budget")
         mem.legend(fontsize=8)
     mem.set_title("peak device memory held by experts, closed loop")
     w = doc.get("workload", {})
     fig.suptitle(f"expertmesh bench memory - {(doc.get('commit') or '?')[:10]} on "
-                 f"{_get(doc, 'machine', 'cpu_count') or '?'} CPUs: {w.get('num_experts', '?')} experts, device "
+                 f"{dig(doc, 'machine', 'cpu_count') or '?'} CPUs: {w.get('num_experts', '?')} experts, device "
                  f"budget {(w.get('device_budget_bytes') or 0) / 2**20:.0f} of "
                  f"{(w.get('total_expert_bytes') or 0) / 2**20:.0f} MiB, multiplexing K = {w.get('multiplexed_k', '?')}")
     fig.tight_layout()

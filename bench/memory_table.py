@@ -58,7 +58,8 @@ def within_budget(stats: Mapping | None) -> bool | None:
     return all(budget is None or peak is None or peak <= budget for peak, budget in checks)
 
 
-def _get(doc, *path):
+def dig(doc, *path):
+    """doc[path[0]][path[1]]..., or None where a key is missing or None (results of a partial run)."""
     for key in path:
         if not isinstance(doc, Mapping) or doc.get(key) is None:
             return None
@@ -79,21 +80,21 @@ def headline(doc: dict) -> dict:
     closed = ("closed", "throughput_per_s")
     switches = ("closed", "stats", "switches")
     out = {
-        "open_speedup_over_multiplexed": _ratio(_get(a, *rate), _get(b, *rate)),
-        "closed_speedup_over_multiplexed": _ratio(_get(a, *closed), _get(b, *closed)),
-        "switch_fraction_of_multiplexed": _ratio(_get(a, *switches), _get(b, *switches)),
-        "open_speedup_over_multiplexed_mean_k": _ratio(_get(a, *rate), _get(b2, *rate)),  # (b'): no target, shown
-        "closed_speedup_over_multiplexed_mean_k": _ratio(_get(a, *closed), _get(b2, *closed)),
-        "switch_fraction_of_multiplexed_mean_k": _ratio(_get(a, *switches), _get(b2, *switches)),
-        "no_host_tier_open_speedup_over_multiplexed": _ratio(_get(a2, *rate), _get(b, *rate)),  # no target, shown
-        "no_host_tier_closed_speedup_over_multiplexed": _ratio(_get(a2, *closed), _get(b, *closed)),
-        "open_fraction_of_all_resident": _ratio(_get(a, *rate), _get(d, *rate)),
-        "closed_fraction_of_all_resident": _ratio(_get(a, *closed), _get(d, *closed)),
-        "hosts_within_budget": {name: within_budget(_get(sys, "closed", "stats")) is not False
-                                and within_budget(_get(sys, "open", "stats")) is not False
+        "open_speedup_over_multiplexed": _ratio(dig(a, *rate), dig(b, *rate)),
+        "closed_speedup_over_multiplexed": _ratio(dig(a, *closed), dig(b, *closed)),
+        "switch_fraction_of_multiplexed": _ratio(dig(a, *switches), dig(b, *switches)),
+        "open_speedup_over_multiplexed_mean_k": _ratio(dig(a, *rate), dig(b2, *rate)),  # (b'): no target, shown
+        "closed_speedup_over_multiplexed_mean_k": _ratio(dig(a, *closed), dig(b2, *closed)),
+        "switch_fraction_of_multiplexed_mean_k": _ratio(dig(a, *switches), dig(b2, *switches)),
+        "no_host_tier_open_speedup_over_multiplexed": _ratio(dig(a2, *rate), dig(b, *rate)),  # no target, shown
+        "no_host_tier_closed_speedup_over_multiplexed": _ratio(dig(a2, *closed), dig(b, *closed)),
+        "open_fraction_of_all_resident": _ratio(dig(a, *rate), dig(d, *rate)),
+        "closed_fraction_of_all_resident": _ratio(dig(a, *closed), dig(d, *closed)),
+        "hosts_within_budget": {name: within_budget(dig(sys, "closed", "stats")) is not False
+                                and within_budget(dig(sys, "open", "stats")) is not False
                                 for name, sys in s.items()
-                                if sys.get("kind") == "host" and (_get(sys, "closed", "stats") or _get(sys, "open", "stats"))},
-        "label_mismatches": sum(_get(sys, "labels", "num_mismatched") or 0 for sys in s.values()),
+                                if sys.get("kind") == "host" and (dig(sys, "closed", "stats") or dig(sys, "open", "stats"))},
+        "label_mismatches": sum(dig(sys, "labels", "num_mismatched") or 0 for sys in s.values()),
     }
     target = {"open_speedup_over_multiplexed": lambda v: v >= SPEEDUP_OVER_MULTIPLEXED,
               "closed_speedup_over_multiplexed": lambda v: v >= SPEEDUP_OVER_MULTIPLEXED,
@@ -121,12 +122,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _loads(stats: Mapping | None) -> str:
-    tiers = _get(stats, "loads_by_tier") or {}
+    tiers = dig(stats, "loads_by_tier") or {}
     return " / ".join(f"{tiers.get(t, 0)}" for t in ("disk", "host")) if stats else "-"
 
 
 def _evictions(stats: Mapping | None) -> str:
-    by = _get(stats, "evictions_by_reason") or {}
+    by = dig(stats, "evictions_by_reason") or {}
     return ", ".join(f"{k} {v}" for k, v in sorted(by.items()) if v) or ("0" if stats else "-")
 
 
@@ -156,13 +157,13 @@ def system_rows(doc: dict, names: Sequence[str]) -> list[list[str]]:
         c, o = sys.get("closed") or {}, sys.get("open") or {}
         cs = c.get("stats")
         errors = sum((c.get("errors_by_code") or {}).values())
-        k = _get(sys, "config", "max_num_models_per_replica")
+        k = dig(sys, "config", "max_num_models_per_replica")
         rows.append([sys.get("title", name) + (f" [K={k}]" if k is not None else ""), _f(c.get("throughput_per_s"), ".1f"), _f(c.get("p50_ms"), ".0f"),
                      _f(c.get("p99_ms"), ".0f"), _f(o.get("highest_rate_meeting_target_per_s"), ".3g"),
-                     _f(o.get("capacity_per_s"), ".3g"), _f(_get(cs, "switches"), "d"),
-                     _f(_ratio(_get(cs, "switches"), c.get("num_ok")), ".2f"), _loads(cs), _evictions(cs),
-                     _prefetch(cs), _memory(cs), _mib(_get(cs, "peak_host_bytes")),
-                     str(errors), _f(_get(sys, "labels", "num_mismatched"), "d")])
+                     _f(o.get("capacity_per_s"), ".3g"), _f(dig(cs, "switches"), "d"),
+                     _f(_ratio(dig(cs, "switches"), c.get("num_ok")), ".2f"), _loads(cs), _evictions(cs),
+                     _prefetch(cs), _memory(cs), _mib(dig(cs, "peak_host_bytes")),
+                     str(errors), _f(dig(sys, "labels", "num_mismatched"), "d")])
     return rows
 
 
@@ -174,7 +175,7 @@ SYSTEM_HEADER = ["system", "closed req/s", "p50 ms", "p99 ms", "open: highest ra
 def points_rows(doc: dict, names: Sequence[str]) -> list[list[str]]:
     rows = []
     for name in names:
-        for p in _get(doc, "systems", name, "open", "points") or []:
+        for p in dig(doc, "systems", name, "open", "points") or []:
             rows.append([name, _f(p["offered_per_s"], ".3g"), _f(p["achieved_per_s"], ".3g"), _f(p["p50_ms"], ".0f"),
                          _f(p["p99_ms"], ".0f"),
                          ", ".join(f"{k} {v}" for k, v in p["errors_by_code"].items()) or "none"])

@@ -271,13 +271,16 @@ class PoolExecutor:
         self._track_peaks()
 
     def _prefetch_downstream(self, expert: str, num_calls: int) -> None:
+        downstream = {d: p for d, p in self._downstream.get(expert, {}).items() if d in self.runtimes}
+        if not downstream:
+            return
         budget = self.settings.device_budget_bytes
         free = None if budget is None else budget - self.device_bytes()
         on_device = {e for e, rt in self.runtimes.items() if rt.on_device}
-        sizes = {d: self.runtimes[d].footprint_bytes for d in self._downstream.get(expert, {}) if d in self.runtimes}
-        for d in prefetch({d: p for d, p in self._downstream.get(expert, {}).items() if d in sizes}, num_calls,
-                          on_device=on_device, num_bytes=sizes, free_device_bytes=free,
-                          min_probability=self.settings.prefetch_min_probability):
+        sizes = {d: self.runtimes[d].footprint_bytes for d in downstream}
+        chosen = prefetch(downstream, num_calls, on_device=on_device, num_bytes=sizes, free_device_bytes=free,
+                          min_probability=self.settings.prefetch_min_probability)
+        for d in chosen:
             rt = self.runtimes[d]
             keep = self._fits(self.settings.host_budget_bytes, self.host_bytes(), rt, rt.in_host)
             self.loads_by_tier["host" if rt.in_host else "disk"] += 1
@@ -286,7 +289,8 @@ class PoolExecutor:
             self._prefetched.add(d)
             self.counts["prefetch_loads"] += 1
             self.metrics.inc("expertmesh_expert_prefetches_total", expert=d, outcome="loaded")
-        self._track_peaks()
+        if chosen:
+            self._track_peaks()
 
     def _track_peaks(self) -> None:
         device, host = self.device_bytes(), self.host_bytes()

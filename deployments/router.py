@@ -204,8 +204,9 @@ class RouterDeployment:
                     call.cancel()
                     raise ReplicaLost(f"{what} is on a lost node", fix="retry later")
             answers = call.result()
-            if time.monotonic() - sent_s > SLOW_CALL_S:
-                logger.warning("a call to %s with %d rows took %.1f s", what, len(keys), time.monotonic() - sent_s)
+            took_s = time.monotonic() - sent_s
+            if took_s > SLOW_CALL_S:
+                logger.warning("a call to %s with %d rows took %.1f s", what, len(keys), took_s)
         except ExpertMeshError as err:
             if isinstance(err, ReplicaLost) and host:  # its node went away: the rows try a survivor next round
                 self._lost[host] = time.monotonic()

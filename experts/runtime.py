@@ -192,7 +192,7 @@ class ExpertRuntime:
         when its keys are the model's."""
         t0 = time.perf_counter()
         path = self.checkpoint_dir / self.WEIGHTS_FILE
-        if self._husk is None and self._model is None or not self._raw_keys_match:
+        if not self._raw_keys_match:  # the first read, or a checkpoint whose keys need converting
             model = load_model(self.spec, self.checkpoint_dir)
             weights = {k: v.detach() for k, v in model.state_dict().items()}
             with safe_open(str(path), framework="pt") as f:

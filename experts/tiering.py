@@ -18,7 +18,7 @@ goes to disk. A budget of None is unlimited.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from expertmesh.experts.eviction import Eviction, EvictionPolicy, ResidentExpert, choose_evictions
 
@@ -66,8 +66,7 @@ def make_room(policy: EvictionPolicy, snap: PoolSnapshot, expert: str, num_bytes
         chosen = choose_evictions(policy, snap.device, upstreams, need_bytes=num_bytes, free_bytes=free,
                                   protect={expert} | snap.running)
         if chosen is None:  # every resident expert has work queued: let queued (not running) ones go
-            idle = [ResidentExpert(e.name, e.num_bytes, e.last_used_s, e.loaded_s, busy=False, usage=e.usage)
-                    for e in snap.device]
+            idle = [replace(e, busy=False) for e in snap.device]
             chosen = choose_evictions(policy, idle, upstreams, need_bytes=num_bytes, free_bytes=free,
                                       protect={expert} | snap.running)
         if chosen is None:
