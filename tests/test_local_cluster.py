@@ -181,9 +181,11 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
             status = cli(env, "status")
             return {line.split(":")[0].strip(): [n.strip() for n in line.split(":", 1)[1].split(",")]
                     for line in status.stdout.splitlines() if line.startswith("  ")}
+        # wait for an expert host pinned to every planned node (deployments, not experts, are what status lists)
+        expected = {host_name(node): [node] for node in planned_nodes}
         placed: dict[str, list[str]] = {}
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not set(planned) <= set(placed):
+        while time.monotonic() < deadline and any(placed.get(d) != ns for d, ns in expected.items()):
             time.sleep(5)
             placed = where()
         classifier = load_spec(default_spec_path()).router.expert
