@@ -118,7 +118,7 @@ prometheus:
 ## and the Grafana dashboard. tests/test_helm.py fails when they are stale.
 chart: setup
 	$(BIN)/expertmesh config --zoo /models/zoo/pcb-aoi --tokens /etc/expertmesh/tokens/tokens.yaml --no-profile \
-	  --http-host 0.0.0.0 --out helm/expertmesh/files/serve-config.yaml
+	  --http-host 0.0.0.0 --placement-controller --out helm/expertmesh/files/serve-config.yaml
 	$(BIN)/expertmesh dashboard --out helm/expertmesh/dashboards/expertmesh-dashboard.json
 
 ## Every test (unit and integration); CI runs exactly this. The serving tests run the real default zoo,

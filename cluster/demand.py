@@ -4,13 +4,20 @@ memory = weights + peak activations at the expert's serving batch (the profile's
 batch); compute load = requests/s x P(invoked) x per-image time at that batch (core-seconds per
 second); edge weight = requests/s x P(the dependent call happens). The router's classifier is
 needed by every request, so it gets a replica on every node.
+
+Without a profile (a cluster the Helm chart started, before anyone profiled on it), `checkpoint_problem`
+takes each expert's memory from its checkpoint's header and its compute as proportional to those bytes:
+the planner only compares loads with one another, so the constant does not matter, and the plan still
+co-locates dependent experts within every node's memory.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, PlacementConfig, PlacementProblem
 from expertmesh.errors import FailedPrecondition
-from expertmesh.experts.spec import CoESpec
+from expertmesh.experts.spec import CoESpec, resolve_checkpoint
 from expertmesh.profiler.serving_profiles import serving_batch
 from expertmesh.profiler.store import ExpertProfile, UsageProfile
 
@@ -34,6 +41,29 @@ def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: 
         per_item_s = p.per_item_ms(p.max_useful_batch) / 1000.0
         experts.append(ExpertDemand(name=e.name, memory_bytes=expert_memory_bytes(p),
                                     load=requests_per_s * usage.usage.get(e.name, 0.0) * per_item_s,
+                                    everywhere=e.name == spec.router.expert))
+    edges = [Edge(upstream=w.upstream, downstream=w.downstream, weight=requests_per_s * w.probability)
+             for w in usage.edges]
+    return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig(),
+                            current=current or {})
+
+
+ACTIVATION_SHARE = 0.5  # without a profile: a batch's activations taken as half the weights again (profiled: 0.1-0.6)
+SECONDS_PER_BYTE = 1e-9  # without a profile: compute proportional to bytes (only the ratio between experts matters)
+
+
+def checkpoint_problem(spec: CoESpec, zoo_root: Path, usage: UsageProfile, nodes: list[NodeCapacity],
+                       requests_per_s: float, config: PlacementConfig | None = None,
+                       current: dict[str, list[str]] | None = None) -> PlacementProblem:
+    """The placement problem without a profile: memory from each checkpoint's header (plus ACTIVATION_SHARE),
+    compute proportional to it; edges from `usage` as with a profile."""
+    from expertmesh.experts.runtime import ExpertRuntime, checkpoint_bytes  # torch: only when planning this way
+
+    experts = []
+    for e in spec.experts:
+        weights = checkpoint_bytes(resolve_checkpoint(e, zoo_root) / ExpertRuntime.WEIGHTS_FILE)
+        experts.append(ExpertDemand(name=e.name, memory_bytes=int(weights * (1 + ACTIVATION_SHARE)),
+                                    load=requests_per_s * usage.usage.get(e.name, 0.0) * weights * SECONDS_PER_BYTE,
                                     everywhere=e.name == spec.router.expert))
     edges = [Edge(upstream=w.upstream, downstream=w.downstream, weight=requests_per_s * w.probability)
              for w in usage.edges]

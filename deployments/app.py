@@ -5,45 +5,75 @@ KubeRay's serveConfigV2) and of `expertmesh serve`. Deployment options come from
 `deployments.config.app_options` (the spec, the settings and a current profile), the same function
 that writes the config file.
 
-Every deployment gets a version derived from its constructor arguments (and this process), so a
-redeploy from the same `expertmesh serve` (the placement controller applying a new plan) restarts
-only the deployments whose arguments or actor options changed, and reconfigures the rest in place;
-`serve.run` otherwise gives each deployment a fresh random version, restarting every replica.
+Every deployment gets a version derived from its constructor arguments, the code and the zoo's
+checkpoints, so a redeploy (the placement controller applying a new plan, KubeRay re-submitting the
+same config) restarts only the deployments whose arguments, code or checkpoints changed, and
+reconfigures the rest in place; Serve otherwise gives each deployment a fresh random version on every
+build, restarting every replica. A config deploy rebuilds the app in a new process each time, so the
+version cannot depend on the process.
+
+The placement: `args.placement` when given (`expertmesh serve --plan`); else, with
+`settings.placement_controller`, the one the in-cluster controller stored in the GCS
+(`cluster.placement_store`), so a re-submitted config keeps the running placement; else none.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import logging
-import secrets
 from pathlib import Path
 
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
+from expertmesh.cluster import placement_store
 from expertmesh.deployments.auth import TokenTable
-from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, AppArgs, app_options,
-                                           host_name)
+from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT, ROUTER_DEPLOYMENT,
+                                           AppArgs, app_options, host_name)
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
+from expertmesh.deployments.placement_controller import PlacementControllerDeployment
 from expertmesh.deployments.router import RouterDeployment
 from expertmesh.experts.spec import load_spec
 
 
-_PROCESS = secrets.token_hex(8)  # another serve process (maybe newer code) restarts everything
+SERVING_PACKAGES = ("expertmesh", "expertmesh.v1", "expertmesh.experts", "expertmesh.experts.pcb_aoi",
+                    "expertmesh.router", "expertmesh.profiler", "expertmesh.cluster", "expertmesh.deployments")
 
 
-def versioned(deployment: Deployment, options: dict, *init_args) -> Deployment:
-    """`deployment` with `options` and a version that changes only when its name, this process or its constructor
-    arguments (handles by deployment name) change."""
+@functools.cache
+def code_fingerprint() -> str:
+    """A digest of the serving code (every module of the packages a replica imports): new code restarts replicas."""
+    h = hashlib.sha256()
+    for package in SERVING_PACKAGES:
+        for root in importlib.import_module(package).__path__:
+            for f in sorted(Path(root).glob("*.py")):
+                h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def zoo_fingerprint(zoo: str) -> str:
+    """A digest of the zoo's checkpoint files (path, size, modification time): retrained experts restart replicas."""
+    h = hashlib.sha256()
+    for f in sorted(Path(zoo).rglob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.relative_to(zoo)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _versioned(deployment: Deployment, options: dict, *init_args, fingerprint: str = "") -> Deployment:
+    """`deployment` with `options` and a version that changes only when its name, its constructor arguments (handles
+    by deployment name) or `fingerprint` (the code and checkpoints) change."""
     def plain(x):
         if isinstance(x, Application):
             return f"deployment:{x._bound_deployment.name}"
         if isinstance(x, dict):
             return {str(k): plain(v) for k, v in sorted(x.items())}
         return x
-    digest = hashlib.sha256(json.dumps([_PROCESS, options["name"], [plain(a) for a in init_args]],
+    digest = hashlib.sha256(json.dumps([fingerprint, options["name"], [plain(a) for a in init_args]],
                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
     return deployment.options(**options).options(version=digest, _internal=True)  # Serve's own versioning hook
 
@@ -52,8 +82,13 @@ def build_app(args: dict | AppArgs) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     spec = load_spec(a.spec, zoo_root=Path(a.zoo))  # checkpoints must exist before any replica starts
     TokenTable.load(a.tokens_file)  # fail here, with the fix, rather than in every ingress replica
-    opts = app_options(spec, a, warn=logging.getLogger("ray.serve").warning)  # profile applied when current
+    log = logging.getLogger("ray.serve")
+    if a.placement is None and a.settings.placement_controller and (stored := placement_store.read()) is not None:
+        log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
+        a = a.model_copy(update={"placement": stored.placement})
+    opts = app_options(spec, a, warn=log.warning)  # profile applied when current
     s = a.settings
+    versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
     nodes = opts[ROUTER_DEPLOYMENT]["user_config"]["host_nodes"]
@@ -66,4 +101,9 @@ def build_app(args: dict | AppArgs) -> Application:
     ingress_args = (a.spec, a.tokens_file, router,
                     {"max_components": s.board_max_components, "max_in_flight": s.board_max_in_flight},
                     {"max_size": s.route_batch_max_size, "wait_s": s.route_batch_wait_s}, s.max_in_flight_components)
-    return versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], *ingress_args).bind(*ingress_args)
+    ingress = versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], *ingress_args)
+    if not s.placement_controller:
+        return ingress.bind(*ingress_args)
+    controller_args = (a.model_copy(update={"placement": None, "placement_revision": 0}).model_dump(mode="json"),)
+    controller = versioned(PlacementControllerDeployment, opts[PLACEMENT_DEPLOYMENT], *controller_args)
+    return ingress.bind(*ingress_args, controller.bind(*controller_args))  # bound here so Serve deploys it

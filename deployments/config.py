@@ -28,6 +28,7 @@ APP_NAME = "expertmesh"
 ROUTER_DEPLOYMENT = "Router"
 INGRESS_DEPLOYMENT = "Ingress"
 HOST_DEPLOYMENT = "Host"  # the expert host; with a placement one per planned node: Host-<node>
+PLACEMENT_DEPLOYMENT = "Placement"  # the in-cluster placement controller (settings.placement_controller)
 GRPC_SERVICER = "expertmesh.v1.inspection_pb2_grpc.add_InspectionServiceServicer_to_server"
 IMPORT_PATH = "expertmesh.deployments.app:build_app"
 
@@ -93,6 +94,17 @@ class ServeSettings(BaseModel):
     host_request_router: Literal["assign", "pow2"] = Field(
         "assign", description="how handles pick a host replica: assign (predicted completion time, with switch "
                               "costs: deployments.assign_router) or pow2 (Serve's default, power of two choices)")
+    placement_controller: bool = Field(
+        False, description="run the placement controller inside the app (a `Placement` deployment on the head): it "
+                           "plans on the live nodes, keeps the placement in Ray's GCS and re-plans on node loss, join "
+                           "or drift; for config deploys (`serve deploy`, KubeRay), where re-submitting the config "
+                           "keeps the running placement. `expertmesh serve --replan` runs it in the driver instead")
+    placement_poll_s: float = Field(5.0, gt=0, le=600, description="how often the in-cluster controller reads the nodes")
+    placement_requests_per_s: float = Field(20.0, gt=0, description="the request rate the in-cluster controller "
+                                                                    "plans for")
+    placement_dashboard_url: str | None = Field(
+        None, description="Ray dashboard the in-cluster controller applies plans through (PUT /api/serve/applications/); "
+                          "none: the cluster's own")
     ingress_max_queued_requests: int = Field(
         256, ge=-1, description="requests waiting for an ingress replica; past it stations get RESOURCE_EXHAUSTED "
                                 "(HTTP 503); -1: unbounded")
@@ -122,7 +134,11 @@ class AppArgs(BaseModel):
     profile: str | None = Field(None, description="profile store (expertmesh profile); its current entries set "
                                                   "each expert's batch size and autoscaling target")
     placement: dict[str, list[str]] | None = Field(
-        None, description="expert -> the nodes (expertmesh.io/node labels) its replicas must run on, from a plan")
+        None, description="expert -> the nodes (expertmesh.io/node labels) its replicas must run on, from a plan; "
+                          "none: the stored one when settings.placement_controller, else unpinned")
+    placement_revision: int = Field(
+        0, ge=0, description="the stored placement's revision the app was last built for; the in-cluster controller "
+                             "raises it to make Serve rebuild the app with a new placement (leave it at 0)")
     settings: ServeSettings = Field(default_factory=ServeSettings)
 
 
@@ -225,6 +241,9 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         opts[name] = {"name": name, "num_replicas": replicas, "max_ongoing_requests": ongoing,
                       "max_queued_requests": queued, "ray_actor_options": dict(front)}
     opts[ROUTER_DEPLOYMENT]["user_config"] = routing
+    if s.placement_controller:
+        opts[PLACEMENT_DEPLOYMENT] = {"name": PLACEMENT_DEPLOYMENT, "num_replicas": 1, "max_ongoing_requests": 8,
+                                      "ray_actor_options": {"num_cpus": 0.05, "resources": {HEAD_RESOURCE: 0.001}}}
     for o in opts.values():
         o["max_surge_percent"] = s.max_surge_percent
         o["logging_config"] = {"enable_access_log": s.access_log}
@@ -266,11 +285,22 @@ def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None]
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "args": args.model_dump(mode="json"),
-            "deployments": list(app_options(spec, args, warn).values()),
+            "deployments": config_deployments(app_options(spec, args, warn), args.settings),
         }],
     }
     check_serve_config(config)
     return config
+
+
+def config_deployments(opts: dict[str, dict[str, Any]], settings: ServeSettings) -> list[dict[str, Any]]:
+    """The deployment options a config file lists. With the in-cluster controller, only what no placement changes:
+    Serve applies a re-submitted config's options over the built app, so a `Host` entry would name a deployment the
+    placement replaced (Serve refuses the config) and the router's user_config would reset its routing; the hosts'
+    options come from the settings in `args` instead."""
+    if not settings.placement_controller:
+        return list(opts.values())
+    out = [o for name, o in opts.items() if name in (ROUTER_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT)]
+    return [{k: v for k, v in o.items() if not (o["name"] == ROUTER_DEPLOYMENT and k == "user_config")} for o in out]
 
 
 def check_serve_config(config: dict[str, Any]) -> None:

@@ -73,10 +73,11 @@ def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) 
 class IngressDeployment:
     def __init__(self, spec_path: str | None, tokens_file: str, router: DeploymentHandle,
                  board_limits: dict | None = None, route_batch: dict | None = None,
-                 max_in_flight_components: int = 256) -> None:
+                 max_in_flight_components: int = 256, placement_controller: DeploymentHandle | None = None) -> None:
         self.spec = load_spec(spec_path)
         self.tokens = TokenTable.load(tokens_file)
         self.router = router
+        self.placement_controller = placement_controller  # the in-cluster controller, when the app runs one
         self.board_limits = BoardLimits.model_validate(board_limits or {})
         self.admission = Admission(max_in_flight_components)
         batch = route_batch or {}
@@ -230,9 +231,21 @@ class IngressDeployment:
         return index, failure
 
     # ------------------------------------------------------------------ HTTP
+    async def _placement(self, http: Request) -> dict:
+        """GET /v1/placement (any factory's token): the in-cluster placement controller's view."""
+        self.tokens.factory_of(http.headers.get("authorization"))
+        if http.method != "GET":
+            raise InvalidArgument(f"method {http.method} not allowed", field="method", fix="use GET /v1/placement")
+        if self.placement_controller is None:
+            raise NotFound("this app runs no placement controller", field="path",
+                           fix="serve with settings.placement_controller: true (the Helm chart does)")
+        return await self.placement_controller.status.remote()
+
     async def __call__(self, http: Request) -> JSONResponse:
         rid, factory_id, t0 = "", "", time.perf_counter()
         try:
+            if http.url.path.rstrip("/") == "/v1/placement":
+                return JSONResponse(await self._placement(http))
             if http.url.path.rstrip("/") != "/v1/inspect":
                 raise NotFound(f"no route {http.url.path!r}", field="path", fix="POST /v1/inspect")
             if http.method != "POST":

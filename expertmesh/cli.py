@@ -106,6 +106,9 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser("config", help="write the Serve config file (`serve deploy` accepts it) for a spec")
     add_spec_args(config)
     add_serve_args(config)
+    config.add_argument("--placement-controller", action="store_true",
+                        help="run the placement controller inside the app (KubeRay, `serve deploy`): it plans on the "
+                             "live nodes and re-plans on node loss, join or drift; the Helm chart's config has it")
     config.add_argument("--out", help="file to write (default: stdout)")
     config.set_defaults(func=cmd_config)
 

@@ -42,7 +42,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     try:
         return ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
                              expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s,
-                             expert_num_gpus=args.expert_num_gpus)
+                             expert_num_gpus=args.expert_num_gpus,
+                             placement_controller=getattr(args, "placement_controller", False))
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else ""

@@ -13,13 +13,15 @@ import pytest
 import yaml
 
 from expertmesh.cli import main
+from expertmesh.deployments.config import AppArgs, deployment_options
+from expertmesh.experts.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "expertmesh"
 CRD = Path(__file__).parent / "kuberay" / "ray.io_rayservices.yaml"  # KubeRay's RayService CRD (see its README)
 KUBE_VERSION = "1.30.0"
 CONFIG_FLAGS = ["--zoo", "/models/zoo/pcb-aoi", "--tokens", "/etc/expertmesh/tokens/tokens.yaml", "--no-profile",
-                "--http-host", "0.0.0.0"]  # how files/serve-config.yaml is made (`make chart`)
+                "--http-host", "0.0.0.0", "--placement-controller"]  # how files/serve-config.yaml is made (`make chart`)
 
 
 def two_factories() -> dict:
@@ -111,8 +113,11 @@ def test_serve_config_v2_is_what_expertmesh_config_writes(tmp_path):
     (rs,) = by_kind(render({**two_factories(), "serveConfig": gpu_text.read_text()}), "RayService")
     config = yaml.safe_load(rs["spec"]["serveConfigV2"])
     assert config == gpu
-    assert all(d["ray_actor_options"]["num_gpus"] == 0.25 for d in config["applications"][0]["deployments"]
-               if d["name"] not in ("Router", "Ingress"))
+    # the hosts' options are not listed (a placement renames them): the app builds them from the settings in args
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    assert args.settings.expert_num_gpus == 0.25
+    hosts = [o for name, o in deployment_options(load_spec(None), args.settings).items() if name.startswith("Host")]
+    assert hosts and all(o["ray_actor_options"]["num_gpus"] == 0.25 for o in hosts)
 
 
 def test_gpu_groups_carry_gpus_labels_and_memory():

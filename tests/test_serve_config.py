@@ -114,6 +114,29 @@ def test_a_plan_pins_replicas_to_nodes_in_a_valid_config(default_spec, tmp_path)
     assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--plan", str(plan)]) == 2
 
 
+def test_with_the_in_cluster_controller_the_config_lists_only_what_no_placement_changes(tmp_path):
+    """KubeRay re-submits the config; Serve applies its deployment options over the app built with the stored
+    placement. So the config names no `Host` (a placement replaces it by `Host-<node>`: Serve would refuse the
+    config) and no router user_config (it would reset the routing); it runs the `Placement` controller on the head."""
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(out), "--placement-controller"]) == 0
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    by_name = {d["name"]: d for d in app["deployments"]}
+    assert set(by_name) == {"Router", "Ingress", "Placement"}
+    assert "user_config" not in by_name["Router"]
+    assert by_name["Placement"]["num_replicas"] == 1
+    assert by_name["Placement"]["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
+    assert app["args"]["settings"]["placement_controller"] is True and app["args"]["placement_revision"] == 0
+    # without it the hosts' options are listed as before
+    assert main(["config", "--zoo", str(tmp_path), "--out", str(out)]) == 0
+    names = {d["name"] for d in yaml.safe_load(out.read_text())["applications"][0]["deployments"]}
+    assert names == {"Host", "Router", "Ingress"}
+
+
 @pytest.mark.parametrize("flags, named", [(["--expert-num-gpus", "-1"], "--expert-num-gpus"),
                                           (["--device-idle-s", "-1"], "--device-idle-s")])
 def test_a_bad_serve_option_names_its_flag(tmp_path, capsys, flags, named):

@@ -1,0 +1,117 @@
+"""The placement controller inside the cluster: a one-replica `Placement` deployment on the head node.
+
+For config deploys (`serve deploy`, KubeRay's RayService), where no `expertmesh serve` process stays
+up to re-plan. Glue around `cluster.controller.PlacementController` (the pure re-plan step and its
+poll loop), with two changes of where things live:
+
+- the placement is stored in Ray's GCS (`cluster.placement_store`), and the app builder reads it, so
+  a config re-submitted unchanged (KubeRay does so after an operator restart) rebuilds the app with the
+  running placement instead of the chart's empty one;
+- a plan is applied by raising `args.placement_revision` in the app's deployed config and submitting
+  it through the dashboard's REST API (`PUT /api/serve/applications/`, what KubeRay itself calls):
+  Serve rebuilds the app with the stored placement, starts a `Host-<node>` where a node gains experts,
+  reconfigures the hosts and the router in place (their versions depend on code, checkpoints and
+  constructor arguments only) and removes the hosts of nodes that left the plan.
+
+With no stored placement the first poll sees every node as new and plans (a `node_joined` re-plan);
+until then one unpinned `Host` serves every expert. It plans with the profile when `args.profile`
+has a current entry for every expert, else from the checkpoints (`cluster.demand.checkpoint_problem`).
+`status()` (GET /v1/placement on the ingress) says what runs and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from expertmesh.cluster import placement_store
+from expertmesh.cluster.controller import PlacementController, plan_on_inventory
+from expertmesh.cluster.demand import checkpoint_problem
+from expertmesh.cluster.local import describe, inventory
+from expertmesh.cluster.observed import UsageWatch
+from expertmesh.cluster.placement import Plan, plan
+from expertmesh.cluster.prometheus import scrape_targets
+from expertmesh.deployments.config import APP_NAME, AppArgs, app_profiles
+from expertmesh.errors import FailedPrecondition, Unavailable
+from expertmesh.experts.spec import load_spec
+from expertmesh.profiler.store import ProfileStore, UsageProfile
+from expertmesh.profiler.usage import from_spec
+
+logger = logging.getLogger("ray.serve")
+APPLICATIONS_PATH = "/api/serve/applications/"
+
+
+def resubmit(dashboard_url: str, revision: int, app_name: str = APP_NAME, timeout_s: float = 30.0) -> None:
+    """Submit the running declarative config again with `args.placement_revision = revision` (every other app and
+    option as deployed), so Serve rebuilds `app_name`; raises when the app was not deployed from a config."""
+    with urllib.request.urlopen(dashboard_url.rstrip("/") + APPLICATIONS_PATH, timeout=timeout_s) as r:
+        details = json.load(r)
+    apps = {name: a.get("deployed_app_config") for name, a in (details.get("applications") or {}).items()}
+    if not apps.get(app_name):
+        raise FailedPrecondition(f"application {app_name!r} was not deployed from a config, so a plan cannot be applied "
+                                 "by re-submitting it", field="settings.placement_controller",
+                                 fix="deploy with `serve deploy` or KubeRay, or use `expertmesh serve --replan`")
+    apps[app_name] = {**apps[app_name], "args": {**apps[app_name]["args"], "placement_revision": revision}}
+    body = {"applications": [c for c in apps.values() if c],
+            **{k: details[k] for k in ("proxy_location", "http_options", "grpc_options", "target_capacity")
+               if details.get(k) is not None}}
+    req = urllib.request.Request(dashboard_url.rstrip("/") + APPLICATIONS_PATH, data=json.dumps(body).encode(),
+                                 method="PUT", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        if r.status >= 300:
+            raise Unavailable(f"the dashboard refused the re-submitted config ({r.status})", fix="see its log")
+
+
+@serve.deployment
+class PlacementControllerDeployment:
+    def __init__(self, app_args: dict) -> None:
+        a = AppArgs.model_validate(app_args)
+        s = a.settings
+        self.spec = spec = load_spec(a.spec, zoo_root=Path(a.zoo))
+        profiles = app_profiles(spec, a, warn=logger.warning)
+        usage: UsageProfile = (ProfileStore.load(Path(a.profile)).usage if a.profile else None) or from_spec(spec)
+        self.source = "profile" if all(e.name in profiles for e in spec.experts) else "checkpoints"
+        rps = s.placement_requests_per_s
+
+        def planner(u: UsageProfile, cluster: dict, current: dict[str, list[str]]) -> Plan:
+            if self.source == "profile":
+                return plan_on_inventory(spec, profiles, rps, u, cluster, current)
+            return plan(checkpoint_problem(spec, Path(a.zoo), u, inventory(cluster), rps, current=current))
+
+        self.dashboard_url = s.placement_dashboard_url or "http://" + ray._private.worker.get_dashboard_url()
+        stored = placement_store.read()
+        self.revision = stored.revision if stored else 0
+        self.log: list[str] = []
+        self.controller = PlacementController(
+            "auto", spec, profiles, usage, rps, stored.placement if stored else {}, apply=self._apply,
+            poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets, spec.router.expert), log=self._log,
+            read_cluster=lambda: describe("auto"), planner=planner)
+        self.controller.start()
+        self._log(f"started (planning from the {self.source}; stored placement: "
+                  f"{'revision %d' % self.revision if stored else 'none'}; applying through {self.dashboard_url})")
+
+    def __del__(self) -> None:
+        self.controller.stop_event.set()
+
+    def _log(self, message: str) -> None:
+        logger.info("placement controller: %s", message)
+        self.log = (self.log + [message])[-20:]
+
+    def _apply(self, placement: dict[str, list[str]]) -> None:
+        """Store the new placement, then make Serve rebuild the app with it; a failure leaves the revision as it was
+        (the controller keeps its old state and tries again at the next poll)."""
+        revision = self.revision + 1
+        placement_store.write(placement, revision, reason=self.log[-1] if self.log else "")
+        resubmit(self.dashboard_url, revision)
+        self.revision = revision
+
+    def status(self) -> dict:
+        stored = placement_store.read()
+        return {"revision": stored.revision if stored else 0, "placement": stored.placement if stored else {},
+                "planned_from": self.source, "replans": [k.value for k, _ in self.controller.replans],
+                "log": self.log[-10:]}
