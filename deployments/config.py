@@ -234,7 +234,8 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         opts[HOST_DEPLOYMENT] = host_options(HOST_DEPLOYMENT, experts, spec, settings, profiles)
     routing = {"homes": {e: nodes[0] for e, nodes in sorted(planned.items())}, "host_nodes": planned_nodes}
     s = settings
-    front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if planned_nodes and s.front_on_head else {})}
+    on_head = (planned_nodes or s.placement_controller) and s.front_on_head  # the controller's builds: always
+    front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if on_head else {})}
     for name, replicas, ongoing, queued in (
             (ROUTER_DEPLOYMENT, s.router_replicas, s.max_ongoing_requests, s.max_queued_requests),
             (INGRESS_DEPLOYMENT, s.ingress_replicas, s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)):

@@ -26,7 +26,6 @@ import logging
 import urllib.request
 from pathlib import Path
 
-import ray
 from ray import serve
 
 from expertmesh.cluster import placement_store
@@ -46,10 +45,34 @@ logger = logging.getLogger("ray.serve")
 APPLICATIONS_PATH = "/api/serve/applications/"
 
 
+def ray_auth_headers() -> dict[str, str]:
+    """The header a call to the dashboard needs when the cluster uses Ray's token authentication (KubeRay's
+    `authOptions.mode: token` gives every pod RAY_AUTH_MODE=token and RAY_AUTH_TOKEN); empty when it does not."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return dict(get_auth_headers_if_auth_enabled({}))
+
+
+def dashboard_url() -> str:
+    """The cluster's dashboard (its REST API), as the head registered it in the GCS: where `ray.util.state` and the
+    job client find it too."""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    address = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not address:
+        raise Unavailable("the cluster's dashboard is not registered in the GCS", fix="start the head with the dashboard "
+                          "(KubeRay does), or set settings.placement_dashboard_url")
+    address = address.decode()
+    return address if address.startswith("http") else "http://" + address
+
+
 def resubmit(dashboard_url: str, revision: int, app_name: str = APP_NAME, timeout_s: float = 30.0) -> None:
     """Submit the running declarative config again with `args.placement_revision = revision` (every other app and
     option as deployed), so Serve rebuilds `app_name`; raises when the app was not deployed from a config."""
-    with urllib.request.urlopen(dashboard_url.rstrip("/") + APPLICATIONS_PATH, timeout=timeout_s) as r:
+    auth = ray_auth_headers()
+    get = urllib.request.Request(dashboard_url.rstrip("/") + APPLICATIONS_PATH, headers=auth)
+    with urllib.request.urlopen(get, timeout=timeout_s) as r:
         details = json.load(r)
     apps = {name: a.get("deployed_app_config") for name, a in (details.get("applications") or {}).items()}
     if not apps.get(app_name):
@@ -61,7 +84,7 @@ def resubmit(dashboard_url: str, revision: int, app_name: str = APP_NAME, timeou
             **{k: details[k] for k in ("proxy_location", "http_options", "grpc_options", "target_capacity")
                if details.get(k) is not None}}
     req = urllib.request.Request(dashboard_url.rstrip("/") + APPLICATIONS_PATH, data=json.dumps(body).encode(),
-                                 method="PUT", headers={"Content-Type": "application/json"})
+                                 method="PUT", headers={"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         if r.status >= 300:
             raise Unavailable(f"the dashboard refused the re-submitted config ({r.status})", fix="see its log")
@@ -83,7 +106,7 @@ class PlacementControllerDeployment:
                 return plan_on_inventory(spec, profiles, rps, u, cluster, current)
             return plan(checkpoint_problem(spec, Path(a.zoo), u, inventory(cluster), rps, current=current))
 
-        self.dashboard_url = s.placement_dashboard_url or "http://" + ray._private.worker.get_dashboard_url()
+        self.dashboard_url = s.placement_dashboard_url or dashboard_url()
         stored = placement_store.read()
         self.revision = stored.revision if stored else 0
         self.log: list[str] = []
@@ -113,5 +136,6 @@ class PlacementControllerDeployment:
     def status(self) -> dict:
         stored = placement_store.read()
         return {"revision": stored.revision if stored else 0, "placement": stored.placement if stored else {},
+                "reason": stored.reason if stored else "",
                 "planned_from": self.source, "replans": [k.value for k, _ in self.controller.replans],
                 "log": self.log[-10:]}
