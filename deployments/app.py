@@ -5,12 +5,12 @@ KubeRay's serveConfigV2) and of `expertmesh serve`. Deployment options come from
 `deployments.config.app_options` (the spec, the settings and a current profile), the same function
 that writes the config file.
 
-Every deployment gets a version derived from its constructor arguments, the code and the zoo's
-checkpoints, so a redeploy (the placement controller applying a new plan, KubeRay re-submitting the
-same config) restarts only the deployments whose arguments, code or checkpoints changed, and
-reconfigures the rest in place; Serve otherwise gives each deployment a fresh random version on every
-build, restarting every replica. A config deploy rebuilds the app in a new process each time, so the
-version cannot depend on the process.
+Every deployment gets a version derived from its constructor arguments, the serving code and the zoo's
+checkpoints, so a redeploy through Serve's imperative API (`expertmesh serve --replan` applying a new
+plan) restarts only the deployments whose arguments, code or checkpoints changed, and reconfigures the
+rest in place; `serve.run` otherwise gives each deployment a fresh random version, restarting every
+replica. (A config deploy - `serve deploy`, KubeRay - replaces these versions by the app's code
+version, a hash of the config's import path and args: every rebuild there restarts every replica.)
 
 The placement: `args.placement` when given (`expertmesh serve --plan`); else, with
 `settings.placement_controller`, the one the in-cluster controller stored in the GCS

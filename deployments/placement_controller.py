@@ -9,9 +9,9 @@ poll loop), with two changes of where things live:
   running placement instead of the chart's empty one;
 - a plan is applied by raising `args.placement_revision` in the app's deployed config and submitting
   it through the dashboard's REST API (`PUT /api/serve/applications/`, what KubeRay itself calls):
-  Serve rebuilds the app with the stored placement, starts a `Host-<node>` where a node gains experts,
-  reconfigures the hosts and the router in place (their versions depend on code, checkpoints and
-  constructor arguments only) and removes the hosts of nodes that left the plan.
+  Serve rebuilds the app with the stored placement - a `Host-<node>` pinned to each planned node, the
+  hosts of nodes that left the plan removed. Serve versions a config-deployed app's deployments by the
+  config's args, so the rebuild rolls every replica (this one too: its successor reads the store).
 
 With no stored placement the first poll sees every node as new and plans (a `node_joined` re-plan);
 until then one unpinned `Host` serves every expert. It plans with the profile when `args.profile`
