@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from expertmesh.cli_options import add_gpu_arg, add_spec_args, positive, spec_and_zoo
-from expertmesh.cluster.demand import placement_problem
+from expertmesh.cluster.demand import executor_sizing, placement_problem
 from expertmesh.cluster.explain import format_plan, plan_json
 from expertmesh.cluster.local import (LocalClusterConfig, describe, down, format_status, inventory, read_state,
                                       remove_node, up)
@@ -35,14 +35,16 @@ def cmd_plan(args) -> int:
         nodes = inventory(describe(address))
         print(f"nodes from the live cluster {address}: {', '.join(n.name for n in nodes)}", file=sys.stderr)
     else:
-        nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30))
+        nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30), cpus=args.cpus_per_node)
                  for i in range(args.nodes or 3)]
-    problem = placement_problem(spec, profiles, store.usage or from_spec(spec), nodes, args.rps)
+    usage = store.usage or from_spec(spec)
+    problem = placement_problem(spec, profiles, usage, nodes, args.rps)
     result = plan(problem, args.method)
-    print(format_plan(result, problem, explain=args.explain,
+    executors = executor_sizing(spec, profiles, usage, nodes, args.rps, result)
+    print(format_plan(result, problem, explain=args.explain, executors=executors,
                       title=f"{spec.name} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
     if args.json:
-        Path(args.json).write_text(plan_json(result))
+        Path(args.json).write_text(plan_json(result, executors))
         print(f"plan JSON: {args.json}")
     return 0
 
@@ -114,6 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "unless --nodes is given)")
     pl.add_argument("--nodes", type=int, help="plan for this many identical nodes instead (default 3)")
     pl.add_argument("--node-memory-gb", type=positive(float), default=16.0, help="device memory per node, GiB")
+    pl.add_argument("--cpus-per-node", type=positive(float), default=4.0,
+                    help="logical CPUs per node, with --nodes (expert-host sizing: how many replicas fit and run at once)")
     pl.add_argument("--rps", type=positive(float), default=20.0, help="requests per second to plan for")
     pl.add_argument("--method", choices=["auto", "exact", "heuristic"], default="auto")
     add_gpu_arg(pl)  # plan with the profile entries of the device the experts will be served on

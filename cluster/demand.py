@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, PlacementConfig, PlacementProblem
+from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, Plan, PlacementConfig, PlacementProblem
+from expertmesh.cluster.sizing import ExecutorSizing, ExpertCost, size_executors
 from expertmesh.errors import FailedPrecondition
 from expertmesh.experts.spec import CoESpec, resolve_checkpoint
 from expertmesh.profiler.serving_profiles import serving_batch
@@ -69,3 +70,30 @@ def checkpoint_problem(spec: CoESpec, zoo_root: Path, usage: UsageProfile, nodes
              for w in usage.edges]
     return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig(),
                             current=current or {})
+
+
+def executor_sizing(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile, nodes: list[NodeCapacity],
+                    requests_per_s: float, result: Plan, host_num_cpus: float = 1.0,
+                    torch_threads: int = 1) -> dict[str, ExecutorSizing]:
+    """Per planned node, its expert hosts' replica count and device budget (`cluster.sizing`), from the profile and
+    the calls the plan puts there (an expert held on n nodes: 1/n of its calls on each). The router's classifier runs
+    in the router, not in a host. A node runs at most cpus / host_num_cpus replicas (what Ray can place)."""
+    out = {}
+    for node in nodes:
+        held = [e for e, ns in result.replicas.items() if node.name in ns and e != spec.router.expert and e in profiles]
+        if not held:
+            continue
+        costs = []
+        for name in held:
+            p = profiles[name]
+            b = serving_batch(p)
+            switch_s = next((m.median_s for m in p.moves if (m.source, m.target) == ("host", "device")), 0.0)
+            costs.append(ExpertCost(
+                name=name, weights_bytes=p.footprint_bytes, activation_bytes=max(0, b.peak_bytes - p.footprint_bytes),
+                k_ms_per_item=p.fit.k_ms_per_item, b_ms_per_batch=p.fit.b_ms, batch_size=b.batch_size,
+                switch_ms=switch_s * 1000.0,
+                calls_per_s=requests_per_s * usage.usage.get(name, 0.0) / len(result.replicas[name])))
+        slots = node.cpus / torch_threads if node.cpus > 0 else 1.0
+        max_replicas = max(1, int(node.cpus // host_num_cpus)) if node.cpus > 0 else 1
+        out[node.name] = size_executors(costs, node.memory_bytes, slots, max_replicas=max_replicas)
+    return out

@@ -1,15 +1,18 @@
-"""`expertmesh plan --explain`: a plan as text - per node its experts and memory, the cut edges, the why."""
+"""`expertmesh plan --explain`: a plan as text - per node its experts, memory and expert-host sizing, the cut edges,
+the why."""
 
 from __future__ import annotations
 
 import json
 
 from expertmesh.cluster.placement import Plan, PlacementProblem
+from expertmesh.cluster.sizing import ExecutorSizing
 
 MIB = 2 ** 20
 
 
-def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, title: str = "") -> str:
+def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, title: str = "",
+                executors: dict[str, ExecutorSizing] | None = None) -> str:
     caps = {n.name: n.memory_bytes for n in problem.nodes}
     everywhere = {e.name for e in problem.experts if e.everywhere}
     lines = [f"{title}plan ({plan.method}): cut {plan.cut_weight:.3g} of {plan.total_weight:.3g} dependent calls/s "
@@ -21,6 +24,11 @@ def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, 
         for e in sorted(held, key=lambda e: (e not in everywhere, plan.homes[e] != n.name, e)):
             role = "every node" if e in everywhere else "home" if plan.homes[e] == n.name else "replica"
             lines.append(f"      {e:<24}{role}")
+        if executors and n.name in executors:
+            x = executors[n.name]
+            lines.append(f"      expert hosts: {x.num_replicas} replica(s), {x.device_budget_bytes / MIB:.1f} MiB of "
+                         f"experts + {x.activation_reserve_bytes / MIB:.1f} MiB for a batch each"
+                         + (f" - {x.reason}" if explain else ""))
     if plan.cut_edges:
         lines.append("  cut edges (upstream -> downstream at node: calls/s):")
         for u, v, n, w in sorted(plan.cut_edges, key=lambda c: -c[3]):
@@ -33,8 +41,9 @@ def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, 
     return "\n".join(lines)
 
 
-def plan_json(plan: Plan) -> str:
+def plan_json(plan: Plan, executors: dict[str, ExecutorSizing] | None = None) -> str:
     return json.dumps({"method": plan.method, "homes": plan.homes, "replicas": plan.replicas,
+                       "executors": {n: x.to_json() for n, x in (executors or {}).items()},
                        "memory_used_bytes": plan.memory_used_bytes, "load": plan.load,
                        "cut_edges": [{"upstream": u, "downstream": v, "node": n, "weight": w} for u, v, n, w in plan.cut_edges],
                        "cut_weight": plan.cut_weight, "total_weight": plan.total_weight}, indent=2)

@@ -212,7 +212,8 @@ def describe(address: str) -> dict:
 
 def inventory(desc: dict) -> list[NodeCapacity]:
     """The alive nodes of `describe()` as the planner's NodeCapacity (memory from `expertmesh_memory_mib`)."""
-    nodes = [NodeCapacity(name=n["name"], memory_bytes=int(n["memory_mib"] * 2**20), labels={POOL_LABEL: n["pool"]})
+    nodes = [NodeCapacity(name=n["name"], memory_bytes=int(n["memory_mib"] * 2**20), labels={POOL_LABEL: n["pool"]},
+                          cpus=n["cpus"])
              for n in desc["nodes"] if n["alive"] and n["memory_mib"] > 0]
     if not nodes:
         raise FailedPrecondition("no alive node declares device memory", field="cluster",

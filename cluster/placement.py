@@ -40,6 +40,7 @@ class NodeCapacity(BaseModel):
     name: str
     memory_bytes: int = Field(gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
+    cpus: float = Field(0.0, ge=0, description="logical CPUs (executor sizing's compute slots); 0: not known")
 
 
 class Edge(BaseModel):

@@ -123,6 +123,15 @@ class ServeSettings(BaseModel):
         return self
 
 
+class ExecutorPlan(BaseModel):
+    """One node's expert hosts as the plan sized them (`cluster.sizing`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    num_replicas: int = Field(ge=1)
+    device_budget_bytes: int = Field(gt=0, description="per replica, for resident experts")
+
+
 class AppArgs(BaseModel):
     """Arguments of the Serve application builder (`args:` in the Serve config)."""
 
@@ -136,6 +145,9 @@ class AppArgs(BaseModel):
     placement: dict[str, list[str]] | None = Field(
         None, description="expert -> the nodes (expertmesh.io/node labels) its replicas must run on, from a plan; "
                           "none: the stored one when settings.placement_controller, else unpinned")
+    executors: dict[str, ExecutorPlan] | None = Field(
+        None, description="planned node -> its expert hosts' replica count and device budget (the plan's executor "
+                          "sizing); none: host_replicas..host_max_replicas and the node's memory")
     placement_revision: int = Field(
         0, ge=0, description="the stored placement's revision the app was last built for; the in-cluster controller "
                              "raises it to make Serve rebuild the app with a new placement (leave it at 0)")
@@ -211,8 +223,18 @@ def pin_to_node(options: dict[str, Any], node: str) -> dict[str, Any]:
     return {**options, "ray_actor_options": actor}
 
 
+def sized(options: dict[str, Any], executor: ExecutorPlan) -> dict[str, Any]:
+    """A host deployment with the plan's replica count (fixed: more replicas would not fit the node's memory) and each
+    replica's device budget."""
+    scaling = {**options["autoscaling_config"], "min_replicas": executor.num_replicas,
+               "initial_replicas": executor.num_replicas, "max_replicas": executor.num_replicas}
+    user_config = {**options["user_config"], "device_budget_bytes": executor.device_budget_bytes}
+    return {**options, "autoscaling_config": scaling, "user_config": user_config}
+
+
 def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[str, ExpertProfile] | None = None,
-                       placement: dict[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
+                       placement: dict[str, list[str]] | None = None,
+                       executors: dict[str, ExecutorPlan] | None = None) -> dict[str, dict[str, Any]]:
     """Options of every deployment of the app, by deployment name: the expert host(s), the router, the ingress.
 
     Without a placement one `Host` deployment holds every expert (the classifier runs in the router). With one,
@@ -230,6 +252,8 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         for node in planned_nodes:
             held = [e for e in experts if node in planned.get(e, [])]
             opts[host_name(node)] = pin_to_node(host_options(host_name(node), held, spec, settings, profiles), node)
+            if executors and node in executors:
+                opts[host_name(node)] = sized(opts[host_name(node)], executors[node])
     else:
         opts[HOST_DEPLOYMENT] = host_options(HOST_DEPLOYMENT, experts, spec, settings, profiles)
     routing = {"homes": {e: nodes[0] for e, nodes in sorted(planned.items())}, "host_nodes": planned_nodes}
@@ -263,7 +287,7 @@ def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | Non
 
 def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """`deployment_options` with the profile entries (`app_profiles`) and the placement of `args` applied."""
-    return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement)
+    return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement, args.executors)
 
 
 def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,8 @@ from expertmesh.experts.spec import load_spec
 def initial_cpus(args: AppArgs) -> float:
     """Logical CPUs the app's initial replicas ask for (Serve waits forever for replicas it cannot place)."""
     total = 0.0
-    for opts in deployment_options(load_spec(args.spec), args.settings, placement=args.placement).values():
+    for opts in deployment_options(load_spec(args.spec), args.settings, placement=args.placement,
+                                   executors=args.executors).values():
         replicas = opts.get("num_replicas") or opts["autoscaling_config"]["initial_replicas"]
         total += replicas * opts["ray_actor_options"]["num_cpus"]
     return total

@@ -66,6 +66,16 @@ def profile_path(args: argparse.Namespace, zoo_root: Path) -> Path | None:
     return profile
 
 
+def read_executors(plan_file: str | None) -> dict[str, dict] | None:
+    """The executor sizing (node -> replicas and device budget) of a plan JSON; None without one (older plans)."""
+    if not plan_file:
+        return None
+    try:
+        return json.loads(Path(plan_file).read_text()).get("executors") or None
+    except (OSError, ValueError, AttributeError):
+        return None  # read_placement names the problem
+
+
 def read_placement(plan_file: str | None) -> dict[str, list[str]] | None:
     """The placement (expert -> nodes) of a plan JSON written by `expertmesh plan --json`."""
     if not plan_file:
@@ -83,7 +93,7 @@ def app_args(args: argparse.Namespace, zoo_root: Path, tokens_file: str) -> AppA
     profile = profile_path(args, zoo_root)
     return AppArgs(spec=str(Path(args.spec).resolve()) if args.spec else None, zoo=str(zoo_root),
                    tokens_file=str(Path(tokens_file).resolve()), profile=str(profile.resolve()) if profile else None,
-                   placement=read_placement(args.plan), settings=settings)
+                   placement=read_placement(args.plan), executors=read_executors(args.plan), settings=settings)
 
 
 def dev_tokens_path() -> Path:
