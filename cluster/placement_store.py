@@ -27,6 +27,8 @@ class StoredPlacement(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     placement: dict[str, list[str]] = Field(description="expert -> the nodes (expertmesh.io/node) holding it")
+    executors: dict[str, dict] = Field(default_factory=dict, description="node -> its expert hosts' sizing "
+                                                                         "(deployments.config.ExecutorPlan fields)")
     revision: int = Field(ge=1, description="1 for the first plan, +1 for every re-plan applied")
     reason: str = Field("", description="why this placement was made (the controller's log line)")
     written_at_s: float = Field(0.0, description="wall-clock time it was written (time.time())")
@@ -48,12 +50,13 @@ def read() -> StoredPlacement | None:
         return None
 
 
-def write(placement: dict[str, list[str]], revision: int, reason: str = "") -> StoredPlacement:
-    """Store `placement` as `revision` (overwriting the previous one) and return what was stored."""
+def write(placement: dict[str, list[str]], revision: int, reason: str = "",
+          executors: dict[str, dict] | None = None) -> StoredPlacement:
+    """Store `placement` (and its executor sizing) as `revision`, overwriting the previous one; returns it."""
     from ray.experimental import internal_kv
 
     stored = StoredPlacement(placement={e: list(ns) for e, ns in sorted(placement.items())}, revision=revision,
-                             reason=reason, written_at_s=time.time())
+                             executors=executors or {}, reason=reason, written_at_s=time.time())
     internal_kv._internal_kv_put(KEY, json.dumps(stored.model_dump()).encode(), overwrite=True, namespace=NAMESPACE)
     return stored
 

@@ -85,7 +85,8 @@ def build_app(args: dict | AppArgs) -> Application:
     log = logging.getLogger("ray.serve")
     if a.placement is None and a.settings.placement_controller and (stored := placement_store.read()) is not None:
         log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
-        a = a.model_copy(update={"placement": stored.placement})
+        a = AppArgs.model_validate({**a.model_dump(), "placement": stored.placement,
+                                    "executors": stored.executors or None})
     opts = app_options(spec, a, warn=log.warning)  # profile applied when current
     s = a.settings
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(a.zoo))
@@ -104,6 +105,7 @@ def build_app(args: dict | AppArgs) -> Application:
     ingress = versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], *ingress_args)
     if not s.placement_controller:
         return ingress.bind(*ingress_args)
-    controller_args = (a.model_copy(update={"placement": None, "placement_revision": 0}).model_dump(mode="json"),)
+    controller_args = (a.model_copy(update={"placement": None, "executors": None, "placement_revision": 0}
+                                    ).model_dump(mode="json"),)
     controller = versioned(PlacementControllerDeployment, opts[PLACEMENT_DEPLOYMENT], *controller_args)
     return ingress.bind(*ingress_args, controller.bind(*controller_args))  # bound here so Serve deploys it

@@ -14,8 +14,9 @@ poll loop), with two changes of where things live:
   config's args, so the rebuild rolls every replica (this one too: its successor reads the store).
 
 With no stored placement the first poll sees every node as new and plans (a `node_joined` re-plan);
-until then one unpinned `Host` serves every expert. It plans with the profile when `args.profile`
-has a current entry for every expert, else from the checkpoints (`cluster.demand.checkpoint_problem`).
+until then one unpinned `Host` serves every expert. It plans (and sizes each node's expert hosts:
+`cluster.sizing`) with the profile when `args.profile` has a current entry for every expert, else from the
+checkpoints (`cluster.demand.checkpoint_problem`; no sizing: the settings' replicas, the node's memory).
 `status()` (GET /v1/placement on the ingress) says what runs and why.
 """
 
@@ -30,7 +31,7 @@ from ray import serve
 
 from expertmesh.cluster import placement_store
 from expertmesh.cluster.controller import PlacementController, plan_on_inventory
-from expertmesh.cluster.demand import checkpoint_problem
+from expertmesh.cluster.demand import checkpoint_problem, executor_sizing
 from expertmesh.cluster.local import describe, inventory
 from expertmesh.cluster.observed import UsageWatch
 from expertmesh.cluster.placement import Plan, plan
@@ -101,9 +102,15 @@ class PlacementControllerDeployment:
         self.source = "profile" if all(e.name in profiles for e in spec.experts) else "checkpoints"
         rps = s.placement_requests_per_s
 
+        self.executors: dict[str, dict] = {}  # the last plan's executor sizing (with a profile only)
+
         def planner(u: UsageProfile, cluster: dict, current: dict[str, list[str]]) -> Plan:
             if self.source == "profile":
-                return plan_on_inventory(spec, profiles, rps, u, cluster, current)
+                result = plan_on_inventory(spec, profiles, rps, u, cluster, current)
+                sizing = executor_sizing(spec, profiles, u, inventory(cluster), rps, result, s.host_num_cpus,
+                                         s.torch_threads)
+                self.executors = {n: x.to_json() for n, x in sizing.items()}
+                return result
             return plan(checkpoint_problem(spec, Path(a.zoo), u, inventory(cluster), rps, current=current))
 
         self.dashboard_url = s.placement_dashboard_url or dashboard_url()
@@ -129,13 +136,13 @@ class PlacementControllerDeployment:
         """Store the new placement, then make Serve rebuild the app with it; a failure leaves the revision as it was
         (the controller keeps its old state and tries again at the next poll)."""
         revision = self.revision + 1
-        placement_store.write(placement, revision, reason=self.log[-1] if self.log else "")
+        placement_store.write(placement, revision, reason=self.log[-1] if self.log else "", executors=self.executors)
         resubmit(self.dashboard_url, revision)
         self.revision = revision
 
     def status(self) -> dict:
         stored = placement_store.read()
         return {"revision": stored.revision if stored else 0, "placement": stored.placement if stored else {},
-                "reason": stored.reason if stored else "",
+                "reason": stored.reason if stored else "", "executors": stored.executors if stored else {},
                 "planned_from": self.source, "replans": [k.value for k, _ in self.controller.replans],
                 "log": self.log[-10:]}
