@@ -313,6 +313,17 @@ def ci(results: dict) -> str:
         f"on one shared Ray/Serve instance take most of it).") + "\n"
 
 
+def kuberay(results: dict) -> str:
+    d = results["kuberay"]["data"]
+    return "\n" + wrap(
+        f"Measured on this 2-core machine by that test: the first placement (planned from the "
+        f"{d['planned_from']}, on {and_list(d['nodes_used_first'])}) was running {num(d['first_placement_running_s'], 0)} s "
+        f"after serveConfigV2 was submitted; after {d['lost_node']} was killed the re-planned placement (on "
+        f"{and_list(d['nodes_used_after'])}) was running {num(d['replan_running_s'], 0)} s later, every replica rolled; "
+        f"the same config re-submitted was running again, with the same hosts on the same pods, "
+        f"{num(d['resubmitted_running_s'], 0)} s later ({source_note('kuberay', results)}).") + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "make_run.station": make_run_station, "make_run.hit_rates": make_run_hit_rates,
     "accuracy": accuracy,
@@ -320,7 +331,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "plan": plan, "plan.tight": plan_tight,
     "throughput": throughput,
     "node_loss": node_loss, "node_loss.range": node_loss_range, "node_loss.colocation": node_loss_colocation,
-    "ci": ci,
+    "kuberay": kuberay, "ci": ci,
 }
 GROUPS = sorted({name.split(".")[0] for name in RENDERERS})
 

@@ -7,6 +7,7 @@ loudly instead of writing a wrong figure.
 from __future__ import annotations
 
 import ast
+import json
 import re
 
 
@@ -160,3 +161,9 @@ def node_loss_test(text: str) -> dict:
         "requests_past_30_s": int(past[1]),
         "station": {"num_sent": int(st[1]), "codes": codes},
     }
+
+
+def kuberay_test(text: str) -> dict:
+    """`pytest -s` of tests/test_kuberay_placement.py: the JSON of its 'kuberay placement figures:' line."""
+    line = _search(r"kuberay placement figures: (\{.*\})", text, "'kuberay placement figures' line")
+    return json.loads(line[1])

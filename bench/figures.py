@@ -14,6 +14,7 @@ Groups and what measures them (the last four start Ray, serve and take minutes):
   throughput  expertmesh bench throughput --before ...  (before/now capacities, overload, ready time, RSS; ~15 min)
   make_run    make run                                  (station figures, readiness, hit rates from Prometheus)
   node_loss   pytest -s the 3-node node-loss test       (lost experts answering again, re-plan timings, the station)
+  kuberay     pytest -s the KubeRay-style placement test (first placement, re-plan after a lost pod, re-submission)
   ci          bash .ci/run on a clean clone             (CI time by phase, pytest's summary)
 `refresh --from-results throughput` records an existing bench/results/throughput.json instead of re-running the bench
 (the file keeps the commit, date and load of the run that made it); `refresh --from-log FILE [--commit SHA] node_loss`
@@ -238,10 +239,25 @@ def refresh_ci() -> None:
         measured={"commit": cloned, "worktree_dirty": False})
 
 
+KUBERAY_TEST = "tests/test_kuberay_placement.py"
+
+
+def refresh_kuberay() -> None:
+    """Run the KubeRay-style test and record the timings it prints."""
+    text, _ = run([PYTHON, "-m", "pytest", "-s", "-p", "no:cacheprovider", KUBERAY_TEST])
+    summary = parse.pytest_summary(text)
+    if summary["counts"].get("passed", 0) < 1 or summary["counts"].get("failed", 0) or summary["counts"].get("errors", 0):
+        raise SystemExit(f"figures: the KubeRay placement test did not pass ({summary['summary']}); nothing written")
+    write("kuberay", f"pytest -s {KUBERAY_TEST}", parse.kuberay_test(text),
+          note="seconds on this machine: from submitting serveConfigV2 to the first placement running; from killing "
+               "a worker to the re-planned placement running; from re-submitting the same config to the app running "
+               "with the same hosts on the same nodes")
+
+
 REFRESH: dict[str, Callable[[], None]] = {
     "accuracy": refresh_accuracy, "profile": refresh_profile, "plan": refresh_plan,
     "throughput": refresh_throughput, "make_run": refresh_make_run, "node_loss": refresh_node_loss,
-    "ci": refresh_ci}
+    "kuberay": refresh_kuberay, "ci": refresh_ci}
 
 
 def render() -> None:

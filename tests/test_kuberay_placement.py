@@ -157,6 +157,7 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
         wait_for("three Ray nodes", nodes_up, 120)
 
         # KubeRay submits serveConfigV2
+        submitted_s = time.monotonic()
         http_json(f"{dashboard}/api/serve/applications/", method="PUT", body=config, token=ray_token)
 
         def placement():
@@ -176,6 +177,7 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
         # the controller plans on the two workers (the head offers experts no memory) and the app is rebuilt with it
         first = wait_for("a first placement applied", lambda: (p := placement())["revision"] >= 1 and app_running()
                          and set(hosts()) == {host_name(n) for ns in p["placement"].values() for n in ns} and p, 420)
+        first_s = time.monotonic() - submitted_s
         used = sorted({n for ns in first["placement"].values() for n in ns})
         assert set(used) <= set(workers) and used, first
         assert first["planned_from"] == "checkpoints" and "node joined" in first["reason"], first
@@ -185,26 +187,35 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
 
         # a worker pod is lost: the controller re-plans on what is left
         lost = used[-1]
+        lost_at_s = time.monotonic()
         pods.kill(lost)
         after = wait_for("a re-plan without the lost node", lambda: (p := placement())["revision"] > first["revision"]
                          and app_running() and set(hosts()) == {host_name(n) for ns in p["placement"].values()
                                                                 for n in ns} and p, 300)
+        replanned_s = time.monotonic() - lost_at_s
         assert lost not in {n for ns in after["placement"].values() for n in ns}, after
         assert "node lost: " + lost in after["reason"], after
         running = {name: sorted(node for _, node in replicas) for name, replicas in hosts().items()}
 
         # KubeRay re-submits the same serveConfigV2 (an operator restart empties its cache): nothing moves
+        resubmitted_at_s = time.monotonic()
         http_json(f"{dashboard}/api/serve/applications/", method="PUT", body=config, token=ray_token)
         time.sleep(10)
         wait_for("the app running after the re-submission", app_running, 180)
         assert placement()["placement"] == after["placement"]
         wait_for("the same expert hosts on the same nodes", lambda: {
             name: sorted(node for _, node in replicas) for name, replicas in hosts().items()} == running, 180)
+        resubmit_s = time.monotonic() - resubmitted_at_s
 
         # and it answers
         image = encode_png(generator.generate("chip_resistor", "ok", 7, 0))
         answer = http_json(f"http://127.0.0.1:{http_port}/v1/inspect", method="POST", token=token,
                            body={"factory_id": "factory-a", "image": base64.b64encode(image).decode()}, timeout=60)
         assert answer["verdict"] in ("PASS", "DEFECT", "UNCERTAIN") and len(answer["experts"]) >= 2, answer
+        print("kuberay placement figures: " + json.dumps({  # bench/figures.py records this line (group kuberay)
+            "first_placement_running_s": round(first_s, 1), "lost_node": lost, "replan_running_s": round(replanned_s, 1),
+            "resubmitted_running_s": round(resubmit_s, 1), "nodes_used_first": used,
+            "nodes_used_after": sorted({n for ns in after["placement"].values() for n in ns}),
+            "planned_from": first["planned_from"]}), flush=True)
     finally:
         pods.stop_all()
