@@ -18,6 +18,7 @@ from pathlib import Path
 from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, Plan, PlacementConfig, PlacementProblem
 from expertmesh.cluster.sizing import ExecutorSizing, ExpertCost, size_executors
 from expertmesh.errors import FailedPrecondition
+from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.spec import CoESpec, resolve_checkpoint
 from expertmesh.profiler.serving_profiles import serving_batch
 from expertmesh.profiler.store import ExpertProfile, UsageProfile
@@ -58,11 +59,9 @@ def checkpoint_problem(spec: CoESpec, zoo_root: Path, usage: UsageProfile, nodes
                        current: dict[str, list[str]] | None = None) -> PlacementProblem:
     """The placement problem without a profile: memory from each checkpoint's header (plus ACTIVATION_SHARE),
     compute proportional to it; edges from `usage` as with a profile."""
-    from expertmesh.experts.runtime import ExpertRuntime, checkpoint_bytes  # torch: only when planning this way
-
     experts = []
     for e in spec.experts:
-        weights = checkpoint_bytes(resolve_checkpoint(e, zoo_root) / ExpertRuntime.WEIGHTS_FILE)
+        weights = checkpoint_bytes(resolve_checkpoint(e, zoo_root) / WEIGHTS_FILE)
         experts.append(ExpertDemand(name=e.name, memory_bytes=int(weights * (1 + ACTIVATION_SHARE)),
                                     load=requests_per_s * usage.usage.get(e.name, 0.0) * weights * SECONDS_PER_BYTE,
                                     everywhere=e.name == spec.router.expert))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import gc
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from expertmesh.errors import FailedPrecondition, InvalidArgument
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.models import load_model, num_parameters
 from expertmesh.experts.images import decode_image
 from expertmesh.experts.preprocess import to_pixel_values
@@ -71,7 +71,7 @@ def resolve_device(preference: str) -> torch.device:
 class ExpertRuntime:
     """One expert: load/offload/unload between tiers and run batches. Moves are serialised by a lock."""
 
-    WEIGHTS_FILE = "model.safetensors"
+    WEIGHTS_FILE = WEIGHTS_FILE
 
     def __init__(self, spec: ExpertSpec, checkpoint_dir: Path, *, device: str | None = None,
                  image_limits: ImageLimits | None = None) -> None:
@@ -232,19 +232,6 @@ class ExpertRuntime:
         """Decode, validate and classify encoded images (PNG/JPEG); a bad image raises naming its index."""
         decoded = [decode_image(data, self.image_limits, field=f"images[{i}]") for i, data in enumerate(images)]
         return self.infer(to_pixel_values(decoded, self.spec.input_size_px))
-
-
-def checkpoint_bytes(path: Path) -> int:
-    """Bytes of every tensor in a safetensors file, from its header alone (nothing is loaded)."""
-    with safe_open(str(path), framework="pt") as f:
-        total = 0
-        for key in f.keys():
-            sl = f.get_slice(key)
-            total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
-        return total
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
