@@ -10,7 +10,8 @@ an operator restart): the running placement survives it - the same hosts, the sa
 the app answers.
 
 What differs from a pod, and why: every node shares this machine's network, so each gets its own metrics and
-dashboard-agent ports and the dashboard binds loopback on a free port; the config's zoo and tokens paths and its ports point at this
+dashboard-agent ports and the dashboard binds loopback on a free port; `ray start` will not join nodes on
+loopback, so the nodes use this machine's own address (nothing leaves the machine); the config's zoo and tokens paths and its ports point at this
 machine's instead of the pod's mounts.
 """
 
@@ -132,7 +133,9 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
     head_params = {**head_spec["rayStartParams"], "dashboard-host": "127.0.0.1", "dashboard-port": dash_port,
                    "metrics-export-port": free_port(), "dashboard-agent-listen-port": free_port(), "port": gcs_port}
     pods = Pods(tmp_path)
-    base_env = {"RAY_USAGE_STATS_ENABLED": "0",
+    # "1": what a pod has (Ray's default); this test process may hold "0" from the loopback tests, and `ray start`
+    # refuses to join a cluster under "0"
+    base_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
                 "EXPERTMESH_HOME": str(tmp_path), "RAY_ADDRESS": ""}
     head_container = head_spec["template"]["spec"]["containers"][0]
     worker_container = group["template"]["spec"]["containers"][0]
