@@ -28,6 +28,9 @@ import urllib.request
 from pathlib import Path
 
 from ray import serve
+from ray._private import ray_constants
+from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+from ray.experimental import internal_kv
 
 from expertmesh.cluster import placement_store
 from expertmesh.cluster.controller import PlacementController, plan_on_inventory
@@ -49,17 +52,12 @@ APPLICATIONS_PATH = "/api/serve/applications/"
 def ray_auth_headers() -> dict[str, str]:
     """The header a call to the dashboard needs when the cluster uses Ray's token authentication (KubeRay's
     `authOptions.mode: token` gives every pod RAY_AUTH_MODE=token and RAY_AUTH_TOKEN); empty when it does not."""
-    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
-
     return dict(get_auth_headers_if_auth_enabled({}))
 
 
 def dashboard_url() -> str:
     """The cluster's dashboard (its REST API), as the head registered it in the GCS: where `ray.util.state` and the
     job client find it too."""
-    from ray._private import ray_constants
-    from ray.experimental import internal_kv
-
     address = internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
     if not address:
         raise Unavailable("the cluster's dashboard is not registered in the GCS", fix="start the head with the dashboard "
