@@ -297,6 +297,19 @@ def node_loss(results: dict) -> str:
         f" ({source_note('node_loss', results)}).") + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------- kuberay
+def kuberay(results: dict) -> str:
+    d = results["kuberay"]["data"]
+    return "\n" + wrap(
+        f"Measured on this 2-core machine by that test: the first placement (planned from the "
+        f"{d['planned_from']}, on {and_list(d['nodes_used_first'])}) was running {num(d['first_placement_running_s'], 0)} s "
+        f"after serveConfigV2 was submitted; after {d['lost_node']} was killed the re-planned placement (on "
+        f"{and_list(d['nodes_used_after'])}) was running {num(d['replan_running_s'], 0)} s later, every replica rolled; "
+        f"the same config re-submitted was running again, with the same hosts on the same pods, within "
+        f"{num(d['resubmitted_running_s'], 0)} s (the test looks 10 s after submitting at the earliest) "
+        f"({source_note('kuberay', results)}).") + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------- CI
 def ci(results: dict) -> str:
     d = results["ci"]["data"]
@@ -311,18 +324,6 @@ def ci(results: dict) -> str:
         f"and Prometheus {minutes(d['install_min'])}, the default zoo without the baseline {minutes(d['zoo_min'])}, the "
         f"tests {minutes(d['tests_min'])} ({counted}; the 3-node cluster test with its node loss and the serving tests "
         f"on one shared Ray/Serve instance take most of it).") + "\n"
-
-
-def kuberay(results: dict) -> str:
-    d = results["kuberay"]["data"]
-    return "\n" + wrap(
-        f"Measured on this 2-core machine by that test: the first placement (planned from the "
-        f"{d['planned_from']}, on {and_list(d['nodes_used_first'])}) was running {num(d['first_placement_running_s'], 0)} s "
-        f"after serveConfigV2 was submitted; after {d['lost_node']} was killed the re-planned placement (on "
-        f"{and_list(d['nodes_used_after'])}) was running {num(d['replan_running_s'], 0)} s later, every replica rolled; "
-        f"the same config re-submitted was running again, with the same hosts on the same pods, within "
-        f"{num(d['resubmitted_running_s'], 0)} s (the test looks 10 s after submitting at the earliest) "
-        f"({source_note('kuberay', results)}).") + "\n"
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {

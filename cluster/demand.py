@@ -44,6 +44,12 @@ def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: 
         experts.append(ExpertDemand(name=e.name, memory_bytes=expert_memory_bytes(p),
                                     load=requests_per_s * usage.usage.get(e.name, 0.0) * per_item_s,
                                     everywhere=e.name == spec.router.expert))
+    return _problem(experts, usage, nodes, requests_per_s, config, current)
+
+
+def _problem(experts: list[ExpertDemand], usage: UsageProfile, nodes: list[NodeCapacity], requests_per_s: float,
+             config: PlacementConfig | None, current: dict[str, list[str]] | None) -> PlacementProblem:
+    """The problem of `experts` on `nodes`, with the usage's dependency edges in calls per second."""
     edges = [Edge(upstream=w.upstream, downstream=w.downstream, weight=requests_per_s * w.probability)
              for w in usage.edges]
     return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig(),
@@ -65,10 +71,7 @@ def checkpoint_problem(spec: CoESpec, zoo_root: Path, usage: UsageProfile, nodes
         experts.append(ExpertDemand(name=e.name, memory_bytes=int(weights * (1 + ACTIVATION_SHARE)),
                                     load=requests_per_s * usage.usage.get(e.name, 0.0) * weights * SECONDS_PER_BYTE,
                                     everywhere=e.name == spec.router.expert))
-    edges = [Edge(upstream=w.upstream, downstream=w.downstream, weight=requests_per_s * w.probability)
-             for w in usage.edges]
-    return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig(),
-                            current=current or {})
+    return _problem(experts, usage, nodes, requests_per_s, config, current)
 
 
 def executor_sizing(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile, nodes: list[NodeCapacity],
@@ -86,11 +89,10 @@ def executor_sizing(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: Us
         for name in held:
             p = profiles[name]
             b = serving_batch(p)
-            switch_s = next((m.median_s for m in p.moves if (m.source, m.target) == ("host", "device")), 0.0)
             costs.append(ExpertCost(
                 name=name, weights_bytes=p.footprint_bytes, activation_bytes=max(0, b.peak_bytes - p.footprint_bytes),
                 k_ms_per_item=p.fit.k_ms_per_item, b_ms_per_batch=p.fit.b_ms, batch_size=b.batch_size,
-                switch_ms=switch_s * 1000.0,
+                switch_ms=p.move_ms("host", "device") or 0.0,
                 calls_per_s=requests_per_s * usage.usage.get(name, 0.0) / len(result.replicas[name])))
         slots = node.cpus / torch_threads if node.cpus > 0 else 1.0
         max_replicas = max(1, int(node.cpus // host_num_cpus)) if node.cpus > 0 else 1

@@ -60,9 +60,3 @@ def write(placement: dict[str, list[str]], revision: int, reason: str = "",
     internal_kv._internal_kv_put(KEY, json.dumps(stored.model_dump()).encode(), overwrite=True, namespace=NAMESPACE)
     return stored
 
-
-def clear() -> None:
-    """Forget the stored placement (the next build serves unpinned until the controller plans again)."""
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_del(KEY, namespace=NAMESPACE)

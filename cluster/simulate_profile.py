@@ -14,10 +14,6 @@ from expertmesh.errors import InvalidArgument
 from expertmesh.profiler.store import ExpertProfile, ProfileStore
 
 
-def _move_ms(profile: ExpertProfile, source: str, target: str) -> float | None:
-    return next((1000.0 * m.median_s for m in profile.moves if (m.source, m.target) == (source, target)), None)
-
-
 def experts_from_profile(store: ProfileStore, device: str) -> dict[str, SimExpert]:
     """Every expert `store` profiled on `device` (cpu | cuda), with its measured costs."""
     profiles = {p.expert: p for p in store.entries.values() if p.device == device}
@@ -31,8 +27,8 @@ def experts_from_profile(store: ProfileStore, device: str) -> dict[str, SimExper
             upstreams[edge.downstream].add(edge.upstream)
     out = {}
     for name, p in sorted(profiles.items()):
-        to_device = _move_ms(p, "host", "device")
-        to_host = _move_ms(p, "disk", "host")
+        to_device = p.move_ms("host", "device")
+        to_host = p.move_ms("disk", "host")
         out[name] = SimExpert(num_bytes=p.footprint_bytes, k_ms_per_item=p.fit.k_ms_per_item, b_ms=p.fit.b_ms,
                               max_batch=p.max_useful_batch, usage=usage.get(name, 0.0),
                               upstreams=frozenset(upstreams.get(name, ())), load_from_host_ms=to_device,

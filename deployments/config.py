@@ -205,8 +205,7 @@ def pool_costs(profiles: dict[str, ExpertProfile] | None) -> dict[str, list[floa
     """expert -> [K ms per item, B ms per batch, switch ms (host memory -> device)] from current profile entries."""
     out = {}
     for name, p in sorted((profiles or {}).items()):
-        switch_s = next((m.median_s for m in p.moves if (m.source, m.target) == ("host", "device")), 0.0)
-        out[name] = [round(p.fit.k_ms_per_item, 4), round(p.fit.b_ms, 4), round(switch_s * 1000.0, 4)]
+        out[name] = [round(p.fit.k_ms_per_item, 4), round(p.fit.b_ms, 4), round(p.move_ms("host", "device") or 0.0, 4)]
     return out
 
 

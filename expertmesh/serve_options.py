@@ -66,23 +66,15 @@ def profile_path(args: argparse.Namespace, zoo_root: Path) -> Path | None:
     return profile
 
 
-def read_executors(plan_file: str | None) -> dict[str, dict] | None:
-    """The executor sizing (node -> replicas and device budget) of a plan JSON; None without one (older plans)."""
+def read_plan(plan_file: str | None) -> tuple[dict[str, list[str]] | None, dict[str, dict] | None]:
+    """The placement (expert -> nodes) and the executor sizing (node -> replicas and device budget; None in plans
+    written before it) of a plan JSON written by `expertmesh plan --json`; (None, None) without a file."""
     if not plan_file:
-        return None
+        return None, None
     try:
-        return json.loads(Path(plan_file).read_text()).get("executors") or None
-    except (OSError, ValueError, AttributeError):
-        return None  # read_placement names the problem
-
-
-def read_placement(plan_file: str | None) -> dict[str, list[str]] | None:
-    """The placement (expert -> nodes) of a plan JSON written by `expertmesh plan --json`."""
-    if not plan_file:
-        return None
-    try:
-        return json.loads(Path(plan_file).read_text())["replicas"]
-    except (OSError, ValueError, KeyError) as exc:
+        doc = json.loads(Path(plan_file).read_text())
+        return doc["replicas"], doc.get("executors") or None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise InvalidArgument(f"{plan_file} is not a plan ({type(exc).__name__})", field="--plan",
                               fix="write one with `expertmesh plan --json FILE`") from None
 
@@ -91,9 +83,10 @@ def app_args(args: argparse.Namespace, zoo_root: Path, tokens_file: str) -> AppA
     """The Serve application's arguments from the serve flags."""
     settings = serve_settings(args)
     profile = profile_path(args, zoo_root)
+    placement, executors = read_plan(args.plan)
     return AppArgs(spec=str(Path(args.spec).resolve()) if args.spec else None, zoo=str(zoo_root),
                    tokens_file=str(Path(tokens_file).resolve()), profile=str(profile.resolve()) if profile else None,
-                   placement=read_placement(args.plan), executors=read_executors(args.plan), settings=settings)
+                   placement=placement, executors=executors, settings=settings)
 
 
 def dev_tokens_path() -> Path:

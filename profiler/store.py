@@ -64,6 +64,10 @@ class ExpertProfile(BaseModel):
     def per_item_ms(self, batch_size: int) -> float:
         return self.fit.predict_ms(batch_size) / batch_size
 
+    def move_ms(self, source: str, target: str) -> float | None:
+        """The measured median of moving the weights from tier `source` to `target`, ms; None when not measured."""
+        return next((1000.0 * m.median_s for m in self.moves if (m.source, m.target) == (source, target)), None)
+
 
 class EdgeWeight(BaseModel):
     upstream: str
