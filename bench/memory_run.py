@@ -150,7 +150,7 @@ def prepare_workload(s: MemorySettings) -> Workload:
     """Build the workload CoE (or reuse the one built before with these settings) and the seeded requests."""
     spec_path = Path(build_workload_coe(s.workload_path(), s.workload_config(), progress=lambda line: say(f"  {line}")))
     spec = load_spec(spec_path)
-    zoo = _zoo_of(spec, spec_path)
+    zoo = workload_zoo(spec, spec_path)
     experts = served_experts(spec)
     sizes = expert_bytes(spec, zoo)
     usage = usage_probabilities(spec)
@@ -161,7 +161,7 @@ def prepare_workload(s: MemorySettings) -> Workload:
                     {e: float(usage.get(e, 0.0)) for e in experts}, list(requests), images)
 
 
-def _zoo_of(spec: CoESpec, spec_path: Path) -> Path:
+def workload_zoo(spec: CoESpec, spec_path: Path) -> Path:
     return default_zoo_root(spec, spec_path) if spec.zoo_dir else spec_path.parent / "zoo"
 
 

@@ -21,6 +21,8 @@ def _whole(minimum: int):
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.check:
+        return importlib.import_module("expertmesh.bench.simulate_check").cmd_check(args)
     return importlib.import_module("expertmesh.bench.simulate_run").cmd_bench_simulate(args)
 
 
@@ -36,4 +38,9 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
                      help="tasks of 2,500-3,500 images (default 5; --quick 2 of 250-350)")
     sim.add_argument("--quick", action="store_true",
                      help="a small version in seconds: 40 component experts, the machine scaled to match")
+    sim.add_argument("--check", metavar="MEMORY_JSON",
+                     help="instead: predict this memory-benchmark run (bench/results/memory.json) from this machine's "
+                          "profile of its CoE and its own requests, measured beside simulated; writes "
+                          "bench/results/simulate_check.json and .md (or --out)")
+    sim.add_argument("--profile", help="with --check: the profile of the benchmark's CoE (default: <its zoo>/profile.json)")
     sim.set_defaults(func=_run)

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from expertmesh.cli_options import add_gpu_arg, add_spec_args, positive, spec_and_zoo
+from expertmesh.cluster.dedicate import DEFAULT_MIN_BUSY
 from expertmesh.cluster.demand import executor_sizing, placement_problem
 from expertmesh.cluster.explain import format_plan, plan_json
 from expertmesh.cluster.local import (LocalClusterConfig, describe, down, format_status, inventory, read_state,
@@ -40,7 +41,7 @@ def cmd_plan(args) -> int:
     usage = store.usage or from_spec(spec)
     problem = placement_problem(spec, profiles, usage, nodes, args.rps)
     result = plan(problem, args.method)
-    executors = executor_sizing(spec, profiles, usage, nodes, args.rps, result)
+    executors = executor_sizing(spec, profiles, usage, nodes, args.rps, result, dedicate_min_busy=args.dedicate_min_busy)
     print(format_plan(result, problem, explain=args.explain, executors=executors,
                       title=f"{spec.name} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
     if args.json:
@@ -121,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--rps", type=positive(float), default=20.0, help="requests per second to plan for")
     pl.add_argument("--method", choices=["auto", "exact", "heuristic"], default="auto")
     add_gpu_arg(pl)  # plan with the profile entries of the device the experts will be served on
+    pl.add_argument("--dedicate-min-busy", type=positive(float), default=DEFAULT_MIN_BUSY, metavar="B",
+                    help="an expert whose planned calls keep at least B replicas busy gets its own autoscaled "
+                         "deployment instead of a place in its node's pool (default %(default)s)")
     pl.add_argument("--explain", action="store_true", help="say why each expert sits where it does")
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(func=cmd_plan)

@@ -13,8 +13,10 @@ co-locates dependent experts within every node's memory.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from expertmesh.cluster.dedicate import DEFAULT_MIN_BUSY, split
 from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, Plan, PlacementConfig, PlacementProblem
 from expertmesh.cluster.sizing import ExecutorSizing, ExpertCost, size_executors
 from expertmesh.errors import FailedPrecondition
@@ -76,10 +78,11 @@ def checkpoint_problem(spec: CoESpec, zoo_root: Path, usage: UsageProfile, nodes
 
 def executor_sizing(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile, nodes: list[NodeCapacity],
                     requests_per_s: float, result: Plan, host_num_cpus: float = 1.0,
-                    torch_threads: int = 1) -> dict[str, ExecutorSizing]:
-    """Per planned node, its expert hosts' replica count and device budget (`cluster.sizing`), from the profile and
-    the calls the plan puts there (an expert held on n nodes: 1/n of its calls on each). The router's classifier runs
-    in the router, not in a host. A node runs at most cpus / host_num_cpus replicas (what Ray can place)."""
+                    torch_threads: int = 1, dedicate_min_busy: float = DEFAULT_MIN_BUSY) -> dict[str, ExecutorSizing]:
+    """Per planned node, which experts get a dedicated deployment (`cluster.dedicate`) and its pooled hosts' replica
+    count and device budget on what is left (`cluster.sizing`), from the profile and the calls the plan puts there
+    (an expert held on n nodes: 1/n of its calls on each). The router's classifier runs in the router, not in a
+    host. A node runs at most cpus / host_num_cpus replicas (what Ray can place); a pool of no experts, 0."""
     out = {}
     for node in nodes:
         held = [e for e, ns in result.replicas.items() if node.name in ns and e != spec.router.expert and e in profiles]
@@ -96,5 +99,11 @@ def executor_sizing(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: Us
                 calls_per_s=requests_per_s * usage.usage.get(name, 0.0) / len(result.replicas[name])))
         slots = node.cpus / torch_threads if node.cpus > 0 else 1.0
         max_replicas = max(1, int(node.cpus // host_num_cpus)) if node.cpus > 0 else 1
-        out[node.name] = size_executors(costs, node.memory_bytes, slots, max_replicas=max_replicas)
+        parts = split(costs, node.memory_bytes, min(slots, max_replicas), dedicate_min_busy)
+        if parts.pooled:
+            pool = size_executors(parts.pooled, parts.pool_memory_bytes, parts.pool_compute_slots,
+                                  max_replicas=max(1, int(min(max_replicas, parts.pool_compute_slots))))
+        else:
+            pool = ExecutorSizing(0, 0, 0, 0.0, 1.0, "no pool: every expert here has its own deployment")
+        out[node.name] = replace(pool, dedicated=parts.dedicated)
     return out

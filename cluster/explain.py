@@ -21,14 +21,19 @@ def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, 
         held = [e for e, ns in plan.replicas.items() if n.name in ns]
         lines.append(f"  {n.name:<10} memory {plan.memory_used_bytes[n.name] / MIB:7.1f} / {caps[n.name] / MIB:.1f} MiB"
                      f"   load {plan.load[n.name]:.3f}")
+        x = (executors or {}).get(n.name)
         for e in sorted(held, key=lambda e: (e not in everywhere, plan.homes[e] != n.name, e)):
             role = "every node" if e in everywhere else "home" if plan.homes[e] == n.name else "replica"
-            lines.append(f"      {e:<24}{role}")
-        if executors and n.name in executors:
-            x = executors[n.name]
-            lines.append(f"      expert hosts: {x.num_replicas} replica(s), {x.device_budget_bytes / MIB:.1f} MiB of "
-                         f"experts + {x.activation_reserve_bytes / MIB:.1f} MiB for a batch each"
-                         + (f" - {x.reason}" if explain else ""))
+            served = "" if e in everywhere or x is None else ", dedicated" if e in x.dedicated else ", pooled"
+            lines.append(f"      {e:<24}{role}{served}")
+        if x is not None:
+            if x.num_replicas:
+                lines.append(f"      expert hosts (pool): {x.num_replicas} replica(s), {x.device_budget_bytes / MIB:.1f} "
+                             f"MiB of experts + {x.activation_reserve_bytes / MIB:.1f} MiB for a batch each"
+                             + (f" - {x.reason}" if explain else ""))
+            for e, d in sorted(x.dedicated.items()):
+                lines.append(f"      dedicated {e}: {d.min_replicas}-{d.max_replicas} replica(s), "
+                             f"{d.replica_bytes / MIB:.1f} MiB each" + (f" - {d.reason}" if explain else ""))
     if plan.cut_edges:
         lines.append("  cut edges (upstream -> downstream at node: calls/s):")
         for u, v, n, w in sorted(plan.cut_edges, key=lambda c: -c[3]):

@@ -8,7 +8,9 @@ another computes, but two loads from disk take turns. Each executor is sequentia
 by `experts.tiering.make_room`'s rule for the policy's eviction) and loads it from the host tier or disk; then runs
 the batch. Each arriving call (a request's first, or a dependent call when its upstream finished) goes to an
 executor: the only one, in turn (round robin), or the one `router.assign.choose_replica` predicts finishes it first
-(queued work at K*n+B plus the switch from the expert's tier). The clock is simulated.
+(queued work at K*n+B plus the switch from the expert's tier). The clock is simulated. Requests arrive at their
+times (open loop), or from `closed_loop_stations` stations, each sending its next request `turnaround_ms` after its
+last one was answered (closed loop, as the memory benchmark drives a real host).
 
 Demoting an evicted expert to host memory costs no time here (a device -> host copy runs on its own copy engine);
 the baselines' LRU and FIFO ignore queued work, while CoServe's eviction never takes an expert with queued calls
@@ -95,6 +97,8 @@ class _Task:
         self.now_ms = 0.0
         self.next_round_robin = 0
         self.latencies_ms: list[float] = []
+        self.arrival_ms = [r.arrival_ms for r in requests]  # closed loop: set as each request is sent
+        self.next_request = 0  # closed loop: the next request a station sends
         self.evictions: Counter = Counter()
         self.num_batches = self.num_calls = 0
         self.max_batch = {e: x.max_batch for e, x in experts.items()}
@@ -129,8 +133,13 @@ class _Task:
         return measured if measured is not None else fixed + 1000.0 * x.num_bytes / bytes_per_s
 
     def run(self) -> TaskOutcome:
-        for i, r in enumerate(self.requests):
-            self._push(r.arrival_ms, _ARRIVE, (r.chain[0], i, 0))
+        stations = self.config.closed_loop_stations
+        first = len(self.requests) if stations is None else min(stations, len(self.requests))
+        if stations is not None:  # every station's first request at the start; the next ones as answers come back
+            self.arrival_ms = [0.0] * len(self.requests)
+        for i in range(first):
+            self._push(self.arrival_ms[i], _ARRIVE, (self.requests[i].chain[0], i, 0))
+        self.next_request = first
         while self.events:
             self.now_ms, _, kind, data = heapq.heappop(self.events)
             if kind == _ARRIVE:
@@ -139,7 +148,7 @@ class _Task:
                 self._run_batch(self.executors[data[0]], data[1])
             else:
                 self._finish(self.executors[data[0]], data[1], data[2])
-        start = min(r.arrival_ms for r in self.requests)
+        start = min(self.arrival_ms)
         return TaskOutcome(self.latencies_ms, self.now_ms - start, self.tiers, self.evictions, self.num_batches,
                            self.num_calls)
 
@@ -229,7 +238,11 @@ class _Task:
             if step + 1 < len(chain):
                 self._enqueue(chain[step + 1], request, step + 1, start=False)
             else:
-                self.latencies_ms.append(self.now_ms - self.requests[request].arrival_ms)
+                self.latencies_ms.append(self.now_ms - self.arrival_ms[request])
+                if self.config.closed_loop_stations is not None and self.next_request < len(self.requests):
+                    i, self.next_request = self.next_request, self.next_request + 1
+                    self.arrival_ms[i] = self.now_ms + self.config.turnaround_ms
+                    self._push(self.arrival_ms[i], _ARRIVE, (self.requests[i].chain[0], i, 0))
         x.busy = False
         for y in [x] + [y for y in self.executors if y is not x]:
             if not y.busy:

@@ -62,6 +62,13 @@ class SimConfig(BaseModel):
     max_wait_ms: float = Field(2000.0, gt=0, description="arrange's bound: a call waiting this long goes next")
     warm_start: bool = Field(True, description="each task starts with the most used experts in the device pools "
                                                "(dealt in turn), then the host tier, as a running system would")
+    closed_loop_stations: int | None = Field(
+        None, ge=1, description="closed loop: this many stations, each sending its next request (in the requests' "
+                                "order) when its last one was answered; the requests' arrival times are ignored. "
+                                "None: open loop, at the arrival times")
+    turnaround_ms: float = Field(
+        0.0, ge=0, description="closed loop: from a request's answer to its station's next request reaching the "
+                               "device (the serving path outside the executors: client, proxy, handle, transfer)")
 
     def num_executors(self, assign: AssignPolicy) -> int:
         return 1 if assign is AssignPolicy.SINGLE else self.num_parallel_executors

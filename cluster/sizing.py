@@ -21,9 +21,14 @@ its replica count and each replica's device budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+if TYPE_CHECKING:
+    from expertmesh.cluster.dedicate import Dedication
 
 
 class ExpertCost(BaseModel):
@@ -49,12 +54,13 @@ class ExecutorSizing:
     predicted_calls_per_s: float
     hit_share: float  # share of calls whose expert stays resident
     reason: str
+    dedicated: dict[str, Dedication] = field(default_factory=dict)  # the node's hot experts (`cluster.dedicate`)
 
     def to_json(self) -> dict:
         return {"num_replicas": self.num_replicas, "device_budget_bytes": self.device_budget_bytes,
                 "activation_reserve_bytes": self.activation_reserve_bytes,
                 "predicted_calls_per_s": round(self.predicted_calls_per_s, 3), "hit_share": round(self.hit_share, 4),
-                "reason": self.reason}
+                "reason": self.reason, "dedicated": {e: d.to_json() for e, d in sorted(self.dedicated.items())}}
 
 
 def _hit_share(experts: list[ExpertCost], budget_bytes: int) -> float:

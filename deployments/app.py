@@ -92,10 +92,12 @@ def build_app(args: dict | AppArgs) -> Application:
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
-    nodes = opts[ROUTER_DEPLOYMENT]["user_config"]["host_nodes"]
-    names = {node: host_name(node) for node in nodes} if nodes else {"": HOST_DEPLOYMENT}
-    hosts = {node: versioned(ExpertHostDeployment, opts[name], a.spec, a.zoo, s.torch_threads).bind(
-        a.spec, a.zoo, s.torch_threads) for node, name in names.items()}
+    routing = opts[ROUTER_DEPLOYMENT]["user_config"]
+    nodes = routing["host_nodes"]
+    names = {node: host_name(node) for node in nodes} if nodes or routing["dedicated"] else {"": HOST_DEPLOYMENT}
+    names |= {name: name for own in routing["dedicated"].values() for name in own.values()}  # keyed by deployment
+    hosts = {key: versioned(ExpertHostDeployment, opts[name], a.spec, a.zoo, s.torch_threads).bind(
+        a.spec, a.zoo, s.torch_threads) for key, name in names.items()}
     router_args = (a.spec, a.zoo, s.expert_timeout_s, s.torch_threads)
     router = versioned(RouterDeployment, opts[ROUTER_DEPLOYMENT], *router_args).bind(  # hosts: not in the version
         a.spec, a.zoo, hosts, s.expert_timeout_s, s.torch_threads)

@@ -28,6 +28,7 @@ APP_NAME = "expertmesh"
 ROUTER_DEPLOYMENT = "Router"
 INGRESS_DEPLOYMENT = "Ingress"
 HOST_DEPLOYMENT = "Host"  # the expert host; with a placement one per planned node: Host-<node>
+DEDICATED_DEPLOYMENT = "Expert"  # a hot expert's own deployment on a planned node: Expert-<expert>-<node>
 PLACEMENT_DEPLOYMENT = "Placement"  # the in-cluster placement controller (settings.placement_controller)
 GRPC_SERVICER = "expertmesh.v1.inspection_pb2_grpc.add_InspectionServiceServicer_to_server"
 IMPORT_PATH = "expertmesh.deployments.app:build_app"
@@ -102,6 +103,9 @@ class ServeSettings(BaseModel):
     placement_poll_s: float = Field(5.0, gt=0, le=600, description="how often the in-cluster controller reads the nodes")
     placement_requests_per_s: float = Field(20.0, gt=0, description="the request rate the in-cluster controller "
                                                                     "plans for")
+    dedicate_min_busy: float = Field(
+        0.5, gt=0, description="the in-cluster controller gives an expert its own autoscaled deployment when its "
+                               "planned calls keep this many replicas busy (cluster.dedicate); the rest share pools")
     placement_dashboard_url: str | None = Field(
         None, description="Ray dashboard the in-cluster controller applies plans through (PUT /api/serve/applications/); "
                           "none: the cluster's own")
@@ -123,13 +127,32 @@ class ServeSettings(BaseModel):
         return self
 
 
-class ExecutorPlan(BaseModel):
-    """One node's expert hosts as the plan sized them (`cluster.sizing`)."""
+class DedicatedPlan(BaseModel):
+    """A hot expert's own deployment on a node, as the plan chose it (`cluster.dedicate`)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    num_replicas: int = Field(ge=1)
-    device_budget_bytes: int = Field(gt=0, description="per replica, for resident experts")
+    min_replicas: int = Field(ge=1)
+    max_replicas: int = Field(ge=1)
+    device_budget_bytes: int = Field(gt=0, description="per replica: the expert's weights, always resident")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DedicatedPlan:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas}); "
+                             f"fix: write the plan again with `expertmesh plan --json`")
+        return self
+
+
+class ExecutorPlan(BaseModel):
+    """One node's expert hosts as the plan sized them: the pool (`cluster.sizing`; 0 replicas: no pool, every expert
+    there is dedicated) and the dedicated deployments of its hot experts (`cluster.dedicate`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    num_replicas: int = Field(ge=0)
+    device_budget_bytes: int = Field(ge=0, description="per pool replica, for resident experts")
+    dedicated: dict[str, DedicatedPlan] = Field(default_factory=dict, description="expert -> its own deployment here")
 
 
 class AppArgs(BaseModel):
@@ -216,18 +239,23 @@ def host_name(node: str) -> str:
     return f"{HOST_DEPLOYMENT}-{node}"
 
 
+def dedicated_name(expert: str, node: str) -> str:
+    """The deployment of a hot expert's own replicas on `node` (`cluster.dedicate`)."""
+    return f"{DEDICATED_DEPLOYMENT}-{expert}-{node}"
+
+
 def pin_to_node(options: dict[str, Any], node: str) -> dict[str, Any]:
     """Pin a deployment's replicas to one node by its `expertmesh.io/node` label."""
     actor = {**options["ray_actor_options"], "label_selector": {NODE_LABEL: node}}
     return {**options, "ray_actor_options": actor}
 
 
-def sized(options: dict[str, Any], executor: ExecutorPlan) -> dict[str, Any]:
-    """A host deployment with the plan's replica count (fixed: more replicas would not fit the node's memory) and each
-    replica's device budget."""
-    scaling = {**options["autoscaling_config"], "min_replicas": executor.num_replicas,
-               "initial_replicas": executor.num_replicas, "max_replicas": executor.num_replicas}
-    user_config = {**options["user_config"], "device_budget_bytes": executor.device_budget_bytes}
+def sized(options: dict[str, Any], min_replicas: int, max_replicas: int, device_budget_bytes: int) -> dict[str, Any]:
+    """A host deployment with the plan's replica bounds (a pool's are fixed: more replicas would not fit the node's
+    memory; a dedicated expert's autoscale within what the plan reserved) and each replica's device budget."""
+    scaling = {**options["autoscaling_config"], "min_replicas": min_replicas, "initial_replicas": min_replicas,
+               "max_replicas": max_replicas}
+    user_config = {**options["user_config"], "device_budget_bytes": device_budget_bytes}
     return {**options, "autoscaling_config": scaling, "user_config": user_config}
 
 
@@ -237,8 +265,10 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     """Options of every deployment of the app, by deployment name: the expert host(s), the router, the ingress.
 
     Without a placement one `Host` deployment holds every expert (the classifier runs in the router). With one,
-    each planned node gets a `Host-<node>` pinned there, holding the experts the plan puts on that node, and the
-    router learns each expert's home node through user_config (reconfigured in place by a re-plan)."""
+    each planned node gets a `Host-<node>` pool pinned there, holding the experts the plan puts on that node, and
+    each expert the plan dedicates (`executors[node].dedicated`) its own autoscaled `Expert-<expert>-<node>` there
+    instead; the router learns each expert's home node and own deployments through user_config (reconfigured in
+    place by a re-plan that keeps the set of deployments)."""
     experts = [e.name for e in spec.experts if e.name != spec.router.expert]
     unknown = sorted(set(placement or {}) - {e.name for e in spec.experts})
     if unknown:
@@ -246,16 +276,29 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
                               field="placement", fix="plan with the same spec")
     planned = {e: sorted(nodes) for e, nodes in (placement or {}).items() if nodes and e in experts}
     planned_nodes = sorted({n for nodes in planned.values() for n in nodes})
+    executors = executors or {}
+    own = {(e, node): d for node, x in executors.items() for e, d in x.dedicated.items() if node in planned.get(e, [])}
     opts: dict[str, dict[str, Any]] = {}
-    if planned_nodes:
-        for node in planned_nodes:
-            held = [e for e in experts if node in planned.get(e, [])]
+    pool_nodes = []
+    for node in planned_nodes:
+        held = [e for e in experts if node in planned.get(e, []) and (e, node) not in own]
+        if held:
+            pool_nodes.append(node)
             opts[host_name(node)] = pin_to_node(host_options(host_name(node), held, spec, settings, profiles), node)
-            if executors and node in executors:
-                opts[host_name(node)] = sized(opts[host_name(node)], executors[node])
-    else:
+            if (x := executors.get(node)) and x.num_replicas:
+                opts[host_name(node)] = sized(opts[host_name(node)], x.num_replicas, x.num_replicas,
+                                              x.device_budget_bytes)
+    for (e, node), d in sorted(own.items()):
+        name = dedicated_name(e, node)
+        opts[name] = sized(pin_to_node(host_options(name, [e], spec, settings, profiles), node),
+                           d.min_replicas, d.max_replicas, d.device_budget_bytes)
+    if not planned_nodes:
         opts[HOST_DEPLOYMENT] = host_options(HOST_DEPLOYMENT, experts, spec, settings, profiles)
-    routing = {"homes": {e: nodes[0] for e, nodes in sorted(planned.items())}, "host_nodes": planned_nodes}
+    dedicated: dict[str, dict[str, str]] = {}
+    for e, node in sorted(own):
+        dedicated.setdefault(e, {})[node] = dedicated_name(e, node)
+    routing = {"homes": {e: nodes[0] for e, nodes in sorted(planned.items())}, "host_nodes": pool_nodes,
+               "dedicated": dedicated}
     s = settings
     on_head = (planned_nodes or s.placement_controller) and s.front_on_head  # the controller's builds: always
     front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if on_head else {})}

@@ -106,7 +106,7 @@ class PlacementControllerDeployment:
             if self.source == "profile":
                 result = plan_on_inventory(spec, profiles, rps, u, cluster, current)
                 sizing = executor_sizing(spec, profiles, u, inventory(cluster), rps, result, s.host_num_cpus,
-                                         s.torch_threads)
+                                         s.torch_threads, s.dedicate_min_busy)
                 self.executors = {n: x.to_json() for n, x in sizing.items()}
                 return result
             return plan(checkpoint_problem(spec, Path(a.zoo), u, inventory(cluster), rps, current=current))

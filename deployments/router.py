@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from expertmesh.cluster.labels import NODE_LABEL
-from expertmesh.deployments.config import APP_NAME, host_name
+from expertmesh.deployments.config import APP_NAME, DEDICATED_DEPLOYMENT, host_name
 from expertmesh.deployments.deadline import ReplicaLost, call_with_deadline
 from expertmesh.errors import ExpertMeshError, Unavailable
 from expertmesh.experts.preprocess import to_pixel_values
@@ -49,8 +49,9 @@ LOST_HOLD_S = 10.0  # a pinned host seen dying gets no calls for this long (the 
 class RouterDeployment:
     """Classify in-process, route, and run the plans of a batch across the expert hosts.
 
-    `hosts` maps a node (or "" for the single unpinned host) to its host deployment. The placement (user_config
-    `homes`: expert -> node) arrives by `reconfigure`, so a re-plan updates a running router instead of replacing it.
+    `hosts` maps a node (or "" for the single unpinned host) to its pooled host deployment, and a dedicated
+    deployment's name to it. The placement (user_config `homes`: expert -> node, `dedicated`: expert -> node ->
+    deployment) arrives by `reconfigure`, so a re-plan updates a running router instead of replacing it.
     """
 
     def __init__(self, spec_path: str | None, zoo_root: str, hosts: dict[str, DeploymentHandle],
@@ -61,8 +62,11 @@ class RouterDeployment:
         self.classifier = ExpertRuntime(e, resolve_checkpoint(e, Path(zoo_root)), image_limits=self.spec.image)
         self.classifier.load()
         self._classify(np.zeros((1, e.input_size_px, e.input_size_px, 3), np.uint8))  # warm-up before ready
-        self.hosts = dict(hosts)
+        self.hosts = dict(hosts)  # host key (a pool's node, or a dedicated deployment's name) -> handle
         self.homes: dict[str, str] = {}
+        self.dedicated: dict[str, dict[str, str]] = {}  # expert -> node -> its own deployment (a host key)
+        self._pools: frozenset[str] = frozenset(k for k in hosts if not k.startswith(DEDICATED_DEPLOYMENT + "-"))
+        self._node_of: dict[str, str] = {}  # a dedicated deployment's key -> its node
         self.host_timeout_s = host_timeout_s
         self.metrics = instruments()
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -83,10 +87,15 @@ class RouterDeployment:
         """Apply a placement: each expert's home node, and the hosts of the planned nodes (handles by deployment
         name: a host that is still deploying takes calls once it is up)."""
         self.homes = dict(routing.get("homes") or {})
+        self.dedicated = {e: dict(own) for e, own in (routing.get("dedicated") or {}).items()}
         nodes = routing.get("host_nodes") or []
-        if nodes:
-            self.hosts = {node: self.hosts.get(node) or serve.get_deployment_handle(
-                host_name(node), app_name=APP_NAME, _check_exists=False) for node in nodes}
+        if nodes or self.dedicated:
+            keys = {node: host_name(node) for node in nodes}
+            keys |= {name: name for own in self.dedicated.values() for name in own.values()}
+            self.hosts = {key: self.hosts.get(key) or serve.get_deployment_handle(
+                name, app_name=APP_NAME, _check_exists=False) for key, name in keys.items()}
+            self._pools = frozenset(nodes)
+            self._node_of = {name: node for own in self.dedicated.values() for node, name in own.items()}
             if not any(t.name == "router-nodes" for t in self._threads):
                 self._threads.append(threading.Thread(target=self._watch_nodes, name="router-nodes", daemon=True))
                 self._threads[-1].start()
@@ -116,9 +125,10 @@ class RouterDeployment:
                 self.metrics.set("expertmesh_expert_queue_depth", depth, expert=expert)
             self._stop.wait(every_s)
 
-    def _node_alive(self, node: str) -> bool:
-        """False once the node watch has seen `node` gone (or a re-plan removed its host)."""
-        return node in self.hosts and (self._alive is None or node in self._alive)
+    def _node_alive(self, host: str) -> bool:
+        """False once the node watch has seen `host`'s node gone (or a re-plan removed the host)."""
+        node = self._node_of.get(host, host)
+        return host in self.hosts and (self._alive is None or node in self._alive)
 
     # ------------------------------------------------------------------ step 1
     def _classify(self, images_u8: np.ndarray) -> list:
@@ -162,7 +172,7 @@ class RouterDeployment:
                 if i in failed:
                     continue
                 for call in plan.pending:
-                    host = host_for(call.expert, self.homes, self.hosts.keys(), self._alive, lost)
+                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost, self.dedicated)
                     if host is None:
                         failed[i] = Unavailable(f"no expert host is available for expert {call.expert!r}",
                                                 fix="retry later; the cluster is re-placing the experts of lost nodes")

@@ -73,10 +73,18 @@ def read_plan(plan_file: str | None) -> tuple[dict[str, list[str]] | None, dict[
         return None, None
     try:
         doc = json.loads(Path(plan_file).read_text())
-        return doc["replicas"], doc.get("executors") or None
+        placement, executors = doc["replicas"], doc.get("executors") or None
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise InvalidArgument(f"{plan_file} is not a plan ({type(exc).__name__})", field="--plan",
                               fix="write one with `expertmesh plan --json FILE`") from None
+    try:
+        AppArgs.model_validate({"zoo": "", "tokens_file": "", "placement": placement, "executors": executors})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidArgument(f"{plan_file}: {where}: {err['msg']}", field="--plan",
+                              fix="write the plan again with `expertmesh plan --json FILE`") from None
+    return placement, executors
 
 
 def app_args(args: argparse.Namespace, zoo_root: Path, tokens_file: str) -> AppArgs:

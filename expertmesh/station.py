@@ -82,7 +82,8 @@ def trace_record(resp: pb.InspectResponse) -> dict:
     return {"request_id": resp.request_id, "category": resp.category, "verdict": pb.Verdict.Name(resp.verdict),
             "defect": resp.defect, "latency_ms": resp.latency_ms,
             "experts": [{"expert": t.expert, "label": t.label, "score": t.score, "latency_ms": t.latency_ms,
-                         "reason": t.reason, "because_of": t.because_of, "node_id": t.node_id} for t in resp.experts]}
+                         "reason": t.reason, "because_of": t.because_of, "node_id": t.node_id,
+                         "replica_id": t.replica_id} for t in resp.experts]}
 
 
 def response_verdict(resp: pb.InspectResponse) -> Verdict:

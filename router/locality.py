@@ -7,6 +7,8 @@ to be lost (`alive` given and without it, or the router saw its host die) or has
 deployed yet, or a re-plan removed it), it goes to a surviving host, which loads the expert on
 demand - a load of milliseconds, not a new process - until the re-plan moves the expert for good.
 The surviving host is picked by a stable hash of the expert, so one expert's calls land on one host.
+A hot expert the plan dedicated (`cluster.dedicate`) has its own deployment on its node: its calls go
+there first, and to a pool (which loads it) only when no node with its own deployment is alive.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from collections.abc import Collection
 
 
 def host_for(expert: str, homes: dict[str, str], hosts: Collection[str], alive: Collection[str] | None = None,
-             lost: Collection[str] = ()) -> str | None:
-    """The host key (a node, or "" for the single unpinned host) that runs `expert`'s calls; None when no host
-    is usable (every planned node is lost: the caller fails the call as UNAVAILABLE)."""
+             lost: Collection[str] = (), dedicated: dict[str, dict[str, str]] | None = None) -> str | None:
+    """The host key that runs `expert`'s calls: its own deployment (`dedicated`: expert -> node -> key) on its home
+    node, else on another live node; else a pool (`hosts`: a node, or "" for the single unpinned host). None when
+    no host is usable (every planned node is lost: the caller fails the call as UNAVAILABLE)."""
+    own = (dedicated or {}).get(expert) or {}
+    for node in sorted(own, key=lambda n: (n != homes.get(expert), n)):
+        if own[node] not in lost and (alive is None or node in alive):
+            return own[node]
+
     def usable(node: str) -> bool:
         return node in hosts and node not in lost and (alive is None or node == "" or node in alive)
     home = homes.get(expert, "")

@@ -33,3 +33,13 @@ def test_an_expert_without_a_home_or_a_deployed_host_still_finds_one():
 def test_no_usable_host_is_none():
     assert host_for("a", HOMES, HOSTS, alive=set()) is None
     assert host_for("a", HOMES, set()) is None
+
+
+def test_a_dedicated_expert_goes_to_its_own_deployment_first_and_to_a_pool_when_its_nodes_are_gone():
+    own = {"a": {"node-1": "Expert-a-node-1", "node-2": "Expert-a-node-2"}}
+    assert host_for("a", HOMES, HOSTS, dedicated=own) == "Expert-a-node-1"  # on its home node
+    assert host_for("b", HOMES, HOSTS, dedicated=own) == "node-0"  # the others: their pools as before
+    assert host_for("a", HOMES, HOSTS, alive={"node-0", "node-2"}, dedicated=own) == "Expert-a-node-2"
+    assert host_for("a", HOMES, HOSTS, lost={"Expert-a-node-1"}, dedicated=own) == "Expert-a-node-2"
+    fallback = host_for("a", HOMES, HOSTS, alive={"node-0"}, dedicated=own)
+    assert fallback == "node-0"  # no node with its own deployment lives: a pool loads it

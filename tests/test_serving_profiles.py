@@ -99,3 +99,19 @@ def test_home_is_the_variable_else_the_cache(monkeypatch, tmp_path):
     assert expertmesh_home() == Path.home() / ".cache" / "expertmesh"
     monkeypatch.delenv("EXPERTMESH_HOME")
     assert expertmesh_home() == Path.home() / ".cache" / "expertmesh"
+
+
+def test_plan_dedicates_experts_hot_enough_to_keep_a_replica_busy_and_says_why(zoo_and_store, tmp_path, capsys):
+    zoo, store = zoo_and_store(cuda=False)
+    plan = tmp_path / "plan.json"
+    common = ["plan", "--zoo", str(zoo), "--profile", str(store), "--nodes", "2", "--node-memory-gb", "1", "--explain"]
+    assert main(common) == 0
+    quiet = capsys.readouterr().out
+    assert ", pooled" in quiet and ", dedicated" not in quiet  # 20 requests/s keep no expert busy
+    assert main([*common, "--rps", "100000", "--json", str(plan)]) == 0
+    busy = capsys.readouterr().out
+    dedicated = {e: d for x in json.loads(plan.read_text())["executors"].values() for e, d in x["dedicated"].items()}
+    assert dedicated and all(d["min_replicas"] >= 1 and d["max_replicas"] >= d["min_replicas"]
+                             for d in dedicated.values())
+    for e in dedicated:
+        assert f"{e:<24}home, dedicated" in busy and f"dedicated {e}: " in busy and "replica-s/s (>= 0.5)" in busy

@@ -210,3 +210,16 @@ def test_experts_from_a_profile_carry_its_measured_costs():
     assert result.makespan_ms == pytest.approx(100.0 + 7.0 + 320.0 + 7.0)  # a from disk by bandwidth, b measured
     with pytest.raises(InvalidArgument, match="no entries for device"):
         experts_from_profile(store, "cpu")
+
+
+def test_a_closed_loop_keeps_at_most_one_request_per_station_in_flight_and_pays_the_turnaround():
+    experts = {"a": SimExpert(10 * MB, 10.0, 0.0, max_batch=1)}  # 10 ms a call, one at a time
+    reqs = [SimRequest(0.0, ("a",)) for _ in range(40)]
+    one = simulate(experts, reqs, config(closed_loop_stations=1, warm_start=True), POLICIES["fcfs_lru"])
+    assert one.makespan_ms == pytest.approx(400.0) and one.p50_ms == pytest.approx(10.0)  # one after another
+    four = simulate(experts, reqs, config(closed_loop_stations=4, warm_start=True), POLICIES["fcfs_lru"])
+    assert four.makespan_ms == pytest.approx(400.0) and four.p50_ms == pytest.approx(40.0)  # 4 queued at a time
+    slow = simulate(experts, reqs, config(closed_loop_stations=1, turnaround_ms=10.0, warm_start=True), POLICIES["fcfs_lru"])
+    assert slow.makespan_ms == pytest.approx(40 * 10.0 + 39 * 10.0)  # the device waits for each station's turnaround
+    hidden = simulate(experts, reqs, config(closed_loop_stations=4, turnaround_ms=10.0, warm_start=True), POLICIES["fcfs_lru"])
+    assert hidden.makespan_ms == pytest.approx(400.0, rel=0.05)  # other stations' calls fill the turnaround

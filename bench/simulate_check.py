@@ -1,0 +1,206 @@
+"""The simulator against the memory benchmark: fed this machine's profile and the benchmark's own workload, does it
+predict the measured closed-loop throughput and switches of each system? (`expertmesh bench simulate --check`)
+
+Inputs, all from the machine and the run being predicted:
+- the experts' costs from a profile of the benchmark's CoE on this machine (`expertmesh profile --spec <its spec>`):
+  K and B, the best batch, bytes, the measured host -> device and disk -> device load times
+  (`simulate_profile.experts_from_profile`);
+- the requests the benchmark's closed loop sent (the same seed, order and stations), each as the chain of expert calls
+  it really makes: the CoE is run offline on each request's image (`experts.offline`-style waves), so the triggered
+  dependent calls are the ones serving made (every system gives the same answers);
+- the benchmark's budgets, stations and arrange wait bound; one executor, as the benchmark's one host replica.
+
+One number is fitted, on one row only: the turnaround (the path outside the executor: driver, Serve handle, image
+transfer) is set so that the simulated every-expert-resident run (no switches: pure compute plus turnaround) matches
+the measured one. Every other row is a prediction. The prefetch of (a) is not simulated, and Serve multiplexing is
+not a policy of the simulator; both are said in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from expertmesh.bench.memory_run import MemorySettings, workload_zoo, served_experts
+from expertmesh.bench.memory_workload import build_workload_coe
+from expertmesh.bench.provenance import provenance
+from expertmesh.bench.memory_workload_requests import WorkloadRequest, make_requests, request_images
+from expertmesh.cluster.simulate import POLICIES, SimConfig, SimExpert, SimRequest, SimResult, simulate
+from expertmesh.cluster.simulate_profile import experts_from_profile
+from expertmesh.errors import FailedPrecondition, InvalidArgument
+from expertmesh.experts.offline import load_runtime, predict
+from expertmesh.experts.spec import CoESpec, load_spec
+from expertmesh.profiler.store import ProfileStore
+from expertmesh.router.plan import Call, ExpertOutput, Reason
+from expertmesh.router.waves import PlanInFlight, record, take_calls
+
+# measured system -> (simulator policy, host tier kept, budget lifted, what the simulator leaves out)
+SYSTEMS: dict[str, tuple[str, bool, bool, str]] = {
+    "all_resident": ("evict_arrange", False, True, "the fitted row: turnaround set so throughput matches"),
+    "expertmesh": ("evict_arrange", True, False, "prefetch not simulated"),
+    "expertmesh_no_host_tier": ("evict_arrange", False, False, "prefetch not simulated"),
+    "fcfs_lru": ("fcfs_lru", True, False, ""),
+    "evict_only": ("eviction_only", True, False, ""),
+    "evict_arrange": ("evict_arrange", True, False, ""),
+}
+TOLERANCE = 0.20  # the issue's bar: within 20% of the measured figure
+
+
+def request_chains(spec: CoESpec, zoo: Path, requests: Sequence[WorkloadRequest],
+                   progress: Callable[[str], object] = print) -> list[tuple[str, ...]]:
+    """Each request's expert calls in the order serving makes them (its first calls, then the calls their outputs
+    trigger, wave by wave), from the CoE run offline on its image."""
+    images = [request_images(spec, r) for r in requests]
+    plans = {i: PlanInFlight.start(Call(e, Reason.TABLE) for e in r.calls) for i, r in enumerate(requests)}
+    runtimes = {}
+    while wave := take_calls(plans):
+        for name, items in wave.items():
+            if name not in runtimes:
+                runtimes[name] = load_runtime(spec, spec.expert(name), zoo)
+            size = spec.expert(name).input_size_px
+            batch = np.concatenate([images[i][size] for i, _ in items])
+            for (i, call), pred in zip(items, predict(runtimes[name], batch)):
+                record(spec, plans[i], call, ExpertOutput(name, pred.label, pred.score))
+        progress(f"  chains: a wave of {sum(len(v) for v in wave.values())} calls over {len(wave)} experts")
+    return [tuple(c.expert for c, _ in plans[i].done) for i in range(len(requests))]
+
+
+def sim_config(workload: Mapping, s: MemorySettings, *, host_tier: bool, lifted: bool, turnaround_ms: float) -> SimConfig:
+    device = int(workload["device_budget_bytes"])
+    total = int(workload["total_expert_bytes"])
+    return SimConfig(device_budget_bytes=2 * total if lifted else device,
+                     host_budget_bytes=int(workload["host_budget_bytes"]) if host_tier else 0,
+                     num_parallel_executors=1, activation_reserve_bytes=0,
+                     host_to_device_bytes_per_s=1e9, disk_bytes_per_s=1e9,  # unused: every load time is measured
+                     max_wait_ms=1000.0 * s.max_wait_s, closed_loop_stations=s.num_stations,
+                     turnaround_ms=turnaround_ms)
+
+
+def fit_turnaround(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: Callable[[float], SimConfig],
+                   measured_per_s: float) -> float:
+    """The turnaround (ms) at which the simulated all-resident throughput equals the measured one (bisection; 0 when
+    even with none the simulation is slower)."""
+    def rate(t: float) -> float:
+        return simulate(experts, requests, config(t), POLICIES["evict_arrange"]).throughput_per_s
+    lo, hi = 0.0, 10.0
+    if rate(lo) <= measured_per_s:
+        return 0.0
+    while rate(hi) > measured_per_s and hi < 1e5:
+        hi *= 2
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rate(mid) > measured_per_s else (lo, mid)
+    return (lo + hi) / 2
+
+
+def check(memory_doc: dict, profile: ProfileStore, device: str = "cpu",
+          progress: Callable[[str], object] = print) -> dict:
+    """Predict every simulatable system of a memory benchmark results document; measured beside predicted."""
+    s = MemorySettings.model_validate({k: v for k, v in memory_doc["settings"].items()
+                                       if k in MemorySettings.model_fields})
+    spec_path = Path(build_workload_coe(s.workload_path(), s.workload_config(), progress=progress))
+    spec = load_spec(spec_path)
+    zoo = workload_zoo(spec, spec_path)
+    experts = experts_from_profile(profile, device)
+    served = served_experts(spec)
+    missing = sorted(set(served) - set(experts))
+    if missing:
+        raise FailedPrecondition(f"the profile has no {device} entries for {', '.join(missing[:5])}", field="profile",
+                                 fix=f"profile the benchmark's CoE: expertmesh profile --spec {spec_path} --zoo {zoo} "
+                                     f"--usage spec")
+    all_requests = make_requests(spec, s.warmup_requests + s.closed_requests, seed=s.request_seed, zipf_s=s.zipf_s,
+                                 num_stations=s.num_stations)
+    closed = all_requests[s.warmup_requests:]
+    t0 = time.perf_counter()
+    chains = request_chains(spec, zoo, closed, progress)
+    progress(f"  chains of {len(chains)} requests in {time.perf_counter() - t0:.1f} s "
+             f"({sum(map(len, chains)) / len(chains):.2f} calls each)")
+    requests = [SimRequest(0.0, chain) for chain in chains]
+    measured = memory_doc["systems"]
+    ref = measured["all_resident"]["closed"]["throughput_per_s"]
+    turnaround_ms = fit_turnaround(experts, requests, lambda t: sim_config(
+        memory_doc["workload"], s, host_tier=False, lifted=True, turnaround_ms=t), ref)
+    progress(f"  turnaround fitted on the all-resident row: {turnaround_ms:.2f} ms")
+    rows = {}
+    for name, (policy, host_tier, lifted, note) in SYSTEMS.items():
+        if name not in measured or "closed" not in measured[name]:
+            continue
+        config = sim_config(memory_doc["workload"], s, host_tier=host_tier, lifted=lifted, turnaround_ms=turnaround_ms)
+        sim: SimResult = simulate(experts, requests, config, POLICIES[policy])
+        real = measured[name]["closed"]
+        real_switches = (real.get("stats") or {}).get("switches")
+        rows[name] = {"title": measured[name]["title"], "policy": policy, "note": note,
+                      "measured": {"throughput_per_s": real["throughput_per_s"], "switches": real_switches,
+                                   "p50_ms": real.get("p50_ms"), "p99_ms": real.get("p99_ms")},
+                      "simulated": {"throughput_per_s": sim.throughput_per_s, "switches": sim.switches,
+                                    "loads_from_host": sim.loads_from_host, "loads_from_disk": sim.loads_from_disk,
+                                    "p50_ms": sim.p50_ms, "p99_ms": sim.p99_ms}}
+        r = rows[name]
+        r["throughput_error"] = sim.throughput_per_s / real["throughput_per_s"] - 1.0
+        r["switch_error"] = (sim.switches / real_switches - 1.0) if real_switches else None
+        progress(f"  {name}: measured {real['throughput_per_s']:.1f}/s, {real_switches} switches; simulated "
+                 f"{sim.throughput_per_s:.1f}/s, {sim.switches} switches")
+    predicted = [r for n, r in rows.items() if n != "all_resident"]
+    within = all(abs(r["throughput_error"]) <= TOLERANCE and (r["switch_error"] is None
+                 or abs(r["switch_error"]) <= TOLERANCE) for r in predicted)
+    return {"benchmark": "simulate_check", "memory_results": {k: memory_doc.get(k) for k in ("commit", "date")},
+            "profile_device": device, "num_requests": len(requests), "mean_calls_per_request":
+            sum(map(len, chains)) / len(chains), "turnaround_ms": turnaround_ms, "tolerance": TOLERANCE,
+            "rows": rows, "within_tolerance": within}
+
+
+def table(doc: dict) -> str:
+    """The side-by-side table (markdown)."""
+    lines = [f"Closed loop, {doc['num_requests']} requests ({doc['mean_calls_per_request']:.2f} expert calls each), "
+             f"turnaround {doc['turnaround_ms']:.1f} ms fitted on the all-resident row; memory results at "
+             f"{(doc['memory_results'].get('commit') or '')[:7]}:", "",
+             "| system | simulated as | measured req/s | simulated req/s | error | measured switches | simulated switches "
+             "| error | left out |", "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for r in doc["rows"].values():
+        m, s = r["measured"], r["simulated"]
+        sw = "-" if r["switch_error"] is None else f"{100 * r['switch_error']:+.0f}%"
+        lines.append(f"| {r['title']} | {r['policy']} | {m['throughput_per_s']:.1f} | {s['throughput_per_s']:.1f} | "
+                     f"{100 * r['throughput_error']:+.0f}% | {m['switches'] if m['switches'] is not None else '-'} | "
+                     f"{s['switches']} | {sw} | {r['note'] or '-'} |")
+    lines.append("")
+    lines.append(f"Every predicted row within {100 * doc['tolerance']:.0f}% (throughput and switches): "
+                 f"{'yes' if doc['within_tolerance'] else 'no'}.")
+    return "\n".join(lines) + "\n"
+
+
+def write(doc: dict, prefix: Path) -> None:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    prefix.with_suffix(".md").write_text(table(doc))
+
+
+def cmd_check(args) -> int:
+    """`expertmesh bench simulate --check MEMORY_JSON [--profile P] [--out PREFIX]`."""
+    path = Path(args.check)
+    try:
+        memory_doc = json.loads(path.read_text())
+        memory_doc["settings"], memory_doc["systems"]["all_resident"]["closed"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"{path} is not a memory benchmark's results with an all-resident closed loop "
+                              f"({type(exc).__name__})", field="--check",
+                              fix="run `expertmesh bench memory` (all_resident and closed included) and pass its JSON")
+    s = MemorySettings.model_validate({k: v for k, v in memory_doc["settings"].items()
+                                       if k in MemorySettings.model_fields})
+    spec_path = Path(build_workload_coe(s.workload_path(), s.workload_config(), progress=print))
+    profile_path = Path(args.profile) if args.profile else workload_zoo(load_spec(spec_path), spec_path) / "profile.json"
+    if not profile_path.exists():
+        raise FailedPrecondition(f"no profile of the benchmark's CoE at {profile_path}", field="--profile",
+                                 fix=f"expertmesh profile --spec {spec_path} --out {profile_path} --usage spec")
+    doc = provenance() | check(memory_doc, ProfileStore.load(profile_path), progress=lambda line: print(line, flush=True))
+    doc["profile"] = str(profile_path)
+    doc["command"] = "expertmesh " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    prefix = Path(args.out) if args.out != "bench/results/simulate" else Path("bench/results/simulate_check")
+    write(doc, prefix)
+    print(table(doc))
+    print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.md')}")
+    return 0
