@@ -134,12 +134,30 @@ class _Task:
 
     def run(self) -> TaskOutcome:
         stations = self.config.closed_loop_stations
-        first = len(self.requests) if stations is None else min(stations, len(self.requests))
-        if stations is not None:  # every station's first request at the start; the next ones as answers come back
-            self.arrival_ms = [0.0] * len(self.requests)
-        for i in range(first):
+        warm = min(self.config.warmup_requests, len(self.requests)) if stations is not None else 0
+        if warm:  # the warm-up to its last answer, then the counters start from zero (the benchmark's reset_stats)
+            self._drive(0, warm)
+            self.latencies_ms, self.evictions, self.num_batches, self.num_calls = [], Counter(), 0, 0
+            self.tiers.loads, self.tiers.demotions_to_host, self.tiers.dropped_to_disk = Counter(), 0, 0
+        self._drive(warm, len(self.requests))
+        start = min(self.arrival_ms[warm:])
+        return TaskOutcome(self.latencies_ms, self.now_ms - start, self.tiers, self.evictions, self.num_batches,
+                           self.num_calls)
+
+    def _drive(self, first: int, end: int) -> None:
+        """Requests first..end-1 to their last answer: at their arrival times, or sent by the closed loop's stations
+        (each station's first request now, its next one a turnaround after each answer)."""
+        stations = self.config.closed_loop_stations
+        self.end_request = end
+        if stations is None:
+            sent = end
+        else:
+            sent = min(first + stations, end)
+            for i in range(first, sent):
+                self.arrival_ms[i] = self.now_ms
+        for i in range(first, sent):
             self._push(self.arrival_ms[i], _ARRIVE, (self.requests[i].chain[0], i, 0))
-        self.next_request = first
+        self.next_request = sent
         while self.events:
             self.now_ms, _, kind, data = heapq.heappop(self.events)
             if kind == _ARRIVE:
@@ -148,9 +166,6 @@ class _Task:
                 self._run_batch(self.executors[data[0]], data[1])
             else:
                 self._finish(self.executors[data[0]], data[1], data[2])
-        start = min(self.arrival_ms)
-        return TaskOutcome(self.latencies_ms, self.now_ms - start, self.tiers, self.evictions, self.num_batches,
-                           self.num_calls)
 
     def _enqueue(self, expert: str, request: int, step: int, *, start: bool = True) -> _Executor:
         x = self.executors[self._assign(expert)]
@@ -226,7 +241,7 @@ class _Task:
         x.running = (expert, n)
         self.num_batches += 1
         self.num_calls += n
-        done_ms = self._reserve(COMPUTE, self.experts[expert].batch_ms(n))
+        done_ms = self._reserve(COMPUTE, self.experts[expert].batch_ms(n) + n * self.config.call_overhead_ms)
         self._push(done_ms, _DONE, (x.index, expert, tuple(batch)))
 
     def _finish(self, x: _Executor, expert: str, batch: tuple[Call, ...]) -> None:
@@ -239,7 +254,7 @@ class _Task:
                 self._enqueue(chain[step + 1], request, step + 1, start=False)
             else:
                 self.latencies_ms.append(self.now_ms - self.arrival_ms[request])
-                if self.config.closed_loop_stations is not None and self.next_request < len(self.requests):
+                if self.config.closed_loop_stations is not None and self.next_request < self.end_request:
                     i, self.next_request = self.next_request, self.next_request + 1
                     self.arrival_ms[i] = self.now_ms + self.config.turnaround_ms
                     self._push(self.arrival_ms[i], _ARRIVE, (self.requests[i].chain[0], i, 0))

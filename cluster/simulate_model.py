@@ -66,6 +66,12 @@ class SimConfig(BaseModel):
         None, ge=1, description="closed loop: this many stations, each sending its next request (in the requests' "
                                 "order) when its last one was answered; the requests' arrival times are ignored. "
                                 "None: open loop, at the arrival times")
+    call_overhead_ms: float = Field(
+        0.0, ge=0, description="executor time per call beyond the profile's K*n+B, serial with compute: the serving "
+                               "path inside a replica (request handling, deserialisation, the event loop)")
+    warmup_requests: int = Field(
+        0, ge=0, description="closed loop: the first this many requests run first, to the last answer (a warm-up, as "
+                             "the memory benchmark's); counters, latencies and the makespan count the rest")
     turnaround_ms: float = Field(
         0.0, ge=0, description="closed loop: from a request's answer to its station's next request reaching the "
                                "device (the serving path outside the executors: client, proxy, handle, transfer)")

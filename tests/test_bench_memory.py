@@ -15,7 +15,10 @@ from expertmesh.bench.memory_systems import (ABLATION, REFERENCE, SYSTEMS, budge
                                              models_per_replica)
 from expertmesh.bench.memory_table import closed_summary, headline, label_check, markdown, within_budget
 from expertmesh.bench.throughput_sweep import DEADLINE, OK, RequestRecord
-from expertmesh.cli import build_parser
+from expertmesh.bench.simulate_check import SYSTEMS as SIMULATED
+from expertmesh.bench.simulate_check import check, table
+from expertmesh.cli import build_parser, main
+from expertmesh.profiler.store import ProfileStore
 
 MB = 1_000_000
 SIZES = {"s1": 1 * MB, "s2": 1 * MB, "s3": 1 * MB, "big1": 45 * MB, "big2": 45 * MB}  # 93 MB in all
@@ -200,3 +203,17 @@ def test_quick_run_of_every_system(tmp_path):
     assert h["met"]["hosts_within_budget"] and h["met"]["same_answers"]
     paths = write_results(doc, tmp_path / "memory")
     assert markdown(doc).startswith("# Memory-limited serving") and paths[2].exists()
+
+    # the simulator predicts this run from a profile of its CoE and its own requests (bench simulate --check)
+    profile = tmp_path / "profile.json"
+    assert main(["profile", "--spec", doc["workload"]["spec"], "--zoo", doc["workload"]["zoo"], "--out", str(profile),
+                 "--runs", "1", "--max-batch", "4", "--usage", "spec", "--no-progress",
+                 "--plot", str(tmp_path / "p.png")]) == 0
+    checked = check(doc, ProfileStore.load(profile), progress=lambda line: None)
+    rows = checked["rows"]
+    assert set(rows) == set(SIMULATED) and checked["num_requests"] == 40
+    assert rows["all_resident"]["throughput_error"] == pytest.approx(0.0, abs=0.02)  # the fitted row
+    assert rows["all_resident"]["simulated"]["switches"] == 0
+    assert all(r["simulated"]["throughput_per_s"] > 0 and r["switch_error"] is not None
+               for n, r in rows.items() if n != "all_resident")
+    assert "| (c) FCFS + LRU | fcfs_lru |" in table(checked)
