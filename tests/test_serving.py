@@ -115,6 +115,24 @@ def test_http_ingress(serving):
     assert http_post(serving, {**body, "image": big}, token)[0] == 413
 
 
+def test_placement_endpoint_refusals(serving):
+    """GET /v1/placement: a token first (401 without one), 404 naming the setting where the app runs no controller,
+    400 for another method."""
+    def call(method: str, token: str | None):
+        req = urllib.request.Request(serving.http_url + "/v1/placement", method=method,
+                                     headers={"authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+    assert call("GET", None)[0] == 401
+    assert call("GET", "not-a-token")[0] == 401
+    status, doc = call("GET", serving.tokens["factory-b"])  # any factory's token
+    assert status == 404 and "placement_controller" in doc["error"]["fix"]
+    assert call("DELETE", serving.tokens["factory-a"])[0] == 400
+
+
 def test_client_from_reflection_alone(serving):
     """A generic client that has none of our stubs: it learns the service from server reflection."""
     from google.protobuf import descriptor_pool, message_factory
