@@ -17,7 +17,7 @@ from expertmesh.cli_options import positive
 from expertmesh.errors import InvalidArgument
 
 SYSTEM_NAMES = ("all_resident", "expertmesh", "multiplexed", "multiplexed_mean_k", "expertmesh_no_host_tier",
-                "fcfs_lru", "evict_only", "evict_arrange")
+                "fcfs_lru", "evict_only", "evict_arrange", "expertmesh_2x_pow2", "expertmesh_2x_assign")
 
 
 def register(bench: argparse._SubParsersAction) -> None:

@@ -43,8 +43,12 @@ from expertmesh.bench.throughput_sweep import (DEADLINE, OK, RequestRecord, Swee
                                                send_offsets_s, summarize_point)
 from expertmesh.bench.throughput_table import sweep_summary
 from expertmesh.cluster.connect import keep_ray_on_loopback
+from expertmesh.deployments.config import pool_costs
+from expertmesh.errors import InvalidArgument
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.spec import CoESpec, default_zoo_root, load_spec
+from expertmesh.profiler.serving_profiles import serving_devices, usable_profiles
+from expertmesh.profiler.store import ProfileStore
 
 PROGRESS_EVERY_S = 5.0
 
@@ -104,7 +108,9 @@ class MemorySettings(BaseModel):
 
     @classmethod
     def quick(cls, **overrides) -> MemorySettings:
+        # three of the quick CoE's experts are 97% of its bytes: a budget of 3/4 leaves each of two replicas room for one
         return cls(**{"num_small_experts": 6, "num_large_experts": 3, "num_stations": 4, "warmup_requests": 10,
+                      "device_budget_fraction": 0.75,
                       "closed_requests": 40, "num_requests": 200, "point_s": 1.0, "min_requests": 20,
                       "max_ramp_points": 1, "max_fill_points": 0, "deadline_s": 30.0, **overrides})
 
@@ -329,6 +335,12 @@ def run_memory(s: MemorySettings) -> dict:
                  "order": list(s.systems), "ablation": [n for n in ABLATION if n in s.systems], "systems": {}}
     w = prepare_workload(s)
     b = budgets(w.expert_bytes, s.device_budget_fraction, s.host_budget_fraction)
+    for name in s.systems:  # a system of n replicas divides the budgets: each share must still hold the largest expert
+        n, largest = SYSTEMS[name].num_replicas, max(w.expert_bytes.values())
+        if b.device_bytes // n < largest:
+            raise InvalidArgument(f"{name} divides the device budget of {b.device_bytes} bytes among {n} replicas, "
+                                  f"below the largest expert ({largest} bytes)", field="device_budget_fraction",
+                                  fix=f"raise device_budget_fraction, or leave {name} out (--systems)")
     doc["workload"] = workload_doc(w, b, s)
     k = doc["workload"]["multiplexed_k"]
     say(f"{len(w.experts)} experts, {b.total_expert_bytes / 2**20:.1f} MiB; device budget "
@@ -337,6 +349,8 @@ def run_memory(s: MemorySettings) -> dict:
     d = Deployment(str(w.spec_path), str(w.zoo_root), num_replicas=1, replica_num_cpus=s.replica_num_cpus,
                    torch_threads=s.torch_threads, max_ongoing_requests=s.max_ongoing_requests)
     answers: dict[str, Answers] = {}
+    costs = assign_costs(w)
+    doc["workload"]["assign_costs_from"] = "profile" if costs else "defaults (no current profile of the CoE)"
     say("starting Ray (one loopback node) ...")
     t0 = time.perf_counter()
     start_ray(s)
@@ -352,7 +366,7 @@ def run_memory(s: MemorySettings) -> dict:
                 + " ...")
             try:
                 deployed = deploy(system, d, w.spec, w.experts, b, w.usage, max_wait_s=s.max_wait_s,
-                                  batch_wait_s=s.batch_wait_s, k=k)
+                                  batch_wait_s=s.batch_wait_s, k=k, costs=costs)
                 entry["deploy_s"] = deployed.deploy_s
                 say(f"  deployed in {deployed.deploy_s:.1f} s")
                 try:
@@ -372,13 +386,26 @@ def run_memory(s: MemorySettings) -> dict:
     return doc
 
 
+def assign_costs(w: Workload) -> dict[str, list[float]]:
+    """The assign router's costs (K, B, switch ms per expert) from a current profile of the workload's CoE (`expertmesh
+    profile --spec <its spec>` writes <its zoo>/profile.json); empty without one (the router's defaults)."""
+    path = w.zoo_root / "profile.json"
+    if not path.exists():
+        return {}
+    profiles = usable_profiles(ProfileStore.load(path), w.spec, w.zoo_root, serving_devices(w.spec, 0.0),
+                               warn=lambda m: say(f"  profile: {m}"))
+    return pool_costs(profiles)
+
+
 def _config_doc(system: SystemUnderTest, b: Budgets, k: int, k_rule: str, s: MemorySettings) -> Mapping:
-    common = {"num_replicas": 1, "replica_num_cpus": s.replica_num_cpus, "torch_threads": s.torch_threads,
+    n = system.num_replicas
+    common = {"num_replicas": n, "replica_num_cpus": s.replica_num_cpus / n, "torch_threads": s.torch_threads,
               "max_ongoing_requests": s.max_ongoing_requests}
     if system.kind == "multiplexed":
         return {**common, "max_num_models_per_replica": k, "k_rule": k_rule, "batch_wait_timeout_s": s.batch_wait_s,
                 "device_budget_bytes": b.device_bytes, "host_tier": False}
     return {**common, "arrange": system.arrange, "evict": system.evict, "prefetch": system.prefetch,
-            "max_wait_s": s.max_wait_s, "device_budget_bytes": b.device_bytes if system.budgeted else None,
-            "host_budget_bytes": (b.host_bytes if system.host_tier else NO_HOST_COPIES_BYTES) if system.budgeted
+            "max_wait_s": s.max_wait_s, "request_router": system.request_router,
+            "device_budget_bytes": b.device_bytes // n if system.budgeted else None,  # per replica
+            "host_budget_bytes": (b.host_bytes // n if system.host_tier else NO_HOST_COPIES_BYTES) if system.budgeted
             else None}

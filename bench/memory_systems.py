@@ -10,7 +10,9 @@ under the same device budget (a fraction, at most a third, of all the served exp
 - (c) `fcfs_lru`: the pooled host with FCFS and LRU, no prefetch;
 - (d) `all_resident`: the pooled host with the budgets lifted (the upper bound);
 - the ablation: `evict_only` (FCFS + dependency-aware eviction), `evict_arrange` (+ CoServe arrange, no prefetch),
-  then (a) (+ prefetch).
+  then (a) (+ prefetch), then `expertmesh_2x_assign` (+ assign: (a) as two replicas sharing the same CPU and budgets,
+  the handle routing with `deployments.assign_router`), beside `expertmesh_2x_pow2` (the same two replicas with
+  Serve's default router: what assign itself adds).
 The pooled hosts get the host-memory budget too; Serve's multiplexer has no host tier (a load is from disk), so
 `expertmesh_no_host_tier` is (a) keeping no host-memory copies: the same memory as (b), loads from disk as (b)'s.
 
@@ -25,6 +27,7 @@ import abc
 import asyncio
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +36,7 @@ import numpy as np
 from ray import serve
 
 from expertmesh.bench.multiplexed_app import multiplexed_deployment
+from expertmesh.deployments.config import ASSIGN_ROUTER
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.experts.spec import CoESpec
 from expertmesh.router.plan import Call, ExpertOutput, Reason
@@ -55,6 +59,8 @@ class SystemUnderTest:
     budgeted: bool = True  # False: the budgets are lifted (every expert resident)
     k_rule: str | None = None  # multiplexed: how K is chosen (None: the run's setting)
     host_tier: bool = True  # a pooled host keeps host-memory copies within the host budget (False: none)
+    num_replicas: int = 1  # > 1: the same CPUs and budgets divided among this many host replicas
+    request_router: Literal["pow2", "assign"] = "pow2"  # how the handle picks a replica (with num_replicas > 1)
 
 
 SYSTEMS: dict[str, SystemUnderTest] = {s.name: s for s in (
@@ -69,9 +75,14 @@ SYSTEMS: dict[str, SystemUnderTest] = {s.name: s for s in (
     SystemUnderTest("fcfs_lru", "(c) FCFS + LRU", HOST, arrange="fcfs", evict="lru"),
     SystemUnderTest("evict_only", "eviction only (FCFS + dependency-aware eviction)", HOST, arrange="fcfs"),
     SystemUnderTest("evict_arrange", "+ arrange (no prefetch)", HOST),
+    SystemUnderTest("expertmesh_2x_pow2", "(a) on 2 replicas, half the CPU and budgets each, Serve's power-of-two "
+                                          "router", HOST, prefetch=True, num_replicas=2),
+    SystemUnderTest("expertmesh_2x_assign", "+ assign: (a) on 2 replicas, half the CPU and budgets each, the assign "
+                                            "router", HOST, prefetch=True, num_replicas=2, request_router="assign"),
 )}
 REFERENCE = "all_resident"  # every other system's labels must equal this one's
-ABLATION = ("evict_only", "evict_arrange", "expertmesh")  # each row adds one mechanism; the last is (a)
+# each row adds one mechanism: eviction, arrange, prefetch (= (a)), assign (two executors, as CoServe's last step)
+ABLATION = ("evict_only", "evict_arrange", "expertmesh", "expertmesh_2x_assign")
 
 
 @dataclass(frozen=True)
@@ -169,11 +180,42 @@ class DeployedSystem(abc.ABC):
     async def reset_stats(self) -> None:
         await self.handle.reset_stats.remote()
 
+    async def each_replica(self, method: str, max_rounds: int = 50) -> list[dict]:
+        """`method`'s answer from every replica (a handle picks the replica, so ask until each has answered)."""
+        seen: dict[str, dict] = {}
+        n = self.system.num_replicas
+        for _ in range(max_rounds):
+            for out in await asyncio.gather(*(getattr(self.handle, method).remote() for _ in range(2 * n))):
+                seen.setdefault(out["replica_id"], out)
+            if len(seen) >= n:
+                break
+        return list(seen.values())
+
     def delete(self) -> None:
         serve.delete(self.app_name)
 
 
 class HostSystem(DeployedSystem):
+    SUMMED = ("switches", "prefetch_loads", "prefetch_hits", "batches", "calls", "peak_device_bytes", "peak_host_bytes",
+              "device_bytes", "host_bytes", "device_budget_bytes", "host_budget_bytes")
+
+    async def stats(self) -> dict:
+        """One replica's stats; with several, their sum (peaks and budgets summed: the system's memory), each
+        replica's own under `per_replica` (each within its own budgets is what the budget check asks)."""
+        if self.system.num_replicas == 1:
+            return await self.handle.stats.remote()
+        each = await self.each_replica("stats")
+        total = {k: (None if any(r.get(k) is None for r in each) else sum(r[k] for r in each)) for k in self.SUMMED}
+        for k in ("loads_by_tier", "evictions_by_reason"):
+            total[k] = dict(sum((Counter(r.get(k) or {}) for r in each), Counter()))
+        return {**total, "per_replica": each, "num_replicas": len(each)}
+
+    async def reset_stats(self) -> None:
+        if self.system.num_replicas == 1:
+            await self.handle.reset_stats.remote()
+        else:
+            await self.each_replica("reset_stats")
+
     async def send(self, calls: Sequence[str], images: Mapping[int, np.ndarray]) -> dict[str, str]:
         """One `run` of the request's plan: the host runs its dependent calls in-process."""
         plan = [Call(e, Reason.TABLE) for e in calls]
@@ -202,7 +244,8 @@ class MultiplexedSystem(DeployedSystem):
 
 
 def deploy(system: SystemUnderTest, d: Deployment, spec: CoESpec, experts: Sequence[str], b: Budgets,
-           usage: Mapping[str, float], *, max_wait_s: float, batch_wait_s: float, k: int) -> DeployedSystem:
+           usage: Mapping[str, float], *, max_wait_s: float, batch_wait_s: float, k: int,
+           costs: Mapping[str, list[float]] | None = None) -> DeployedSystem:
     """Run `system` as the Serve application `mem-<name>` and return it once Serve reports it running (a pooled
     host has loaded and warmed what it starts with by then)."""
     app_name = f"mem-{system.name}"
@@ -211,7 +254,15 @@ def deploy(system: SystemUnderTest, d: Deployment, spec: CoESpec, experts: Seque
                "max_ongoing_requests": d.max_ongoing_requests}
     t0 = time.perf_counter()
     if system.kind == HOST:
-        config = host_user_config(system, experts, max_batch, b, usage, max_wait_s)
+        n = system.num_replicas
+        share = Budgets(b.total_expert_bytes, b.device_bytes // n, None if b.host_bytes is None else b.host_bytes // n)
+        config = host_user_config(system, experts, max_batch, share, usage, max_wait_s)
+        options = {**options, "num_replicas": d.num_replicas * n,
+                   "ray_actor_options": {"num_cpus": d.replica_num_cpus / n}}
+        if system.request_router == "assign":
+            options["request_router_config"] = {"request_router_class": ASSIGN_ROUTER,
+                                                "request_routing_stats_period_s": 1.0,
+                                                "request_router_kwargs": {"costs": dict(costs or {})}}
         app = ExpertHostDeployment.options(name=f"Host-{system.name}", user_config=config, **options).bind(
             d.spec_path, d.zoo_root, d.torch_threads)
         handle = serve.run(app, name=app_name, route_prefix=None)

@@ -53,6 +53,8 @@ def within_budget(stats: Mapping | None) -> bool | None:
     """Whether the peaks stayed within the budgets (None when the stats say nothing; a lifted budget holds)."""
     if not stats or stats.get("peak_device_bytes") is None:
         return None
+    if stats.get("per_replica"):  # several replicas: each within its own budgets
+        return all(within_budget(r) is not False for r in stats["per_replica"])
     checks = [(stats.get("peak_device_bytes"), stats.get("device_budget_bytes")),
               (stats.get("peak_host_bytes"), stats.get("host_budget_bytes"))]
     return all(budget is None or peak is None or peak <= budget for peak, budget in checks)

@@ -133,8 +133,9 @@ class ExpertHostDeployment:
         per tier) and what it holds now: what the memory benchmark and the tests read."""
         return {**self.pool.stats(), "node": self.node, "replica_id": self.replica_id}
 
-    def reset_stats(self) -> None:
+    def reset_stats(self) -> dict:
         self.pool.reset_stats()
+        return {"replica_id": self.replica_id}
 
     def record_routing_stats(self) -> dict:
         """What Serve's request router (`deployments.assign_router`) reads about this replica: the experts on its

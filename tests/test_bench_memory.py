@@ -65,7 +65,11 @@ def test_host_configs_differ_only_in_policies_and_lifted_budgets():
     for name in ("expertmesh", "fcfs_lru", "evict_only", "evict_arrange"):
         assert configs[name]["device_budget_bytes"] == b.device_bytes and configs[name]["host_budget_bytes"] == b.host_bytes
         assert configs[name]["experts"] == list(SIZES) and configs[name]["usage"] == USAGE
-    assert ABLATION[-1] == "expertmesh" and REFERENCE == "all_resident"
+    assert ABLATION[-2:] == ("expertmesh", "expertmesh_2x_assign") and REFERENCE == "all_resident"
+    # + assign: (a) as two replicas sharing (a)'s CPU and budgets; its sibling differs only in the router
+    two, pow2 = SYSTEMS["expertmesh_2x_assign"], SYSTEMS["expertmesh_2x_pow2"]
+    assert (two.num_replicas, two.request_router, pow2.request_router) == (2, "assign", "pow2")
+    assert configs["expertmesh_2x_assign"] == configs["expertmesh_2x_pow2"] == configs["expertmesh"]  # b: as given
     assert set(SYSTEM_NAMES) == set(SYSTEMS)
 
 
@@ -199,6 +203,13 @@ def test_quick_run_of_every_system(tmp_path):
         if sys["kind"] == "multiplexed":
             assert closed["stats"]["peak_models_held"] <= sys["config"]["max_num_models_per_replica"]
     assert doc["systems"]["all_resident"]["closed"]["stats"]["switches"] == 0
+    for name in ("expertmesh_2x_pow2", "expertmesh_2x_assign"):  # two replicas, each with half of (a)'s budgets
+        sys = doc["systems"][name]
+        each = sys["closed"]["stats"]["per_replica"]
+        assert len(each) == 2 and len({r["replica_id"] for r in each}) == 2, name
+        assert all(r["device_budget_bytes"] == sys["config"]["device_budget_bytes"]
+                   == doc["workload"]["device_budget_bytes"] // 2 for r in each), name
+        assert sum(r["calls"] for r in each) == sys["closed"]["stats"]["calls"] > 0, name
     h = doc["headline"]
     assert h["met"]["hosts_within_budget"] and h["met"]["same_answers"]
     paths = write_results(doc, tmp_path / "memory")
