@@ -42,6 +42,12 @@ class ServeSettings(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
+    grpc_max_message_mib: float = Field(
+        64.0, gt=0, le=2047, description="the largest gRPC message Serve's proxy takes (an Inspect or a whole "
+                                          "InspectBoard request); larger ones get RESOURCE_EXHAUSTED from gRPC before "
+                                          "they are buffered. Serve reads it from RAY_SERVE_GRPC_MAX_MESSAGE_SIZE in "
+                                          "the proxy's process: `expertmesh serve` sets it for the Ray it starts; a "
+                                          "cluster's nodes need it in their environment (the Helm chart sets it)")
     route_batch_max_size: int = Field(64, ge=1, le=4096, description="requests the ingress sends the router in one call")
     route_batch_wait_s: float = Field(0.005, ge=0, le=1, description="how long the ingress waits to fill a batch")
     max_in_flight_components: int = Field(
@@ -330,6 +336,11 @@ def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | Non
 def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """`deployment_options` with the profile entries (`app_profiles`) and the placement of `args` applied."""
     return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement, args.executors)
+
+
+def proxy_env(settings: ServeSettings) -> dict[str, str]:
+    """Environment Serve's proxies read at start (not options of any API): the gRPC message size limit."""
+    return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(int(settings.grpc_max_message_mib * 2**20))}
 
 
 def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:

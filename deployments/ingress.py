@@ -27,7 +27,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from expertmesh.errors import (ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge, grpc_status)
+from expertmesh.errors import (ErrorCode, ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge,
+                               grpc_status)
 from expertmesh.deployments.admission import Admission
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.batcher import Batcher
@@ -69,6 +70,29 @@ def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) 
                                 node_id=t["node_id"], replica_id=t["replica_id"]) for t in result["trace"]])
 
 
+UNAUTHENTICATED_LABEL = "unauthenticated"  # the factory label of a request whose token failed
+
+
+async def read_body(http: Request, max_bytes: int) -> bytes:
+    """The request body, refused (PAYLOAD_TOO_LARGE) before it is buffered when its Content-Length, or the bytes
+    streamed so far, pass `max_bytes`; a Content-Length that is not a number is INVALID_ARGUMENT."""
+    fix = f"send an image of at most {max_bytes // 2} bytes"
+    declared = http.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise InvalidArgument(f"content-length is {declared[:32]!r}", field="content-length",
+                                  fix="send the body's length in bytes, or no content-length")
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(f"body is {int(declared)} bytes, over the limit of {max_bytes}", field="image", fix=fix)
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body passed the limit of {max_bytes} bytes", field="image", fix=fix)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @serve.deployment
 class IngressDeployment:
     def __init__(self, spec_path: str | None, tokens_file: str, router: DeploymentHandle,
@@ -87,8 +111,10 @@ class IngressDeployment:
         self._factories = self.tokens.factories | {"none"}
 
     def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None) -> None:
-        """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids)."""
-        factory = label_or_other(factory_id or "none", self._factories)
+        """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids; a failed
+        authentication or authorization counts as `unauthenticated`, never as the factory the client claimed)."""
+        failed_auth = code in (ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value)
+        factory = UNAUTHENTICATED_LABEL if failed_auth else label_or_other(factory_id or "none", self._factories)
         self.metrics.inc("expertmesh_requests_total", factory=factory, ingress=ingress, code=code)
         self.metrics.observe("expertmesh_request_latency_seconds", time.perf_counter() - t0, ingress=ingress)
         if verdict:
@@ -250,10 +276,8 @@ class IngressDeployment:
                 raise NotFound(f"no route {http.url.path!r}", field="path", fix="POST /v1/inspect")
             if http.method != "POST":
                 raise InvalidArgument(f"method {http.method} not allowed", field="method", fix="use POST /v1/inspect")
-            body = await http.body()
-            if len(body) > 2 * self.spec.image.max_bytes:  # base64 is 4/3 of the image, plus the JSON
-                raise PayloadTooLarge(f"body is {len(body)} bytes", field="image",
-                                      fix=f"send an image of at most {self.spec.image.max_bytes} bytes")
+            self.tokens.factory_of(http.headers.get("authorization"))  # a token before any byte of the body is read
+            body = await read_body(http, 2 * self.spec.image.max_bytes)  # base64 is 4/3 of the image, plus the JSON
             try:
                 doc = json.loads(body)
             except ValueError:

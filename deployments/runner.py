@@ -20,7 +20,7 @@ from ray.serve.schema import ApplicationStatus
 
 from expertmesh.cluster.connect import is_loopback, keep_ray_on_loopback
 from expertmesh.deployments.app import build_app
-from expertmesh.deployments.config import APP_NAME, AppArgs, deployment_options, proxy_options
+from expertmesh.deployments.config import APP_NAME, AppArgs, deployment_options, proxy_env, proxy_options
 from expertmesh.errors import FailedPrecondition, Unavailable
 from expertmesh.experts.spec import load_spec
 
@@ -44,6 +44,7 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not address or is_loopback(address):
         keep_ray_on_loopback()
+    os.environ.update(proxy_env(args.settings))  # a Ray started here passes it to the proxies; a joined cluster's own
     needed = initial_cpus(args)
     if address:
         ray.init(address=address, log_to_driver=False)

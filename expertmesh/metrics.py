@@ -43,7 +43,7 @@ class MetricDef:
 METRICS: tuple[MetricDef, ...] = (
     # ingress
     MetricDef("expertmesh_requests_total", "counter",
-              "Inspections answered, by factory, ingress (grpc, grpc_board, http) and outcome (gRPC status code name)",
+              "Inspections answered, by factory (unauthenticated when the token failed), ingress (grpc, grpc_board, http) and outcome (gRPC status code name)",
               ("factory", "ingress", "code")),
     MetricDef("expertmesh_verdicts_total", "counter", "Verdicts returned, by factory and verdict", ("factory", "verdict")),
     MetricDef("expertmesh_request_latency_seconds", "histogram", "Whole inspection inside the ingress, by ingress",

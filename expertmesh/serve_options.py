@@ -26,6 +26,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--grpc-max-message-mib", type=float, default=64.0,
+                   help="the largest gRPC request the proxy takes, MiB (a whole board is one request; default 64)")
     p.add_argument("--profile", help="profile store to take each expert's batch size on its host from "
                                      "(default: <zoo>/profile.json when it exists)")
     p.add_argument("--no-profile", action="store_true", help="use the spec's batch sizes")
@@ -41,6 +43,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """The serve flags as ServeSettings; a bad value names its flag."""
     try:
         return ServeSettings(http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
+                             grpc_max_message_mib=getattr(args, "grpc_max_message_mib", 64.0),
                              expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s,
                              expert_num_gpus=args.expert_num_gpus,
                              placement_controller=getattr(args, "placement_controller", False))

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from expertmesh.cluster.ports import free_port  # noqa: F401 - the tests import it from here
 
+GRPC_MAX_MESSAGE_MIB = 8.0  # the shared instance's gRPC message limit
+
 
 @dataclass
 class Serving:
@@ -43,7 +45,7 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
 
     from expertmesh.deployments.app import build_app
     from expertmesh.deployments.auth import write_dev_tokens
-    from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, ServeSettings
+    from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, ServeSettings, proxy_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     spec_path = workdir / "spec.yaml"
@@ -51,19 +53,22 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
     tokens = write_dev_tokens(workdir / "tokens.yaml", ["factory-a", "factory-b"])
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     ray_temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly; short residency
+    # timeouts, so idle experts really leave memory and the next request waits for a load; a device budget below what
+    # the experts take, so the memory-limited path (evictions, switches, prefetches) runs under every integration test;
+    # an 8 MiB gRPC message limit, so the test of it sends 9 MiB, not 65
+    settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, host_num_cpus=0.5, upscale_delay_s=1,
+                             downscale_delay_s=5, expert_timeout_s=20, ingress_max_ongoing_requests=4,
+                             ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0,
+                             pool_device_budget_mib=2.0,  # ~6 of the 10 experts: the pool evicts and switches
+                             grpc_max_message_mib=GRPC_MAX_MESSAGE_MIB)
+    os.environ.update(proxy_env(settings))  # what `expertmesh serve` does before it starts Ray
     # metrics reported every second (Ray's default is 10 s) so the Prometheus test sees traffic quickly
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000},
              _temp_dir=ray_temp_dir, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
-    # a small ingress queue, so a flood meets backpressure (RESOURCE_EXHAUSTED) quickly; short residency
-    # timeouts, so idle experts really leave memory and the next request waits for a load; a device budget below what
-    # the experts take, so the memory-limited path (evictions, switches, prefetches) runs under every integration test
-    settings = ServeSettings(http_port=http_port, grpc_port=grpc_port, host_num_cpus=0.5, upscale_delay_s=1,
-                             downscale_delay_s=5, expert_timeout_s=20, ingress_max_ongoing_requests=4,
-                             ingress_max_queued_requests=8, expert_device_idle_s=1.5, expert_host_idle_s=3.0,
-                             pool_device_budget_mib=2.0)  # ~6 of the 10 experts: the pool evicts and switches
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo, metrics_port,

@@ -115,6 +115,69 @@ def test_http_ingress(serving):
     assert http_post(serving, {**body, "image": big}, token)[0] == 413
 
 
+def test_a_grpc_message_over_the_limit_is_refused_before_it_reaches_the_app(serving):
+    """Serve's proxy takes gRPC messages up to settings.grpc_max_message_mib (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE in its
+    process): a larger one gets RESOURCE_EXHAUSTED from gRPC itself, and the server goes on serving."""
+    from serving_fixture import GRPC_MAX_MESSAGE_MIB
+    big = b"\x89PNG" + b"\0" * int((GRPC_MAX_MESSAGE_MIB + 1) * 2**20)
+    with grpc.insecure_channel(serving.grpc_target) as ch:
+        stub = pb_grpc.InspectionServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=big), metadata=auth(serving), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        ok = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png("diode")), metadata=auth(serving),
+                          timeout=30)
+    assert ok.experts
+
+
+def test_http_checks_the_token_and_the_declared_length_before_reading_the_body(serving):
+    """A body is never buffered for a client without a token, nor past the limit: the answer comes while the client
+    has sent only the headers of what it declared (a client that then never sends the body must not hang it)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(serving.http_url)
+
+    def declared_only(headers: dict) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)
+        try:
+            conn.putrequest("POST", "/v1/inspect")
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(b"{")  # one byte of a body that never comes
+            resp = conn.getresponse()
+            raw = resp.read()
+            try:
+                return resp.status, json.loads(raw)
+            except ValueError:  # refused by the HTTP server itself, before the app
+                return resp.status, {"raw": raw.decode(errors="replace")}
+        finally:
+            conn.close()
+    token = serving.tokens["factory-a"]
+    status, doc = declared_only({"content-type": "application/json", "content-length": str(10**9)})
+    assert status == 401, doc
+    status, doc = declared_only({"content-type": "application/json", "content-length": str(10**9),
+                                 "authorization": f"Bearer {token}"})
+    assert status == 413 and doc["error"]["field"] == "image", doc
+    status, doc = declared_only({"content-type": "application/json", "content-length": "lots",
+                                 "authorization": f"Bearer {token}"})
+    assert status == 400, doc  # by the HTTP server, or by the ingress naming content-length
+    assert "raw" in doc or doc["error"]["field"] == "content-length", doc
+
+
+def test_a_failed_authentication_is_counted_as_unauthenticated_not_as_the_claimed_factory(serving):
+    from serving_fixture import metric_total
+    before = metric_total(serving.metrics_url, "ray_expertmesh_requests_total", factory="unauthenticated")
+    body = {"factory_id": "factory-a", "image": base64.b64encode(png("diode")).decode()}
+    assert http_post(serving, body, "forged-token")[0] == 401
+    assert http_post(serving, body, serving.tokens["factory-b"])[0] == 403  # factory-b's token claiming factory-a
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and metric_total(
+            serving.metrics_url, "ray_expertmesh_requests_total", factory="unauthenticated") < before + 2:
+        time.sleep(1)
+    assert metric_total(serving.metrics_url, "ray_expertmesh_requests_total", factory="unauthenticated") >= before + 2
+
+
 def test_placement_endpoint_refusals(serving):
     """GET /v1/placement: a token first (401 without one), 404 naming the setting where the app runs no controller,
     400 for another method."""

@@ -51,6 +51,9 @@ env:
     value: {{ printf "%s/%s" $root.Values.tokens.mountPath $root.Values.tokens.key | quote }}
   - name: RAY_USAGE_STATS_ENABLED
     value: "0"
+  # the largest gRPC message Serve's proxy takes (bytes): larger ones are refused before they are buffered
+  - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+    value: {{ mul $root.Values.limits.grpcMaxMessageMiB 1048576 | quote }}
 ports:
   - {name: gcs, containerPort: 6379}
   - {name: dashboard, containerPort: 8265}
