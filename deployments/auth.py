@@ -1,10 +1,13 @@
-"""Per-factory bearer tokens: a YAML file of `token: factory_id` lines, checked per request. Pure."""
+"""Per-factory bearer tokens: a YAML file of `token: factory_id` lines, checked per request, and read again when it
+changes (`ReloadingTokens`). Pure but for reading the file."""
 
 from __future__ import annotations
 
 import hmac
 import os
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,49 @@ class TokenTable:
             raise PermissionDenied(f"this token is not valid for factory_id {factory_id!r}", field="factory_id",
                                    fix="use the token issued for that factory, or send your own factory_id")
         return factory
+
+
+class ReloadingTokens:
+    """The tokens file, read again when it changes: tokens rotate without a restart. The file's modification time and
+    size are checked at most every `check_every_s` (on the clock given); a changed file that does not load keeps the
+    last good table and reports why through `on_error` (a half-written file must not lock every station out)."""
+
+    def __init__(self, path: str | Path, check_every_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, on_error: Callable[[str], object] = print) -> None:
+        self.path, self.check_every_s, self.clock, self.on_error = Path(path), check_every_s, clock, on_error
+        self.table = TokenTable.load(self.path)
+        self._stamp = self._stat()
+        self._checked_s = clock()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def current(self) -> TokenTable:
+        now = self.clock()
+        if now - self._checked_s >= self.check_every_s:
+            self._checked_s = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                try:
+                    self.table = TokenTable.load(self.path)
+                    self._stamp = stamp
+                except InvalidArgument as err:
+                    self.on_error(f"tokens file changed but was not loaded, keeping the last good one: {err}")
+        return self.table
+
+    @property
+    def factories(self) -> set[str]:
+        return self.current().factories
+
+    def factory_of(self, authorization: str | None) -> str:
+        return self.current().factory_of(authorization)
+
+    def authorize(self, authorization: str | None, factory_id: str) -> str:
+        return self.current().authorize(authorization, factory_id)
 
 
 def write_dev_tokens(path: Path, factories: list[str]) -> dict[str, str]:

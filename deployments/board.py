@@ -42,12 +42,25 @@ class BoardComponent:
     image_num_bytes: int
 
 
+def valid_id(value: str) -> bool:
+    """At most `MAX_ID_CHARS` printable ASCII characters (no control characters: ids reach logs and responses)."""
+    return len(value) <= MAX_ID_CHARS and all(" " <= ch <= "~" for ch in value)
+
+
+def echo_id(value: str) -> str:
+    """What a response may echo of a client's id: the id when valid, else nothing."""
+    return value if valid_id(value) else ""
+
+
 def check_ids(fields: Sequence[tuple[str, str]], prefix: str = "") -> None:
-    """Every id within `MAX_ID_CHARS`, or INVALID_ARGUMENT naming the field."""
+    """Every id within `MAX_ID_CHARS` printable ASCII characters, or INVALID_ARGUMENT naming the field."""
     for name, value in fields:
         if len(value) > MAX_ID_CHARS:
             raise InvalidArgument(f"{name} is {len(value)} characters, over {MAX_ID_CHARS}", field=prefix + name,
                                   fix=f"send at most {MAX_ID_CHARS} characters")
+        if not valid_id(value):
+            raise InvalidArgument(f"{name} has a character outside printable ASCII", field=prefix + name,
+                                  fix="use letters, digits, spaces and printable punctuation only")
 
 
 def check_board(board_id: str, factory_id: str, station_id: str, components: Sequence[BoardComponent],

@@ -304,7 +304,10 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     for e, node in sorted(own):
         dedicated.setdefault(e, {})[node] = dedicated_name(e, node)
     routing = {"homes": {e: nodes[0] for e, nodes in sorted(planned.items())}, "host_nodes": pool_nodes,
-               "dedicated": dedicated}
+               "dedicated": dedicated,
+               # where each expert's pools hold it (its dedicated nodes aside): a dependent call stays near its upstream
+               "held_on": {e: [n for n in nodes if (e, n) not in own and n in pool_nodes]
+                           for e, nodes in sorted(planned.items()) if len(nodes) > 1}}
     s = settings
     on_head = (planned_nodes or s.placement_controller) and s.front_on_head  # the controller's builds: always
     front = {"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if on_head else {})}

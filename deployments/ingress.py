@@ -30,10 +30,10 @@ from starlette.responses import JSONResponse
 from expertmesh.errors import (ErrorCode, ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge,
                                grpc_status)
 from expertmesh.deployments.admission import Admission
-from expertmesh.deployments.auth import TokenTable
+from expertmesh.deployments.auth import ReloadingTokens
 from expertmesh.deployments.batcher import Batcher
 from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
-                                          check_ids, component_error)
+                                          check_ids, component_error, echo_id)
 from expertmesh.deployments.deadline import call_with_deadline
 from expertmesh.experts.images import decode_image, resize_for
 from expertmesh.experts.spec import load_spec
@@ -99,7 +99,7 @@ class IngressDeployment:
                  board_limits: dict | None = None, route_batch: dict | None = None,
                  max_in_flight_components: int = 256, placement_controller: DeploymentHandle | None = None) -> None:
         self.spec = load_spec(spec_path)
-        self.tokens = TokenTable.load(tokens_file)
+        self.tokens = ReloadingTokens(tokens_file, on_error=logger.error)  # rotated tokens apply without a restart
         self.router = router
         self.placement_controller = placement_controller  # the in-cluster controller, when the app runs one
         self.board_limits = BoardLimits.model_validate(board_limits or {})
@@ -108,13 +108,13 @@ class IngressDeployment:
         self._batcher = Batcher(self._route, max_size=int(batch.get("max_size", 64)),
                                 wait_s=float(batch.get("wait_s", 0.005)), max_in_flight=MAX_CONCURRENT_BATCHES)
         self.metrics = instruments()
-        self._factories = self.tokens.factories | {"none"}
 
     def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None) -> None:
         """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids; a failed
         authentication or authorization counts as `unauthenticated`, never as the factory the client claimed)."""
         failed_auth = code in (ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value)
-        factory = UNAUTHENTICATED_LABEL if failed_auth else label_or_other(factory_id or "none", self._factories)
+        known = self.tokens.factories | {"none"}
+        factory = UNAUTHENTICATED_LABEL if failed_auth else label_or_other(factory_id or "none", known)
         self.metrics.inc("expertmesh_requests_total", factory=factory, ingress=ingress, code=code)
         self.metrics.observe("expertmesh_request_latency_seconds", time.perf_counter() - t0, ingress=ingress)
         if verdict:
@@ -280,11 +280,13 @@ class IngressDeployment:
             body = await read_body(http, 2 * self.spec.image.max_bytes)  # base64 is 4/3 of the image, plus the JSON
             try:
                 doc = json.loads(body)
-            except ValueError:
-                raise InvalidArgument("body is not JSON", field="body", fix="send a JSON object") from None
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+                raise InvalidArgument("body is not JSON, or is nested too deeply", field="body",
+                                      fix="send a flat JSON object (request_id, factory_id, image, metadata of strings)"
+                                      ) from None
             if not isinstance(doc, dict):
                 raise InvalidArgument("body is not a JSON object", field="body", fix="send a JSON object")
-            rid = str(doc.get("request_id") or "")
+            rid = echo_id(str(doc.get("request_id") or ""))  # what errors echo: only a valid id, never the raw one
             try:
                 image = base64.b64decode(str(doc.get("image") or ""), validate=True)
             except (binascii.Error, ValueError):
@@ -293,7 +295,8 @@ class IngressDeployment:
             if not isinstance(metadata, dict):
                 raise InvalidArgument("metadata is not an object", field="metadata", fix="send a JSON object of strings")
             factory_id = str(doc.get("factory_id") or "")
-            rid, result = await self._inspect(http.headers.get("authorization"), rid, factory_id,
+            rid, result = await self._inspect(http.headers.get("authorization"), str(doc.get("request_id") or ""),
+                                              factory_id,
                                               str(doc.get("station_id") or ""), image, str(doc.get("component_hint") or ""),
                                               metadata)
             self._record("http", factory_id, t0, "OK", result["verdict"])

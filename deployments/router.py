@@ -65,6 +65,7 @@ class RouterDeployment:
         self.hosts = dict(hosts)  # host key (a pool's node, or a dedicated deployment's name) -> handle
         self.homes: dict[str, str] = {}
         self.dedicated: dict[str, dict[str, str]] = {}  # expert -> node -> its own deployment (a host key)
+        self.held_on: dict[str, frozenset[str]] = {}  # expert -> nodes whose pools hold it (experts on several nodes)
         self._pools: frozenset[str] = frozenset(k for k in hosts if not k.startswith(DEDICATED_DEPLOYMENT + "-"))
         self._node_of: dict[str, str] = {}  # a dedicated deployment's key -> its node
         self.host_timeout_s = host_timeout_s
@@ -88,6 +89,7 @@ class RouterDeployment:
         name: a host that is still deploying takes calls once it is up)."""
         self.homes = dict(routing.get("homes") or {})
         self.dedicated = {e: dict(own) for e, own in (routing.get("dedicated") or {}).items()}
+        self.held_on = {e: frozenset(nodes) for e, nodes in (routing.get("held_on") or {}).items()}
         nodes = routing.get("host_nodes") or []
         if nodes or self.dedicated:
             keys = {node: host_name(node) for node in nodes}
@@ -164,6 +166,7 @@ class RouterDeployment:
     # ------------------------------------------------------------------ step 2
     async def _run_plans(self, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
                          traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError]) -> None:
+        near: dict[int, str] = {}  # row -> the node whose host answered it last (its pending calls stay there if they can)
         for _ in range(MAX_HOST_ROUNDS):
             now = time.monotonic()
             lost = {h for h, t in self._lost.items() if now - t < LOST_HOLD_S}
@@ -172,7 +175,8 @@ class RouterDeployment:
                 if i in failed:
                     continue
                 for call in plan.pending:
-                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost, self.dedicated)
+                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost, self.dedicated,
+                                    near.get(i), self.held_on.get(call.expert, ()))
                     if host is None:
                         failed[i] = Unavailable(f"no expert host is available for expert {call.expert!r}",
                                                 fix="retry later; the cluster is re-placing the experts of lost nodes")
@@ -181,7 +185,7 @@ class RouterDeployment:
                 plan.pending = []
             if not by_host:
                 return
-            await asyncio.gather(*(self._send(host, rows, images, plans, traces, failed)
+            await asyncio.gather(*(self._send(host, rows, images, plans, traces, failed, near)
                                    for host, rows in by_host.items()))
         for i, plan in plans.items():
             if plan.pending and i not in failed:
@@ -190,7 +194,7 @@ class RouterDeployment:
 
     async def _send(self, host: str, rows: dict[int, list[Call]], images: dict[int, np.ndarray],
                     plans: dict[int, PlanInFlight], traces: dict[int, list[dict]],
-                    failed: dict[int, ExpertMeshError]) -> None:
+                    failed: dict[int, ExpertMeshError], near: dict[int, str]) -> None:
         """One call to one host with every row it needs; a lost host's rows go back to pending for another."""
         keys = list(rows)
         index = np.asarray(keys, dtype=np.int64)
@@ -231,6 +235,8 @@ class RouterDeployment:
             for e, n in experts.items():
                 self._in_flight[e] -= n
         for k, answer in zip(keys, answers):
+            if host:
+                near[k] = self._node_of.get(host, host)
             traces[k].extend(answer["trace"])
             done = [(Call(t["expert"], Reason(t["reason"]), t["because_of"] or None),
                      ExpertOutput(t["expert"], t["label"], t["score"])) for t in answer["trace"]]

@@ -43,3 +43,13 @@ def test_a_dedicated_expert_goes_to_its_own_deployment_first_and_to_a_pool_when_
     assert host_for("a", HOMES, HOSTS, lost={"Expert-a-node-1"}, dedicated=own) == "Expert-a-node-2"
     fallback = host_for("a", HOMES, HOSTS, alive={"node-0"}, dedicated=own)
     assert fallback == "node-0"  # no node with its own deployment lives: a pool loads it
+
+
+def test_a_dependent_call_stays_on_its_upstreams_node_when_the_plan_holds_its_expert_there():
+    homes = {"fine": "node-0", "chip": "node-2"}
+    assert host_for("fine", homes, HOSTS, near="node-2", held_on={"node-0", "node-2"}) == "node-2"
+    assert host_for("fine", homes, HOSTS, near="node-1", held_on={"node-0", "node-2"}) == "node-0"  # not held there
+    assert host_for("fine", homes, HOSTS, near="node-2", held_on={"node-0", "node-2"},
+                    alive={"node-0", "node-1"}) == "node-0"  # its upstream's node is gone
+    own = {"chip": {"node-1": "Expert-chip-node-1", "node-2": "Expert-chip-node-2"}}
+    assert host_for("chip", homes, HOSTS, dedicated=own, near="node-1") == "Expert-chip-node-1"

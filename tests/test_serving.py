@@ -178,6 +178,42 @@ def test_a_failed_authentication_is_counted_as_unauthenticated_not_as_the_claime
     assert metric_total(serving.metrics_url, "ray_expertmesh_requests_total", factory="unauthenticated") >= before + 2
 
 
+def test_hostile_json_and_ids_get_400_and_are_not_echoed(serving):
+    token = serving.tokens["factory-a"]
+    image = base64.b64encode(png("diode")).decode()
+    deep = "[" * 100_000 + "]" * 100_000  # deeper than the parser's stack: was a 500 with a traceback
+    req = urllib.request.Request(serving.http_url + "/v1/inspect", data=deep.encode(), method="POST",
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {token}"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400 and json.loads(err.value.read())["error"]["field"] == "body"
+    for rid in ("evil\nforged log line", "x" * 10_000):
+        status, doc = http_post(serving, {"factory_id": "factory-a", "image": image, "request_id": rid}, token)
+        assert status == 400 and doc["error"]["field"] == "request_id" and doc["request_id"] == "", doc
+    with grpc.insecure_channel(serving.grpc_target) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.InspectionServiceStub(ch).Inspect(
+                pb.InspectRequest(factory_id="factory-a", request_id="a\x00b", image=png("diode")),
+                metadata=auth(serving), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
+
+
+def test_a_token_added_to_the_tokens_file_works_without_a_restart(serving):
+    original = serving.tokens_file.read_text()
+    fresh = "rotated-token-for-factory-b-0123456789"
+    body = {"factory_id": "factory-b", "image": base64.b64encode(png("diode")).decode()}
+    assert http_post(serving, body, fresh)[0] == 401
+    try:
+        serving.tokens_file.write_text(original + f"{fresh}: factory-b\n")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (status := http_post(serving, body, fresh)[0]) != 200:
+            time.sleep(0.5)
+        assert status == 200
+        assert http_post(serving, body, serving.tokens["factory-b"])[0] == 200  # the old ones still work
+    finally:
+        serving.tokens_file.write_text(original)
+
+
 def test_placement_endpoint_refusals(serving):
     """GET /v1/placement: a token first (401 without one), 404 naming the setting where the app runs no controller,
     400 for another method."""
