@@ -337,7 +337,7 @@ def run_memory(s: MemorySettings) -> dict:
     b = budgets(w.expert_bytes, s.device_budget_fraction, s.host_budget_fraction)
     for name in s.systems:  # a system of n replicas divides the budgets: each share must still hold the largest expert
         n, largest = SYSTEMS[name].num_replicas, max(w.expert_bytes.values())
-        if b.device_bytes // n < largest:
+        if b.per_replica(n).device_bytes < largest:
             raise InvalidArgument(f"{name} divides the device budget of {b.device_bytes} bytes among {n} replicas, "
                                   f"below the largest expert ({largest} bytes)", field="device_budget_fraction",
                                   fix=f"raise device_budget_fraction, or leave {name} out (--systems)")
@@ -401,11 +401,12 @@ def _config_doc(system: SystemUnderTest, b: Budgets, k: int, k_rule: str, s: Mem
     n = system.num_replicas
     common = {"num_replicas": n, "replica_num_cpus": s.replica_num_cpus / n, "torch_threads": s.torch_threads,
               "max_ongoing_requests": s.max_ongoing_requests}
+    share = b.per_replica(n)
     if system.kind == "multiplexed":
         return {**common, "max_num_models_per_replica": k, "k_rule": k_rule, "batch_wait_timeout_s": s.batch_wait_s,
                 "device_budget_bytes": b.device_bytes, "host_tier": False}
     return {**common, "arrange": system.arrange, "evict": system.evict, "prefetch": system.prefetch,
             "max_wait_s": s.max_wait_s, "request_router": system.request_router,
-            "device_budget_bytes": b.device_bytes // n if system.budgeted else None,  # per replica
-            "host_budget_bytes": (b.host_bytes // n if system.host_tier else NO_HOST_COPIES_BYTES) if system.budgeted
+            "device_budget_bytes": share.device_bytes if system.budgeted else None,  # per replica
+            "host_budget_bytes": (share.host_bytes if system.host_tier else NO_HOST_COPIES_BYTES) if system.budgeted
             else None}

@@ -93,6 +93,11 @@ class Budgets:
     device_bytes: int
     host_bytes: int | None
 
+    def per_replica(self, num_replicas: int) -> Budgets:
+        """Each replica's share when `num_replicas` replicas divide these budgets."""
+        return Budgets(self.total_expert_bytes, self.device_bytes // num_replicas,
+                       None if self.host_bytes is None else self.host_bytes // num_replicas)
+
 
 def budgets(expert_bytes: Mapping[str, int], device_fraction: float, host_fraction: float | None) -> Budgets:
     """The budgets as fractions of all the served experts' bytes. The device budget must hold the largest expert."""
@@ -255,8 +260,7 @@ def deploy(system: SystemUnderTest, d: Deployment, spec: CoESpec, experts: Seque
     t0 = time.perf_counter()
     if system.kind == HOST:
         n = system.num_replicas
-        share = Budgets(b.total_expert_bytes, b.device_bytes // n, None if b.host_bytes is None else b.host_bytes // n)
-        config = host_user_config(system, experts, max_batch, share, usage, max_wait_s)
+        config = host_user_config(system, experts, max_batch, b.per_replica(n), usage, max_wait_s)
         options = {**options, "num_replicas": d.num_replicas * n,
                    "ray_actor_options": {"num_cpus": d.replica_num_cpus / n}}
         if system.request_router == "assign":

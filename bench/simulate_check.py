@@ -104,15 +104,20 @@ def fit_call_overhead(experts: Mapping[str, SimExpert], requests: Sequence[SimRe
     return (lo + hi) / 2
 
 
-def check(memory_doc: dict, profile: ProfileStore, device: str = "cpu",
+def check(memory_doc: dict, profile_path: Path | None = None, device: str = "cpu",
           progress: Callable[[str], object] = print) -> dict:
-    """Predict every simulatable system of a memory benchmark results document; measured beside predicted."""
+    """Predict every simulatable system of a memory benchmark results document; measured beside predicted. The
+    profile: `profile_path`, else <the benchmark's zoo>/profile.json."""
     s = MemorySettings.model_validate({k: v for k, v in memory_doc["settings"].items()
                                        if k in MemorySettings.model_fields})
     spec_path = Path(build_workload_coe(s.workload_path(), s.workload_config(), progress=progress))
     spec = load_spec(spec_path)
     zoo = workload_zoo(spec, spec_path)
-    experts = experts_from_profile(profile, device)
+    profile_path = profile_path or zoo / "profile.json"
+    if not profile_path.exists():
+        raise FailedPrecondition(f"no profile of the benchmark's CoE at {profile_path}", field="--profile",
+                                 fix=f"expertmesh profile --spec {spec_path} --out {profile_path} --usage spec")
+    experts = experts_from_profile(ProfileStore.load(profile_path), device)
     served = served_experts(spec)
     missing = sorted(set(served) - set(experts))
     if missing:
@@ -149,17 +154,17 @@ def check(memory_doc: dict, profile: ProfileStore, device: str = "cpu",
         r = rows[name]
         r["throughput_error"] = sim.throughput_per_s / real["throughput_per_s"] - 1.0
         r["switch_error"] = (sim.switches / real_switches - 1.0) if real_switches else None
+        r["p50_error"] = (sim.p50_ms / real["p50_ms"] - 1.0) if real.get("p50_ms") else None
         progress(f"  {name}: measured {real['throughput_per_s']:.1f}/s, {real_switches} switches; simulated "
                  f"{sim.throughput_per_s:.1f}/s, {sim.switches} switches")
     predicted = [r for n, r in rows.items() if n != "all_resident"]
-    for r in rows.values():
-        r["p50_error"] = (r["simulated"]["p50_ms"] / r["measured"]["p50_ms"] - 1.0) if r["measured"]["p50_ms"] else None
     within = all(abs(r["throughput_error"]) <= TOLERANCE and (r["switch_error"] is None
                  or abs(r["switch_error"]) <= TOLERANCE) for r in predicted)
     return {"benchmark": "simulate_check", "memory_results": {k: memory_doc.get(k) for k in ("commit", "date")},
-            "profile_device": device, "num_requests": len(measured_chains), "warmup_requests": s.warmup_requests,
-            "mean_calls_per_request": sum(map(len, measured_chains)) / len(measured_chains), "call_overhead_ms": overhead_ms, "tolerance": TOLERANCE,
-            "rows": rows, "within_tolerance": within}
+            "profile": str(profile_path), "profile_device": device, "num_requests": len(measured_chains),
+            "warmup_requests": s.warmup_requests,
+            "mean_calls_per_request": sum(map(len, measured_chains)) / len(measured_chains),
+            "call_overhead_ms": overhead_ms, "tolerance": TOLERANCE, "rows": rows, "within_tolerance": within}
 
 
 def table(doc: dict) -> str:
@@ -200,15 +205,8 @@ def cmd_check(args) -> int:
         raise InvalidArgument(f"{path} is not a memory benchmark's results with an all-resident closed loop "
                               f"({type(exc).__name__})", field="--check",
                               fix="run `expertmesh bench memory` (all_resident and closed included) and pass its JSON")
-    s = MemorySettings.model_validate({k: v for k, v in memory_doc["settings"].items()
-                                       if k in MemorySettings.model_fields})
-    spec_path = Path(build_workload_coe(s.workload_path(), s.workload_config(), progress=print))
-    profile_path = Path(args.profile) if args.profile else workload_zoo(load_spec(spec_path), spec_path) / "profile.json"
-    if not profile_path.exists():
-        raise FailedPrecondition(f"no profile of the benchmark's CoE at {profile_path}", field="--profile",
-                                 fix=f"expertmesh profile --spec {spec_path} --out {profile_path} --usage spec")
-    doc = provenance() | check(memory_doc, ProfileStore.load(profile_path), progress=lambda line: print(line, flush=True))
-    doc["profile"] = str(profile_path)
+    doc = provenance() | check(memory_doc, Path(args.profile) if args.profile else None,
+                               progress=lambda line: print(line, flush=True))
     doc["command"] = "expertmesh " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     prefix = Path(args.out) if args.out != "bench/results/simulate" else Path("bench/results/simulate_check")
     write(doc, prefix)

@@ -32,7 +32,7 @@ from ray.serve.deployment import Deployment
 from expertmesh.cluster import placement_store
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT, ROUTER_DEPLOYMENT,
-                                           AppArgs, app_options, host_name)
+                                           AppArgs, app_options, host_deployments)
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.placement_controller import PlacementControllerDeployment
@@ -92,10 +92,7 @@ def build_app(args: dict | AppArgs) -> Application:
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
-    routing = opts[ROUTER_DEPLOYMENT]["user_config"]
-    nodes = routing["host_nodes"]
-    names = {node: host_name(node) for node in nodes} if nodes or routing["dedicated"] else {"": HOST_DEPLOYMENT}
-    names |= {name: name for own in routing["dedicated"].values() for name in own.values()}  # keyed by deployment
+    names = host_deployments(opts[ROUTER_DEPLOYMENT]["user_config"]) or {"": HOST_DEPLOYMENT}
     hosts = {key: versioned(ExpertHostDeployment, opts[name], a.spec, a.zoo, s.torch_threads).bind(
         a.spec, a.zoo, s.torch_threads) for key, name in names.items()}
     router_args = (a.spec, a.zoo, s.expert_timeout_s, s.torch_threads)

@@ -3,6 +3,7 @@ changes (`ReloadingTokens`). Pure but for reading the file."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import secrets
@@ -47,9 +48,9 @@ class TokenTable:
             table[token] = factory
         return cls(table)
 
-    @property
-    def factories(self) -> set[str]:
-        return set(self.factories_by_token.values())
+    @functools.cached_property
+    def factories(self) -> frozenset[str]:  # read per request (metrics labels): computed once per table
+        return frozenset(self.factories_by_token.values())
 
     def factory_of(self, authorization: str | None) -> str:
         """The factory of an `authorization: Bearer <token>` value, or Unauthenticated."""
@@ -107,7 +108,7 @@ class ReloadingTokens:
         return self.table
 
     @property
-    def factories(self) -> set[str]:
+    def factories(self) -> frozenset[str]:
         return self.current().factories
 
     def factory_of(self, authorization: str | None) -> str:

@@ -250,6 +250,14 @@ def dedicated_name(expert: str, node: str) -> str:
     return f"{DEDICATED_DEPLOYMENT}-{expert}-{node}"
 
 
+def host_deployments(routing: dict[str, Any]) -> dict[str, str]:
+    """The expert hosts of a routing user_config (what `deployment_options` gives the router), by the key the router
+    routes with: each planned node's pool under its node, each dedicated deployment under its own name. Empty
+    without a placement (the single unpinned `Host`)."""
+    keys = {node: host_name(node) for node in routing.get("host_nodes") or []}
+    return keys | {name: name for own in (routing.get("dedicated") or {}).values() for name in own.values()}
+
+
 def pin_to_node(options: dict[str, Any], node: str) -> dict[str, Any]:
     """Pin a deployment's replicas to one node by its `expertmesh.io/node` label."""
     actor = {**options["ray_actor_options"], "label_selector": {NODE_LABEL: node}}

@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from expertmesh.cluster.labels import NODE_LABEL
-from expertmesh.deployments.config import APP_NAME, DEDICATED_DEPLOYMENT, host_name
+from expertmesh.deployments.config import APP_NAME, DEDICATED_DEPLOYMENT, host_deployments
 from expertmesh.deployments.deadline import ReplicaLost, call_with_deadline
 from expertmesh.errors import ExpertMeshError, Unavailable
 from expertmesh.experts.preprocess import to_pixel_values
@@ -90,13 +90,10 @@ class RouterDeployment:
         self.homes = dict(routing.get("homes") or {})
         self.dedicated = {e: dict(own) for e, own in (routing.get("dedicated") or {}).items()}
         self.held_on = {e: frozenset(nodes) for e, nodes in (routing.get("held_on") or {}).items()}
-        nodes = routing.get("host_nodes") or []
-        if nodes or self.dedicated:
-            keys = {node: host_name(node) for node in nodes}
-            keys |= {name: name for own in self.dedicated.values() for name in own.values()}
+        if keys := host_deployments(routing):
             self.hosts = {key: self.hosts.get(key) or serve.get_deployment_handle(
                 name, app_name=APP_NAME, _check_exists=False) for key, name in keys.items()}
-            self._pools = frozenset(nodes)
+            self._pools = frozenset(routing.get("host_nodes") or [])
             self._node_of = {name: node for own in self.dedicated.values() for node, name in own.items()}
             if not any(t.name == "router-nodes" for t in self._threads):
                 self._threads.append(threading.Thread(target=self._watch_nodes, name="router-nodes", daemon=True))

@@ -80,24 +80,25 @@ def read_plan(plan_file: str | None) -> tuple[dict[str, list[str]] | None, dict[
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise InvalidArgument(f"{plan_file} is not a plan ({type(exc).__name__})", field="--plan",
                               fix="write one with `expertmesh plan --json FILE`") from None
-    try:
-        AppArgs.model_validate({"zoo": "", "tokens_file": "", "placement": placement, "executors": executors})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise InvalidArgument(f"{plan_file}: {where}: {err['msg']}", field="--plan",
-                              fix="write the plan again with `expertmesh plan --json FILE`") from None
     return placement, executors
 
 
 def app_args(args: argparse.Namespace, zoo_root: Path, tokens_file: str) -> AppArgs:
-    """The Serve application's arguments from the serve flags."""
+    """The Serve application's arguments from the serve flags; a plan whose placement or executors AppArgs refuses
+    gets the --plan error naming the entry."""
     settings = serve_settings(args)
     profile = profile_path(args, zoo_root)
     placement, executors = read_plan(args.plan)
-    return AppArgs(spec=str(Path(args.spec).resolve()) if args.spec else None, zoo=str(zoo_root),
-                   tokens_file=str(Path(tokens_file).resolve()), profile=str(profile.resolve()) if profile else None,
-                   placement=placement, executors=executors, settings=settings)
+    try:
+        return AppArgs(spec=str(Path(args.spec).resolve()) if args.spec else None, zoo=str(zoo_root),
+                       tokens_file=str(Path(tokens_file).resolve()),
+                       profile=str(profile.resolve()) if profile else None,
+                       placement=placement, executors=executors, settings=settings)
+    except ValidationError as exc:  # settings were checked by serve_settings; the rest comes from the plan
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidArgument(f"{args.plan}: {where}: {err['msg']}", field="--plan",
+                              fix="write the plan again with `expertmesh plan --json FILE`") from None
 
 
 def dev_tokens_path() -> Path:

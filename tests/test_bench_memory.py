@@ -18,7 +18,6 @@ from expertmesh.bench.throughput_sweep import DEADLINE, OK, RequestRecord
 from expertmesh.bench.simulate_check import SYSTEMS as SIMULATED
 from expertmesh.bench.simulate_check import check, table
 from expertmesh.cli import build_parser, main
-from expertmesh.profiler.store import ProfileStore
 
 MB = 1_000_000
 SIZES = {"s1": 1 * MB, "s2": 1 * MB, "s3": 1 * MB, "big1": 45 * MB, "big2": 45 * MB}  # 93 MB in all
@@ -220,7 +219,7 @@ def test_quick_run_of_every_system(tmp_path):
     assert main(["profile", "--spec", doc["workload"]["spec"], "--zoo", doc["workload"]["zoo"], "--out", str(profile),
                  "--runs", "1", "--max-batch", "4", "--usage", "spec", "--no-progress",
                  "--plot", str(tmp_path / "p.png")]) == 0
-    checked = check(doc, ProfileStore.load(profile), progress=lambda line: None)
+    checked = check(doc, profile, progress=lambda line: None)
     rows = checked["rows"]
     assert set(rows) == set(SIMULATED) and checked["num_requests"] == 40
     assert rows["all_resident"]["throughput_error"] == pytest.approx(0.0, abs=0.02)  # the fitted row

@@ -9,6 +9,7 @@ import yaml
 from expertmesh.cli import main
 from expertmesh.cluster.dedicate import busy, split
 from expertmesh.cluster.sizing import ExpertCost
+from expertmesh.deployments.config import host_deployments
 
 MIB = 2 ** 20
 
@@ -59,6 +60,8 @@ def test_a_plans_dedicated_experts_become_their_own_pinned_autoscaled_deployment
     routing = by_name["Router"]["user_config"]
     assert routing["dedicated"] == {"chip_defect": {"node-1": "Expert-chip_defect-node-1"}}
     assert routing["host_nodes"] == ["node-0", "node-1"] and routing["homes"]["chip_defect"] == "node-1"
+    assert host_deployments(routing) == {"node-0": "Host-node-0", "node-1": "Host-node-1",  # what the router calls
+                                         "Expert-chip_defect-node-1": "Expert-chip_defect-node-1"}
 
 
 def test_a_plan_with_bad_dedicated_bounds_is_refused_with_the_fix(tmp_path, capsys):

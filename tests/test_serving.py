@@ -92,14 +92,19 @@ def test_inspect_board_streams_one_result_per_component(serving, stub):
     assert all(r.board_id == "b1" and r.request_id == f"b1-{r.component_index}" for r in out)
 
 
-def http_post(serving, body: dict, token: str | None):
-    req = urllib.request.Request(serving.http_url + "/v1/inspect", data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})})
+def http_call(serving, method: str, path: str, token: str | None, data: bytes | None = None) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of one request as a client sends it."""
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(serving.http_url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def http_post(serving, body: dict, token: str | None):
+    return http_call(serving, "POST", "/v1/inspect", token, json.dumps(body).encode())
 
 
 def test_http_ingress(serving):
@@ -182,11 +187,8 @@ def test_hostile_json_and_ids_get_400_and_are_not_echoed(serving):
     token = serving.tokens["factory-a"]
     image = base64.b64encode(png("diode")).decode()
     deep = "[" * 100_000 + "]" * 100_000  # deeper than the parser's stack: was a 500 with a traceback
-    req = urllib.request.Request(serving.http_url + "/v1/inspect", data=deep.encode(), method="POST",
-                                 headers={"content-type": "application/json", "authorization": f"Bearer {token}"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=30)
-    assert err.value.code == 400 and json.loads(err.value.read())["error"]["field"] == "body"
+    status, doc = http_call(serving, "POST", "/v1/inspect", token, deep.encode())
+    assert status == 400 and doc["error"]["field"] == "body"
     for rid in ("evil\nforged log line", "x" * 10_000):
         status, doc = http_post(serving, {"factory_id": "factory-a", "image": image, "request_id": rid}, token)
         assert status == 400 and doc["error"]["field"] == "request_id" and doc["request_id"] == "", doc
@@ -218,13 +220,7 @@ def test_placement_endpoint_refusals(serving):
     """GET /v1/placement: a token first (401 without one), 404 naming the setting where the app runs no controller,
     400 for another method."""
     def call(method: str, token: str | None):
-        req = urllib.request.Request(serving.http_url + "/v1/placement", method=method,
-                                     headers={"authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return http_call(serving, method, "/v1/placement", token)
     assert call("GET", None)[0] == 401
     assert call("GET", "not-a-token")[0] == 401
     status, doc = call("GET", serving.tokens["factory-b"])  # any factory's token
