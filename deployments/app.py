@@ -100,7 +100,9 @@ def build_app(args: dict | AppArgs) -> Application:
         a.spec, a.zoo, hosts, s.expert_timeout_s, s.torch_threads)
     ingress_args = (a.spec, a.tokens_file, router,
                     {"max_components": s.board_max_components, "max_in_flight": s.board_max_in_flight},
-                    {"max_size": s.route_batch_max_size, "wait_s": s.route_batch_wait_s}, s.max_in_flight_components)
+                    {"max_size": s.route_batch_max_size, "wait_s": s.route_batch_wait_s}, s.max_in_flight_components,
+                    {"metadata_max_entries": s.metadata_max_entries, "metadata_max_value_chars": s.metadata_max_value_chars,
+                     "decode_threads": s.decode_threads, "request_timeout_s": s.request_timeout_s})
     ingress = versioned(IngressDeployment, opts[INGRESS_DEPLOYMENT], *ingress_args)
     if not s.placement_controller:
         return ingress.bind(*ingress_args)

@@ -1,5 +1,6 @@
-"""Per-factory bearer tokens: a YAML file of `token: factory_id` lines, checked per request, and read again when it
-changes (`ReloadingTokens`). Pure but for reading the file."""
+"""Per-factory bearer tokens: a YAML file of `token: factory_id` lines (or `tokens:` and `quotas:` sections, see
+`deployments.quotas`), checked per request, and read again when it changes (`ReloadingTokens`). Pure but for
+reading the file."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
+from expertmesh.deployments.quotas import FactoryQuota, QuotaTable
 from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 TOKENS_ENV = "EXPERTMESH_TOKENS_FILE"
@@ -22,9 +25,10 @@ _BEARER = "bearer "
 
 @dataclass(frozen=True)
 class TokenTable:
-    """token -> factory_id. Lookups compare in constant time."""
+    """token -> factory_id, and the factories' quotas. Lookups compare in constant time."""
 
     factories_by_token: dict[str, str]
+    quotas: QuotaTable = QuotaTable()
 
     @classmethod
     def load(cls, path: str | Path) -> TokenTable:
@@ -40,13 +44,34 @@ class TokenTable:
         if not isinstance(data, dict) or not data:
             raise InvalidArgument(f"tokens file {str(path)!r} holds no `token: factory_id` lines", field="tokens_file",
                                   fix="add at least one line such as `s3cr3t-token: factory-a`")
+        quotas = QuotaTable()
+        if isinstance(data.get("tokens"), dict):  # the sectioned form: tokens and quotas
+            unknown = set(data) - {"tokens", "quotas"}
+            if unknown:
+                raise InvalidArgument(f"tokens file {str(path)!r} has unknown sections {sorted(unknown)}",
+                                      field="tokens_file", fix="keep only `tokens:` and `quotas:`")
+            try:
+                quotas = QuotaTable.from_mapping(data.get("quotas") or {})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"] if p != "factories")
+                raise InvalidArgument(f"bad quota in {str(path)!r}: {first['msg']}", field=f"quotas.{where}",
+                                      fix=f"each quota is a mapping of {sorted(FactoryQuota.model_fields)} with "
+                                          f"positive numbers") from None
+            except AttributeError:
+                raise InvalidArgument(f"`quotas:` in {str(path)!r} is not a mapping", field="quotas",
+                                      fix="write `quotas:` as factory -> {rate_per_s, burst, max_in_flight, weight}") from None
+            data = data["tokens"]
+            if not data:
+                raise InvalidArgument(f"tokens file {str(path)!r} has an empty `tokens:` section", field="tokens_file",
+                                      fix="add at least one line such as `s3cr3t-token: factory-a` under `tokens:`")
         table = {}
         for token, factory in data.items():
             if not isinstance(token, str) or len(token) < 16 or not isinstance(factory, str) or not factory:
                 raise InvalidArgument(f"bad entry for token {str(token)[:4]}... in {str(path)!r}", field="tokens_file",
                                       fix="each line is `<token of 16+ characters>: <factory_id>`")
             table[token] = factory
-        return cls(table)
+        return cls(table, quotas)
 
     @functools.cached_property
     def factories(self) -> frozenset[str]:  # read per request (metrics labels): computed once per table
@@ -116,6 +141,9 @@ class ReloadingTokens:
 
     def authorize(self, authorization: str | None, factory_id: str) -> str:
         return self.current().authorize(authorization, factory_id)
+
+    def quota(self, factory: str) -> FactoryQuota:
+        return self.current().quotas.of(factory)
 
 
 def write_dev_tokens(path: Path, factories: list[str]) -> dict[str, str]:

@@ -5,7 +5,9 @@ load the batches stay as small as they were when formed (one request each at a f
 behind the slots, so the downstream per-call cost is paid per request and the ingress saturates far below what
 the hosts can do. This batcher takes a slot first and then the batch: while every slot is busy requests pile up,
 and the next batch takes all of them (up to `max_size`) at once, with no added wait. Only a batch that starts
-with nothing queued waits up to `wait_s` for company. Asyncio only (no Ray): unit-tested with a fake sender.
+with nothing queued waits up to `wait_s` for company. A caller that goes (cancelled) before its batch is formed is
+not sent; a batch whose callers have all gone has its call cancelled. Asyncio only (no Ray): unit-tested with a
+fake sender.
 """
 
 from __future__ import annotations
@@ -69,13 +71,26 @@ class Batcher:
         return bool(self._queue)
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        """Send the batch; when every caller has gone before it answers (cancelled: clients that left, deadlines that
+        passed), the downstream call is cancelled too, so no work goes on for nobody."""
+        sending = asyncio.ensure_future(self.send([item for item, _ in batch]))
+
+        def all_gone(_: asyncio.Future) -> None:
+            if all(f.cancelled() for _, f in batch) and not sending.done():
+                sending.cancel()
+
+        for _, future in batch:
+            future.add_done_callback(all_gone)
         try:
-            results = await self.send([item for item, _ in batch])
+            results = await sending
             if len(results) != len(batch):
                 raise RuntimeError(f"the batch of {len(batch)} got {len(results)} results")
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+        except asyncio.CancelledError:  # every caller gone, or this task cancelled (the replica shuts down)
+            for _, future in batch:
+                future.cancel()
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
             for _, future in batch:
                 if not future.done():

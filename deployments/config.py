@@ -60,8 +60,16 @@ class ServeSettings(BaseModel):
     expert_num_gpus: float = Field(0.0, ge=0, le=8, description="per host replica, where the spec's experts run on cuda")
     max_ongoing_requests: int = Field(32, ge=1, description="batched calls a host or router replica takes at once")
     max_queued_requests: int = Field(256, ge=-1, description="router and host handles; -1: unbounded")
-    expert_timeout_s: float = Field(30.0, gt=0, description="an expert host call slower than this fails its requests")
-    request_timeout_s: float = Field(60.0, gt=0)
+    expert_timeout_s: float = Field(30.0, gt=0, description="an expert host call slower than this fails its requests "
+                                                            "(UNAVAILABLE); a request's own deadline comes first")
+    request_timeout_s: float = Field(60.0, gt=0, description="the proxies' bound on a request, and the ingress's "
+                                                             "deadline when the client sends a longer one or none "
+                                                             "(x-request-timeout-seconds)")
+    metadata_max_entries: int = Field(16, ge=0, le=1024, description="entries in a request's metadata map; more: "
+                                                                     "INVALID_ARGUMENT")
+    metadata_max_value_chars: int = Field(256, ge=1, le=65536, description="characters of one metadata value")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads per ingress replica that decode images (off "
+                                                            "the event loop)")
     access_log: bool = Field(False, description="Serve's per-request access log lines (proxies and replicas); they "
                                                 "cost CPU on every request, so they are off unless asked for")
     upscale_delay_s: float = Field(5.0, ge=0)
@@ -120,9 +128,13 @@ class ServeSettings(BaseModel):
                                 "(HTTP 503); -1: unbounded")
 
     @model_validator(mode="after")
-    def _ports_differ(self) -> ServeSettings:
+    def _consistent(self) -> ServeSettings:
         if self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}; give them different ports")
+        if self.expert_timeout_s >= self.request_timeout_s:
+            raise ValueError(f"expert_timeout_s ({self.expert_timeout_s}) is not below request_timeout_s "
+                             f"({self.request_timeout_s}): the budgets nest (proxy > ingress > router > expert call); "
+                             f"fix: lower expert_timeout_s or raise request_timeout_s")
         if self.host_max_replicas < self.host_replicas:
             raise ValueError(f"host_max_replicas ({self.host_max_replicas}) is below host_replicas "
                              f"({self.host_replicas}); fix: raise host_max_replicas")

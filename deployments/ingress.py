@@ -1,12 +1,14 @@
 """The ingress deployment: gRPC (`expertmesh.v1.InspectionService` through Serve's gRPC proxy) and HTTP.
 
-Both ingresses share one path: authenticate the factory's bearer token, admit the request within the
-components in flight (`deployments.admission`: past capacity RESOURCE_EXHAUSTED at once), decode the
-image once and resize it to every expert input size (a few KB instead of the image), and hand it to a
-batcher (`deployments/batcher.py`) that sends concurrent requests to the router together: one router call per
-batch, not per request, the batch formed when a call slot frees so it takes everything that queued meanwhile. Any `ExpertMeshError` maps to a status through
-`expertmesh.errors` (gRPC status + details, or HTTP status + JSON body). Anything unexpected becomes
-INTERNAL with the request id and no stack trace; the stack goes to the log.
+Both ingresses share one path, each step bounded before the next costs anything: check the fields (ids, metadata:
+`deployments.limits`), authenticate the factory's bearer token, fix the request's deadline (`deployments.deadline`),
+admit it under the factory's quota and fair share (`deployments.admission`: refused with RESOURCE_EXHAUSTED, or
+queued behind other factories until its deadline), decode the image once on the decode threads and resize it to every
+expert input size (a few KB instead of the image), and hand it to a batcher (`deployments/batcher.py`) that sends
+concurrent requests to the router together: one router call per batch, not per request, the batch formed when a
+call slot frees so it takes everything that queued meanwhile. Any `ExpertMeshError` maps to a status through
+`expertmesh.errors` (gRPC status + details, or HTTP status + JSON body). Anything unexpected becomes INTERNAL with
+the request id and no stack trace; the stack goes to the log.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 import numpy as np
@@ -29,12 +32,13 @@ from starlette.responses import JSONResponse
 
 from expertmesh.errors import (ErrorCode, ExpertMeshError, Internal, InvalidArgument, NotFound, PayloadTooLarge,
                                grpc_status)
-from expertmesh.deployments.admission import Admission
+from expertmesh.deployments.admission import Admission, Ticket
 from expertmesh.deployments.auth import ReloadingTokens
 from expertmesh.deployments.batcher import Batcher
 from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
                                           check_ids, component_error, echo_id)
-from expertmesh.deployments.deadline import call_with_deadline
+from expertmesh.deployments.deadline import TIMEOUT_HEADER, Deadline, call_with_deadline, exceeded, request_budget_s
+from expertmesh.deployments.limits import IngressLimits, check_metadata
 from expertmesh.experts.images import decode_image, resize_for
 from expertmesh.experts.spec import load_spec
 from expertmesh.metrics import instruments, label_or_other
@@ -46,18 +50,21 @@ class StreamEnded(Exception):
 
 MAX_CONCURRENT_BATCHES = 2  # batches in flight to the router at once: one classifies while one is on the hosts,
 # and a batch held up (a host lost mid-call, cancelled within a second) does not stop the next
-ROUTER_CALL_TIMEOUT_S = 300.0  # a backstop: the proxies' request_timeout_s answers stations first
 logger = logging.getLogger("ray.serve")
 _VERDICTS = {"PASS": pb.PASS, "DEFECT": pb.DEFECT, "UNCERTAIN": pb.UNCERTAIN}
 
 
-def _request_fields(request_id: str, factory_id: str, station_id: str, component_hint: str, metadata: dict) -> dict:
+def _request_fields(request_id: str, factory_id: str, station_id: str, component_hint: str, metadata,
+                    limits: IngressLimits, prefix: str = "") -> dict:
+    """What the router needs of a request, every field checked (ids, metadata) before anything is copied."""
     if not factory_id:
-        raise InvalidArgument("factory_id is missing", field="factory_id", fix="set factory_id to your factory's id")
+        raise InvalidArgument("factory_id is missing", field=prefix + "factory_id",
+                              fix="set factory_id to your factory's id")
     check_ids((("request_id", request_id), ("factory_id", factory_id), ("station_id", station_id),
-               ("component_hint", component_hint)))
+               ("component_hint", component_hint)), prefix=prefix)
+    extra = check_metadata(metadata, limits, prefix)
     return {"component_hint": component_hint, "station_id": station_id, "factory_id": factory_id,
-            "product": str(metadata.get("product", ""))[:MAX_ID_CHARS]}
+            "product": extra.get("product", "")[:MAX_ID_CHARS]}
 
 
 def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) -> pb.InspectResponse:
@@ -97,13 +104,17 @@ async def read_body(http: Request, max_bytes: int) -> bytes:
 class IngressDeployment:
     def __init__(self, spec_path: str | None, tokens_file: str, router: DeploymentHandle,
                  board_limits: dict | None = None, route_batch: dict | None = None,
-                 max_in_flight_components: int = 256, placement_controller: DeploymentHandle | None = None) -> None:
+                 max_in_flight_components: int = 256, limits: dict | None = None,
+                 placement_controller: DeploymentHandle | None = None) -> None:
         self.spec = load_spec(spec_path)
         self.tokens = ReloadingTokens(tokens_file, on_error=logger.error)  # rotated tokens apply without a restart
         self.router = router
         self.placement_controller = placement_controller  # the in-cluster controller, when the app runs one
         self.board_limits = BoardLimits.model_validate(board_limits or {})
+        self.limits = IngressLimits.model_validate(limits or {})
         self.admission = Admission(max_in_flight_components)
+        self._waiters: dict[Ticket, asyncio.Event] = {}
+        self._decoder = ThreadPoolExecutor(self.limits.decode_threads, thread_name_prefix="decode")  # off the loop
         batch = route_batch or {}
         self._batcher = Batcher(self._route, max_size=int(batch.get("max_size", 64)),
                                 wait_s=float(batch.get("wait_s", 0.005)), max_in_flight=MAX_CONCURRENT_BATCHES)
@@ -120,34 +131,77 @@ class IngressDeployment:
         if verdict:
             self.metrics.inc("expertmesh_verdicts_total", factory=factory, verdict=verdict)
 
-    # ------------------------------------------------------------------ shared path
-    async def _inspect(self, authorization: str | None, request_id: str, factory_id: str, station_id: str,
-                       image: bytes, component_hint: str, metadata: dict, admitted: bool = False) -> tuple[str, dict]:
-        """Check, authorize, admit (unless a board admitted it), decode once, and route with the batch."""
-        meta = _request_fields(request_id, factory_id, station_id, component_hint, metadata)
-        self.tokens.authorize(authorization, factory_id)
-        if not admitted:
-            self.admission.admit(1)
+    # ------------------------------------------------------------------ admission (deployments.admission)
+    async def _admit(self, factory: str, num_components: int, deadline: Deadline, what: str = "request") -> None:
+        """Admit now, or wait in the factory's fair queue until a slot goes to it (or the deadline passes)."""
+        ticket = self.admission.arrive(factory, num_components, self.tokens.quota(factory), time.monotonic(), what)
+        if ticket is None:
+            return
+        woken = self._waiters[ticket] = asyncio.Event()
         try:
-            request_id = request_id or uuid.uuid4().hex
-            sized = resize_for(decode_image(image, self.spec.image, field="image"), self.spec.input_sizes_px)
-            result = await self._batcher.submit((sized, meta))
+            await asyncio.wait_for(woken.wait(), deadline.remaining_s())
+        except asyncio.TimeoutError:
+            self._wake(self.admission.abandon(ticket))
+            raise exceeded("while queued at the ingress behind other requests") from None
+        except asyncio.CancelledError:
+            self._wake(self.admission.abandon(ticket))
+            raise
         finally:
-            if not admitted:
-                self.admission.release(1)
+            del self._waiters[ticket]
+
+    def _release(self, factory: str, num_components: int) -> None:
+        self._wake(self.admission.release(factory, num_components))
+
+    def _wake(self, tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            self._waiters[ticket].set()
+
+    # ------------------------------------------------------------------ shared path
+    def _deadline(self, timeout_header: str | None) -> Deadline:
+        return Deadline(request_budget_s(timeout_header, self.limits.request_timeout_s))
+
+    async def _decode(self, image: bytes, field: str = "image") -> dict[int, np.ndarray]:
+        """Decode and resize to every expert input size, on the decode threads (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decoder, lambda: resize_for(decode_image(image, self.spec.image, field=field),
+                                              self.spec.input_sizes_px))
+
+    async def _inspect(self, authorization: str | None, request_id: str, factory_id: str, station_id: str,
+                       image: bytes, component_hint: str, metadata, timeout_header: str | None) -> tuple[str, dict]:
+        """Check, authorize, admit, decode once, and route with the batch, all within the request's deadline."""
+        meta = _request_fields(request_id, factory_id, station_id, component_hint, metadata, self.limits)
+        self.tokens.authorize(authorization, factory_id)
+        deadline = self._deadline(timeout_header)
+        await self._admit(factory_id, 1, deadline)
+        try:
+            sized = await self._decode(image)
+            result = await self._routed(sized, meta, deadline)
+        finally:
+            self._release(factory_id, 1)
+        return request_id or uuid.uuid4().hex, result
+
+    async def _routed(self, sized: dict[int, np.ndarray], meta: dict, deadline: Deadline) -> dict:
+        """One decoded request through the batcher to the router, within its deadline."""
+        try:
+            result = await asyncio.wait_for(self._batcher.submit((sized, meta, deadline)), deadline.remaining_s())
+        except asyncio.TimeoutError:
+            raise exceeded("waiting for the router") from None
         if isinstance(result, ExpertMeshError):
             raise result
-        return request_id, result
+        return result
 
-    async def _route(self, items: list[tuple[dict[int, np.ndarray], dict]]) -> list[dict | ExpertMeshError]:
-        """Concurrent requests -> one router call: each input size stacked into one array [N, S, S, 3]."""
-        metas = [meta for _, meta in items]
-        images = {size: np.stack([sized[size] for sized, _ in items]) for size in items[0][0]}
+    async def _route(self, items: list[tuple[dict[int, np.ndarray], dict, Deadline]]) -> list[dict | ExpertMeshError]:
+        """Concurrent requests -> one router call: each input size stacked into one array [N, S, S, 3]; each request
+        carries the budget it has left, and the call lasts at most as long as the latest of them."""
+        metas = [{**meta, "budget_s": deadline.for_next_hop()} for _, meta, deadline in items]
+        images = {size: np.stack([sized[size] for sized, _, _ in items]) for size in items[0][0]}
+        timeout_s = max(m["budget_s"] for m in metas)
         try:  # a router replica lost mid-call (its node went away) is retried with backoff within the deadline
             return await call_with_deadline(
-                lambda: self.router.inspect_batch.remote(images, metas), ROUTER_CALL_TIMEOUT_S, "the router",
+                lambda: self.router.inspect_batch.remote(images, metas), timeout_s, "the router",
                 timeout_fix="retry later", full_fix="retry later with backoff",
-                failure_fix="retry; report the request id if it persists", wrap_failures=False)
+                failure_fix="retry; report the request id if it persists", wrap_failures=False,
+                on_timeout=lambda: exceeded("waiting for the router"))
         except ExpertMeshError as err:  # the whole batch failed the same way: each request gets the error
             return [err] * len(metas)
 
@@ -174,11 +228,16 @@ class IngressDeployment:
         cls._fail(grpc_context, err)
         raise StreamEnded(err)
 
+    @staticmethod
+    def _metadata_value(grpc_context, key: str) -> str | None:
+        return next((v for k, v in grpc_context.invocation_metadata() if k.lower() == key), None)
+
     async def Inspect(self, request: pb.InspectRequest, grpc_context) -> pb.InspectResponse:
         t0 = time.perf_counter()
         try:
             rid, result = await self._inspect(self._authorization(grpc_context), request.request_id, request.factory_id,
-                                              request.station_id, request.image, request.component_hint, dict(request.metadata))
+                                              request.station_id, request.image, request.component_hint,
+                                              request.metadata, self._metadata_value(grpc_context, TIMEOUT_HEADER))
             self._record("grpc", request.factory_id, t0, "OK", result["verdict"])
             return to_proto(rid, result)
         except ExpertMeshError as err:
@@ -187,48 +246,76 @@ class IngressDeployment:
             failure = self._internal(exc, request.request_id)
         self._record("grpc", request.factory_id, t0, failure.code.value)
         self._fail(grpc_context, failure)
-        return pb.InspectResponse(request_id=request.request_id)
+        return pb.InspectResponse(request_id=echo_id(request.request_id))
 
     async def InspectBoard(self, request: pb.InspectBoardRequest, grpc_context) -> AsyncIterator[pb.InspectResponse]:
-        """Check the board whole, then stream each component's result as it completes (at most
-        `board_limits.max_in_flight` at once). Ends OK only when every component answered; otherwise with the status
+        """Check the board whole and decode every component, then stream each component's result as it completes
+        (at most `board_limits.max_in_flight` at once). A board refused up front (a bad field, a component that does
+        not decode, a quota) streams nothing. Ends OK only when every component answered; otherwise with the status
         of the first failure and a message naming every failed component (see `deployments.board`)."""
-        authorization, t_board = self._authorization(grpc_context), time.perf_counter()
+        t_board, factory = time.perf_counter(), request.factory_id
+        num = len(request.components)
         try:
-            check_board(request.board_id, request.factory_id, request.station_id,
-                        [BoardComponent(c.request_id, c.factory_id, c.station_id, c.component_hint, len(c.image))
-                         for c in request.components], self.board_limits, self.spec.image.max_bytes)
-            self.tokens.authorize(authorization, request.factory_id)
-            self.admission.admit(len(request.components), "board")
+            metas = self._check_board(request)
+            self.tokens.authorize(self._authorization(grpc_context), factory)
+            deadline = self._deadline(self._metadata_value(grpc_context, TIMEOUT_HEADER))
+            await self._admit(factory, num, deadline, "board")
         except ExpertMeshError as err:  # refused whole: counts once, streams nothing
-            self._record("grpc_board", request.factory_id, t_board, err.code.value)
+            self._record("grpc_board", factory, t_board, err.code.value)
             self._end_stream(grpc_context, err)
         except Exception as exc:  # noqa: BLE001 - the one place unexpected errors become INTERNAL (no detail leaked)
-            self._record("grpc_board", request.factory_id, t_board, "INTERNAL")
+            self._record("grpc_board", factory, t_board, "INTERNAL")
             self._end_stream(grpc_context, self._internal(exc, request.board_id))
-        failures: dict[int, ExpertMeshError] = {}
         try:
-            async for index, outcome in self._run_board(request, authorization):
+            try:
+                sized = await self._decode_board(request)
+            except ExpertMeshError as err:  # a component that does not decode: the board is refused whole
+                self._record("grpc_board", factory, t_board, err.code.value)
+                self._end_stream(grpc_context, err)
+            failures: dict[int, ExpertMeshError] = {}
+            async for index, outcome in self._run_board(request, metas, sized, deadline):
                 if isinstance(outcome, ExpertMeshError):
                     failures[index] = outcome
                 else:
                     yield outcome
         finally:
-            self.admission.release(len(request.components))
-        failed = board_outcome(len(request.components), failures)
+            self._release(factory, num)
+        failed = board_outcome(num, failures)
         if failed is not None:
             self._end_stream(grpc_context, failed)
 
-    async def _run_board(self, request: pb.InspectBoardRequest, authorization: str | None):
+    def _check_board(self, request: pb.InspectBoardRequest) -> list[dict]:
+        """Every field of the board and its components checked before anything runs; each component's fields."""
+        check_board(request.board_id, request.factory_id, request.station_id,
+                    [BoardComponent(c.request_id, c.factory_id, c.station_id, c.component_hint, len(c.image))
+                     for c in request.components], self.board_limits, self.spec.image.max_bytes)
+        return [_request_fields(c.request_id, c.factory_id or request.factory_id, c.station_id or request.station_id,
+                                c.component_hint, c.metadata, self.limits, prefix=f"components[{i}].")
+                for i, c in enumerate(request.components)]
+
+    async def _decode_board(self, request: pb.InspectBoardRequest) -> list[dict[int, np.ndarray]]:
+        """Every component decoded (on the decode threads) before the first result streams; the first component (by
+        index) that does not decode refuses the board, naming it."""
+        outcomes = await asyncio.gather(*(self._decode(c.image, field=f"components[{i}].image")
+                                          for i, c in enumerate(request.components)), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    async def _run_board(self, request: pb.InspectBoardRequest, metas: list[dict], sized: list[dict[int, np.ndarray]],
+                         deadline: Deadline):
         """Yield (index, response or error) as components complete, keeping at most `max_in_flight` running. When
-        the stream is closed early (the client cancelled, or the proxy's timeout ended it), the components still
-        running are cancelled: nothing keeps working for a client that is gone."""
-        queued = iter(enumerate(request.components))
+        the stream is closed early (the client cancelled, or its deadline passed), the components still running are
+        cancelled (and with them their router calls, when no other request shares the batch): nothing keeps working
+        for a client that is gone."""
+        queued = iter(range(len(metas)))
         running: set[asyncio.Task] = set()
         try:
             while True:
-                while len(running) < self.board_limits.max_in_flight and (item := next(queued, None)) is not None:
-                    running.add(asyncio.ensure_future(self._board_component(request, authorization, *item)))
+                while len(running) < self.board_limits.max_in_flight and (index := next(queued, None)) is not None:
+                    running.add(asyncio.ensure_future(
+                        self._board_component(request, index, metas[index], sized[index], deadline)))
                 if not running:
                     return
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -238,18 +325,18 @@ class IngressDeployment:
             for task in running:
                 task.cancel()
 
-    async def _board_component(self, request: pb.InspectBoardRequest, authorization: str | None, index: int,
-                               c: pb.InspectRequest) -> tuple[int, pb.InspectResponse | ExpertMeshError]:
+    async def _board_component(self, request: pb.InspectBoardRequest, index: int, meta: dict,
+                               sized: dict[int, np.ndarray], deadline: Deadline
+                               ) -> tuple[int, pb.InspectResponse | ExpertMeshError]:
         """One component of a board: its response, or its error (never raised: the board decides how it ends)."""
         t0 = time.perf_counter()
+        rid = request.components[index].request_id or f"{request.board_id}-{index}"
         try:
-            rid, result = await self._inspect(
-                authorization, c.request_id or f"{request.board_id}-{index}", c.factory_id or request.factory_id,
-                c.station_id or request.station_id, c.image, c.component_hint, dict(c.metadata), admitted=True)
+            result = await self._routed(sized, meta, deadline)
         except ExpertMeshError as err:
             failure = component_error(index, err)
         except Exception as exc:  # noqa: BLE001 - unexpected: INTERNAL for this component, the stack to the log
-            failure = component_error(index, self._internal(exc, c.request_id or f"{request.board_id}-{index}"))
+            failure = component_error(index, self._internal(exc, rid))
         else:
             self._record("grpc_board", request.factory_id, t0, "OK", result["verdict"])
             return index, to_proto(rid, result, request.board_id, index)
@@ -292,13 +379,11 @@ class IngressDeployment:
             except (binascii.Error, ValueError):
                 raise InvalidArgument("image is not valid base64", field="image", fix="base64-encode the PNG/JPEG bytes") from None
             metadata = doc.get("metadata") or {}
-            if not isinstance(metadata, dict):
-                raise InvalidArgument("metadata is not an object", field="metadata", fix="send a JSON object of strings")
             factory_id = str(doc.get("factory_id") or "")
             rid, result = await self._inspect(http.headers.get("authorization"), str(doc.get("request_id") or ""),
-                                              factory_id,
-                                              str(doc.get("station_id") or ""), image, str(doc.get("component_hint") or ""),
-                                              metadata)
+                                              factory_id, str(doc.get("station_id") or ""), image,
+                                              str(doc.get("component_hint") or ""), metadata,
+                                              http.headers.get(TIMEOUT_HEADER))
             self._record("http", factory_id, t0, "OK", result["verdict"])
             return JSONResponse({"request_id": rid, **{k: result[k] for k in (
                 "category", "category_confidence", "verdict", "defect", "latency_ms")},

@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.deployments.config import APP_NAME, DEDICATED_DEPLOYMENT, host_deployments
-from expertmesh.deployments.deadline import ReplicaLost, call_with_deadline
+from expertmesh.deployments.deadline import Deadline, ReplicaLost, call_with_deadline, exceeded
 from expertmesh.errors import ExpertMeshError, Unavailable
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime
@@ -135,8 +135,12 @@ class RouterDeployment:
 
     async def inspect_batch(self, images: dict[int, np.ndarray], metas: list[dict]) -> list[dict | ExpertMeshError]:
         """A batch of decoded requests (`images`: every input size, [N, S, S, 3] uint8) -> per request its result,
-        or the error that ended it (the others still answer)."""
+        or the error that ended it (the others still answer). A request's `budget_s` (what its deadline leaves) bounds
+        its expert calls: once it passes, the request gets DEADLINE_EXCEEDED and no further calls."""
         t0 = time.perf_counter()
+        fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
+        deadlines = [Deadline(float(m.get("budget_s") or fallback_s)) for m in metas]
+        metas = [{k: v for k, v in m.items() if k != "budget_s"} for m in metas]
         size = self.classifier.spec.input_size_px
         preds = await asyncio.to_thread(self._classify, images[size])
         step1_ms = (time.perf_counter() - t0) * 1000.0
@@ -147,7 +151,7 @@ class RouterDeployment:
         plans = {i: PlanInFlight.start(r.calls) for i, r in enumerate(routes)}
         traces: dict[int, list[dict]] = {i: [] for i in plans}
         failed: dict[int, ExpertMeshError] = {}
-        await self._run_plans(images, plans, traces, failed)
+        await self._run_plans(images, plans, traces, failed, deadlines)
         out: list[dict | ExpertMeshError] = []
         for i, (r, p) in enumerate(zip(routes, preds)):
             if i in failed:
@@ -162,9 +166,13 @@ class RouterDeployment:
 
     # ------------------------------------------------------------------ step 2
     async def _run_plans(self, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
-                         traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError]) -> None:
+                         traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError],
+                         deadlines: list[Deadline]) -> None:
         near: dict[int, str] = {}  # row -> the node whose host answered it last (its pending calls stay there if they can)
         for _ in range(MAX_HOST_ROUNDS):
+            for i, plan in plans.items():
+                if plan.pending and i not in failed and deadlines[i].passed():  # no more calls for it
+                    failed[i] = exceeded("in the router, before its next expert call")
             now = time.monotonic()
             lost = {h for h, t in self._lost.items() if now - t < LOST_HOLD_S}
             by_host: dict[str, dict[int, list[Call]]] = defaultdict(lambda: defaultdict(list))
@@ -182,7 +190,7 @@ class RouterDeployment:
                 plan.pending = []
             if not by_host:
                 return
-            await asyncio.gather(*(self._send(host, rows, images, plans, traces, failed, near)
+            await asyncio.gather(*(self._send(host, rows, images, plans, traces, failed, near, deadlines)
                                    for host, rows in by_host.items()))
         for i, plan in plans.items():
             if plan.pending and i not in failed:
@@ -191,8 +199,9 @@ class RouterDeployment:
 
     async def _send(self, host: str, rows: dict[int, list[Call]], images: dict[int, np.ndarray],
                     plans: dict[int, PlanInFlight], traces: dict[int, list[dict]],
-                    failed: dict[int, ExpertMeshError], near: dict[int, str]) -> None:
-        """One call to one host with every row it needs; a lost host's rows go back to pending for another."""
+                    failed: dict[int, ExpertMeshError], near: dict[int, str], deadlines: list[Deadline]) -> None:
+        """One call to one host with every row it needs, bounded by the host timeout or the latest deadline among the
+        rows, whichever is sooner; a lost host's rows go back to pending for another."""
         keys = list(rows)
         index = np.asarray(keys, dtype=np.int64)
         sub = {size: arr if len(keys) == len(arr) else arr[index] for size, arr in images.items()}
@@ -202,10 +211,14 @@ class RouterDeployment:
         handle = self.hosts[host]
         names = ", ".join(sorted(experts))
         what = f"the expert host{' on ' + host if host else ''} (experts {names})"
+        latest_s = max(deadlines[k].remaining_s() for k in keys)
+        timeout_s = min(self.host_timeout_s, latest_s)
+        on_timeout = (lambda: exceeded(f"waiting for {what}")) if latest_s < self.host_timeout_s else None
+        call = None
         try:  # a pinned host's loss sends its rows to a survivor at once; the single host is retried (Serve replaces it)
             call = asyncio.ensure_future(call_with_deadline(
                 lambda: handle.run.remote(sub, [(rows[k], sorted(plans[k].planned)) for k in keys]),
-                self.host_timeout_s, what, retries_on_loss=0 if host else 4,
+                timeout_s, what, retries_on_loss=0 if host else 4, on_timeout=on_timeout,
                 timeout_fix="retry later; if it persists, check the expert hosts",
                 full_fix="retry later with backoff; the expert hosts are overloaded",
                 failure_fix="retry later; if it persists, check the expert host's logs"))
@@ -229,6 +242,8 @@ class RouterDeployment:
                     failed[k] = err
             return
         finally:
+            if call is not None and not call.done():  # this batch was cancelled (its clients went): so is the call
+                call.cancel()
             for e, n in experts.items():
                 self._in_flight[e] -= n
         for k, answer in zip(keys, answers):

@@ -108,6 +108,12 @@ class Unavailable(ExpertMeshError):
     code = ErrorCode.UNAVAILABLE
 
 
+class DeadlineExceeded(ExpertMeshError):
+    """The request's deadline (the client's, or the server's request_timeout_s) passed before it was answered."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
 class Internal(ExpertMeshError):
     code = ErrorCode.INTERNAL
 

@@ -145,7 +145,8 @@ class _Sender:
     timeout_s: float
 
     def __call__(self, i: int, board: bool) -> None:
-        metadata = (("authorization", f"Bearer {self.token}"),)
+        # the deadline travels as metadata too: gRPC keeps its own to itself, and the server budgets by this one
+        metadata = (("authorization", f"Bearer {self.token}"), ("x-request-timeout-seconds", f"{self.timeout_s:g}"))
         t0 = time.perf_counter()
         try:
             if board:

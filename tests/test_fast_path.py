@@ -1,4 +1,4 @@
-"""The fast path's pure parts (no Ray): plans in waves, batch splits, admission, and resizing once at the ingress."""
+"""The fast path's pure parts (no Ray): plans in waves, batch splits, and resizing once at the ingress."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from expertmesh.deployments.admission import Admission
-from expertmesh.errors import ResourceExhausted
 from expertmesh.experts.images import resize_for
 from expertmesh.experts.pool import split_batches
 from expertmesh.experts.preprocess import to_pixel_values
@@ -65,21 +63,6 @@ def test_batches_split_evenly_within_the_best_batch(n, max_batch, sizes):
     assert sum(sizes) == n and all(parts[i].stop == parts[i + 1].start for i in range(len(parts) - 1))
     with pytest.raises(ValueError, match="at least 1"):
         split_batches(3, 0)
-
-
-def test_admission_refuses_past_the_bound_and_never_counts_a_refusal():
-    a = Admission(max_in_flight_components=10)
-    a.admit(6, "board")
-    with pytest.raises(ResourceExhausted, match="6 components in flight, the board brings 5 and the limit is 10"):
-        a.admit(5, "board")
-    assert a.in_flight == 6
-    a.admit(4)
-    a.release(10)
-    a.admit(50, "board")  # larger than the whole bound: admitted alone
-    with pytest.raises(ResourceExhausted):
-        a.admit(1)
-    with pytest.raises(ValueError, match="at least 1"):
-        Admission(0)
 
 
 def test_resizing_once_at_the_ingress_gives_each_expert_the_pixels_it_would_get_offline():
