@@ -150,10 +150,40 @@ class GatingRuleSpec(_Strict):
 
 
 class ImageLimits(_Strict):
+    """What an image must be before the experts see it; every limit is checked before the pixels are decoded.
+
+    `max_pixels` bounds the decoded array (a few KB of PNG can declare a 30000x30000 image); `max_jpeg_scans`
+    bounds a progressive JPEG's decoding work (each scan is another pass over the whole image).
+
+    `alpha_background` is the colour transparent pixels are composited onto (RGBA, LA, palette or key
+    transparency). Black by default: a transparent pixel then reads as an empty, dark board area, which is
+    what the default CoE's training images show around components; and it is what dropping the alpha gave
+    (Pillow's plain RGB conversion, the old behaviour) for the many encoders that zero transparent pixels.
+    """
+
     max_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     min_side_px: int = Field(16, ge=1)
     max_side_px: int = Field(4096, ge=16)
     max_aspect_ratio: float = Field(4.0, ge=1.0)
+    max_pixels: int = Field(4_194_304, ge=256, description="decoded width x height at most (2048x2048)")
+    max_jpeg_scans: int = Field(32, ge=1, description="scans (SOS markers) a JPEG may have; baseline has 1")
+    alpha_background: tuple[int, int, int] = Field((0, 0, 0), description="RGB that transparent pixels show")
+
+    @field_validator("alpha_background")
+    @classmethod
+    def _rgb_bytes(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        bad = [c for c in v if not 0 <= c <= 255]
+        if bad:
+            raise ValueError(f"alpha_background {list(v)} has {bad} outside 0..255; give R, G, B each as an integer "
+                             "0..255, e.g. [0, 0, 0] for black")
+        return v
+
+    @model_validator(mode="after")
+    def _pixels_fit_min_side(self) -> ImageLimits:
+        if self.max_pixels < self.min_side_px ** 2:
+            raise ValueError(f"max_pixels {self.max_pixels} is below min_side_px² ({self.min_side_px ** 2}), so every "
+                             "image would be refused; raise max_pixels or lower min_side_px")
+        return self
 
 
 class CoESpec(_Strict):
