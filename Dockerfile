@@ -30,5 +30,14 @@ RUN pip install --no-cache-dir "torch==2.13.0" \
  && pip install --no-cache-dir --no-deps . \
  && python -c "import expertmesh.deployments.app, expertmesh.v1.inspection_pb2_grpc"
 
+# Runs as the base image's non-root user `ray` (uid 1000, group `users` gid 100), numerically so Kubernetes'
+# runAsNonRoot can check it; the chart's securityContext fixes the same 1000:100. The paths it writes exist and are
+# its own: /models (EXPERTMESH_HOME: the zoo; the chart mounts a PVC or an emptyDir there), /tmp/ray (Ray's session
+# dir), ~/.ray and ~/.cache. With the chart's read-only root filesystem these are emptyDir mounts (security.writableDirs).
+USER root
+RUN mkdir -p /models/zoo /tmp/ray /home/ray/.ray /home/ray/.cache \
+ && chown -R 1000:100 /models /tmp/ray /home/ray/.ray /home/ray/.cache
+USER 1000:100
+
 # Ray's serve (8000), gRPC (9000) and metrics (8080) ports; KubeRay starts Ray with the chart's rayStartParams.
 EXPOSE 8000 9000 8080
