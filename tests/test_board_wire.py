@@ -81,11 +81,9 @@ def test_a_refused_board_reaches_the_client_as_its_status(serving, board_call, c
     assert fragment in details and "fix:" in details
 
 
-def test_a_component_that_fails_mid_board_ends_the_stream_with_its_status_after_the_others(serving, board_call):
+def test_a_component_that_does_not_decode_refuses_the_board_before_any_result_streams(serving, board_call):
     comps = [{"image": b} for b in images(5)]
-    comps[2] = {"image": b"\x89PNG\r\n\x1a\n not really a png"}  # passes the up-front check, fails to decode
+    comps[2] = {"image": b"\x89PNG\r\n\x1a\n not really a png"}  # passes the field checks, fails to decode
     got, code, details = run(serving, board_call, board_id="mid", factory_id="factory-a", components=comps)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert sorted(r.component_index for r in got) == [0, 1, 3, 4]  # every other component was answered
-    assert details.startswith("1 of 5 components failed") and "components[2].image" in details
-    assert "indexes 2" in details
+    assert (code, got) == (grpc.StatusCode.INVALID_ARGUMENT, [])  # every component is decoded before the first result
+    assert details.startswith("components[2].image:") and "fix:" in details
