@@ -198,6 +198,14 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     throughput.set_defaults(func=loaded_on_use("expertmesh.bench_command", "cmd_bench_throughput"))
     register_memory_bench(bench)
     register_simulate_bench(bench)
+    isolation = bench.add_parser("isolation", help="one factory floods while another is measured, without and with "
+                                                   "quotas; writes PREFIX.json, .md and .png")
+    add_spec_args(isolation)
+    isolation.add_argument("--out", default="bench/results/isolation", help="prefix of the files written "
+                                                                            "(default: bench/results/isolation)")
+    isolation.add_argument("--quick", action="store_true", help="short phases (about 2 minutes in all)")
+    isolation.add_argument("--render", metavar="JSON", help="only rewrite the table and plot of this results file")
+    isolation.set_defaults(func=loaded_on_use("expertmesh.bench.isolation", "cmd_bench_isolation"))
 
 
 def build_parser() -> argparse.ArgumentParser:

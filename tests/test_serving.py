@@ -216,6 +216,65 @@ def test_a_token_added_to_the_tokens_file_works_without_a_restart(serving):
         serving.tokens_file.write_text(original)
 
 
+def test_a_factory_quota_set_in_the_tokens_file_refuses_past_it_naming_the_factory_and_spares_the_others(serving, stub):
+    """Quotas beside the tokens, applied without a restart: factory-b at 1 component/s (burst 1) gets one answer
+    and then RESOURCE_EXHAUSTED naming its rate, while factory-a is unaffected; a board counts all its components."""
+    import yaml
+
+    original = serving.tokens_file.read_text()
+    flat = {t: f for t, f in yaml.safe_load(original).items()}
+    request = pb.InspectRequest(factory_id="factory-b", image=png("diode"))
+    try:
+        serving.tokens_file.write_text(yaml.safe_dump({"tokens": flat, "quotas": {
+            "factory-b": {"rate_per_s": 1, "burst": 1, "max_in_flight": 4}}}))
+        codes: list = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and grpc.StatusCode.RESOURCE_EXHAUSTED not in codes:
+            try:
+                stub.Inspect(request, metadata=auth(serving, "factory-b"), timeout=30)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+                details = err.details()
+        assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED and set(codes) <= {grpc.StatusCode.OK,
+                                                                                   grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert "factory 'factory-b' is over its rate quota of 1 components/s" in details and "retry after" in details
+        board = pb.InspectBoardRequest(board_id="b", factory_id="factory-b",
+                                       components=[pb.InspectRequest(image=png("led", i=i)) for i in range(5)])
+        with pytest.raises(grpc.RpcError) as err:  # 5 components over a max_in_flight of 4... or its rate
+            list(stub.InspectBoard(board, metadata=auth(serving, "factory-b"), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "factory 'factory-b'" in err.value.details()
+        ok = stub.Inspect(pb.InspectRequest(factory_id="factory-a", image=png("diode")), metadata=auth(serving),
+                          timeout=30)
+        assert ok.category  # another factory is not held back
+    finally:
+        serving.tokens_file.write_text(original)
+        time.sleep(2.5)  # the ingress reads it again within 2 s: the other tests see no quota
+
+
+def test_a_deadline_the_client_sends_bounds_the_request_and_ends_deadline_exceeded(serving, stub):
+    request = pb.InspectRequest(factory_id="factory-a", image=png("qfp"))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Inspect(request, metadata=auth(serving) + (("x-request-timeout-seconds", "0.001"),), timeout=30)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline passed" in err.value.details()
+    for bad in ("0", "-3", "soon"):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Inspect(request, metadata=auth(serving) + (("x-request-timeout-seconds", bad),), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-request-timeout-seconds" in err.value.details()
+    body = {"factory_id": "factory-a", "image": base64.b64encode(png("qfp")).decode()}
+    req = urllib.request.Request(serving.http_url + "/v1/inspect", data=json.dumps(body).encode(), method="POST",
+                                 headers={"authorization": f"Bearer {serving.tokens['factory-a']}",
+                                          "x-request-timeout-seconds": "0.001"})
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(req, timeout=30)
+    # Serve's HTTP proxy reads the same header: at a millisecond its own timeout (408) may answer before the ingress
+    assert http_err.value.code in (504, 408)
+    if http_err.value.code == 504:
+        assert json.loads(http_err.value.read())["error"]["code"] == "DEADLINE_EXCEEDED"
+    ok = stub.Inspect(request, metadata=auth(serving) + (("x-request-timeout-seconds", "30"),), timeout=30)
+    assert ok.verdict in (pb.PASS, pb.DEFECT, pb.UNCERTAIN)
+
+
 def test_placement_endpoint_refusals(serving):
     """GET /v1/placement: a token first (401 without one), 404 naming the setting where the app runs no controller,
     400 for another method."""
