@@ -139,7 +139,7 @@ class RouterDeployment:
         its expert calls: once it passes, the request gets DEADLINE_EXCEEDED and no further calls."""
         t0 = time.perf_counter()
         fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
-        deadlines = [Deadline(float(m.get("budget_s") or fallback_s)) for m in metas]
+        deadlines = [Deadline(fallback_s if m.get("budget_s") is None else float(m["budget_s"])) for m in metas]
         metas = [{k: v for k, v in m.items() if k != "budget_s"} for m in metas]
         size = self.classifier.spec.input_size_px
         preds = await asyncio.to_thread(self._classify, images[size])
