@@ -57,19 +57,27 @@ class Admission:
                 f"factory {factory!r} has {mine} components in flight or queued, the {what} brings {num_components} "
                 f"and its max_in_flight quota is {quota.max_in_flight}", field="factory_id",
                 fix="wait for answers before sending more, or ask the operator to raise the factory's max_in_flight")
-        self.rates.check(factory, num_components, quota, now_s)
+        weights_before = dict(self.weights)
         self.weights[factory] = quota.weight
         free = self.max_in_flight_components - self.in_flight
-        if not self._anyone_waiting() and (num_components <= free or self.in_flight == 0):
-            self._count_in(factory, num_components)  # a board larger than the whole bound goes alone
+        admit_now = not self._anyone_waiting() and (num_components <= free or self.in_flight == 0)
+        if not admit_now:  # a board larger than the whole bound goes alone, when nothing is in flight
+            share = self.fair_share(factory)
+            if mine + num_components > max(share, num_components):
+                self.weights = weights_before
+                raise ResourceExhausted(
+                    f"the ingress is at capacity ({self.in_flight} of {self.max_in_flight_components} components in "
+                    f"flight) and factory {factory!r} already has its fair share ({mine} of {share:.0f})",
+                    field="factory_id",
+                    fix="retry with backoff; if it lasts, add nodes or raise max_in_flight_components with them")
+        try:
+            self.rates.check(factory, num_components, quota, now_s)  # last: a refusal above takes no rate
+        except ResourceExhausted:
+            self.weights = weights_before
+            raise
+        if admit_now:
+            self._count_in(factory, num_components)
             return None
-        share = self.fair_share(factory)
-        if mine + num_components > max(share, num_components):
-            raise ResourceExhausted(
-                f"the ingress is at capacity ({self.in_flight} of {self.max_in_flight_components} components in "
-                f"flight) and factory {factory!r} already has its fair share ({mine} of {share:.0f})",
-                field="factory_id",
-                fix="retry with backoff; if it lasts, add nodes or raise max_in_flight_components with them")
         ticket = Ticket(next(self._numbers), factory, num_components)
         self.waiting[factory].append(ticket)
         return ticket

@@ -204,3 +204,13 @@ def test_a_batch_whose_callers_all_went_has_its_downstream_call_cancelled():
         assert cancelled == [3]
 
     asyncio.run(go())
+
+
+def test_a_refusal_for_the_fair_share_takes_nothing_from_the_factorys_rate():
+    a, q = Admission(2), FactoryQuota(rate_per_s=1, burst=3)
+    a.arrive("x", 1, q, 0.0)
+    a.arrive("x", 1, q, 0.0)
+    with pytest.raises(ResourceExhausted, match="fair share"):
+        a.arrive("x", 1, q, 0.0)  # full, and x holds all of it
+    a.release("x", 2)
+    assert a.arrive("x", 1, q, 0.0) is None  # the third token was still there
