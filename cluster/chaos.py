@@ -51,7 +51,9 @@ class ChaosReport:
     num_sent: int
     counts: dict[str, int]
     counts_by_phase: dict[str, dict[str, int]]
-    faults: list[dict] = field(default_factory=list)  # kind, target, at_s, recovery_s, the failures it caused
+    # per fault: kind, target, at_s, recovery_s, how the requests in flight when it struck ended, and the failures
+    # that ended between it and the next fault
+    faults: list[dict] = field(default_factory=list)
     slowest_s: float = 0.0
     node_loss_bound_s: float = NODE_LOSS_BOUND_S
 
@@ -105,7 +107,9 @@ def chaos_report(num_sent: int, outcomes: list[RequestOutcome], faults: list[Fau
         # the failures that ended between this fault and the next: what this fault cost
         end_s = nxt.at_s if nxt is not None else float("inf")
         failed = [o for o in outcomes if o.code != OK and f.at_s <= o.done_s < end_s]
+        caught = [o for o in outcomes if o.sent_s < f.at_s <= o.done_s]  # in flight when the fault struck
         rows.append({"kind": f.kind, "target": f.target, "at_s": round(f.at_s, 2), "recovery_s": recovery_s(outcomes, f),
+                     "in_flight": dict(sorted(Counter(o.code for o in caught).items())),
                      "recovery_experts": sorted(f.experts),
                      "failures_after": dict(Counter(o.code for o in failed)),
                      "last_failure_s": round(max(o.done_s for o in failed) - f.at_s, 2) if failed else None})
@@ -141,11 +145,13 @@ def violations(report: ChaosReport, outcomes: list[RequestOutcome], faults: list
 def format_table(report: ChaosReport) -> str:
     """The markdown tables of a run: each fault with its recovery, and the outcome counts per phase."""
     codes = sorted({c for counts in report.counts_by_phase.values() for c in counts}, key=lambda c: (c != OK, c))
-    lines = ["| fault | target | at s | recovered after s | failures ending before the next fault |", "|---|---|---:|---:|---|"]
+    lines = ["| fault | target | at s | recovered after s | requests in flight: how they ended "
+             "| failures ending before the next fault |", "|---|---|---:|---:|---|---|"]
     for r in report.faults:
         failures = ", ".join(f"{c} {n}" for c, n in sorted(r["failures_after"].items())) or "none"
+        caught = ", ".join(f"{c} {n}" for c, n in r["in_flight"].items()) or "none"
         rec = "-" if r["recovery_s"] is None else f"{r['recovery_s']:.1f}"
-        lines.append(f"| {r['kind']} | {r['target']} | {r['at_s']:.1f} | {rec} | {failures} |")
+        lines.append(f"| {r['kind']} | {r['target']} | {r['at_s']:.1f} | {rec} | {caught} | {failures} |")
     lines += ["", "| phase | " + " | ".join(codes) + " | all |", "|---|" + "---:|" * (len(codes) + 1)]
     for phase, counts in [*report.counts_by_phase.items(), ("all", report.counts)]:
         lines.append(f"| {phase} | " + " | ".join(str(counts.get(c, 0)) for c in codes)

@@ -164,6 +164,17 @@ def kill_replica(dashboard: str, deployment: str) -> str:
     return f"{victim.name} (pid {victim.pid})"
 
 
+def assert_dead(dashboard: str, target: str, timeout_s: float = 30.0) -> None:
+    """The killed replica's actor is no longer alive (the fault really happened)."""
+    name = target.split(" ")[0]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not [a for a in serve_replicas(dashboard) if a.name == name]:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{target} is still alive {timeout_s:g} s after SIGKILL")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_faults_under_station_load_end_every_request_explicitly(tmp_path, default_zoo):
@@ -255,6 +266,8 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
             what = inject()
             faults.append(fault_at(kind, what, at_s, experts))
             print(f"{at_s:6.1f} s: {kind} fault: {what}", flush=True)
+            if kind != "node":
+                assert_dead(dashboard, what)
         node_loss = faults[-1]
         while stations.now() < node_loss.at_s + NODE_LOSS_BOUND_S:
             rec = recovery_s(stations.live(), node_loss)
@@ -323,11 +336,12 @@ def test_the_report_counts_each_phase_and_times_each_recovery():
     # recovery: the first answer sent after the fault that needed its experts (any answer for the router)
     assert [r["recovery_s"] for r in report.faults] == [5.0, 5.0, 14.0]
     # failures that ended between a fault and the next: the UNAVAILABLE sent before the host fault ended after it
+    assert [r["in_flight"] for r in report.faults] == [{"UNAVAILABLE": 1}, {}, {"DEADLINE_EXCEEDED": 1}]
     assert [r["failures_after"] for r in report.faults] == [{"UNAVAILABLE": 1}, {}, {"DEADLINE_EXCEEDED": 1,
                                                                                    "RESOURCE_EXHAUSTED": 1}]
     assert violations(report, outcomes, faults) == []
     table = format_table(report)
-    assert "| node | node-1 | 50.0 | 14.0 |" in table and "| all | 6 | 1 | 1 | 1 | 9 |" in table
+    assert "| node | node-1 | 50.0 | 14.0 | DEADLINE_EXCEEDED 1 | DEADLINE_EXCEEDED 1, RESOURCE_EXHAUSTED 1 |" in table and "| all | 6 | 1 | 1 | 1 | 9 |" in table
 
 
 def test_violations_name_what_went_wrong():
