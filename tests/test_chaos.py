@@ -46,7 +46,8 @@ from serving_fixture import free_port
 DEADLINE_S = 30.0  # each request's client deadline, also sent as x-request-timeout-seconds
 GRACE_S = 10.0  # no status within the deadline + this: the request hung
 STATIONS = 3
-RATE_PER_STATION = 1.5  # requests/s each (open loop); every 10th a board of 3
+RATE_PER_STATION = 2.0  # requests/s each (open loop); every 10th a board of 3
+MIN_IN_FLIGHT, MAX_BUSY_WAIT_S = 1, 10.0  # a fault waits (at most this long) for this many requests in flight
 WARM_S = 12.0  # load before the first fault
 MIN_PAUSE_S, MAX_PAUSE_S, SETTLE_S = 15.0, 45.0, 5.0  # between faults (cluster/chaos.py next_fault_due)
 AFTER_LAST_S = 20.0  # load after the node loss recovered (at most 80 s after it)
@@ -144,6 +145,10 @@ class Stations:
         self.executor.shutdown(wait=False, cancel_futures=True)
         return len(sent), outcomes
 
+    def in_flight(self) -> int:
+        with self.lock:
+            return len(self.sent) - len(self.done)
+
     def live(self) -> list[RequestOutcome]:
         with self.lock:
             return list(self.done)
@@ -201,6 +206,7 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         classifier = load_spec(default_spec_path()).router.expert
         planned_nodes = sorted({n for ns in planned.values() for n in ns})
         hosted = {n: sorted(e for e, ns in planned.items() if n in ns and e != classifier) for n in planned_nodes}
+        alone = {n: [e for e in hosted[n] if planned[e] == [n]] for n in planned_nodes}  # held nowhere else
         assert len([n for n in hosted if hosted[n]]) >= 2, planned  # the memory forces a real partition
         grpc_port = free_port()
         serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", state["address"],
@@ -241,10 +247,10 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         where = {a.class_name.split(":")[-1]: a for a in serve_replicas(dashboard)}
         names = {n.node_id: (n.labels or {}).get(NODE_LABEL) for n in list_nodes(address=dashboard)}
         front = {names.get(where[d].node_id) for d in (ROUTER_DEPLOYMENT, INGRESS_DEPLOYMENT)}
-        workers = [n for n in planned_nodes if n != "node-0" and hosted[n]]
+        workers = [n for n in planned_nodes if n != "node-0" and alone[n]]
         assert workers, hosted
-        victim = max(workers, key=lambda n: (n not in front, len(hosted[n]), n))
-        host_node = next((n for n in ["node-0", *planned_nodes] if n != victim and hosted.get(n)), None)
+        victim = max(workers, key=lambda n: (n not in front, len(alone[n]), n))
+        host_node = next((n for n in ["node-0", *planned_nodes] if n != victim and alone.get(n)), None)
         assert host_node is not None, hosted
 
         # the run: load throughout, the faults one after another
@@ -252,18 +258,24 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         stations.start()
         time.sleep(WARM_S)
         faults = []
-        injections = [("expert_host", lambda: kill_replica(dashboard, host_name(host_node)), hosted[host_node]),
+        injections = [("expert_host", lambda: kill_replica(dashboard, host_name(host_node)), alone[host_node]),
                       ("router", lambda: kill_replica(dashboard, ROUTER_DEPLOYMENT), ()),
                       ("ingress", lambda: kill_replica(dashboard, INGRESS_DEPLOYMENT), ()),
-                      ("node", lambda: _remove(env, victim), hosted[victim])]
+                      ("node", lambda: _remove(env, victim), alone[victim])]
         for kind, inject, experts in injections:
             if faults:
                 last = faults[-1]
                 while not next_fault_due(last.at_s, recovery_s(stations.live(), last), stations.now(),
                                          min_pause_s=MIN_PAUSE_S, max_pause_s=MAX_PAUSE_S, settle_s=SETTLE_S):
                     time.sleep(0.5)
+            busy_by = time.monotonic() + MAX_BUSY_WAIT_S  # strike while requests are in flight (mid-batch)
+            while stations.in_flight() < MIN_IN_FLIGHT and time.monotonic() < busy_by:
+                time.sleep(0.005)
             at_s = stations.now()
             what = inject()
+            if kind == "node":  # the node counts as lost once it is gone (as in tests/test_local_cluster.py)
+                gone_s = stations.now()
+                what, at_s = f"{what} (removal asked at {at_s:.1f} s, gone after {gone_s - at_s:.1f} s)", gone_s
             faults.append(fault_at(kind, what, at_s, experts))
             print(f"{at_s:6.1f} s: {kind} fault: {what}", flush=True)
             if kind != "node":
@@ -295,7 +307,8 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
             f"{num_sent} requests from {STATIONS} stations at {STATIONS * RATE_PER_STATION:g} requests/s, client "
             f"deadline {DEADLINE_S:g} s (hung: no status after {DEADLINE_S + GRACE_S:g} s). Times are seconds since "
             f"the load started; recovery is to the first answer of a request sent after the fault that needed the "
-            f"fault's experts (the killed host's, the lost node's; any answer for the router and the ingress).\n\n"
+            f"fault's experts (those the plan holds only on the killed host's node, or only on the lost node; any "
+            f"answer for the router and the ingress).\n\n"
             f"{table}\n")
         problems = violations(report, outcomes, faults)
         assert not problems, "\n".join(problems) + "\n" + "".join(serve_lines)[-3000:]
