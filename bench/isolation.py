@@ -2,7 +2,7 @@
 
 One loopback Ray node serves the default CoE (`runner.start`, as `expertmesh serve` does) with a tokens file of two
 factories, `quiet` and `flood`. Clients know only the wire contract (gRPC Inspect, bearer token, the
-`x-request-timeout-seconds` metadata). The quiet factory sends open-loop at `quiet_rate_per_s` in every phase:
+`x-expertmesh-timeout-seconds` metadata). The quiet factory sends open-loop at `quiet_rate_per_s` in every phase:
 1. `quiet alone`: the flood factory sends nothing (the baseline);
 2. `flood, no quotas`: the flood factory runs `flood_clients` closed-loop clients, the tokens file has no quotas;
 3. `flood, quotas`: the same flood, after the tokens file is rewritten with the flood factory's quota (the ingress
@@ -96,7 +96,7 @@ async def _inspect(stub, factory: str, token: str, image: bytes, deadline_s: flo
     t0 = time.perf_counter()
     try:
         await stub.Inspect(pb.InspectRequest(factory_id=factory, station_id=f"{factory}-station", image=image),
-                           metadata=(("authorization", f"Bearer {token}"), ("x-request-timeout-seconds", f"{deadline_s:g}")),
+                           metadata=(("authorization", f"Bearer {token}"), ("x-expertmesh-timeout-seconds", f"{deadline_s:g}")),
                            timeout=deadline_s)
         code = "OK"
     except grpc.aio.AioRpcError as err:

@@ -30,7 +30,7 @@ INGRESS_DEPLOYMENT = "Ingress"
 HOST_DEPLOYMENT = "Host"  # the expert host; with a placement one per planned node: Host-<node>
 DEDICATED_DEPLOYMENT = "Expert"  # a hot expert's own deployment on a planned node: Expert-<expert>-<node>
 PLACEMENT_DEPLOYMENT = "Placement"  # the in-cluster placement controller (settings.placement_controller)
-GRPC_SERVICER = "expertmesh.v1.inspection_pb2_grpc.add_InspectionServiceServicer_to_server"
+GRPC_SERVICER = "expertmesh.deployments.grpc_service.add_inspection_service"  # tolerant parsing: see there
 IMPORT_PATH = "expertmesh.deployments.app:build_app"
 
 
@@ -64,7 +64,7 @@ class ServeSettings(BaseModel):
                                                             "(UNAVAILABLE); a request's own deadline comes first")
     request_timeout_s: float = Field(60.0, gt=0, description="the proxies' bound on a request, and the ingress's "
                                                              "deadline when the client sends a longer one or none "
-                                                             "(x-request-timeout-seconds)")
+                                                             "(x-expertmesh-timeout-seconds)")
     metadata_max_entries: int = Field(16, ge=0, le=1024, description="entries in a request's metadata map; more: "
                                                                      "INVALID_ARGUMENT")
     metadata_max_value_chars: int = Field(256, ge=1, le=65536, description="characters of one metadata value")

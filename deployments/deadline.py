@@ -1,8 +1,8 @@
 """Deadlines: a request's budget from its client, and calls to other deployments within it. Every way a handle call
 can go wrong becomes an explicit error.
 
-A request's deadline is the client's (`x-request-timeout-seconds`, HTTP header or gRPC metadata: the header Serve's
-HTTP proxy reads too) capped by the server's `request_timeout_s`, less a margin so the answer reaches the client
+A request's deadline is the client's (`x-expertmesh-timeout-seconds`, HTTP header or gRPC metadata; not Serve's
+`x-request-timeout-seconds`, which its HTTP proxy would race the ingress with) capped by the server's `request_timeout_s`, less a margin so the answer reaches the client
 before its own deadline. The budgets nest: the proxy's `request_timeout_s` > the ingress's deadline > the router's
 per-request deadline (the remaining budget it is sent, less its margin) > each expert host call (the host timeout or
 the latest deadline among the call's rows, whichever is sooner). A request whose deadline passes gets
@@ -27,13 +27,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from expertmesh.errors import DeadlineExceeded, ExpertMeshError, InvalidArgument, ResourceExhausted, Unavailable
 
 LOSS_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)  # waits before the retries of a call whose replica died
-TIMEOUT_HEADER = "x-request-timeout-seconds"  # the client's budget (Serve's HTTP proxy honours the same header)
+TIMEOUT_HEADER = "x-expertmesh-timeout-seconds"  # the client's budget (gRPC keeps grpc-timeout from the app)
 MIN_BUDGET_S = 0.05  # a budget below this is refused up front: it cannot be met
 HOP_MARGIN_S = 0.1  # what each hop keeps back from its budget to answer in time (capped at 10% of the budget)
 
 
 def request_budget_s(header_value: str | None, ceiling_s: float) -> float:
-    """Seconds the server may spend on a request: the client's `x-request-timeout-seconds` (when given) capped by
+    """Seconds the server may spend on a request: the client's `x-expertmesh-timeout-seconds` (when given) capped by
     `ceiling_s` (the proxies' request_timeout_s), less the hop margin. A value that is not a positive number is
     INVALID_ARGUMENT naming the header."""
     budget_s = ceiling_s

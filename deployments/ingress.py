@@ -37,6 +37,7 @@ from expertmesh.deployments.auth import ReloadingTokens
 from expertmesh.deployments.batcher import Batcher
 from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
                                           check_ids, component_error, echo_id)
+from expertmesh.deployments.grpc_service import Unparsable
 from expertmesh.deployments.deadline import TIMEOUT_HEADER, Deadline, call_with_deadline, exceeded, request_budget_s
 from expertmesh.deployments.limits import IngressLimits, check_metadata
 from expertmesh.experts.images import decode_image, resize_for
@@ -98,6 +99,32 @@ async def read_body(http: Request, max_bytes: int) -> bytes:
             raise PayloadTooLarge(f"body passed the limit of {max_bytes} bytes", field="image", fix=fix)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_STRING_FIELDS = ("request_id", "factory_id", "station_id", "component_hint", "image")
+
+
+def parse_body(body: bytes) -> dict:
+    """`POST /v1/inspect`'s JSON body -> its fields (the image decoded from base64), every field's type checked:
+    INVALID_ARGUMENT naming the field, never a value coerced into another type."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+        raise InvalidArgument("body is not JSON, or is nested too deeply", field="body",
+                              fix="send a flat JSON object (request_id, factory_id, image, metadata of strings)") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("body is not a JSON object", field="body", fix="send a JSON object")
+    for name in _STRING_FIELDS:
+        if doc.get(name) is not None and not isinstance(doc[name], str):
+            raise InvalidArgument(f"{name} is a JSON {type(doc[name]).__name__}, not a string", field=name,
+                                  fix=f"send {name} as a JSON string")
+    fields = {name: doc.get(name) or "" for name in _STRING_FIELDS}
+    try:
+        fields["image"] = base64.b64decode(fields["image"], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument("image is not valid base64", field="image", fix="base64-encode the PNG/JPEG bytes") from None
+    fields["metadata"] = {} if doc.get("metadata") is None else doc["metadata"]
+    return fields
 
 
 @serve.deployment
@@ -232,8 +259,18 @@ class IngressDeployment:
     def _metadata_value(grpc_context, key: str) -> str | None:
         return next((v for k, v in grpc_context.invocation_metadata() if k.lower() == key), None)
 
-    async def Inspect(self, request: pb.InspectRequest, grpc_context) -> pb.InspectResponse:
+    def _unparsable(self, request: Unparsable, grpc_context, ingress: str, t0: float) -> InvalidArgument:
+        err = InvalidArgument(f"the request is not a valid {request.message_type} message", field="request",
+                              fix="send a message serialized from the service's .proto (expertmesh/v1/inspection.proto)")
+        self._record(ingress, "", t0, err.code.value)
+        self._fail(grpc_context, err)
+        return err
+
+    async def Inspect(self, request: pb.InspectRequest | Unparsable, grpc_context) -> pb.InspectResponse:
         t0 = time.perf_counter()
+        if isinstance(request, Unparsable):
+            self._unparsable(request, grpc_context, "grpc", t0)
+            return pb.InspectResponse()
         try:
             rid, result = await self._inspect(self._authorization(grpc_context), request.request_id, request.factory_id,
                                               request.station_id, request.image, request.component_hint,
@@ -253,8 +290,10 @@ class IngressDeployment:
         (at most `board_limits.max_in_flight` at once). A board refused up front (a bad field, a component that does
         not decode, a quota) streams nothing. Ends OK only when every component answered; otherwise with the status
         of the first failure and a message naming every failed component (see `deployments.board`)."""
-        t_board, factory = time.perf_counter(), request.factory_id
-        num = len(request.components)
+        t_board = time.perf_counter()
+        if isinstance(request, Unparsable):
+            raise StreamEnded(self._unparsable(request, grpc_context, "grpc_board", t_board))
+        factory, num = request.factory_id, len(request.components)
         try:
             metas = self._check_board(request)
             self.tokens.authorize(self._authorization(grpc_context), factory)
@@ -357,32 +396,21 @@ class IngressDeployment:
     async def __call__(self, http: Request) -> JSONResponse:
         rid, factory_id, t0 = "", "", time.perf_counter()
         try:
-            if http.url.path.rstrip("/") == "/v1/placement":
+            path = http.scope["path"].rstrip("/")  # the raw path: Starlette's url.path drops tabs and newlines
+            if path == "/v1/placement":
                 return JSONResponse(await self._placement(http))
-            if http.url.path.rstrip("/") != "/v1/inspect":
-                raise NotFound(f"no route {http.url.path!r}", field="path", fix="POST /v1/inspect")
+            if path != "/v1/inspect":
+                raise NotFound(f"no route {path[:64]!r}{'...' if len(path) > 64 else ''}", field="path",
+                               fix="POST /v1/inspect")
             if http.method != "POST":
                 raise InvalidArgument(f"method {http.method} not allowed", field="method", fix="use POST /v1/inspect")
             self.tokens.factory_of(http.headers.get("authorization"))  # a token before any byte of the body is read
             body = await read_body(http, 2 * self.spec.image.max_bytes)  # base64 is 4/3 of the image, plus the JSON
-            try:
-                doc = json.loads(body)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
-                raise InvalidArgument("body is not JSON, or is nested too deeply", field="body",
-                                      fix="send a flat JSON object (request_id, factory_id, image, metadata of strings)"
-                                      ) from None
-            if not isinstance(doc, dict):
-                raise InvalidArgument("body is not a JSON object", field="body", fix="send a JSON object")
-            rid = echo_id(str(doc.get("request_id") or ""))  # what errors echo: only a valid id, never the raw one
-            try:
-                image = base64.b64decode(str(doc.get("image") or ""), validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidArgument("image is not valid base64", field="image", fix="base64-encode the PNG/JPEG bytes") from None
-            metadata = doc.get("metadata") or {}
-            factory_id = str(doc.get("factory_id") or "")
-            rid, result = await self._inspect(http.headers.get("authorization"), str(doc.get("request_id") or ""),
-                                              factory_id, str(doc.get("station_id") or ""), image,
-                                              str(doc.get("component_hint") or ""), metadata,
+            doc = parse_body(body)
+            rid = echo_id(doc["request_id"])  # what errors echo: only a valid id, never the raw one
+            factory_id = doc["factory_id"]
+            rid, result = await self._inspect(http.headers.get("authorization"), doc["request_id"], factory_id,
+                                              doc["station_id"], doc["image"], doc["component_hint"], doc["metadata"],
                                               http.headers.get(TIMEOUT_HEADER))
             self._record("http", factory_id, t0, "OK", result["verdict"])
             return JSONResponse({"request_id": rid, **{k: result[k] for k in (

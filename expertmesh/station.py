@@ -146,7 +146,7 @@ class _Sender:
 
     def __call__(self, i: int, board: bool) -> None:
         # the deadline travels as metadata too: gRPC keeps its own to itself, and the server budgets by this one
-        metadata = (("authorization", f"Bearer {self.token}"), ("x-request-timeout-seconds", f"{self.timeout_s:g}"))
+        metadata = (("authorization", f"Bearer {self.token}"), ("x-expertmesh-timeout-seconds", f"{self.timeout_s:g}"))
         t0 = time.perf_counter()
         try:
             if board:

@@ -137,7 +137,7 @@ def test_the_request_budget_is_the_clients_capped_by_the_server_less_a_margin():
     for bad in ("0", "-1", "soon", "nan", "inf"):
         with pytest.raises(InvalidArgument) as e:
             request_budget_s(bad, 60.0)
-        assert e.value.field == "x-request-timeout-seconds"
+        assert e.value.field == "x-expertmesh-timeout-seconds"
 
 
 def test_a_deadline_counts_down_on_the_injected_clock_and_hands_the_next_hop_less():
