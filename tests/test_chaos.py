@@ -2,7 +2,7 @@
 
 One cluster, one serve: `expertmesh up --nodes 3`, `expertmesh plan` from the live nodes (60 MiB of expert memory per
 node: the plan spreads the experts), `expertmesh serve --plan --replan`. Stations send gRPC requests (every tenth a
-board) with a 30 s client deadline, also sent as `x-request-timeout-seconds`, for the whole run, while faults are
+board) with a 30 s client deadline, also sent as the server's deadline metadata (`TIMEOUT_HEADER`), for the whole run, while faults are
 injected one after another: SIGKILL of an expert host replica's process (under load it is always mid-batch), of the
 router replica's, of the ingress replica's, then a worker node removed. Every request must end in a result or an
 explicit retryable status (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; never INTERNAL), none may hang past
@@ -35,6 +35,7 @@ from expertmesh.bench.provenance import provenance
 from expertmesh.cluster.chaos import (HUNG, RequestOutcome, chaos_report, fault_at, format_table, next_fault_due,
                                       recovery_s, violations, NODE_LOSS_BOUND_S)
 from expertmesh.cluster.labels import NODE_LABEL
+from expertmesh.deployments.deadline import TIMEOUT_HEADER
 from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, host_name
 from expertmesh.experts.spec import default_spec_path, load_spec
 from expertmesh.station import sample_components
@@ -43,7 +44,7 @@ from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
 from serving_fixture import free_port
 
 
-DEADLINE_S = 30.0  # each request's client deadline, also sent as x-request-timeout-seconds
+DEADLINE_S = 30.0  # each request's client deadline, also sent as the deadline metadata (TIMEOUT_HEADER)
 GRACE_S = 10.0  # no status within the deadline + this: the request hung
 STATIONS = 3
 RATE_PER_STATION = 2.0  # requests/s each (open loop); every 10th a board of 3
@@ -101,7 +102,7 @@ class Stations:
                     break
 
     def _one(self, stub, station: str, i: int, sent_s: float) -> RequestOutcome:
-        metadata = (("authorization", f"Bearer {self.token}"), ("x-request-timeout-seconds", f"{DEADLINE_S:g}"))
+        metadata = (("authorization", f"Bearer {self.token}"), (TIMEOUT_HEADER, f"{DEADLINE_S:g}"))
         board = i % 10 == 0
         try:
             if board:
