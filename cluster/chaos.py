@@ -119,7 +119,8 @@ def chaos_report(num_sent: int, outcomes: list[RequestOutcome], faults: list[Fau
         end_s = nxt.at_s if nxt is not None else float("inf")
         failed = [o for o in outcomes if o.code != OK and f.at_s <= o.done_s < end_s]
         caught = [o for o in outcomes if o.sent_s < f.at_s <= o.done_s]  # in flight when the fault struck
-        rows.append({"kind": f.kind, "target": f.target, "at_s": round(f.at_s, 2), "recovery_s": recovery_s(outcomes, f),
+        rows.append({"kind": f.kind, "target": f.target, "at_s": round(f.at_s, 2),
+                     "recovery_s": recovery_s(outcomes, f),
                      "in_flight": dict(sorted(Counter(o.code for o in caught).items())),
                      "recovery_experts": sorted(f.experts),
                      "failures_after": dict(Counter(o.code for o in failed)),

@@ -2,12 +2,13 @@
 
 One cluster, one serve: `expertmesh up --nodes 3`, `expertmesh plan` from the live nodes (60 MiB of expert memory per
 node: the plan spreads the experts), `expertmesh serve --plan --replan`. Stations send gRPC requests (every tenth a
-board) with a 30 s client deadline, also sent as the server's deadline metadata (`TIMEOUT_HEADER`), for the whole run, while faults are
-injected one after another: SIGKILL of an expert host replica's process (under load it is always mid-batch), of the
-router replica's, of the ingress replica's, then a worker node removed. Every request must end in a result or an
-explicit retryable status (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; never INTERNAL), none may hang past
-its deadline + 10 s or vanish, requests are answered after the last fault, and the lost node's experts answer again
-within 80 s (the fast-path issue's figure before it). The pure parts (schedule, tally, report) are
+board) with a 30 s client deadline, also sent as the server's deadline metadata (`TIMEOUT_HEADER`), for the whole
+run, while faults are injected one after another, each once requests are in flight (mid-batch): SIGKILL of an expert
+host replica's process, of the router replica's, of the ingress replica's, then a worker node removed. Every request
+must end in a result or an explicit retryable status (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; never
+INTERNAL, but for the known gap of `cluster.chaos.ingress_died_internal`, counted apart and reported), none may hang
+past its deadline + 10 s or vanish, requests are answered after the last fault, and the lost node's experts answer
+again within 80 s (the fast-path issue's figure before it). The pure parts (schedule, tally, report) are
 `cluster/chaos.py`.
 
 The results file: `EXPERTMESH_CHAOS_OUT=bench/results/chaos python -m pytest -s tests/test_chaos.py` writes
@@ -348,7 +349,8 @@ def test_the_report_counts_each_phase_and_times_each_recovery():
               fault_at("node", "node-1", 50.0, ["qfp_defect"])]
     outcomes = [_o("OK", 1, 0.5), _o("UNAVAILABLE", 9.5, 1.0), _o("OK", 11, 0.5, ["diode_defect"]),
                 _o("OK", 12, 3.0, ["chip_defect"]), _o("DEADLINE_EXCEEDED", 31, 30.0), _o("OK", 33, 2.0),
-                _o("RESOURCE_EXHAUSTED", 51, 0.1), _o("OK", 52, 1.0, ["diode_defect"]), _o("OK", 60, 4.0, ["qfp_defect"])]
+                _o("RESOURCE_EXHAUSTED", 51, 0.1), _o("OK", 52, 1.0, ["diode_defect"]),
+                _o("OK", 60, 4.0, ["qfp_defect"])]
     report = chaos_report(len(outcomes), outcomes, faults)
     assert report.counts == {"DEADLINE_EXCEEDED": 1, "OK": 6, "RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}
     assert report.counts_by_phase == {"before": {"OK": 1, "UNAVAILABLE": 1}, "expert_host": {"OK": 2},
@@ -362,7 +364,8 @@ def test_the_report_counts_each_phase_and_times_each_recovery():
                                                                                    "RESOURCE_EXHAUSTED": 1}]
     assert violations(report, outcomes, faults) == []
     table = format_table(report)
-    assert "| node | node-1 | 50.0 | 14.0 | DEADLINE_EXCEEDED 1 | DEADLINE_EXCEEDED 1, RESOURCE_EXHAUSTED 1 |" in table and "| all | 6 | 1 | 1 | 1 | 9 |" in table
+    assert "| node | node-1 | 50.0 | 14.0 | DEADLINE_EXCEEDED 1 | DEADLINE_EXCEEDED 1, RESOURCE_EXHAUSTED 1 |" in table
+    assert "| all | 6 | 1 | 1 | 1 | 9 |" in table
 
 
 def test_violations_name_what_went_wrong():
