@@ -6,9 +6,8 @@ records one `RequestOutcome` per request sent and one `Fault` per fault injected
 load started); `chaos_report` turns them into counts per outcome (overall and per phase: a request belongs to the
 phase of the last fault injected before it was sent), the seconds each fault took to recover from, and the
 violations of the rules a run must keep (`violations`): every request sent has an outcome, none hung past its
-deadline plus a grace, every failure is an explicit retryable status (never INTERNAL, but for the known gap of
-`ingress_died_internal`, counted apart), requests succeed after the last fault, and a lost node's experts answer
-again within the bound.
+deadline plus a grace, every failure is an explicit retryable status (never INTERNAL), requests succeed after the
+last fault, and a lost node's experts answer again within the bound.
 """
 
 from __future__ import annotations
@@ -48,10 +47,10 @@ class RequestOutcome:
 
 
 def ingress_died_internal(o: RequestOutcome, faults: list[Fault]) -> bool:
-    """A known upstream gap, not the app's: a request in flight inside the ingress replica when its process died ends
-    INTERNAL with Ray's actor-death text, because Serve's gRPC proxy maps any RayActorError it gets from the replica
-    to INTERNAL (ray/serve/_private/grpc_util.py `get_grpc_response_status`, Ray 2.60); the ingress cannot answer for
-    itself once dead. Counted apart (`known_internal`) so every other INTERNAL still fails a run."""
+    """A request in flight inside the ingress replica when its process died, ended INTERNAL with Ray's actor-death
+    text: Serve's gRPC proxy maps any RayActorError from the replica to INTERNAL (ray/serve/_private/grpc_util.py
+    `get_grpc_response_status`, Ray 2.60). deployments/grpc_service.py now answers it UNAVAILABLE; counted apart
+    (`known_internal`) so a run that sees it again names the cause. Still a violation."""
     return (o.code == "INTERNAL" and "actor died" in o.details and ":Ingress" in o.details
             and any(f.kind == "ingress" and o.sent_s < f.at_s <= o.done_s for f in faults))
 
@@ -138,11 +137,14 @@ def violations(report: ChaosReport, outcomes: list[RequestOutcome], faults: list
         out.append(f"{report.num_sent - len(outcomes)} of {report.num_sent} requests vanished (no outcome)")
     if report.counts.get(HUNG):
         out.append(f"{report.counts[HUNG]} requests hung past their deadline and the grace")
-    unexplained = [o for o in outcomes if o.code not in RETRYABLE | {OK, HUNG} and not ingress_died_internal(o, faults)]
+    unexplained = [o for o in outcomes if o.code not in RETRYABLE | {OK, HUNG}]
     wrong = dict(Counter(o.code for o in unexplained))
     if wrong:
         examples = [o.details[:200] for o in unexplained][:3]
-        out.append(f"failures that are not an explicit retryable status: {wrong}; e.g. {examples}")
+        known = sum(ingress_died_internal(o, faults) for o in unexplained)
+        out.append(f"failures that are not an explicit retryable status: {wrong}; e.g. {examples}"
+                   + (f" ({known} of them Serve's proxy's INTERNAL for a request inside the killed ingress)"
+                      if known else ""))
     if faults:
         last = max(f.at_s for f in faults)
         if not any(o.code == OK and o.sent_s >= last for o in outcomes):

@@ -6,9 +6,10 @@ board) with a 30 s client deadline, also sent as the server's deadline metadata 
 run, while faults are injected one after another, each once requests are in flight (mid-batch): SIGKILL of an expert
 host replica's process, of the router replica's, of the ingress replica's, then a worker node removed. Every request
 must end in a result or an explicit retryable status (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; never
-INTERNAL, but for the known gap of `cluster.chaos.ingress_died_internal`, counted apart and reported), none may hang
-past its deadline + 10 s or vanish, requests are answered after the last fault, and the lost node's experts answer
-again within 80 s (the fast-path issue's figure before it). The pure parts (schedule, tally, report) are
+INTERNAL: a request inside the killed ingress once ended INTERNAL from Serve's proxy, and
+`cluster.chaos.ingress_died_internal` names that cause), none may hang past its deadline + 10 s or vanish, requests
+are answered after the last fault, and the lost node's experts answer again within 80 s (the fast-path issue's
+figure before it). The pure parts (schedule, tally, report) are
 `cluster/chaos.py`.
 
 The results file: `EXPERTMESH_CHAOS_OUT=bench/results/chaos python -m pytest -s tests/test_chaos.py` writes
@@ -311,14 +312,7 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
             f"the load started; recovery is to the first answer of a request sent after the fault that needed the "
             f"fault's experts (those the plan holds only on the killed host's node, or only on the lost node; any "
             f"answer for the router and the ingress).\n\n"
-            f"{table}\n" + ("" if not report.known_internal else
-            f"\nKnown gap: {report.known_internal} request(s) in flight inside the killed ingress ended "
-            f"INTERNAL with Ray's actor-death text: Serve's gRPC proxy maps a RayActorError from the replica to "
-            f"INTERNAL (ray/serve/_private/grpc_util.py get_grpc_response_status); every other failure was "
-            f"retryable.\n"))
-        if report.known_internal:
-            print(f"KNOWN GAP: {report.known_internal} request(s) in flight inside the killed ingress ended INTERNAL "
-                  "with Ray's actor-death text (Serve's gRPC proxy maps RayActorError to INTERNAL)", flush=True)
+            f"{table}\n")
         problems = violations(report, outcomes, faults)
         assert not problems, "\n".join(problems) + "\n" + "".join(serve_lines)[-3000:]
         leaked = [o.details for o in outcomes if any(s in o.details for s in ("Traceback", 'File "'))]
@@ -377,12 +371,14 @@ def test_violations_name_what_went_wrong():
     assert "2 of 7 requests vanished" in problems
     assert "1 requests hung" in problems
     assert "'INTERNAL': 1" in problems  # not in flight at the ingress fault: not the known proxy gap
-    # the known gap: a request in flight inside the killed ingress ends INTERNAL from Serve's proxy: counted apart
+    # Serve's proxy's INTERNAL for a request in flight inside the killed ingress: still a violation, its cause named
     died = RequestOutcome("INTERNAL", 9.5, 1.0, details="The actor died unexpectedly before finishing this task.\n"
                                                         "\tclass_name: ServeReplica:expertmesh:Ingress")
     after = [_o("OK", 21, 1), died]
     report = chaos_report(2, after, faults)
-    assert report.known_internal == 1 and not any("INTERNAL" in p for p in violations(report, after, faults))
+    assert report.known_internal == 1
+    assert "1 of them Serve's proxy's INTERNAL for a request inside the killed ingress" in violations(
+        report, after, faults)[0]
     assert "no answer after the ingress fault" not in problems  # answered at 25 + 90
     assert "after 95.0 s, over the 80 s bound" in problems
     assert violations(chaos_report(1, [_o("UNAVAILABLE", 21, 1)], faults), [_o("UNAVAILABLE", 21, 1)], faults)[0] \
