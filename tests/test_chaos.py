@@ -38,6 +38,7 @@ from expertmesh.cluster.chaos import (HUNG, RequestOutcome, chaos_report, fault_
                                       recovery_s, violations, NODE_LOSS_BOUND_S)
 from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.deployments.deadline import TIMEOUT_HEADER
+from expertmesh.deployments.grpc_service import REPLICA_LOST_DETAILS
 from expertmesh.deployments.config import INGRESS_DEPLOYMENT, ROUTER_DEPLOYMENT, host_name
 from expertmesh.experts.spec import default_spec_path, load_spec
 from expertmesh.station import sample_components
@@ -52,6 +53,7 @@ STATIONS = 3
 RATE_PER_STATION = 2.0  # requests/s each (open loop); every 10th a board of 3
 MIN_IN_FLIGHT, MAX_BUSY_WAIT_S = 1, 10.0  # a fault waits (at most this long) for this many requests in flight
 WARM_S = 12.0  # load before the first fault
+PROBE_BOARD_SIZE = 200  # a board still streaming from the ingress when it is killed (a few seconds of work)
 MIN_PAUSE_S, MAX_PAUSE_S, SETTLE_S = 15.0, 45.0, 5.0  # between faults (cluster/chaos.py next_fault_due)
 AFTER_LAST_S = 20.0  # load after the node loss recovered (at most 80 s after it)
 
@@ -271,6 +273,9 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
                 while not next_fault_due(last.at_s, recovery_s(stations.live(), last), stations.now(),
                                          min_pause_s=MIN_PAUSE_S, max_pause_s=MAX_PAUSE_S, settle_s=SETTLE_S):
                     time.sleep(0.5)
+            if kind == "ingress":  # a board streaming from inside the ingress when it dies: its end is checked
+                probe = ProbeBoard(target, token)
+                probe.streaming.wait(60)
             busy_by = time.monotonic() + MAX_BUSY_WAIT_S  # strike while requests are in flight (mid-batch)
             while stations.in_flight() < MIN_IN_FLIGHT and time.monotonic() < busy_by:
                 time.sleep(0.005)
@@ -290,6 +295,10 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
                 break
             time.sleep(0.5)
         num_sent, outcomes = stations.finish()
+        probe.thread.join(DEADLINE_S + GRACE_S)
+        print(f"board inside the killed ingress: {probe.streamed} results, then {probe.code}: {probe.details}", flush=True)
+        # the one request sure to be inside the ingress when it died: retryable UNAVAILABLE, never the proxy's INTERNAL
+        assert (probe.code, probe.details) == ("UNAVAILABLE", REPLICA_LOST_DETAILS), (probe.code, probe.details)
 
         report = chaos_report(num_sent, outcomes, faults)
         table = format_table(report)
@@ -325,6 +334,32 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
             except subprocess.TimeoutExpired:
                 serve.kill()
         cli(env, "down")
+
+
+class ProbeBoard:
+    """One large board, sent at once: `streaming` is set at its first result; `code`/`details` are its end."""
+
+    def __init__(self, target: str, token: str) -> None:
+        self.streaming, self.streamed, self.code, self.details = threading.Event(), 0, None, ""
+        images = [png for _, _, png in sample_components(20, seed=7, defect_rate=0.2)]
+        self.request = pb.InspectBoardRequest(board_id="probe", factory_id="factory-a", components=[
+            pb.InspectRequest(image=images[i % len(images)]) for i in range(PROBE_BOARD_SIZE)])
+        self.target, self.token = target, token
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        metadata = (("authorization", f"Bearer {self.token}"), (TIMEOUT_HEADER, f"{DEADLINE_S:g}"))
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                for _ in pb_grpc.InspectionServiceStub(channel).InspectBoard(self.request, metadata=metadata,
+                                                                             timeout=DEADLINE_S):
+                    self.streamed += 1
+                    self.streaming.set()
+            self.code = "OK"
+        except grpc.RpcError as err:
+            self.code, self.details = err.code().name, err.details()
+        self.streaming.set()
 
 
 def _remove(env: dict, node: str) -> str:
