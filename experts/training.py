@@ -1,13 +1,20 @@
-"""Training one image classifier on CPU (or CUDA) from in-memory uint8 images. Deterministic for a seed."""
+"""Training one image classifier on CPU (or CUDA) from in-memory uint8 images. Deterministic for a seed.
+
+Given validation images, each epoch ends with the validation accuracy; the best epoch's weights are kept and
+training stops after `early_stopping_patience` epochs without a better one. Given per-image weights (class
+balancing times a manifest's weights), the loss is the weighted mean cross-entropy of each batch.
+"""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from expertmesh.experts.models import build_model
@@ -22,25 +29,82 @@ class TrainStats:
     seconds: float
     final_loss: float
     train_accuracy: float
+    num_validation: int = 0
+    validation_accuracy: float | None = None
+    best_epoch: int | None = None
+    stopped_early: bool = False
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Label-preserving for every pcb-aoi task: quarter turns and flips of the whole scene."""
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    x = torch.rot90(x, k, dims=(2, 3))
-    if bool(torch.randint(0, 2, (1,), generator=gen)):
+@dataclass(frozen=True)
+class TrainPlan:
+    """The training choices the spec leaves to the data source (TrainingSpec's keys that default to None)."""
+
+    validation_fraction: float
+    augment: tuple[str, ...]
+    early_stopping_patience: int | None
+    class_weighting: str
+
+
+DEFAULT_AUGMENT = ("rot90", "hflip")  # what pcb-aoi has always used: every quarter turn and flip of the scene
+
+
+def resolve_plan(t: TrainingSpec) -> TrainPlan:
+    """File data: 20% validation, early stopping after 3 epochs, balanced classes. Generated data: as it always
+    trained (no hold-out, all epochs, no weighting: the generator balances the labels), unless the spec says."""
+    files = t.data is not None
+    fraction = t.validation_fraction if t.validation_fraction is not None else (0.2 if files else 0.0)
+    return TrainPlan(
+        validation_fraction=fraction,
+        augment=tuple(t.augment) if t.augment is not None else DEFAULT_AUGMENT,
+        early_stopping_patience=t.early_stopping_patience or (3 if fraction > 0 else None),
+        class_weighting=t.class_weighting or ("balanced" if files else "none"))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, augment: tuple[str, ...] = DEFAULT_AUGMENT) -> torch.Tensor:
+    """Per batch: a random quarter turn, horizontal and vertical flips (label-preserving for every pcb-aoi task);
+    per image: a random brightness gain in [0.8, 1.2]. The RNG is drawn only for the augmentations chosen, in
+    this order, so the default draws exactly what it always drew."""
+    if "rot90" in augment:
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        x = torch.rot90(x, k, dims=(2, 3))
+    if "hflip" in augment and bool(torch.randint(0, 2, (1,), generator=gen)):
         x = torch.flip(x, dims=(3,))
+    if "vflip" in augment and bool(torch.randint(0, 2, (1,), generator=gen)):
+        x = torch.flip(x, dims=(2,))
+    if "brightness" in augment:  # x is normalised to [-1, 1]: scale the [0, 1] image, then back
+        gain = 0.8 + 0.4 * torch.rand((len(x), 1, 1, 1), generator=gen)
+        x = ((x + 1) * gain).clamp(0, 2) - 1
     return x
 
 
+@torch.no_grad()
+def _accuracy(model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(x), batch_size):
+        logits = model(pixel_values=x[s:s + batch_size].to(device)).logits
+        correct += int((logits.argmax(-1).cpu() == y[s:s + batch_size]).sum())
+    model.train()
+    return correct / max(len(x), 1)
+
+
 def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray, *, seed: int,
-                     training: TrainingSpec | None = None, device: str = "cpu",
-                     progress: bool = True) -> tuple[PreTrainedModel, TrainStats]:
-    """Train a fresh model for `expert` on uint8 images [N, H, W, 3] and integer labels [N]."""
+                     training: TrainingSpec | None = None, device: str = "cpu", progress: bool = True,
+                     plan: TrainPlan | None = None, validation: tuple[np.ndarray, np.ndarray] | None = None,
+                     weights: np.ndarray | None = None) -> tuple[PreTrainedModel, TrainStats]:
+    """Train a fresh model for `expert` on uint8 images [N, H, W, 3] and integer labels [N].
+
+    `validation`: (images, labels) scored after every epoch (early stopping, best epoch kept); `weights`: per
+    training image, for the loss. Without either, and with the default plan, training is what it always was."""
     t = training or expert.training
+    plan = plan or resolve_plan(t)
     t0 = time.perf_counter()
     x_all = to_pixel_values(images, expert.input_size_px)
     y_all = torch.from_numpy(labels)
+    w_all = torch.from_numpy(np.asarray(weights, dtype=np.float32)) if weights is not None else None
+    x_val = y_val = None
+    if validation is not None and len(validation[1]):
+        x_val, y_val = to_pixel_values(validation[0], expert.input_size_px), torch.from_numpy(validation[1])
     model = build_model(expert, seed).to(device).train()
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, (len(x_all) + t.batch_size - 1) // t.batch_size)
@@ -48,26 +112,52 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.learning_rate, total_steps=t.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     loss_ema, correct, seen = 0.0, 0, 0
+    best: tuple[float, int, dict] | None = None  # (validation accuracy, epoch, weights)
+    epochs_run, since_best, val_acc = 0, 0, None
     bar = tqdm(total=t.epochs * steps_per_epoch, desc=f"train {expert.name}", unit="step", disable=not progress, leave=False)
     for epoch in range(t.epochs):
         order = torch.randperm(len(x_all), generator=gen)
         correct = seen = 0
         for s in range(steps_per_epoch):
             idx = order[s * t.batch_size:(s + 1) * t.batch_size]
-            xb = _augment(x_all[idx], gen).to(device)
+            xb = _augment(x_all[idx], gen, plan.augment).to(device)
             yb = y_all[idx].to(device)
-            out = model(pixel_values=xb, labels=yb)
+            if w_all is None:
+                out = model(pixel_values=xb, labels=yb)
+                loss_t, logits = out.loss, out.logits
+            else:
+                logits = model(pixel_values=xb).logits
+                wb = w_all[idx].to(device)
+                loss_t = (F.cross_entropy(logits, yb, reduction="none") * wb).sum() / wb.sum()
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss_t.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-            loss = out.loss.detach().item()
+            loss = loss_t.detach().item()
             loss_ema = 0.9 * loss_ema + 0.1 * loss if (epoch or s) else loss
-            correct += int((out.logits.argmax(-1) == yb).sum())
+            correct += int((logits.argmax(-1) == yb).sum())
             seen += len(idx)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_ema:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_ema:.3f}", acc=f"{correct / seen:.3f}",
+                            **({"val": f"{val_acc:.3f}"} if val_acc is not None else {}))
+        epochs_run = epoch + 1
+        if x_val is None:
+            continue
+        val_acc = _accuracy(model, x_val, y_val, t.batch_size, device)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_ema:.3f}", acc=f"{correct / max(seen, 1):.3f}", val=f"{val_acc:.3f}")
+        if best is None or val_acc > best[0]:
+            best, since_best = (val_acc, epoch + 1, copy.deepcopy(model.state_dict())), 0
+        else:
+            since_best += 1
+            if plan.early_stopping_patience is not None and since_best >= plan.early_stopping_patience:
+                break
     bar.close()
+    if best is not None:
+        model.load_state_dict(best[2])
     model = model.to("cpu").eval()
-    return model, TrainStats(len(x_all), t.epochs, time.perf_counter() - t0, loss_ema, correct / max(seen, 1))
+    return model, TrainStats(len(x_all), epochs_run, time.perf_counter() - t0, loss_ema, correct / max(seen, 1),
+                             num_validation=0 if x_val is None else len(x_val),
+                             validation_accuracy=None if best is None else best[0],
+                             best_epoch=None if best is None else best[1],
+                             stopped_early=epochs_run < t.epochs)

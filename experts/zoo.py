@@ -3,9 +3,13 @@
 A checkpoint directory holds `config.json` + `model.safetensors` (save_pretrained) and
 `expertmesh.json`: the fingerprint of everything that shaped the weights (the expert's
 architecture, labels, input size and training spec, the seed, the generator and recipe
-versions). A checkpoint whose fingerprint matches is skipped; anything else is retrained.
-The zoo also holds a monolithic baseline (one classifier for every (component, defect) pair,
-of about the CoE's active parameters, trained on the same images) for the accuracy report.
+versions; for an expert trained on files (`training.data`), the files' listing and the image
+limits instead of the generator). A checkpoint whose fingerprint matches is skipped; anything
+else is retrained. Every stale file-data expert's data is read and checked before any training
+starts (`labeled_data.DataError` lists every problem). The zoo also holds a monolithic baseline
+(one classifier for every (component, defect) pair, of about the CoE's active parameters,
+trained on the same generated images) for the accuracy report, when some expert trains on
+generated images.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch
 import transformers
 
 from expertmesh.errors import InvalidArgument
+from expertmesh.experts import labeled_data
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.models import build_model, num_parameters
 from expertmesh.experts.pcb_aoi import dataset, generator
-from expertmesh.experts.spec import ArchitectureSpec, CoESpec, ExpertSpec, TrainingSpec, resolve_checkpoint
-from expertmesh.experts.training import train_classifier
+from expertmesh.experts.spec import (FILE_DATA_KEYS, ArchitectureSpec, CoESpec, ExpertSpec, TrainingSpec,
+                                     resolve_checkpoint)
+from expertmesh.experts.training import resolve_plan, train_classifier
 
 RECIPE_VERSION = "recipe-1"
 META_FILE = "expertmesh.json"
@@ -38,15 +44,22 @@ def expert_seed(spec: CoESpec, name: str) -> int:
 
 
 def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
-    shaped_by = {
-        "expert": expert.model_dump(include={"name", "architecture", "input_size_px", "labels", "training"}),
-        "seed": spec.seed,
-        "generator": generator.GENERATOR_VERSION,
-        "recipe": RECIPE_VERSION,
-    }
+    dumped = expert.model_dump(include={"name", "architecture", "input_size_px", "labels", "training"})
+    if dumped.get("training") is not None:  # keys added for file data count only once set (old fingerprints hold)
+        dumped["training"] = {k: v for k, v in dumped["training"].items() if k not in FILE_DATA_KEYS or v is not None}
+    shaped_by = {"expert": dumped, "seed": spec.seed, "recipe": RECIPE_VERSION}
+    if trains_on_files(expert):
+        shaped_by["data"] = labeled_data.digest(labeled_data.list_data(spec, expert))
+        shaped_by["image"] = spec.image.model_dump(mode="json")
+    else:
+        shaped_by["generator"] = generator.GENERATOR_VERSION
     if expert.name == BASELINE_NAME:  # the baseline trains on the whole pool, which the experts shape
         shaped_by["pool"] = sorted(f"{c}/{d}:{n}" for (c, d), n in dataset.train_counts(spec).items())
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
+
+
+def trains_on_files(expert: ExpertSpec) -> bool:
+    return expert.training is not None and expert.training.data is not None
 
 
 def read_meta(checkpoint_dir: Path) -> dict | None:
@@ -125,7 +138,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
     if unknown:
         raise InvalidArgument(f"unknown experts {unknown}", field="--only", fix=f"use names from the spec: {[e.name for e in spec.experts]}")
     jobs: list[tuple[ExpertSpec, Path]] = [(e, resolve_checkpoint(e, zoo_root)) for e in targets]
-    if baseline and (only is None or BASELINE_NAME in only):
+    if baseline and (only is None or BASELINE_NAME in only) and not all(trains_on_files(e) for e in spec.experts):
         mono = monolithic_spec(spec)
         jobs.append((mono, zoo_root / BASELINE_DIR))
     stale = []
@@ -140,26 +153,70 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
         result.seconds = time.perf_counter() - t0
         return result
 
-    pool_counts = dataset.train_counts(spec)
+    files = _read_file_data(spec, [e for e, _ in stale if trains_on_files(e)], progress, log)  # raises DataError
+    generated = [e for e, _ in stale if not trains_on_files(e)]
+    pool_counts = dataset.train_counts(spec) if generated else {}
     needed: dict[tuple[str, str], int] = {}
-    for e, _ in stale:
+    for e in generated:
         counts = pool_counts if e.name == BASELINE_NAME else dataset.per_pair_counts(spec, e)
         for pair, n in counts.items():
             needed[pair] = max(needed.get(pair, 0), n)
     log(f"training {len(stale)} model(s): {', '.join(e.name for e, _ in stale)}")
-    pool = dataset.Pool.generate(needed, spec.seed, desc="generating training images", progress=progress)
+    pool = dataset.Pool.generate(needed, spec.seed, desc="generating training images", progress=progress) if needed else None
 
     for i, (e, ckpt) in enumerate(stale, 1):
-        if e.name == BASELINE_NAME:
-            samples = [dataset.Sample(c, d, f"{c}/{d}") for c, d in generator.all_pairs()]
-            x, y = pool.arrays_for(samples, e.labels, counts=pool_counts)
+        seed = expert_seed(spec, e.name)
+        plan = resolve_plan(e.training)
+        if trains_on_files(e):
+            d = files[e.name]
+            x, y, val = d.x_train, d.y_train, (d.x_val, d.y_val)
+            weights = d.w_train * (labeled_data.class_weights(y, len(e.labels))[y]
+                                   if plan.class_weighting == "balanced" else 1.0)
         else:
-            x, y = pool.arrays_for(dataset.expert_samples(spec, e), e.labels, counts=dataset.per_pair_counts(spec, e))
-        model, stats = train_classifier(e, x, y, seed=expert_seed(spec, e.name), device=device, progress=progress)
+            if e.name == BASELINE_NAME:
+                samples = [dataset.Sample(c, d, f"{c}/{d}") for c, d in generator.all_pairs()]
+                x, y = pool.arrays_for(samples, e.labels, counts=pool_counts)
+            else:
+                x, y = pool.arrays_for(dataset.expert_samples(spec, e), e.labels, counts=dataset.per_pair_counts(spec, e))
+            x, y, val, weights = _generated_split(x, y, plan, seed, len(e.labels))
+        model, stats = train_classifier(e, x, y, seed=seed, device=device, progress=progress, plan=plan,
+                                        validation=val, weights=weights)
         _save(model, spec, e, ckpt, stats)
         result.trained.append(e.name)
         result.stats[e.name] = stats.__dict__
+        val_note = (f", validation accuracy {stats.validation_accuracy:.3f} ({stats.num_validation} images, epoch "
+                    f"{stats.best_epoch} kept)" if stats.validation_accuracy is not None else "")
         log(f"[{i}/{len(stale)}] {e.name}: {stats.num_images} images x {stats.epochs} epochs in {stats.seconds:.1f} s, "
-            f"train accuracy {stats.train_accuracy:.3f}, {num_parameters(model):,} parameters -> {ckpt}")
+            f"train accuracy {stats.train_accuracy:.3f}{val_note}, {num_parameters(model):,} parameters -> {ckpt}")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _read_file_data(spec: CoESpec, experts: list[ExpertSpec], progress: bool, log) -> dict[str, labeled_data.TrainingData]:
+    """Every file-data expert's images, decoded and checked; one DataError with every problem of every expert."""
+    out, problems = {}, []
+    for e in experts:
+        data, found = labeled_data.prepare(spec, e, seed=expert_seed(spec, e.name), progress=progress,
+                                           validation_fraction=resolve_plan(e.training).validation_fraction)
+        problems += [labeled_data.DataProblem(p.file, f"[{e.name}] {p.message}", p.fix) for p in found]
+        if data is not None:
+            out[e.name] = data
+            log(f"{e.name}: {len(data.y_train)} training and {len(data.y_val)} validation images from "
+                f"{labeled_data.data_path(spec, e)}")
+    if problems:
+        raise labeled_data.DataError(problems)
+    return out
+
+
+def _generated_split(x, y, plan, seed: int, num_labels: int):
+    """Generated data: all of it trains unless the spec asks for a validation fraction or class weighting."""
+    val = weights = None
+    if plan.validation_fraction > 0:
+        keys = [str(i) for i in range(len(y))]  # generated images are all distinct
+        splits = labeled_data.assign_splits([str(v) for v in y], keys, [None] * len(y), plan.validation_fraction, seed)
+        tr = [s == "train" for s in splits]
+        va = [s == "validation" for s in splits]
+        x, y, val = x[tr], y[tr], (x[va], y[va])
+    if plan.class_weighting == "balanced":
+        weights = labeled_data.class_weights(y, num_labels)[y]
+    return x, y, val, weights

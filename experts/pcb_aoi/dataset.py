@@ -135,7 +135,7 @@ def train_counts(spec: CoESpec) -> dict[tuple[str, str], int]:
     """The training pool: per pair, the most images any expert needs."""
     need: dict[tuple[str, str], int] = {}
     for e in spec.experts:
-        if e.training is not None:
+        if e.training is not None and e.training.data is None:  # file-data experts need no generated images
             for pair, n in per_pair_counts(spec, e).items():
                 need[pair] = max(need.get(pair, 0), n)
     return need
