@@ -111,16 +111,20 @@ class BuildResult:
     stats: dict[str, dict] = field(default_factory=dict)
 
 
-def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats) -> None:
+def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats, fp: str, data=None) -> None:
+    """`fp`: the fingerprint taken before the data was read (a file changed meanwhile leaves the expert stale)."""
     tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     meta = {
-        "expert": expert.name, "fingerprint": fingerprint(spec, expert), "labels": list(expert.labels),
+        "expert": expert.name, "fingerprint": fp, "labels": list(expert.labels),
         "input_size_px": expert.input_size_px, "num_parameters": num_parameters(model),
         "train": stats.__dict__, "torch": torch.__version__, "transformers": transformers.__version__,
         "generator": generator.GENERATOR_VERSION, "recipe": RECIPE_VERSION,
     }
+    if data is not None:  # trained on files: where from, and the images per split and label
+        del meta["generator"]
+        meta["data"] = {"source": str(labeled_data.data_path(spec, expert)), "images": data.counts}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
         result.seconds = time.perf_counter() - t0
         return result
 
+    fps = {e.name: fingerprint(spec, e) for e, _ in stale}  # before the data is read
     files = _read_file_data(spec, [e for e, _ in stale if trains_on_files(e)], progress, log)  # raises DataError
     generated = [e for e, _ in stale if not trains_on_files(e)]
     pool_counts = dataset.train_counts(spec) if generated else {}
@@ -181,7 +186,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
             x, y, val, weights = _generated_split(x, y, plan, seed, len(e.labels))
         model, stats = train_classifier(e, x, y, seed=seed, device=device, progress=progress, plan=plan,
                                         validation=val, weights=weights)
-        _save(model, spec, e, ckpt, stats)
+        _save(model, spec, e, ckpt, stats, fps[e.name], files.get(e.name))
         result.trained.append(e.name)
         result.stats[e.name] = stats.__dict__
         val_note = (f", validation accuracy {stats.validation_accuracy:.3f} ({stats.num_validation} images, epoch "

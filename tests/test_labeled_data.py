@@ -188,6 +188,8 @@ def test_train_from_folders_end_to_end(dataset, tmp_path):
         assert 0 <= meta["train"]["validation_accuracy"] <= 1 and 1 <= meta["train"]["best_epoch"] <= 3
         assert meta["train"]["num_validation"] > 0
     assert meta["train"]["num_images"] + meta["train"]["num_validation"] == 12
+    chip = json.loads((tmp_path / "zoo" / "chip" / META_FILE).read_text())["data"]["images"]
+    assert chip["train"]["misaligned"] + chip["validation"]["misaligned"] == 4 and chip["validation"]["misaligned"] == 1
     assert build_zoo(spec, tmp_path / "zoo", **quiet).trained == []
     touched = dataset / "images" / "misaligned" / "001.png"
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
@@ -213,9 +215,9 @@ def test_default_spec_fingerprints_unchanged():
             dumped["training"] = {k: dumped["training"][k] for k in old_keys}
             old = {"expert": dumped, "seed": spec.seed, "generator": generator.GENERATOR_VERSION, "recipe": RECIPE_VERSION}
             assert fingerprint(spec, e) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest(), e.name
-        monolithic_spec(spec)  # the baseline still plans from the generated pool
-    spec = parse_spec(default_spec_data())
+    spec = parse_spec(default_spec_data())  # as measured before this change (generator pcb-aoi-gen-3, recipe-1)
     assert fingerprint(spec, spec.expert("polarity")) == "4d78e80b1ec47e3a27cc07655a837c6acf8bd2737f83239fcdd9bb97fe068099"
+    assert fingerprint(spec, monolithic_spec(spec)) == "b78e6d2173f541df8b9e78317f6451d71da9b26493cfec11e4987cd7a99417e8"
 
 
 @pytest.mark.parametrize("training, message", [
