@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from expertmesh.errors import SpecError, SpecProblem
+from expertmesh.experts.training_spec import (AUGMENTATIONS, FILE_DATA_KEYS, DataSpec,  # noqa: F401 (re-exported)
+                                              TrainingSpec)
 from expertmesh.home import expertmesh_home
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
@@ -41,84 +43,6 @@ class ArchitectureSpec(_Strict):
             if key in v:
                 raise ValueError(f"config key {key!r} is derived from the expert (labels, input_size_px); remove it")
         return v
-
-
-AUGMENTATIONS = ("rot90", "hflip", "vflip", "brightness")
-#: Training keys that only exist since training from files: left out of a checkpoint's fingerprint while unset,
-#: so the experts of specs written before them keep their fingerprints (and their checkpoints stay current).
-FILE_DATA_KEYS = ("data", "validation_fraction", "augment", "early_stopping_patience", "class_weighting")
-
-
-class DataSpec(_Strict):
-    """Labeled images on disk: a folder `<folder>/<label>/*`, or a manifest (CSV or JSON lines) of path, label,
-    and optionally category, split, weight. Paths are relative to the spec file (or absolute)."""
-
-    folder: str | None = Field(None, description="a folder holding one sub-folder of images per label")
-    manifest: str | None = Field(None, description="a .csv, .jsonl or .ndjson file; its paths relative to its folder")
-    label_field: Literal["label", "category"] | None = Field(
-        None, description="the manifest column that is the label; default: category for the router, else label")
-    categories: list[str] | None = Field(None, description="manifest only: keep just the rows of these categories")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        if (self.folder is None) == (self.manifest is None):
-            given = "both folder and manifest" if self.folder is not None else "neither folder nor manifest"
-            raise ValueError(f"training.data gives {given}; give exactly one: {{folder: PATH}} or {{manifest: PATH}}")
-        if self.folder is not None and (self.label_field is not None or self.categories is not None):
-            raise ValueError("label_field and categories apply to a manifest, not a folder (its sub-folders are the "
-                             "labels); remove them or use a manifest")
-        return self
-
-
-class TrainingSpec(_Strict):
-    """How the zoo builder trains this expert: on generated data (`target`, ...) or on labeled files (`data`).
-
-    The keys of FILE_DATA_KEYS default to None, meaning the data source's default (see `training.resolve_plan`)."""
-
-    target: Literal["component", "defect"] | None = Field(None, description="generated data: what the label is")
-    components: list[str] | None = Field(None, description="generator components to train on; default: the ones routed here")
-    defects: list[str] | None = Field(None, description="generator defects to train on; default: the keys of label_map, else all")
-    label_map: dict[str, str] = Field(default_factory=dict, description="ground-truth value -> expert label (identity when absent)")
-    num_train_per_label: int = Field(400, ge=4, le=100_000)
-    epochs: int = Field(8, ge=1, le=200)
-    batch_size: int = Field(64, ge=1, le=4096)
-    learning_rate: float = Field(3e-3, gt=0, lt=1)
-    data: DataSpec | None = Field(None, description="train on these labeled images instead of generated ones")
-    validation_fraction: float | None = Field(None, ge=0, lt=1, description="held out per label; default 0.2 for "
-                                              "file data, 0 (no hold-out) for generated data")
-    augment: list[str] | None = Field(None, description=f"any of {list(AUGMENTATIONS)}, or 'none'; default rot90, hflip")
-    early_stopping_patience: int | None = Field(None, ge=1, le=1000, description="epochs without a better validation "
-                                                "accuracy before stopping; default 3")
-    class_weighting: Literal["balanced", "none"] | None = Field(None, description="default: balanced for file data")
-
-    @field_validator("augment", mode="before")
-    @classmethod
-    def _augmentations(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if isinstance(v, str):
-            v = [] if v == "none" else [v]
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ValueError(f"augment {v!r} is not a list of names; give a list from {list(AUGMENTATIONS)}, or 'none'")
-        unknown = [x for x in v if x not in AUGMENTATIONS]
-        if unknown:
-            raise ValueError(f"augment {unknown} unknown; use any of {list(AUGMENTATIONS)}, or 'none' for no augmentation")
-        if len(set(v)) != len(v):
-            raise ValueError(f"augment {v} lists a name twice; list each augmentation once")
-        return v
-
-    @model_validator(mode="after")
-    def _one_kind_of_data(self) -> TrainingSpec:
-        if self.data is None:
-            if self.target is None:
-                raise ValueError("training has neither target nor data; give target: component|defect to train on "
-                                 "generated images, or data: {folder: PATH} to train on your own")
-            return self
-        generated_only = [k for k in ("target", "components", "defects", "num_train_per_label")
-                          if k in self.model_fields_set]
-        if generated_only:
-            raise ValueError(f"training.data is given, so {generated_only} (generated data) do not apply; remove them")
-        return self
 
 
 class AutoscalingSpec(_Strict):
