@@ -100,6 +100,18 @@ def _add_zoo_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--min-router-accuracy", type=float, help="exit 1 if the router is less accurate")
     report.add_argument("--min-verdict-accuracy", type=float, help="exit 1 if the CoE's verdicts are less accurate")
     report.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_report"))
+    calib = zoo.add_parser("calibrate", help="choose the category table and router.min_confidence from measured "
+                                             "scores; writes a new spec version")
+    add_spec_args(calib)
+    calib.add_argument("--target-wrong-route", type=float, default=0.01,
+                       help="largest share of accepted requests the router may send to a wrong category (default 0.01)")
+    calib.add_argument("--tie-tolerance", type=float, default=0.005,
+                       help="scores this close to the best are tied; ties go to the cheaper expert (default 0.005)")
+    calib.add_argument("--out", help="the new spec YAML (default: <zoo>/<name>.v<version+1>.yaml; never the input "
+                                     "spec unless named here)")
+    calib.add_argument("--profile", help="profile store for costs (default: <zoo>/profile.json; none: parameters)")
+    calib.add_argument("--json", help="also write the scores, table and threshold as JSON here")
+    calib.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_calibrate"))
 
 
 def _add_serving_commands(sub: argparse._SubParsersAction) -> None:

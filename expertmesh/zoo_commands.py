@@ -1,4 +1,4 @@
-"""The model commands of the CLI: `expertmesh zoo build`, `zoo report` and `profile` (glue over experts/ and profiler/).
+"""The model commands of the CLI: `expertmesh zoo build`, `zoo report`, `zoo calibrate` and `profile` (glue over experts/ and profiler/).
 
 They train, evaluate and measure models, so this module imports torch and transformers (tens of seconds on a small
 machine); `cli.py` imports it only when one of these commands runs.
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
+from expertmesh.errors import InvalidArgument
 from expertmesh.experts.report import evaluate, format_report, write_report
 from expertmesh.experts.zoo import build_zoo
 from expertmesh.profiler.measure import MeasureConfig
@@ -44,6 +45,40 @@ def cmd_zoo_report(args: argparse.Namespace) -> int:
     if args.min_verdict_accuracy is not None and report.coe.verdict_accuracy < args.min_verdict_accuracy:
         print(f"FAIL: verdict accuracy {report.coe.verdict_accuracy:.4f} < {args.min_verdict_accuracy}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from expertmesh.experts.calibration import CalibrationConfig
+    from expertmesh.experts.calibration_run import calibrate, format_result, write_json, write_spec
+    from expertmesh.experts.spec import default_spec_path
+
+    spec, zoo_root = checked_spec_and_zoo(args)
+    source = Path(args.spec) if args.spec else default_spec_path()
+    try:
+        config = CalibrationConfig(target_wrong_route=args.target_wrong_route, tie_tolerance=args.tie_tolerance)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad calibration option: {exc.errors()[0]['msg']}", field="--target-wrong-route/"
+                              "--tie-tolerance", fix="give a share between 0 and 1, e.g. 0.01") from None
+    result, new_data = calibrate(spec, yaml.safe_load(source.read_text()), zoo_root, config,
+                                 profile=Path(args.profile) if args.profile else None, progress=not args.no_progress,
+                                 warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    print(format_result(result))
+    if args.json:
+        write_json(result, Path(args.json))
+        print(f"JSON: {args.json}")
+    t = result.threshold
+    if not t.reachable:
+        raise InvalidArgument(f"no router threshold reaches a wrong-route rate of {t.target_wrong_route} on the "
+                              f"validation images (the lowest any reaches is {t.lowest_wrong_route_rate:.4f}); "
+                              "no spec written", field="--target-wrong-route",
+                              fix=f"give a target of at least {t.lowest_wrong_route_rate:.4f}, or improve the router")
+    out = Path(args.out) if args.out else zoo_root / f"{spec.name}.v{result.new_version}.yaml"
+    write_spec(new_data, result, out, str(source), source.resolve().parent)
+    print(f"wrote {out} (version {result.new_version}); check it with `expertmesh zoo report --spec {out}"
+          + ("" if args.zoo is None else f" --zoo {zoo_root}") + "`")
     return 0
 
 

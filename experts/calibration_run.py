@@ -1,0 +1,217 @@
+"""`expertmesh zoo calibrate`'s work: measure every expert on validation images, then let `experts.calibration`
+decide the table and the threshold, and write the new spec version.
+
+Validation images are generated (the spec's generator) with their own seed, `spec.seed + CALIBRATION_SEED_OFFSET`,
+distinct from the training seed and from the held-out seed `zoo report` scores on, so the report of the calibrated
+spec is not measured on the images the table was chosen on. Every expert runs once on every image (batched, with a
+progress bar); the choices are then pure functions of those outputs. Costs: each expert's profiled latency at
+batch 1 on cpu (`--profile`, default `<zoo>/profile.json`) when every classify expert has a current entry, else its
+parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from expertmesh.errors import InvalidArgument
+from expertmesh.experts import calibration as cal
+from expertmesh.experts.offline import load_runtime, predict
+from expertmesh.experts.pcb_aoi import dataset
+from expertmesh.experts.pcb_aoi.truth import NO_DEFECT
+from expertmesh.experts.spec import CoESpec, check_spec, parse_spec
+from expertmesh.profiler.store import ProfileStore
+from expertmesh.router.plan import ExpertOutput
+
+
+class TableRow(BaseModel):
+    category: str
+    current: list[str]
+    chosen: list[str]
+    score: float
+    current_score: float
+    cost: float
+    reason: str
+
+
+class ThresholdResult(BaseModel):
+    target_wrong_route: float
+    min_confidence: float
+    wrong_route_rate: float
+    fallback_rate: float
+    reachable: bool
+    lowest_wrong_route_rate: float
+    current_min_confidence: float
+    current_wrong_route_rate: float
+    current_fallback_rate: float
+
+
+class CalibrationResult(BaseModel):
+    spec: str
+    version: int
+    new_version: int
+    validation_seed: int
+    num_images: int
+    scores: dict[str, dict[str, float]]  # category -> option ("a" or "a+b") -> verdict accuracy
+    costs: dict[str, float]
+    cost_unit: str  # ms (profiled latency at batch 1) or params
+    table: list[TableRow]
+    threshold: ThresholdResult
+    router_pairs: list[tuple[float, bool]]  # (top category score, routed right) per validation image
+    dropped_experts: list[str]
+    verdict_accuracy_current: float  # the whole CoE on the validation images, current spec
+    verdict_accuracy_calibrated: float
+    seconds: float
+
+
+def _refuse_file_data(spec: CoESpec) -> None:
+    for i, e in enumerate(spec.experts):
+        if e.training is not None and e.training.data is not None:
+            raise InvalidArgument(
+                f"expert {e.name!r} trains on labeled files; calibration measures on generated validation images only",
+                field=f"experts[{i}].training.data",
+                fix="calibrate a spec whose experts train on generated images, or edit its categories[].experts and "
+                    "router.min_confidence by hand from `zoo report` (file-data calibration is not built yet)")
+
+
+def expert_costs(spec: CoESpec, zoo_root: Path, profile: Path | None, params: dict[str, int],
+                 warn=print) -> tuple[dict[str, float], str]:
+    """Latency at batch 1 (ms, cpu entries of the profile) when every classify expert has a current entry, else
+    parameters: one unit for all, so costs compare."""
+    from expertmesh.profiler.serving_profiles import default_store_path, usable_profiles
+
+    path = profile or default_store_path(zoo_root)
+    names = [e.name for e in spec.experts if e.task == "classify"]
+    if Path(path).is_file():
+        usable = usable_profiles(ProfileStore.load(Path(path)), spec, zoo_root, "cpu", warn=warn)
+        if all(n in usable for n in names):
+            out = {}
+            for n in names:
+                b1 = next((b for b in usable[n].batches if b.batch_size == 1), None)
+                out[n] = b1.median_ms if b1 is not None else usable[n].fit.predict_ms(1)
+            return out, "ms"
+        warn(f"profile {path} lacks current cpu entries of {sorted(set(names) - set(usable))}: costs are parameters")
+    elif profile is not None:
+        raise InvalidArgument(f"no profile at {path}", field="--profile", fix="run `expertmesh profile`, or leave "
+                                                                              "--profile out to compare parameters")
+    return {n: float(params[n]) for n in names}, "params"
+
+
+def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.CalibrationConfig, *,
+              profile: Path | None = None, progress: bool = True, warn=print) -> tuple[CalibrationResult, dict]:
+    """Measure, choose, and build the new spec's mapping (validated against the zoo). Returns both."""
+    t0 = time.perf_counter()
+    _refuse_file_data(spec)
+    zoo_root = Path(zoo_root)
+    seed = spec.seed + cal.CALIBRATION_SEED_OFFSET
+    pool = dataset.Pool.generate(dataset.eval_counts(spec), seed, desc="generating validation images",
+                                 progress=progress)
+    pairs = list(pool.images)
+    images = np.concatenate([pool.images[p] for p in pairs])
+    truth = [p for p in pairs for _ in range(len(pool.images[p]))]
+    outputs: dict[str, list[ExpertOutput]] = {}
+    params: dict[str, int] = {}
+    router_preds = []
+    for e in tqdm(spec.experts, desc="running every expert on every image", disable=not progress):
+        rt = load_runtime(spec, e, zoo_root)
+        params[e.name] = rt.num_parameters
+        preds = predict(rt, images)
+        if e.name == spec.router.expert:
+            router_preds = [(p.label, float(p.score)) for p in preds]
+        else:
+            outputs[e.name] = [ExpertOutput(e.name, p.label, float(p.score)) for p in preds]
+
+    options = cal.candidate_options(spec)
+    by_cat: dict[str, list[int]] = {}
+    for i, (comp, _) in enumerate(truth):
+        by_cat.setdefault(comp, []).append(i)
+    is_defect = [d != NO_DEFECT for _, d in truth]
+    scores = cal.score_options(spec, options, outputs, by_cat, is_defect)
+    costs, unit = expert_costs(spec, zoo_root, profile, params, warn)
+    current = {c.name: tuple(c.experts) for c in spec.categories}
+    chosen = cal.choose_table(scores, options, costs, current, config)
+    router_pairs = [(score, label == comp) for (label, score), (comp, _) in zip(router_preds, truth)]
+    th = cal.threshold_for_target(router_pairs, config.target_wrong_route)
+    new_data, dropped = cal.calibrated_spec_data(spec_data, {c: ch.option for c, ch in chosen.items()}, th)
+    new_spec = parse_spec(new_data, "<calibrated spec>")
+    problems = check_spec(new_spec, zoo_root)
+    if problems:  # cannot happen with a checked input spec; said plainly if it does
+        raise InvalidArgument(f"the calibrated spec fails its checks: {'; '.join(map(str, problems))}",
+                              field="categories", fix="report this; calibrate with the input spec unchanged")
+
+    def accuracy(s: CoESpec) -> float:
+        outcomes = cal.simulate_coe(s, router_preds, outputs)
+        return float(np.mean([cal.verdict_correct(o.verdict, d) for o, d in zip(outcomes, is_defect)]))
+
+    cur_wrong, cur_fb = cal.rates_at(router_pairs, spec.router.min_confidence)
+    rows = [TableRow(category=c, current=list(current[c]), chosen=list(ch.option), score=ch.score,
+                     current_score=scores[c].get(cal.option_name(current[c]), math.nan), cost=ch.cost,
+                     reason=ch.reason) for c, ch in chosen.items()]
+    result = CalibrationResult(
+        spec=spec.name, version=spec.version, new_version=new_spec.version, validation_seed=seed,
+        num_images=len(images), scores=scores, costs=costs, cost_unit=unit, table=rows,
+        threshold=ThresholdResult(target_wrong_route=config.target_wrong_route, min_confidence=th.threshold,
+                                  wrong_route_rate=th.wrong_route_rate, fallback_rate=th.fallback_rate,
+                                  reachable=th.reachable, lowest_wrong_route_rate=th.lowest_rate,
+                                  current_min_confidence=spec.router.min_confidence,
+                                  current_wrong_route_rate=cur_wrong, current_fallback_rate=cur_fb),
+        router_pairs=router_pairs, dropped_experts=dropped,
+        verdict_accuracy_current=accuracy(spec), verdict_accuracy_calibrated=accuracy(new_spec),
+        seconds=time.perf_counter() - t0)
+    return result, new_data
+
+
+def format_result(r: CalibrationResult) -> str:
+    chosen = {row.category: cal.Choice(tuple(row.chosen), row.score, row.cost, row.reason) for row in r.table}
+    current = {row.category: tuple(row.current) for row in r.table}
+    t = r.threshold
+    lines = [f"Calibration of {r.spec} v{r.version} on {r.num_images} validation images (seed {r.validation_seed}): "
+             f"verdict accuracy per category and table option (* chosen)", "",
+             cal.format_matrix(r.scores, chosen, current, r.costs, r.cost_unit), "",
+             f"router.min_confidence: {t.current_min_confidence:.4f} -> {t.min_confidence:.4f} (target wrong-route "
+             f"rate {t.target_wrong_route:.4f}{'' if t.reachable else ', NOT REACHABLE'})",
+             f"  wrong-route rate among accepted: {t.current_wrong_route_rate:.4f} -> {t.wrong_route_rate:.4f}; "
+             f"fallback rate: {t.current_fallback_rate:.4f} -> {t.fallback_rate:.4f}"]
+    if r.dropped_experts:
+        lines.append(f"experts no longer reached, dropped from the new spec: {', '.join(r.dropped_experts)}")
+    lines.append(f"CoE verdict accuracy on these validation images: {r.verdict_accuracy_current:.4f} (v{r.version}) -> "
+                 f"{r.verdict_accuracy_calibrated:.4f} (v{r.new_version}); calibrated in {r.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _absolute_paths(data: dict, base_dir: Path) -> dict:
+    """Paths the spec gives relative to its own file, made absolute for a spec written elsewhere."""
+    if data.get("zoo_dir") and not Path(data["zoo_dir"]).is_absolute():
+        data["zoo_dir"] = str((base_dir / data["zoo_dir"]).resolve())
+    for e in data.get("experts", []):
+        d = (e.get("training") or {}).get("data") or {}
+        for key in ("folder", "manifest"):
+            if d.get(key) and not Path(d[key]).is_absolute():
+                d[key] = str((base_dir / d[key]).resolve())
+    return data
+
+
+def write_spec(new_data: dict, r: CalibrationResult, out: Path, source: str, base_dir: Path) -> None:
+    """The new spec YAML, headed by comments: where it came from, the score matrix and the threshold."""
+    out = Path(out)
+    if out.resolve().parent != base_dir.resolve():
+        new_data = _absolute_paths(new_data, base_dir)
+    matrix = format_result(r).splitlines()
+    header = [f"Written by `expertmesh zoo calibrate` from {source} (version {r.version} -> {r.new_version}).",
+              "Table and router.min_confidence chosen from these measurements:", ""] + matrix
+    text = "".join(f"# {line}".rstrip() + "\n" for line in header)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + yaml.safe_dump(new_data, sort_keys=False))
+
+
+def write_json(r: CalibrationResult, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r.model_dump(), indent=1))
