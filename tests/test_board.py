@@ -10,6 +10,7 @@ import pytest
 from expertmesh.deployments.board import (MAX_ID_CHARS, BoardComponent, BoardLimits, board_outcome, check_board,
                                           component_error)
 from expertmesh.deployments.deadline import ExpertCallFailed
+from expertmesh.deployments.deadline import Deadline
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.errors import (ErrorCode, ExpertMeshError, InvalidArgument, PayloadTooLarge, PermissionDenied,
                                ResourceExhausted)
@@ -64,7 +65,8 @@ def test_many_failures_are_counted_and_the_first_few_listed():
 
 
 class FakeIngress:
-    """The real ingress's board loop with `_inspect` replaced: no Ray, no router."""
+    """The real ingress's board loop with `_routed` (a decoded component through the batcher) replaced: no Ray, no
+    router."""
 
     def __init__(self, outcomes: dict[int, object], delay_s: float = 0.01, max_in_flight: int = 2) -> None:
         self.outcomes, self.delay_s = outcomes, delay_s
@@ -81,8 +83,8 @@ class FakeIngress:
     def _internal(self, exc, request_id):
         return IngressDeployment.func_or_class._internal(exc, request_id)
 
-    async def _inspect(self, authorization, request_id, factory_id, station_id, image, hint, metadata, admitted=False):
-        index = int(request_id.rsplit("-", 1)[1])
+    async def _routed(self, sized, meta, deadline):
+        index = meta["index"]
         self.started.append(index)
         self.running += 1
         self.most_running = max(self.most_running, self.running)
@@ -96,8 +98,8 @@ class FakeIngress:
         outcome = self.outcomes.get(index, "ok")
         if isinstance(outcome, BaseException):
             raise outcome
-        return request_id, {"category": "led", "category_confidence": 0.9, "verdict": "PASS", "defect": "",
-                            "latency_ms": 1.0, "trace": []}
+        return {"category": "led", "category_confidence": 0.9, "verdict": "PASS", "defect": "", "latency_ms": 1.0,
+                "trace": []}
 
 
 def board(n: int) -> pb.InspectBoardRequest:
@@ -107,7 +109,7 @@ def board(n: int) -> pb.InspectBoardRequest:
 
 async def collect(ingress: FakeIngress, n: int, stop_after: int | None = None) -> list:
     out = []
-    gen = ingress._run_board(board(n), "Bearer t")
+    gen = ingress._run_board(board(n), [{"index": i} for i in range(n)], [{} for _ in range(n)], Deadline(60.0))
     async for item in gen:
         out.append(item)
         if stop_after is not None and len(out) >= stop_after:
