@@ -70,6 +70,7 @@ class Stations:
         self.target, self.token = target, token
         self.t0 = time.monotonic()
         self.pool = sample_components(64, seed=11, defect_rate=0.3)
+        self.focus_pool: list | None = None  # station-0's single requests, after a fault: components needing its experts
         self.lock = threading.Lock()
         self.done: list[RequestOutcome] = []  # finished so far (read live to pace the faults)
         self.sent: list[tuple[float, object]] = []  # (sent_s, future)
@@ -79,6 +80,12 @@ class Stations:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    def focus(self, categories: list[str]) -> None:
+        """From now on station-0's single requests carry components of these categories (none: the usual mix), so a
+        fault's experts are asked for at once, whatever the plan put where (ok parts: polarity triggers)."""
+        self.focus_pool = sample_components(12, seed=13, defect_rate=0.0, mix={c: 1.0 for c in categories}) \
+            if categories else None
 
     def start(self) -> None:
         for t in self.threads:
@@ -121,8 +128,9 @@ class Stations:
                     o = RequestOutcome("OK", sent_s, self.now() - sent_s, station, board,
                                        frozenset(t.expert for r in out for t in r.experts))
             else:
+                pool = self.focus_pool if self.focus_pool and station == "station-0" else self.pool
                 resp = stub.Inspect(pb.InspectRequest(request_id=f"{station}-{i}", factory_id="factory-a",
-                                                      station_id=station, image=self.pool[i % len(self.pool)][2]),
+                                                      station_id=station, image=pool[i % len(pool)][2]),
                                     metadata=metadata, timeout=DEADLINE_S)
                 o = RequestOutcome("OK", sent_s, self.now() - sent_s, station, board,
                                    frozenset(t.expert for t in resp.experts))
@@ -212,6 +220,14 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         planned_nodes = sorted({n for ns in planned.values() for n in ns})
         hosted = {n: sorted(e for e, ns in planned.items() if n in ns and e != classifier) for n in planned_nodes}
         alone = {n: [e for e in hosted[n] if planned[e] == [n]] for n in planned_nodes}  # held nowhere else
+        spec = load_spec(default_spec_path())
+
+        def needing(expert: str) -> list[str]:
+            """Categories whose requests call `expert`: by the table, or by a likely trigger (polarity); an expert
+            only a rare trigger or the fallback calls (solder_fine, general_defect) cannot be asked for at will."""
+            ups = {d.upstream for d in spec.dependencies if d.downstream == expert and d.trigger_probability >= 0.5}
+            return sorted({c.name for c in spec.categories if expert in c.experts or ups & set(c.experts)})
+        targetable = {n: [e for e in alone[n] if needing(e)] for n in planned_nodes}
         assert len([n for n in hosted if hosted[n]]) >= 2, planned  # the memory forces a real partition
         grpc_port = free_port()
         serve = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", *zoo, "--address", state["address"],
@@ -252,10 +268,10 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         where = {a.class_name.split(":")[-1]: a for a in serve_replicas(dashboard)}
         names = {n.node_id: (n.labels or {}).get(NODE_LABEL) for n in list_nodes(address=dashboard)}
         front = {names.get(where[d].node_id) for d in (ROUTER_DEPLOYMENT, INGRESS_DEPLOYMENT)}
-        workers = [n for n in planned_nodes if n != "node-0" and alone[n]]
+        workers = [n for n in planned_nodes if n != "node-0" and targetable[n]]
         assert workers, hosted
-        victim = max(workers, key=lambda n: (n not in front, len(alone[n]), n))
-        host_node = next((n for n in ["node-0", *planned_nodes] if n != victim and alone.get(n)), None)
+        victim = max(workers, key=lambda n: (n not in front, len(targetable[n]), n))
+        host_node = next((n for n in ["node-0", *planned_nodes] if n != victim and targetable.get(n)), None)
         assert host_node is not None, hosted
 
         # the run: load throughout, the faults one after another
@@ -263,10 +279,10 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         stations.start()
         time.sleep(WARM_S)
         faults = []
-        injections = [("expert_host", lambda: kill_replica(dashboard, host_name(host_node)), alone[host_node]),
+        injections = [("expert_host", lambda: kill_replica(dashboard, host_name(host_node)), targetable[host_node]),
                       ("router", lambda: kill_replica(dashboard, ROUTER_DEPLOYMENT), ()),
                       ("ingress", lambda: kill_replica(dashboard, INGRESS_DEPLOYMENT), ()),
-                      ("node", lambda: _remove(env, victim), alone[victim])]
+                      ("node", lambda: _remove(env, victim), targetable[victim])]
         for kind, inject, experts in injections:
             if faults:
                 last = faults[-1]
@@ -285,6 +301,7 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
                 gone_s = stations.now()
                 what, at_s = f"{what} (removal asked at {at_s:.1f} s, gone after {gone_s - at_s:.1f} s)", gone_s
             faults.append(fault_at(kind, what, at_s, experts))
+            stations.focus(sorted({c for e in experts for c in needing(e)}))
             print(f"{at_s:6.1f} s: {kind} fault: {what}", flush=True)
             if kind != "node":
                 assert_dead(dashboard, what)

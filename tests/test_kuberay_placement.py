@@ -37,7 +37,7 @@ from expertmesh.deployments.config import HOST_DEPLOYMENT, PLACEMENT_DEPLOYMENT,
 from expertmesh.experts.images import encode_png
 from expertmesh.experts.pcb_aoi import generator
 from serving_fixture import free_port
-from test_helm import by_kind, render
+from test_helm import MINIMAL, by_kind, render
 
 pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -109,13 +109,14 @@ def wait_for(what: str, check, timeout_s: float, every_s: float = 3.0):
 
 
 def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, default_zoo):
-    docs = render({"cpuWorkers": {"replicas": 2, "expertMemoryMiB": 64}})
+    docs = render({**MINIMAL, "cpuWorkers": {"replicas": 2, "expertMemoryMiB": 64}})  # MINIMAL: the tokens
     svc = by_kind(docs, "RayService")[0]["spec"]
     head_spec = svc["rayClusterConfig"]["headGroupSpec"]
     group = svc["rayClusterConfig"]["workerGroupSpecs"][0]
     config = yaml.safe_load(svc["serveConfigV2"])
     # KubeRay's authOptions.mode token: a Secret's token in every Ray pod as RAY_AUTH_TOKEN, RAY_AUTH_MODE=token
-    assert svc["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    # (KubeRay reads it from the Secret authOptions names; here the pods get a fresh one, as pod_env shows)
+    assert svc["rayClusterConfig"]["authOptions"]["mode"] == "token" and svc["rayClusterConfig"]["authOptions"]["secretName"]
     ray_token = secrets.token_hex(16)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token}
 
