@@ -31,7 +31,6 @@ import torch
 from ray import serve
 
 from expertmesh.deployments.memory import declared_memory_mib, device_memory_bytes, machine_memory_bytes
-from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.deployments.pool_executor import PoolExecutor, PoolSettings
 from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
@@ -88,7 +87,7 @@ class ExpertHostDeployment:
             rt = self.runtimes[expert]
             size = rt.spec.input_size_px
             with self._lock:
-                rt.infer(to_pixel_values(np.zeros((1, size, size, 3), np.uint8), size))
+                rt.infer(rt.pixel_values(np.zeros((1, size, size, 3), np.uint8)))
         self.hosted = frozenset(wanted)
         self._publish_gauges()
         logger.info("host on %s holds %d experts (%d on the device), loaded and warmed in %.2f s", self.node,

@@ -33,7 +33,6 @@ from expertmesh.experts.arrange import ArrangePolicy, next_batch
 from expertmesh.experts.eviction import EvictionPolicy, ResidentExpert
 from expertmesh.experts.pool import split_batches
 from expertmesh.experts.prefetch import prefetch
-from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime, Prediction, TierMove
 from expertmesh.experts.spec import CoESpec
 from expertmesh.experts.tiering import HostCopy, PoolSnapshot, make_room
@@ -212,7 +211,7 @@ class PoolExecutor:
     def _run_batch(self, expert: str, pixels_u8: np.ndarray, queued: frozenset[str]) -> list[tuple[Prediction, BatchInfo]]:
         t0 = time.perf_counter()
         rt = self.runtimes[expert]
-        pixels = to_pixel_values(pixels_u8, rt.spec.input_size_px)
+        pixels = rt.pixel_values(pixels_u8)
         with self._lock:
             self._running = frozenset({expert})
             try:

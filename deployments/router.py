@@ -30,7 +30,6 @@ from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.deployments.config import APP_NAME, DEDICATED_DEPLOYMENT, host_deployments
 from expertmesh.deployments.deadline import Deadline, ReplicaLost, call_with_deadline, exceeded
 from expertmesh.errors import ExpertMeshError, Unavailable
-from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime
 from expertmesh.experts.spec import load_spec, resolve_checkpoint
 from expertmesh.metrics import instruments, node_name
@@ -131,7 +130,7 @@ class RouterDeployment:
 
     # ------------------------------------------------------------------ step 1
     def _classify(self, images_u8: np.ndarray) -> list:
-        return self.classifier.infer(to_pixel_values(images_u8, self.classifier.spec.input_size_px))
+        return self.classifier.infer(self.classifier.pixel_values(images_u8))
 
     async def inspect_batch(self, images: dict[int, np.ndarray], metas: list[dict]) -> list[dict | ExpertMeshError]:
         """A batch of decoded requests (`images`: every input size, [N, S, S, 3] uint8) -> per request its result,

@@ -28,6 +28,8 @@ _FAMILIES = {
 
 
 def build_config(expert: ExpertSpec):
+    if expert.architecture.family == "pretrained":
+        raise ValueError("a pretrained expert's config is its checkpoint's; use build_model")
     config_cls, _ = _FAMILIES[expert.architecture.family]
     kwargs = dict(expert.architecture.config)
     kwargs.update(num_channels=3, num_labels=len(expert.labels),
@@ -38,7 +40,16 @@ def build_config(expert: ExpertSpec):
 
 
 def build_model(expert: ExpertSpec, seed: int) -> PreTrainedModel:
-    """A freshly initialised model for `expert`, deterministic for `seed`."""
+    """A freshly initialised model for `expert`, deterministic for `seed`. A pretrained expert (architecture.path, an
+    absolute or cwd-relative directory) starts from its checkpoint, local files only; a head whose labels differ
+    from the spec's is replaced by a new one (initialised for `seed`) to fine-tune."""
+    if expert.architecture.family == "pretrained":
+        torch.manual_seed(seed)
+        labels = list(expert.labels)
+        return AutoModelForImageClassification.from_pretrained(
+            str(expert.architecture.path), local_files_only=True, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+            ignore_mismatched_sizes=True)
     _, model_cls = _FAMILIES[expert.architecture.family]
     torch.manual_seed(seed)
     return model_cls(build_config(expert))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime, Prediction
 from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
 from expertmesh.router.plan import Call, ExpertOutput, RequestMeta, route
@@ -31,7 +30,7 @@ def load_runtime(spec: CoESpec, e: ExpertSpec, zoo_root: Path) -> ExpertRuntime:
 def predict(rt: ExpertRuntime, images: np.ndarray) -> list[Prediction]:
     out: list[Prediction] = []
     for s in range(0, len(images), BATCH):
-        out += rt.infer(to_pixel_values(images[s:s + BATCH], rt.spec.input_size_px))
+        out += rt.infer(rt.pixel_values(images[s:s + BATCH]))
     return out
 
 

@@ -10,14 +10,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from expertmesh.experts.image_processing import ImageProcessing
 from expertmesh.experts.images import resize_to
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 
-def to_pixel_values(images: list[Image.Image] | np.ndarray, size_px: int) -> torch.Tensor:
-    """RGB images (PIL, or uint8 arrays [N, H, W, 3]) -> normalised float tensor [N, 3, size, size]."""
+def to_pixel_values(images: list[Image.Image] | np.ndarray, size_px: int,
+                    processing: ImageProcessing | None = None) -> torch.Tensor:
+    """RGB images (PIL, or uint8 arrays [N, H, W, 3]) -> normalised float tensor [N, 3, size, size].
+
+    `processing`: a brought checkpoint's own settings (its preprocessor_config.json: resize, centre crop, rescale,
+    normalise), applied to each image as it arrives; None: today's resize to the input size and mean/std 0.5."""
+    if processing is not None:
+        shaped = [resize_to(a, size_px) for a in (processing.geometry(img) for img in images)]  # no-op at the size
+        return torch.from_numpy(processing.to_float(np.stack(shaped)))
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:3] == (size_px, size_px):
         stacked = images  # already at the input size (the ingress resized it): no copy through PIL
     else:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.models import load_model, num_parameters
 from expertmesh.experts.images import decode_image
+from expertmesh.experts.image_processing import read_processing
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.spec import ExpertSpec, ImageLimits
 
@@ -79,6 +80,8 @@ class ExpertRuntime:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = resolve_device(device or spec.device)
         self.image_limits = image_limits or ImageLimits()
+        #: a brought checkpoint's own preprocessing (its preprocessor_config.json); None: the default preprocessing
+        self.processing = read_processing(self.checkpoint_dir)
         self._model: torch.nn.Module | None = None  # on the device
         self._host_weights: dict[str, torch.Tensor] | None = None  # in host memory
         self._transient: dict[str, torch.Tensor] = {}  # non-persistent buffers, restored after each load
@@ -228,10 +231,15 @@ class ExpertRuntime:
         scores, idx = probs.max(dim=-1)
         return [Prediction(self.spec.labels[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist())]
 
+    def pixel_values(self, images) -> torch.Tensor:
+        """Decoded RGB images (PIL, or uint8 arrays [N, H, W, 3]) -> this expert's input batch: the checkpoint's
+        own preprocessing when it has a preprocessor_config.json, else the default."""
+        return to_pixel_values(images, self.spec.input_size_px, self.processing)
+
     def infer_images(self, images: list[bytes]) -> list[Prediction]:
         """Decode, validate and classify encoded images (PNG/JPEG); a bad image raises naming its index."""
         decoded = [decode_image(data, self.image_limits, field=f"images[{i}]") for i, data in enumerate(images)]
-        return self.infer(to_pixel_values(decoded, self.spec.input_size_px))
+        return self.infer(self.pixel_values(decoded))
 
 
 def _non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -22,7 +22,8 @@ from expertmesh.experts.training_spec import (AUGMENTATIONS, FILE_DATA_KEYS, Dat
 from expertmesh.home import expertmesh_home
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-ARCHITECTURE_FAMILIES = ("resnet", "vit")
+ARCHITECTURE_FAMILIES = ("resnet", "vit", "pretrained")
+PRETRAINED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 
@@ -31,10 +32,26 @@ class _Strict(BaseModel):
 
 
 class ArchitectureSpec(_Strict):
-    """A Hugging Face image-classifier architecture built from a config (never downloaded)."""
+    """A Hugging Face image-classifier architecture built from a config (never downloaded), or (family `pretrained`)
+    a local checkpoint directory of any family AutoModelForImageClassification loads, used as is or fine-tuned."""
 
-    family: Literal["resnet", "vit"]
+    family: Literal["resnet", "vit", "pretrained"]
     config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the family's HF config class")
+    path: str | None = Field(None, description="pretrained: the checkpoint directory, relative to the spec file "
+                             "(or absolute); config.json + weights, optionally preprocessor_config.json")
+
+    @model_validator(mode="after")
+    def _path_iff_pretrained(self) -> ArchitectureSpec:
+        if self.family == "pretrained":
+            if not self.path:
+                raise ValueError("family pretrained needs path; give path: DIR, a local checkpoint directory "
+                                 "(config.json + weights)")
+            if self.config:
+                raise ValueError("family pretrained takes its config from the checkpoint; remove config")
+        elif self.path is not None:
+            raise ValueError(f"path is only for family pretrained (this is {self.family!r}); remove path, or use "
+                             "family: pretrained")
+        return self
 
     @field_validator("config")
     @classmethod
@@ -261,9 +278,66 @@ def check_spec(spec: CoESpec, zoo_root: Path | None = None) -> list[SpecProblem]
     graph = _check_dependencies(spec, found)
     _check_gating_rules(spec, found)
     _check_reachable(spec, graph, found)
+    _check_pretrained(spec, found)
     if zoo_root is not None:
         _check_checkpoints(spec, zoo_root, found)
     return found.problems
+
+
+def pretrained_source(spec: CoESpec, expert: ExpertSpec) -> Path | None:
+    """A pretrained expert's source checkpoint directory (relative paths against the spec file), else None."""
+    if expert.architecture.family != "pretrained":
+        return None
+    p = Path(expert.architecture.path).expanduser()
+    return p if p.is_absolute() else spec.base_dir / p
+
+
+def _check_pretrained(spec: CoESpec, found: _Findings) -> None:
+    """A pretrained expert's directory holds an HF checkpoint whose labels are the spec's (unless it is fine-tuned,
+    which gives it a new head) and whose preprocessing gives the expert's input size. Nothing is downloaded."""
+    import json
+
+    from expertmesh.experts.image_processing import PREPROCESSOR_FILE, read_processing
+
+    for i, e in enumerate(spec.experts):
+        src = pretrained_source(spec, e)
+        if src is None:
+            continue
+        field = f"experts[{i}].architecture.path"
+        if not src.is_dir():
+            found.add(field, f"no checkpoint directory at {str(src)!r}",
+                      "point path at a local Hugging Face image-classification checkpoint directory (saved with "
+                      "save_pretrained); nothing is downloaded")
+            continue
+        if not (src / "config.json").is_file():
+            found.add(field, f"checkpoint directory {str(src)!r} has no config.json",
+                      "point path at the directory save_pretrained wrote (config.json + weights)")
+            continue
+        if not any((src / w).is_file() for w in PRETRAINED_WEIGHTS):
+            found.add(field, f"checkpoint directory {str(src)!r} has no weights ({' or '.join(PRETRAINED_WEIGHTS)})",
+                      "point path at the directory save_pretrained wrote (config.json + weights)")
+        try:
+            config = json.loads((src / "config.json").read_text())
+            id2label = config.get("id2label") or {}
+            theirs = [id2label[k] for k in sorted(id2label, key=int)]
+        except (OSError, ValueError, KeyError) as exc:
+            found.add(field, f"cannot read {str(src / 'config.json')!r}: {exc}", "fix or re-save the checkpoint")
+            continue
+        if e.training is None and theirs != list(e.labels):
+            found.add(f"experts[{i}].labels", f"the checkpoint at {str(src)!r} has labels {theirs} (id2label, in "
+                      f"order), the spec says {list(e.labels)}",
+                      f"list the checkpoint's labels in its order: {theirs}, or add training: to fine-tune it to yours")
+        try:
+            processing = read_processing(src)
+        except (OSError, ValueError) as exc:
+            found.add(field, f"cannot use {str(src / PREPROCESSOR_FILE)!r}: {exc}", "fix the preprocessor config")
+            continue
+        size = processing.output_size if processing is not None else None
+        if size is not None and size != (e.input_size_px, e.input_size_px):
+            found.add(f"experts[{i}].input_size_px", f"input_size_px {e.input_size_px} differs from the size the "
+                      f"checkpoint's {PREPROCESSOR_FILE} gives ({size[0]}x{size[1]})",
+                      f"set input_size_px: {size[0]}" if size[0] == size[1] else
+                      "use a checkpoint whose processed images are square")
 
 
 def _check_unique_names(spec: CoESpec, found: _Findings) -> None:
@@ -395,7 +469,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "<root>"
 
 
-def parse_spec(data: Any, source: str = "<spec>") -> CoESpec:
+def parse_spec(data: Any, source: str = "<spec>", base_dir: str | Path | None = None) -> CoESpec:
     """Validate a mapping (parsed YAML) into a CoESpec, field rules and cross-field rules together."""
     if not isinstance(data, dict):
         raise SpecError([SpecProblem("<root>", f"expected a mapping at the top level, got {type(data).__name__}",
@@ -412,6 +486,8 @@ def parse_spec(data: Any, source: str = "<spec>") -> CoESpec:
                     err["type"], "see the spec reference in README.md")
             problems.append(SpecProblem(_loc(err["loc"]), msg, fix))
         raise SpecError(problems, source) from None
+    if base_dir is not None:  # relative paths in the spec (pretrained checkpoints, training data) resolve against it
+        spec = spec.with_base_dir(base_dir)
     problems = check_spec(spec)
     if problems:
         raise SpecError(problems, source)
@@ -427,7 +503,7 @@ def load_spec(path: str | Path | None = None, *, zoo_root: Path | None = None) -
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError([SpecProblem("<yaml>", f"not valid YAML: {exc}", "fix the YAML syntax at the line shown")], str(path)) from None
-    spec = parse_spec(data, str(path)).with_base_dir(path.parent)
+    spec = parse_spec(data, str(path), base_dir=path.parent)
     if zoo_root is not None:
         problems = check_spec(spec, zoo_root)
         if problems:

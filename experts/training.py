@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from expertmesh.experts.models import build_model
+from expertmesh.experts.image_processing import read_processing
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.spec import ExpertSpec, TrainingSpec
 
@@ -99,12 +100,14 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
     t = training or expert.training
     plan = plan or resolve_plan(t)
     t0 = time.perf_counter()
-    x_all = to_pixel_values(images, expert.input_size_px)
+    # a pretrained expert (fine-tuned) trains on its checkpoint's own preprocessing, as it is served
+    processing = read_processing(expert.architecture.path) if expert.architecture.family == "pretrained" else None
+    x_all = to_pixel_values(images, expert.input_size_px, processing)
     y_all = torch.from_numpy(labels)
     w_all = torch.from_numpy(np.asarray(weights, dtype=np.float32)) if weights is not None else None
     x_val = y_val = None
     if validation is not None and len(validation[1]):
-        x_val, y_val = to_pixel_values(validation[0], expert.input_size_px), torch.from_numpy(validation[1])
+        x_val, y_val = to_pixel_values(validation[0], expert.input_size_px, processing), torch.from_numpy(validation[1])
     model = build_model(expert, seed).to(device).train()
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, (len(x_all) + t.batch_size - 1) // t.batch_size)

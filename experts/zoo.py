@@ -27,10 +27,11 @@ import transformers
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import labeled_data
 from expertmesh.experts.graph import usage_probabilities
-from expertmesh.experts.models import build_model, num_parameters
+from expertmesh.experts.models import build_model, load_model, num_parameters
 from expertmesh.experts.pcb_aoi import dataset, generator
-from expertmesh.experts.spec import (FILE_DATA_KEYS, ArchitectureSpec, CoESpec, ExpertSpec, TrainingSpec,
-                                     resolve_checkpoint)
+from expertmesh.experts.image_processing import PREPROCESSOR_FILE
+from expertmesh.experts.spec import (FILE_DATA_KEYS, PRETRAINED_WEIGHTS, ArchitectureSpec, CoESpec, ExpertSpec,
+                                     TrainingSpec, pretrained_source, resolve_checkpoint)
 from expertmesh.experts.training import resolve_plan, train_classifier
 
 RECIPE_VERSION = "recipe-1"
@@ -47,7 +48,13 @@ def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
     dumped = expert.model_dump(include={"name", "architecture", "input_size_px", "labels", "training"})
     if dumped.get("training") is not None:  # keys added for file data count only once set (old fingerprints hold)
         dumped["training"] = {k: v for k, v in dumped["training"].items() if k not in FILE_DATA_KEYS or v is not None}
+    # a brought checkpoint counts by its content (below), not where it lies; unset for the built families, so their
+    # fingerprints are what they were before pretrained experts
+    dumped["architecture"].pop("path", None)
     shaped_by = {"expert": dumped, "seed": spec.seed, "recipe": RECIPE_VERSION}
+    source = pretrained_source(spec, expert)
+    if source is not None:  # a brought checkpoint: its content, so a changed checkpoint is noticed
+        shaped_by["checkpoint"] = checkpoint_digest(source)
     if trains_on_files(expert):
         shaped_by["data"] = labeled_data.digest(labeled_data.list_data(spec, expert))
         shaped_by["image"] = spec.image.model_dump(mode="json")
@@ -56,6 +63,31 @@ def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
     if expert.name == BASELINE_NAME:  # the baseline trains on the whole pool, which the experts shape
         shaped_by["pool"] = sorted(f"{c}/{d}:{n}" for (c, d), n in dataset.train_counts(spec).items())
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_digest(directory: Path) -> str:
+    """sha256 over a brought checkpoint's config, weights and preprocessor config (names and bytes)."""
+    h = hashlib.sha256()
+    for name in ("config.json", *PRETRAINED_WEIGHTS, PREPROCESSOR_FILE):
+        path = Path(directory) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def resolved(spec: CoESpec, expert: ExpertSpec) -> ExpertSpec:
+    """The expert with a pretrained checkpoint's path made absolute (against the spec file), for building it."""
+    source = pretrained_source(spec, expert)
+    if source is None:
+        return expert
+    return expert.model_copy(update={"architecture": expert.architecture.model_copy(update={"path": str(source)})})
+
+
+def trains_on_generated(expert: ExpertSpec) -> bool:
+    return expert.training is not None and expert.training.data is None
 
 
 def trains_on_files(expert: ExpertSpec) -> bool:
@@ -82,7 +114,7 @@ def expert_parameters(expert: ExpertSpec) -> int:
 def active_parameters(spec: CoESpec) -> float:
     """Expected parameters a request runs through: sum of usage probability x parameters."""
     usage = usage_probabilities(spec)
-    return sum(usage[e.name] * expert_parameters(e) for e in spec.experts)
+    return sum(usage[e.name] * expert_parameters(resolved(spec, e)) for e in spec.experts)
 
 
 def monolithic_spec(spec: CoESpec) -> ExpertSpec:
@@ -119,12 +151,19 @@ def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats,
     meta = {
         "expert": expert.name, "fingerprint": fp, "labels": list(expert.labels),
         "input_size_px": expert.input_size_px, "num_parameters": num_parameters(model),
-        "train": stats.__dict__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "train": stats.__dict__ if stats is not None else None, "torch": torch.__version__, "transformers": transformers.__version__,
         "generator": generator.GENERATOR_VERSION, "recipe": RECIPE_VERSION,
     }
     if data is not None:  # trained on files: where from, and the images per split and label
         del meta["generator"]
         meta["data"] = {"source": str(labeled_data.data_path(spec, expert)), "images": data.counts}
+    source = pretrained_source(spec, expert)
+    if source is not None:  # brought: where from; its preprocessing goes with it (serving and profiling read it)
+        meta["pretrained"] = str(source)
+        if stats is None:
+            meta["generator"] = None
+        if (source / PREPROCESSOR_FILE).is_file():
+            shutil.copyfile(source / PREPROCESSOR_FILE, tmp / PREPROCESSOR_FILE)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +181,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
     if unknown:
         raise InvalidArgument(f"unknown experts {unknown}", field="--only", fix=f"use names from the spec: {[e.name for e in spec.experts]}")
     jobs: list[tuple[ExpertSpec, Path]] = [(e, resolve_checkpoint(e, zoo_root)) for e in targets]
-    if baseline and (only is None or BASELINE_NAME in only) and not all(trains_on_files(e) for e in spec.experts):
+    if baseline and (only is None or BASELINE_NAME in only) and any(trains_on_generated(e) for e in spec.experts):
         mono = monolithic_spec(spec)
         jobs.append((mono, zoo_root / BASELINE_DIR))
     stale = []
@@ -159,7 +198,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
 
     fps = {e.name: fingerprint(spec, e) for e, _ in stale}  # before the data is read
     files = _read_file_data(spec, [e for e, _ in stale if trains_on_files(e)], progress, log)  # raises DataError
-    generated = [e for e, _ in stale if not trains_on_files(e)]
+    generated = [e for e, _ in stale if e.training is not None and not trains_on_files(e)]
     pool_counts = dataset.train_counts(spec) if generated else {}
     needed: dict[tuple[str, str], int] = {}
     for e in generated:
@@ -171,6 +210,13 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
 
     for i, (e, ckpt) in enumerate(stale, 1):
         seed = expert_seed(spec, e.name)
+        if e.training is None and pretrained_source(spec, e) is not None:  # brought, used as is: imported
+            model = load_model(e, pretrained_source(spec, e)).to(torch.float32)
+            _save(model, spec, e, ckpt, None, fps[e.name])
+            result.trained.append(e.name)
+            log(f"[{i}/{len(stale)}] {e.name}: imported as is from {pretrained_source(spec, e)}, "
+                f"{num_parameters(model):,} parameters -> {ckpt}")
+            continue
         plan = resolve_plan(e.training)
         if trains_on_files(e):
             d = files[e.name]
@@ -184,7 +230,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
             else:
                 x, y = pool.arrays_for(dataset.expert_samples(spec, e), e.labels, counts=dataset.per_pair_counts(spec, e))
             x, y, val, weights = _generated_split(x, y, plan, seed, len(e.labels))
-        model, stats = train_classifier(e, x, y, seed=seed, device=device, progress=progress, plan=plan,
+        model, stats = train_classifier(resolved(spec, e), x, y, seed=seed, device=device, progress=progress, plan=plan,
                                         validation=val, weights=weights)
         _save(model, spec, e, ckpt, stats, fps[e.name], files.get(e.name))
         result.trained.append(e.name)

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.runtime import ExpertRuntime, Tier, sync_device
 from expertmesh.experts.spec import ExpertSpec
 from expertmesh.profiler.fit import batch_sizes_up_to, fit_linear, largest_useful_batch
@@ -90,7 +89,7 @@ def profile_expert(expert: ExpertSpec, checkpoint_dir: Path, device: str, cfg: M
         images = [rng.integers(0, 256, (cfg.source_px, cfg.source_px, 3), dtype=np.uint8) for _ in range(n)]
 
         def run() -> None:
-            rt.infer(to_pixel_values(images, expert.input_size_px))
+            rt.infer(rt.pixel_values(images))
 
         try:
             for _ in range(cfg.warmup_runs):
