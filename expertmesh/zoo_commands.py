@@ -11,10 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
 from expertmesh.errors import InvalidArgument
+from expertmesh.experts.calibration import CalibrationConfig
 from expertmesh.experts.report import evaluate, format_report, write_report
+from expertmesh.experts.spec import default_spec_path
 from expertmesh.experts.zoo import build_zoo
+from expertmesh.profiler.calibration_run import calibrate, format_result, write_json, write_spec
 from expertmesh.profiler.measure import MeasureConfig
 from expertmesh.profiler.plot import plot_profiles
 from expertmesh.profiler.run import format_profiles, measure_usage, profile_zoo
@@ -49,12 +54,6 @@ def cmd_zoo_report(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
-    import yaml
-
-    from expertmesh.experts.calibration import CalibrationConfig
-    from expertmesh.experts.calibration_run import calibrate, format_result, write_json, write_spec
-    from expertmesh.experts.spec import default_spec_path
-
     spec, zoo_root = checked_spec_and_zoo(args)
     source = Path(args.spec) if args.spec else default_spec_path()
     try:

@@ -1,6 +1,6 @@
 """Calibrating a CoE from measured scores (the Composition-of-Experts recipe). Pure policy: no torch, no models.
 
-`expertmesh zoo calibrate` (glue: `experts/calibration_run.py`) runs every expert on held-out validation images
+`expertmesh zoo calibrate` (glue: `profiler/calibration_run.py`) runs every expert on held-out validation images
 once and hands the outputs to these functions, which decide:
 
 * **Candidates** (`candidate_experts`): an expert may serve a category when its labels can judge every part of

@@ -8,6 +8,7 @@ fixes a spec in one pass. `load_spec` runs both and raises `SpecError` listing t
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from expertmesh.errors import SpecError, SpecProblem
+from expertmesh.experts.image_processing import PREPROCESSOR_FILE, read_processing
 from expertmesh.experts.training_spec import (AUGMENTATIONS, FILE_DATA_KEYS, DataSpec,  # noqa: F401 (re-exported)
                                               TrainingSpec)
 from expertmesh.home import expertmesh_home
@@ -295,10 +297,6 @@ def pretrained_source(spec: CoESpec, expert: ExpertSpec) -> Path | None:
 def _check_pretrained(spec: CoESpec, found: _Findings) -> None:
     """A pretrained expert's directory holds an HF checkpoint whose labels are the spec's (unless it is fine-tuned,
     which gives it a new head) and whose preprocessing gives the expert's input size. Nothing is downloaded."""
-    import json
-
-    from expertmesh.experts.image_processing import PREPROCESSOR_FILE, read_processing
-
     for i, e in enumerate(spec.experts):
         src = pretrained_source(spec, e)
         if src is None:

@@ -27,6 +27,7 @@ from expertmesh.experts.offline import load_runtime, predict
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT
 from expertmesh.experts.spec import CoESpec, check_spec, parse_spec
+from expertmesh.profiler.serving_profiles import default_store_path, usable_profiles
 from expertmesh.profiler.store import ProfileStore
 from expertmesh.router.plan import ExpertOutput
 
@@ -85,7 +86,6 @@ def expert_costs(spec: CoESpec, zoo_root: Path, profile: Path | None, params: di
                  warn=print) -> tuple[dict[str, float], str]:
     """Latency at batch 1 (ms, cpu entries of the profile) when every classify expert has a current entry, else
     parameters: one unit for all, so costs compare."""
-    from expertmesh.profiler.serving_profiles import default_store_path, usable_profiles
 
     path = profile or default_store_path(zoo_root)
     names = [e.name for e in spec.experts if e.task == "classify"]
