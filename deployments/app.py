@@ -29,15 +29,16 @@ from pathlib import Path
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from expertmesh.cluster import placement_store
+from expertmesh.cluster import placement_store, rollout_store
+from expertmesh.cluster.rollout import RolloutState
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT, ROUTER_DEPLOYMENT,
-                                           AppArgs, app_options, host_deployments)
+                                           AppArgs, app_options, host_deployments, with_rollout)
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.placement_controller import PlacementControllerDeployment
 from expertmesh.deployments.router import RouterDeployment
-from expertmesh.experts.spec import load_spec
+from expertmesh.experts.spec import CoESpec, load_spec, resolve_checkpoint
 
 
 SERVING_PACKAGES = ("expertmesh", "expertmesh.v1", "expertmesh.experts", "expertmesh.experts.pcb_aoi",
@@ -55,12 +56,15 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def zoo_fingerprint(zoo: str) -> str:
-    """A digest of the zoo's checkpoint files (path, size, modification time): retrained experts restart replicas."""
+def zoo_fingerprint(spec: CoESpec, zoo: str) -> str:
+    """A digest of the built spec's checkpoint files (path, size, modification time): retrained experts restart
+    replicas. Only the spec's own: a new revision's checkpoints (`expertmesh rollout`) reach running replicas as a
+    reconfigure, not a restart."""
     h = hashlib.sha256()
-    for f in sorted(Path(zoo).rglob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.relative_to(zoo)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for e in sorted(spec.experts, key=lambda e: e.name):
+        for f in sorted(resolve_checkpoint(e, Path(zoo)).rglob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{e.name}:{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -78,6 +82,11 @@ def _versioned(deployment: Deployment, options: dict, *init_args, fingerprint: s
     return deployment.options(**options).options(version=digest, _internal=True)  # Serve's own versioning hook
 
 
+def rollout_input_sizes(state: RolloutState, zoo: str) -> list[int]:
+    """Every input size the revisions a rollout serves need (their specs and checkpoints checked)."""
+    return sorted({size for path in state.known for size in load_spec(path, zoo_root=Path(zoo)).input_sizes_px})
+
+
 def build_app(args: dict | AppArgs) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     spec = load_spec(a.spec, zoo_root=Path(a.zoo))  # checkpoints must exist before any replica starts
@@ -89,7 +98,8 @@ def build_app(args: dict | AppArgs) -> Application:
                                     "executors": stored.executors or None})
     opts = app_options(spec, a, warn=log.warning)  # profile applied when current
     s = a.settings
-    versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(a.zoo))
+    opts = with_rollout(opts, rollout := rollout_store.read(), rollout_input_sizes(rollout, a.zoo))
+    versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(spec, a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
     names = host_deployments(opts[ROUTER_DEPLOYMENT]["user_config"]) or {"": HOST_DEPLOYMENT}

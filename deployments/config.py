@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray.serve.schema import ServeDeploySchema
 
 from expertmesh.cluster.labels import NODE_LABEL
+from expertmesh.cluster.rollout import RolloutState
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.spec import CoESpec
@@ -344,6 +345,22 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         o["max_surge_percent"] = s.max_surge_percent
         o["logging_config"] = {"enable_access_log": s.access_log}
     return opts
+
+
+def with_rollout(opts: dict[str, dict[str, Any]], state: RolloutState, input_sizes_px: list[int]
+                 ) -> dict[str, dict[str, Any]]:
+    """The options with a live change's revisions (`cluster.rollout`) in user_config: the hosts and the ingress get
+    every revision they must serve (`known`) and its input sizes, the router which revision each request takes."""
+    out = {}
+    for name, o in opts.items():
+        if name == ROUTER_DEPLOYMENT:
+            o = {**o, "user_config": {**o.get("user_config", {}), "rollout": state.router_config()}}
+        elif name == INGRESS_DEPLOYMENT:
+            o = {**o, "user_config": {"input_sizes_px": list(input_sizes_px)}}
+        elif name == HOST_DEPLOYMENT or name.startswith((HOST_DEPLOYMENT + "-", DEDICATED_DEPLOYMENT + "-")):
+            o = {**o, "user_config": {**o["user_config"], "revisions": list(state.known)}}
+        out[name] = o
+    return out
 
 
 def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, ExpertProfile]:

@@ -34,7 +34,8 @@ from expertmesh.deployments.memory import declared_memory_mib, device_memory_byt
 from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.deployments.pool_executor import PoolExecutor, PoolSettings
 from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
-from expertmesh.experts.spec import load_spec, resolve_checkpoint
+from expertmesh.experts.revisions import Revision, RevisionSet
+from expertmesh.experts.spec import resolve_checkpoint
 from expertmesh.metrics import instruments, node_name
 from expertmesh.router.plan import Call, ExpertOutput
 from expertmesh.router.waves import PlanInFlight, record, take_calls
@@ -49,9 +50,11 @@ class ExpertHostDeployment:
 
     def __init__(self, spec_path: str | None, zoo_root: str, torch_threads: int = 1) -> None:
         torch.set_num_threads(torch_threads)
-        self.spec = load_spec(spec_path)
+        self.revisions = RevisionSet(spec_path, zoo_root)
+        self.spec = self.revisions.base.spec
         self.runtimes = {e.name: ExpertRuntime(e, resolve_checkpoint(e, Path(zoo_root)), image_limits=self.spec.image)
                          for e in self.spec.experts}
+        self.known: frozenset[str] = frozenset()  # the revisions besides the base this host serves (user_config)
         self.metrics = instruments()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node = node_name()
@@ -81,6 +84,7 @@ class ExpertHostDeployment:
         self.pool.configure(PoolSettings(**pool), {k: int(v) for k, v in (user_config.get("max_batch") or {}).items()})
         self.residency = ResidencyConfig(device_idle_s=user_config.get("device_idle_s"),
                                          host_idle_s=user_config.get("host_idle_s"))
+        self._learn_revisions(user_config.get("revisions") or [])
         wanted = [e for e in user_config.get("experts") or [] if e in self.runtimes]
         t0 = time.perf_counter()
         for expert in self.pool.warm(wanted):
@@ -93,11 +97,38 @@ class ExpertHostDeployment:
         logger.info("host on %s holds %d experts (%d on the device), loaded and warmed in %.2f s", self.node,
                     len(wanted), sum(rt.on_device for rt in self.runtimes.values()), time.perf_counter() - t0)
 
+    def _learn_revisions(self, paths: list[str]) -> None:
+        """Serve the revisions at `paths` (spec files) besides the base: each expert version not held yet gets a
+        runtime (its weights load on first use, as any pooled expert's); versions no revision uses any more give
+        their memory back."""
+        for path in paths:
+            self._learn(self.revisions.get(path))
+        used = {e.name for path in ("", *paths) for e in self.revisions.get(path).spec.experts}
+        for key in sorted(set(self.runtimes) - used):
+            if self._busy.get(key):
+                continue  # a call still runs it; the next change frees it
+            with self._lock:
+                self.runtimes[key].unload()
+        self.known = frozenset(paths)
+
+    def _learn(self, rev: Revision) -> None:
+        for e in rev.spec.experts:
+            if e.name not in self.runtimes:
+                self.runtimes[e.name] = ExpertRuntime(e, resolve_checkpoint(e, self.revisions.zoo_root),
+                                                      image_limits=rev.spec.image)
+        self.pool.learn(rev.spec)
+
     # ------------------------------------------------------------------ the request path
-    async def run(self, images: dict[int, np.ndarray], plans: list[tuple[list[Call], list[str]]]) -> list[dict]:
+    async def run(self, images: dict[int, np.ndarray], plans: list[tuple[list[Call], list[str]]],
+                  revision: str = "") -> list[dict]:
         """Run a batch of plans: `images` holds row i of every plan at each input size ([N, S, S, 3] uint8), `plans`
-        each row's calls to make here and the experts already planned. Returns per row the calls made (trace
-        entries), the calls left for other hosts, and what is planned now."""
+        each row's calls to make here and the experts already planned, `revision` the spec revision they follow
+        ("": the built spec). Returns per row the calls made (trace entries), the calls left for other hosts, and
+        what is planned now."""
+        rev = self.revisions.get(revision)
+        if any(c.expert not in self.runtimes for calls, _ in plans for c in calls):
+            self._learn(rev)  # a router that switched before this host learnt the revision: learn it now
+        spec = rev.spec
         inflight = {i: PlanInFlight.start(calls, planned) for i, (calls, planned) in enumerate(plans)}
         sent = {c.expert for calls, _ in plans for c in calls}  # sent here: run even if not hosted (a re-route)
         traces: dict[int, list[dict]] = {i: [] for i in inflight}
@@ -106,7 +137,7 @@ class ExpertHostDeployment:
             results = await asyncio.gather(*(self._call(expert, images, items) for expert, items in groups))
             for (expert, items), rows in zip(groups, results):
                 for (i, call), (pred, info) in zip(items, rows):
-                    record(self.spec, inflight[i], call, ExpertOutput(expert, pred.label, pred.score))
+                    record(spec, inflight[i], call, ExpertOutput(expert, pred.label, pred.score))
                     traces[i].append({"latency_ms": info.latency_ms, "batch_size": info.batch_size,
                                       "readiness": info.readiness, "node_id": self.node_id,
                                       "replica_id": self.replica_id, "expert": expert, "label": pred.label,

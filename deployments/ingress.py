@@ -72,10 +72,10 @@ def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) 
     return pb.InspectResponse(
         request_id=request_id, category=result["category"], category_confidence=result["category_confidence"],
         verdict=_VERDICTS[result["verdict"]], defect=result["defect"], latency_ms=result["latency_ms"],
-        board_id=board_id, component_index=index,
+        board_id=board_id, component_index=index, coe_version=result.get("coe_version", ""),
         experts=[pb.ExpertTrace(expert=t["expert"], label=t["label"], score=t["score"], latency_ms=t["latency_ms"],
-                                reason=t["reason"], because_of=t["because_of"],
-                                node_id=t["node_id"], replica_id=t["replica_id"]) for t in result["trace"]])
+                                reason=t["reason"], because_of=t["because_of"], node_id=t["node_id"],
+                                replica_id=t["replica_id"], version=t.get("version", "")) for t in result["trace"]])
 
 
 UNAUTHENTICATED_LABEL = "unauthenticated"  # the factory label of a request whose token failed
@@ -134,6 +134,7 @@ class IngressDeployment:
                  max_in_flight_components: int = 256, limits: dict | None = None,
                  placement_controller: DeploymentHandle | None = None) -> None:
         self.spec = load_spec(spec_path)
+        self.input_sizes_px = self.spec.input_sizes_px  # every revision's (reconfigure: a live change adds sizes)
         self.tokens = ReloadingTokens(tokens_file, on_error=logger.error)  # rotated tokens apply without a restart
         self.router = router
         self.placement_controller = placement_controller  # the in-cluster controller, when the app runs one
@@ -146,6 +147,10 @@ class IngressDeployment:
         self._batcher = Batcher(self._route, max_size=int(batch.get("max_size", 64)),
                                 wait_s=float(batch.get("wait_s", 0.005)), max_in_flight=MAX_CONCURRENT_BATCHES)
         self.metrics = instruments()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The input sizes every served revision needs (`expertmesh rollout`): learnt before any router uses them."""
+        self.input_sizes_px = tuple(sorted({*self.spec.input_sizes_px, *(user_config.get("input_sizes_px") or ())}))
 
     def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None) -> None:
         """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids; a failed
@@ -191,7 +196,7 @@ class IngressDeployment:
         """Decode and resize to every expert input size, on the decode threads (never on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(
             self._decoder, lambda: resize_for(decode_image(image, self.spec.image, field=field),
-                                              self.spec.input_sizes_px))
+                                              self.input_sizes_px))
 
     async def _inspect(self, authorization: str | None, request_id: str, factory_id: str, station_id: str,
                        image: bytes, component_hint: str, metadata, timeout_header: str | None) -> tuple[str, dict]:
@@ -221,7 +226,8 @@ class IngressDeployment:
         """Concurrent requests -> one router call: each input size stacked into one array [N, S, S, 3]; each request
         carries the budget it has left, and the call lasts at most as long as the latest of them."""
         metas = [{**meta, "budget_s": deadline.for_next_hop()} for _, meta, deadline in items]
-        images = {size: np.stack([sized[size] for sized, _, _ in items]) for size in items[0][0]}
+        common = set.intersection(*(set(sized) for sized, _, _ in items))  # a live change may add a size mid-batch
+        images = {size: np.stack([sized[size] for sized, _, _ in items]) for size in sorted(common)}
         timeout_s = max(m["budget_s"] for m in metas)
         try:  # a router replica lost mid-call (its node went away) is retried with backoff within the deadline
             return await call_with_deadline(
@@ -415,8 +421,9 @@ class IngressDeployment:
             self._record("http", factory_id, t0, "OK", result["verdict"])
             return JSONResponse({"request_id": rid, **{k: result[k] for k in (
                 "category", "category_confidence", "verdict", "defect", "latency_ms")},
+                "coe_version": result.get("coe_version", ""),
                 "experts": [{k: t.get(k, "") for k in ("expert", "label", "score", "latency_ms", "reason", "because_of",
-                                                          "node_id", "replica_id")} for t in result["trace"]]})
+                                                          "node_id", "replica_id", "version")} for t in result["trace"]]})
         except ExpertMeshError as err:
             self._record("http", factory_id, t0, err.code.value)
             return JSONResponse({"error": err.to_dict(), "request_id": rid}, status_code=err.http_status)

@@ -33,6 +33,7 @@ from expertmesh.experts.arrange import ArrangePolicy, next_batch
 from expertmesh.experts.eviction import EvictionPolicy, ResidentExpert
 from expertmesh.experts.pool import split_batches
 from expertmesh.experts.prefetch import prefetch
+from expertmesh.experts.revisions import plain_name
 from expertmesh.experts.runtime import ExpertRuntime, Prediction, TierMove
 from expertmesh.experts.spec import CoESpec
 from expertmesh.experts.tiering import HostCopy, PoolSnapshot, make_room
@@ -78,12 +79,10 @@ class PoolExecutor:
         self.spec, self.runtimes, self.metrics, self.node = spec, runtimes, metrics, node
         self._worker, self._lock, self._on_moves, self._clock = worker, lock, on_moves, clock
         self.settings = PoolSettings()
-        self.max_batch: dict[str, int] = {e.name: e.max_batch for e in spec.experts}
+        self.max_batch: dict[str, int] = {}
         self._upstreams: dict[str, set[str]] = defaultdict(set)
         self._downstream: dict[str, dict[str, float]] = defaultdict(dict)
-        for d in spec.dependencies:
-            self._upstreams[d.downstream].add(d.upstream)
-            self._downstream[d.upstream][d.downstream] = d.trigger_probability if d.trigger_probability is not None else 0.5
+        self.learn(spec)
         self._queue: dict[str, list[_Call]] = defaultdict(list)
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -94,6 +93,15 @@ class PoolExecutor:
         self.reset_stats()
 
     # ------------------------------------------------------------------ configuration and stats
+    def learn(self, spec: CoESpec) -> None:
+        """Take a (keyed) revision's experts and dependency edges: another version of an expert batches as the expert
+        does (its profiled size), a new expert as its spec says."""
+        for e in spec.experts:
+            self.max_batch.setdefault(e.name, self.max_batch.get(plain_name(e.name), e.max_batch))
+        for d in spec.dependencies:
+            self._upstreams[d.downstream].add(d.upstream)
+            self._downstream[d.upstream][d.downstream] = d.trigger_probability if d.trigger_probability is not None else 0.5
+
     def configure(self, settings: PoolSettings, max_batch: dict[str, int]) -> None:
         self.settings = settings
         self.max_batch.update(max_batch)

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -31,8 +30,11 @@ from expertmesh.deployments.config import APP_NAME, DEDICATED_DEPLOYMENT, host_d
 from expertmesh.deployments.deadline import Deadline, ReplicaLost, call_with_deadline, exceeded
 from expertmesh.errors import ExpertMeshError, Unavailable
 from expertmesh.experts.runtime import ExpertRuntime
-from expertmesh.experts.spec import load_spec, resolve_checkpoint
+from expertmesh.experts.revisions import Revision, RevisionSet, plain_name
+from expertmesh.experts.spec import resolve_checkpoint
 from expertmesh.metrics import instruments, node_name
+from expertmesh.cluster.rollout import RolloutState
+from expertmesh.router.canary import CanarySplitter, agreement
 from expertmesh.router.locality import host_for
 from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route
 from expertmesh.router.waves import PlanInFlight, merge
@@ -56,11 +58,12 @@ class RouterDeployment:
     def __init__(self, spec_path: str | None, zoo_root: str, hosts: dict[str, DeploymentHandle],
                  host_timeout_s: float = 30.0, torch_threads: int = 1) -> None:
         torch.set_num_threads(torch_threads)
-        self.spec = load_spec(spec_path)
-        e = self.spec.router_expert
-        self.classifier = ExpertRuntime(e, resolve_checkpoint(e, Path(zoo_root)), image_limits=self.spec.image)
-        self.classifier.load()
-        self._classify(np.zeros((1, e.input_size_px, e.input_size_px, 3), np.uint8))  # warm-up before ready
+        self.revisions = RevisionSet(spec_path, zoo_root)
+        self.spec = self.revisions.base.spec
+        self.classifiers: dict[str, ExpertRuntime] = {}  # serving key -> the classifier (revisions may share one)
+        self.classifier = self._classifier_of(self.revisions.base)
+        self.rollout: dict = RolloutState().router_config()  # which revision each request takes (reconfigure)
+        self._splitter = CanarySplitter()
         self.hosts = dict(hosts)  # host key (a pool's node, or a dedicated deployment's name) -> handle
         self.homes: dict[str, str] = {}
         self.dedicated: dict[str, dict[str, str]] = {}  # expert -> node -> its own deployment (a host key)
@@ -72,7 +75,7 @@ class RouterDeployment:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node = node_name()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._in_flight: dict[str, int] = {x.name: 0 for x in self.spec.experts}
+        self._in_flight: Counter[str] = Counter({x.name: 0 for x in self.spec.experts})
         self._lost: dict[str, float] = {}  # pinned hosts seen dying -> when (monotonic s)
         self._alive: frozenset[str] | None = None  # planned nodes seen alive (None: not known yet)
         self._stop = threading.Event()  # set when Serve shuts the replica down: ends the background threads
@@ -86,6 +89,11 @@ class RouterDeployment:
     def reconfigure(self, routing: dict) -> None:
         """Apply a placement: each expert's home node, and the hosts of the planned nodes (handles by deployment
         name: a host that is still deploying takes calls once it is up)."""
+        if "rollout" in routing:  # a live change: load the revisions (and their classifiers) before switching to them
+            rollout = dict(routing["rollout"])
+            for path in (rollout["stable"], (rollout.get("canary") or {}).get("spec", "")):
+                self._classifier_of(self.revisions.get(path))
+            self.rollout = rollout
         self.homes = dict(routing.get("homes") or {})
         self.dedicated = {e: dict(own) for e, own in (routing.get("dedicated") or {}).items()}
         self.held_on = {e: frozenset(nodes) for e, nodes in (routing.get("held_on") or {}).items()}
@@ -128,43 +136,98 @@ class RouterDeployment:
         node = self._node_of.get(host, host)
         return host in self.hosts and (self._alive is None or node in self._alive)
 
+    def _classifier_of(self, rev: Revision) -> ExpertRuntime:
+        """The revision's classifier, loaded and warmed the first time (revisions with the same one share it)."""
+        e = rev.spec.router_expert
+        if e.name not in self.classifiers:
+            rt = ExpertRuntime(e, resolve_checkpoint(e, self.revisions.zoo_root), image_limits=rev.spec.image)
+            rt.load()
+            rt.infer(rt.pixel_values(np.zeros((1, e.input_size_px, e.input_size_px, 3), np.uint8)))  # warm-up
+            self.classifiers[e.name] = rt
+        return self.classifiers[e.name]
+
     # ------------------------------------------------------------------ step 1
-    def _classify(self, images_u8: np.ndarray) -> list:
-        return self.classifier.infer(self.classifier.pixel_values(images_u8))
+    @staticmethod
+    def _classify(classifier: ExpertRuntime, images_u8: np.ndarray) -> list:
+        return classifier.infer(classifier.pixel_values(images_u8))
 
     async def inspect_batch(self, images: dict[int, np.ndarray], metas: list[dict]) -> list[dict | ExpertMeshError]:
         """A batch of decoded requests (`images`: every input size, [N, S, S, 3] uint8) -> per request its result,
         or the error that ended it (the others still answer). A request's `budget_s` (what its deadline leaves) bounds
-        its expert calls: once it passes, the request gets DEADLINE_EXCEEDED and no further calls."""
+        its expert calls: once it passes, the request gets DEADLINE_EXCEEDED and no further calls.
+
+        Each request takes the stable revision, or the canary's when the canary's share of its factory picks it
+        (`router.canary`); a canary request runs on the stable revision too, and the two answers' agreement is
+        counted. Every revision's rows run together: classify, route, plans across the hosts."""
         t0 = time.perf_counter()
         fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
         deadlines = [Deadline(fallback_s if m.get("budget_s") is None else float(m["budget_s"])) for m in metas]
         metas = [{k: v for k, v in m.items() if k != "budget_s"} for m in metas]
-        size = self.classifier.spec.input_size_px
-        preds = await asyncio.to_thread(self._classify, images[size])
-        step1_ms = (time.perf_counter() - t0) * 1000.0
-        first = {"expert": self.classifier.name, "reason": "router", "because_of": "", "latency_ms": step1_ms,
-                 "batch_size": len(preds), "readiness": "ready", "node_id": self.node_id, "replica_id": self.replica_id}
-        routes = [route(self.spec, p.label, p.score, RequestMeta(**meta)) for p, meta in zip(preds, metas)]
-        self._record_routes(routes, len(preds), time.perf_counter() - t0)
-        plans = {i: PlanInFlight.start(r.calls) for i, r in enumerate(routes)}
-        traces: dict[int, list[dict]] = {i: [] for i in plans}
-        failed: dict[int, ExpertMeshError] = {}
-        await self._run_plans(images, plans, traces, failed, deadlines)
-        out: list[dict | ExpertMeshError] = []
-        for i, (r, p) in enumerate(zip(routes, preds)):
-            if i in failed:
-                out.append(failed[i])
-                continue
-            outcome = aggregate(self.spec, [ExpertOutput(t["expert"], t["label"], t["score"]) for t in traces[i]])
-            out.append({"category": r.category, "category_confidence": r.confidence, "fallback": r.fallback,
-                        "rules": list(r.rules), "verdict": outcome.verdict.value, "defect": outcome.defect,
-                        "trace": [{**first, "label": p.label, "score": p.score}] + traces[i],
-                        "latency_ms": (time.perf_counter() - t0) * 1000.0, "decided_by": outcome.decided_by or ""})
+        rollout = self.rollout
+        picks = [self._splitter.assign(m.get("factory_id", ""), rollout["stable"], rollout.get("canary")) for m in metas]
+        rows: dict[str, list[int]] = defaultdict(list)  # revision -> the rows it runs (its answers and its shadows)
+        for i, pick in enumerate(picks):
+            rows[pick.revision].append(i)
+            if pick.shadow is not None:
+                rows[pick.shadow].append(i)
+        revisions = [self.revisions.get(path) for path in rows]
+        done = await asyncio.gather(*(self._inspect_rows(rev, rows[rev.path], images, metas, deadlines, t0)
+                                      for rev in revisions))
+        results = {rev.path: r for rev, r in zip(revisions, done)}
+        out = [results[pick.revision][i] for i, pick in enumerate(picks)]
+        self._record_rollout(picks, results, out)
         return out
 
+    async def _inspect_rows(self, rev: Revision, rows: list[int], images: dict[int, np.ndarray], metas: list[dict],
+                            deadlines: list[Deadline], t0: float) -> dict[int, dict | ExpertMeshError]:
+        """One revision's share of a batch (`rows` of it) -> row -> its result or error."""
+        spec, classifier = rev.spec, self._classifier_of(rev)
+        everything = len(rows) == len(metas)
+        index = np.asarray(rows, dtype=np.int64)
+        sub = images if everything else {size: arr[index] for size, arr in images.items()}
+        preds = await asyncio.to_thread(self._classify, classifier, sub[classifier.spec.input_size_px])
+        step1_ms = (time.perf_counter() - t0) * 1000.0
+        first = {"expert": classifier.name, "reason": "router", "because_of": "", "latency_ms": step1_ms,
+                 "batch_size": len(preds), "readiness": "ready", "node_id": self.node_id, "replica_id": self.replica_id}
+        routes = [route(spec, p.label, p.score, RequestMeta(**metas[i])) for p, i in zip(preds, rows)]
+        self._record_routes(classifier.name, routes, len(preds), time.perf_counter() - t0)
+        plans = {k: PlanInFlight.start(r.calls) for k, r in enumerate(routes)}
+        traces: dict[int, list[dict]] = {k: [] for k in plans}
+        failed: dict[int, ExpertMeshError] = {}
+        await self._run_plans(rev, sub, plans, traces, failed, [deadlines[i] for i in rows])
+        out: dict[int, dict | ExpertMeshError] = {}
+        for k, (i, r, p) in enumerate(zip(rows, routes, preds)):
+            if k in failed:
+                out[i] = failed[k]
+                continue
+            outcome = aggregate(spec, [ExpertOutput(t["expert"], t["label"], t["score"]) for t in traces[k]])
+            trace = [{**first, "label": p.label, "score": p.score}] + traces[k]
+            out[i] = {"category": r.category, "category_confidence": r.confidence, "fallback": r.fallback,
+                      "rules": list(r.rules), "verdict": outcome.verdict.value, "defect": outcome.defect,
+                      "trace": [{**t, "expert": plain_name(t["expert"]), "version": rev.versions.get(t["expert"], "")}
+                                for t in trace],
+                      "latency_ms": (time.perf_counter() - t0) * 1000.0,
+                      "decided_by": plain_name(outcome.decided_by or ""), "coe_version": rev.label}
+        return out
+
+    def _record_rollout(self, picks: list, results: dict[str, dict], answers: list) -> None:
+        """Requests by the revision that answered, and each canary answer's agreement with its stable shadow."""
+        counts: Counter[tuple[str, str]] = Counter()
+        agreements: Counter[tuple[str, str, str]] = Counter()
+        for i, pick in enumerate(picks):
+            label = self.revisions.get(pick.revision).label
+            counts[(label, "canary" if pick.shadow is not None else "stable")] += 1
+            if pick.shadow is not None:
+                stable = self.revisions.get(pick.shadow).label
+                agreements[(label, stable, agreement(results[pick.shadow][i], answers[i]))] += 1
+        for (label, role), n in counts.items():
+            self.metrics.inc("expertmesh_rollout_requests_total", n, coe_version=label, role=role)
+        for (canary, stable, outcome), n in agreements.items():
+            self.metrics.inc("expertmesh_canary_comparisons_total", n, canary=canary, stable=stable, outcome=outcome,
+                             rollout=str(self.rollout.get("revision", 0)))
+
     # ------------------------------------------------------------------ step 2
-    async def _run_plans(self, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
+    async def _run_plans(self, rev: Revision, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
                          traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError],
                          deadlines: list[Deadline]) -> None:
         near: dict[int, str] = {}  # row -> the node whose host answered it last (its pending calls stay there if they can)
@@ -179,8 +242,10 @@ class RouterDeployment:
                 if i in failed:
                     continue
                 for call in plan.pending:
-                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost, self.dedicated,
-                                    near.get(i), self.held_on.get(call.expert, ()))
+                    name = plain_name(call.expert)  # another version of an expert goes where the plan put the expert
+                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost,
+                                    self.dedicated if name == call.expert else None, near.get(i),
+                                    self.held_on.get(name, ()), home=self.homes.get(name))
                     if host is None:
                         failed[i] = Unavailable(f"no expert host is available for expert {call.expert!r}",
                                                 fix="retry later; the cluster is re-placing the experts of lost nodes")
@@ -189,14 +254,14 @@ class RouterDeployment:
                 plan.pending = []
             if not by_host:
                 return
-            await asyncio.gather(*(self._send(host, rows, images, plans, traces, failed, near, deadlines)
+            await asyncio.gather(*(self._send(rev.path, host, rows, images, plans, traces, failed, near, deadlines)
                                    for host, rows in by_host.items()))
         for i, plan in plans.items():
             if plan.pending and i not in failed:
                 failed[i] = Unavailable(f"the plan crossed hosts more than {MAX_HOST_ROUNDS} times",
                                         fix="check the spec's dependencies and the placement")
 
-    async def _send(self, host: str, rows: dict[int, list[Call]], images: dict[int, np.ndarray],
+    async def _send(self, revision: str, host: str, rows: dict[int, list[Call]], images: dict[int, np.ndarray],
                     plans: dict[int, PlanInFlight], traces: dict[int, list[dict]],
                     failed: dict[int, ExpertMeshError], near: dict[int, str], deadlines: list[Deadline]) -> None:
         """One call to one host with every row it needs, bounded by the host timeout or the latest deadline among the
@@ -216,7 +281,7 @@ class RouterDeployment:
         call = None
         try:  # a pinned host's loss sends its rows to a survivor at once; the single host is retried (Serve replaces it)
             call = asyncio.ensure_future(call_with_deadline(
-                lambda: handle.run.remote(sub, [(rows[k], sorted(plans[k].planned)) for k in keys]),
+                lambda: handle.run.remote(sub, [(rows[k], sorted(plans[k].planned)) for k in keys], revision),
                 timeout_s, what, retries_on_loss=0 if host else 4, on_timeout=on_timeout,
                 timeout_fix="retry later; if it persists, check the expert hosts",
                 full_fix="retry later with backoff; the expert hosts are overloaded",
@@ -253,11 +318,11 @@ class RouterDeployment:
                      ExpertOutput(t["expert"], t["label"], t["score"])) for t in answer["trace"]]
             merge(plans[k], done, answer["pending"], answer["planned"])
 
-    def _record_routes(self, routes: list, num_requests: int, seconds: float) -> None:
+    def _record_routes(self, classifier: str, routes: list, num_requests: int, seconds: float) -> None:
         m = self.metrics
         m.observe("expertmesh_route_latency_seconds", seconds)
-        m.inc("expertmesh_expert_invocations_total", num_requests, expert=self.classifier.name, reason="router")
-        m.inc("expertmesh_expert_requests_total", num_requests, expert=self.classifier.name, readiness="ready")
+        m.inc("expertmesh_expert_invocations_total", num_requests, expert=classifier, reason="router")
+        m.inc("expertmesh_expert_requests_total", num_requests, expert=classifier, readiness="ready")
         counts: dict[tuple[str, str], int] = defaultdict(int)
         for r in routes:
             counts[("expertmesh_router_decisions_total", r.category)] += 1

@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ApplicationStatus
 
+from expertmesh.cluster import rollout_store
 from expertmesh.cluster.connect import is_loopback, keep_ray_on_loopback
 from expertmesh.deployments.app import build_app
 from expertmesh.deployments.config import APP_NAME, AppArgs, deployment_options, proxy_env, proxy_options
@@ -62,7 +63,14 @@ def start(args: AppArgs, address: str | None = None, metrics_port: int = 8080) -
     serve.start(proxy_location="HeadOnly" if not address or is_loopback(address) else "EveryNode",
                 http_options=proxies["http_options"], grpc_options=gRPCOptions(**proxies["grpc_options"]),
                 logging_config=proxies["logging_config"])
+    rollout_store.clear()  # a fresh deploy serves the spec it is given, whatever a rollout served before
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    rollout_store.write_app_args(args.model_dump(mode="json"))  # what `expertmesh rollout` rebuilds the app from
+
+
+def ray_address() -> str:
+    """The address of the Ray cluster this process is connected to (what `--address` takes)."""
+    return ray.get_runtime_context().gcs_address
 
 
 def redeploy(args: AppArgs, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
@@ -71,6 +79,7 @@ def redeploy(args: AppArgs, timeout_s: float = 300.0, poll_s: float = 0.5) -> No
     Submits without blocking, then waits for RUNNING itself: during a node loss a replica that dies mid-update
     makes Serve report DEPLOY_FAILED for a moment while it replaces it, which `serve.run` would take as final."""
     serve._run(build_app(args), name=APP_NAME, route_prefix="/", _blocking=False)  # serve.run minus the strict wait
+    rollout_store.write_app_args(args.model_dump(mode="json"))  # a re-plan's placement is what a rollout keeps
     deadline = time.monotonic() + timeout_s
     status = None
     while time.monotonic() < deadline:

@@ -143,6 +143,17 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-prometheus", action="store_true", help="do not start a local Prometheus")
     serve.set_defaults(func=loaded_on_use("expertmesh.serve_command", "cmd_serve"))
 
+    roll = sub.add_parser("rollout", help="change the experts of a running app with no failed request: update, "
+                                          "canary, promote, rollback, status")
+    roll.add_argument("action", choices=("status", "update", "canary", "promote", "rollback"),
+                      help="status | update SPEC | canary SPEC --factory F [--share X] | promote | rollback")
+    roll.add_argument("spec", nargs="?", help="the new revision's spec file (update, canary)")
+    roll.add_argument("--address", default="local", help="the Ray cluster: HOST:PORT as `expertmesh serve` printed "
+                                                         "it, or `local` (the one `expertmesh up` started)")
+    roll.add_argument("--factory", help="canary: the factory whose requests it answers a share of")
+    roll.add_argument("--share", type=float, default=0.1, help="canary: that share, in (0, 1] (default 0.1)")
+    roll.set_defaults(func=loaded_on_use("expertmesh.rollout_command", "cmd_rollout"))
+
     dash = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (the shipped one is this output)")
     dash.add_argument("--out", help="file to write (default: stdout)")
     dash.set_defaults(func=cmd_dashboard)

@@ -58,6 +58,13 @@ METRICS: tuple[MetricDef, ...] = (
               "Expert calls made (the classifier's by the router, the rest by the expert hosts), by expert and reason "
               "(router, table, rule, dependency, fallback)",
               ("expert", "reason")),
+    MetricDef("expertmesh_rollout_requests_total", "counter",
+              "Requests answered, by the spec revision that answered (coe_version: <spec name>@<spec version>) and "
+              "role (stable; canary: the canary's share of its factory)", ("coe_version", "role")),
+    MetricDef("expertmesh_canary_comparisons_total", "counter",
+              "Canary answers compared with the stable revision's answer to the same image, by canary and stable "
+              "revision, the rollout's revision number and outcome (agree: same verdict and defect; disagree; failed: "
+              "either ended in an error)", ("canary", "stable", "rollout", "outcome")),
     MetricDef("expertmesh_route_latency_seconds", "histogram", "Router step 1 (classify) and the plan",
               (), LATENCY_BUCKETS_S),
     MetricDef("expertmesh_expert_latency_seconds", "histogram",

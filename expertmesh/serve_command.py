@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until a signal, --duration, or the end of the station run (--stop-after-station). Exit 1 when the
     station run failed (a request failed, or none was answered)."""
     spec, zoo_root = spec_and_zoo(args)
-    args.address = _cluster_address(args.address)
+    args.address = cluster_address(args.address)
     tokens = tokens_file(args)
     app = app_args(args, zoo_root, tokens)
     if args.replan and not (args.address and app.placement):
@@ -44,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prometheus = controller = report = None
     try:
         runner.start(app, args.address, metrics_port=args.metrics_port)
-        print(f"serving after {time.perf_counter() - t0:.1f} s:")
+        print(f"serving after {time.perf_counter() - t0:.1f} s (Ray at {runner.ray_address()}: "
+              f"`expertmesh rollout status --address {runner.ray_address()}`):")
         for line in runner.endpoints(app):
             print(f"  {line}")
         print(f"  tokens: {tokens} (send `authorization: Bearer <token>`)", flush=True)
@@ -68,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 1 if report is not None and report.failure() else 0
 
 
-def _cluster_address(address: str | None) -> str | None:
+def cluster_address(address: str | None) -> str | None:
     """--address as given; `local`: the cluster `expertmesh up` started."""
     if address != "local":
         return address

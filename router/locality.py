@@ -19,11 +19,12 @@ from collections.abc import Collection
 
 def host_for(expert: str, homes: dict[str, str], hosts: Collection[str], alive: Collection[str] | None = None,
              lost: Collection[str] = (), dedicated: dict[str, dict[str, str]] | None = None,
-             near: str | None = None, held_on: Collection[str] = ()) -> str | None:
+             near: str | None = None, held_on: Collection[str] = (), home: str | None = None) -> str | None:
     """The host key that runs `expert`'s calls: its own deployment (`dedicated`: expert -> node -> key) on `near`
     (the node where the call's upstream ran), its home node, else another live node; else a pool (`hosts`: a node, or
     "" for the single unpinned host): `near`'s when the plan holds the expert there too (`held_on`), else its home's.
-    None when no host is usable (every planned node is lost: the caller fails the call as UNAVAILABLE)."""
+    None when no host is usable (every planned node is lost: the caller fails the call as UNAVAILABLE). `home`: the
+    node to use when `homes` has none for `expert` (another version of a planned expert goes to the expert's home)."""
     own = (dedicated or {}).get(expert) or {}
     for node in sorted(own, key=lambda n: (n != near, n != homes.get(expert), n)):
         if own[node] not in lost and (alive is None or node in alive):
@@ -33,7 +34,7 @@ def host_for(expert: str, homes: dict[str, str], hosts: Collection[str], alive: 
         return node in hosts and node not in lost and (alive is None or node == "" or node in alive)
     if near is not None and near in held_on and usable(near):
         return near  # a dependent call stays on its upstream's node when the plan put a replica there
-    home = homes.get(expert, "")
+    home = homes.get(expert, home or "")
     if usable(home):
         return home
     candidates = sorted(n for n in hosts if usable(n))

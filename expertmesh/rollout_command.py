@@ -1,0 +1,169 @@
+"""`expertmesh rollout`: change the experts of a running app while stations send traffic (glue over cluster.rollout).
+
+`update SPEC` serves a new revision of the spec (an expert added, removed or given a new checkpoint, a new table or
+rules) to every request; `canary SPEC --factory F --share X` to a share of one factory's requests, each of which
+also runs on the stable revision so `status` can report how often the two agreed; `promote` makes the canary
+stable; `rollback` ends a canary, or returns to the previous stable revision. Each change is applied in the two
+steps `cluster.rollout` plans, through Serve's imperative API (`runner.redeploy`): the replicas are reconfigured in
+place, none restarts, and no request fails. The state lives in Ray's GCS (`cluster.rollout_store`), beside the
+app's build arguments, which `expertmesh serve` stores when it deploys the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+from expertmesh.cluster import rollout, rollout_store
+from expertmesh.cluster.prometheus import scrape_targets
+from expertmesh.cluster.rollout import RolloutRefused, RolloutState
+from expertmesh.deployments import runner
+from expertmesh.deployments.auth import TokenTable
+from expertmesh.deployments.config import AppArgs
+from expertmesh.errors import FailedPrecondition, InvalidArgument
+from expertmesh.experts.revisions import revision_label
+from expertmesh.experts.spec import load_spec
+from expertmesh.metrics import EXPORTED_PREFIX
+from expertmesh.serve_command import cluster_address
+
+ACTIONS = ("status", "update", "canary", "promote", "rollback")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    address = cluster_address(args.address)
+    if not address:
+        raise InvalidArgument("--address is required", field="--address",
+                              fix="pass the Ray address `expertmesh serve` printed (HOST:PORT), or `local` for the "
+                                  "cluster `expertmesh up` started")
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        app = running_app()
+        state = rollout_store.read()
+        if args.action == "status":
+            print(describe(state, app))
+            print(format_comparisons(read_comparisons(), state))
+            return 0
+        steps = plan_steps(args, state, app)
+        new = apply(app, steps, log=lambda m: print(m, flush=True))
+        print(describe(new, app))
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def running_app() -> AppArgs:
+    """The build arguments `expertmesh serve` stored for the running app."""
+    stored = rollout_store.read_app_args()
+    if stored is None:
+        raise FailedPrecondition("no ExpertMesh app deployed by `expertmesh serve` runs on this cluster",
+                                 field="--address", fix="deploy one with `expertmesh serve` and pass its Ray address")
+    return AppArgs.model_validate(stored)
+
+
+def spec_path(path: str, app: AppArgs) -> str:
+    """A revision's spec file, absolute, loaded and checked against the app's zoo (every checkpoint present)."""
+    p = Path(path).expanduser().resolve()
+    load_spec(p, zoo_root=Path(app.zoo))  # a SpecError names every problem, before anything changes
+    return str(p)
+
+
+def plan_steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> list[RolloutState]:
+    try:
+        if args.action == "update":
+            return rollout.update(state, spec_path(_needs_spec(args), app))
+        if args.action == "canary":
+            if not args.factory:
+                raise InvalidArgument("`rollout canary` needs --factory", field="--factory",
+                                      fix="name the factory whose requests the canary takes a share of")
+            if not 0 < args.share <= 1:
+                raise InvalidArgument(f"--share {args.share} is not in (0, 1]", field="--share",
+                                      fix="give the canary's share of the factory's requests, e.g. 0.1")
+            factories = TokenTable.load(app.tokens_file).factories
+            if args.factory not in factories:
+                raise InvalidArgument(f"factory {args.factory!r} is not in the tokens file", field="--factory",
+                                      fix=f"use one of: {', '.join(sorted(factories))}")
+            return rollout.start_canary(state, spec_path(_needs_spec(args), app), args.factory, args.share)
+        if args.action == "promote":
+            return rollout.promote(state)
+        return rollout.rollback(state)
+    except RolloutRefused as exc:
+        raise FailedPrecondition(str(exc), field=args.action, fix="see `expertmesh rollout status`") from None
+
+
+def _needs_spec(args: argparse.Namespace) -> str:
+    if not args.spec:
+        raise InvalidArgument(f"`rollout {args.action}` needs the new revision's spec file", field="SPEC",
+                              fix=f"expertmesh rollout {args.action} path/to/spec-v2.yaml")
+    return args.spec
+
+
+def apply(app: AppArgs, steps: list[RolloutState], log: Callable[[str], None] = print,
+          timeout_s: float = 300.0) -> RolloutState:
+    """Apply each step (store it, redeploy the app, wait until it runs); on a failed step, restore the state before the
+    change. Returns the final state."""
+    before = rollout_store.read()
+    try:
+        for i, step in enumerate(steps, 1):
+            t0 = time.perf_counter()
+            rollout_store.write(step)
+            runner.redeploy(app, timeout_s=timeout_s)
+            what = "hosts and ingress learnt the revisions" if i < len(steps) else "router switched"
+            log(f"step {i}/{len(steps)}: {what} ({time.perf_counter() - t0:.1f} s)")
+    except Exception:
+        rollout_store.write(before)
+        runner.redeploy(app, timeout_s=timeout_s)
+        raise
+    return steps[-1]
+
+
+def _label(path: str, app: AppArgs) -> str:
+    spec = load_spec(path or app.spec)
+    return f"{revision_label(spec)} ({path or 'built with the app: ' + (app.spec or 'the embedded spec')})"
+
+
+def describe(state: RolloutState, app: AppArgs) -> str:
+    lines = [f"rollout revision {state.revision}" + (f": {state.note}" if state.note else " (the app as deployed)"),
+             f"  stable:   {_label(state.stable, app)}"]
+    if state.canary is not None:
+        lines.append(f"  canary:   {_label(state.canary.spec, app)}, {state.canary.share:.0%} of "
+                     f"{state.canary.factory}'s requests")
+    if state.previous is not None:
+        lines.append(f"  previous: {_label(state.previous, app)} (`expertmesh rollout rollback` returns to it)")
+    return "\n".join(lines)
+
+
+def read_comparisons(timeout_s: float = 5.0) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(canary, stable, rollout revision) -> outcome -> count, summed over every node's metrics endpoint."""
+    name = EXPORTED_PREFIX + "expertmesh_canary_comparisons_total"
+    out: dict[tuple[str, str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for target in scrape_targets():
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=timeout_s) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name:
+                    key = (s.labels.get("canary", ""), s.labels.get("stable", ""), s.labels.get("rollout", ""))
+                    out[key][s.labels.get("outcome", "")] += float(s.value)
+    return out
+
+
+def format_comparisons(found: dict[tuple[str, str, str], dict[str, float]], state: RolloutState) -> str:
+    if not found:
+        return "canary agreement: no canary answers counted yet (Ray reports metrics every few seconds)"
+    lines = ["canary agreement (each canary answer against the stable revision's answer to the same image):",
+             f"  {'canary':<22}{'stable':<22}{'rollout':>8}{'answers':>9}{'agree':>8}{'disagree':>10}{'failed':>8}"
+             f"{'agreement':>11}"]
+    for (canary, stable, rev), n in sorted(found.items(), key=lambda kv: -int(kv[0][2] or 0)):
+        total = sum(n.values())
+        share = n.get("agree", 0.0) / total if total else 0.0
+        current = " (current)" if rev == str(state.revision) and state.canary is not None else ""
+        lines.append(f"  {canary:<22}{stable:<22}{rev:>8}{total:>9.0f}{n.get('agree', 0):>8.0f}"
+                     f"{n.get('disagree', 0):>10.0f}{n.get('failed', 0):>8.0f}{share:>10.1%}{current}")
+    return "\n".join(lines)
