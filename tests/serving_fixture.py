@@ -25,6 +25,7 @@ class Serving:
     zoo: Path
     metrics_port: int
     ray_temp_dir: Path  # Ray's session files: logs/serve/ holds every replica's log
+    app_args: object = None  # the AppArgs deployed (what a rollout or a redeploy rebuilds the app from)
 
     @property
     def tokens_file(self) -> Path:
@@ -43,6 +44,7 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    from expertmesh.cluster import rollout_store
     from expertmesh.deployments.app import build_app
     from expertmesh.deployments.auth import write_dev_tokens
     from expertmesh.deployments.config import APP_NAME, GRPC_SERVICER, AppArgs, ServeSettings, proxy_env
@@ -71,8 +73,9 @@ def start_serving(spec_data: dict, zoo: Path, workdir: Path) -> Serving:
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
     args = AppArgs(spec=str(spec_path), zoo=str(zoo), tokens_file=str(workdir / "tokens.yaml"), settings=settings)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    rollout_store.write_app_args(args.model_dump(mode="json"))  # as `expertmesh serve` does
     return Serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", tokens, spec_path, zoo, metrics_port,
-                   Path(ray_temp_dir))
+                   Path(ray_temp_dir), args)
 
 
 def stop_serving() -> None:
