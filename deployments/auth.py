@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from expertmesh.deployments.quotas import FactoryQuota, QuotaTable
+from expertmesh.deployments.tenancy import CoETable, resolve
 from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 TOKENS_ENV = "EXPERTMESH_TOKENS_FILE"
@@ -29,6 +30,7 @@ class TokenTable:
 
     factories_by_token: dict[str, str]
     quotas: QuotaTable = QuotaTable()
+    coes: CoETable = CoETable()
 
     @classmethod
     def load(cls, path: str | Path) -> TokenTable:
@@ -44,12 +46,13 @@ class TokenTable:
         if not isinstance(data, dict) or not data:
             raise InvalidArgument(f"tokens file {str(path)!r} holds no `token: factory_id` lines", field="tokens_file",
                                   fix="add at least one line such as `s3cr3t-token: factory-a`")
-        quotas = QuotaTable()
-        if isinstance(data.get("tokens"), dict):  # the sectioned form: tokens and quotas
-            unknown = set(data) - {"tokens", "quotas"}
+        quotas, coes = QuotaTable(), CoETable()
+        if isinstance(data.get("tokens"), dict):  # the sectioned form: tokens, quotas and CoEs
+            unknown = set(data) - {"tokens", "quotas", "coes"}
             if unknown:
                 raise InvalidArgument(f"tokens file {str(path)!r} has unknown sections {sorted(unknown)}",
-                                      field="tokens_file", fix="keep only `tokens:` and `quotas:`")
+                                      field="tokens_file", fix="keep only `tokens:`, `quotas:` and `coes:`")
+            coes = _coe_table(data.get("coes") or {}, path)
             try:
                 quotas = QuotaTable.from_mapping(data.get("quotas") or {})
             except ValidationError as exc:
@@ -71,7 +74,7 @@ class TokenTable:
                 raise InvalidArgument(f"bad entry for token {str(token)[:4]}... in {str(path)!r}", field="tokens_file",
                                       fix="each line is `<token of 16+ characters>: <factory_id>`")
             table[token] = factory
-        return cls(table, quotas)
+        return cls(table, quotas, coes)
 
     @functools.cached_property
     def factories(self) -> frozenset[str]:  # read per request (metrics labels): computed once per table
@@ -98,6 +101,20 @@ class TokenTable:
             raise PermissionDenied(f"this token is not valid for factory_id {factory_id!r}", field="factory_id",
                                    fix="use the token issued for that factory, or send your own factory_id")
         return factory
+
+
+def _coe_table(data: object, path: Path) -> CoETable:
+    """The `coes:` section (`deployments.tenancy`), or InvalidArgument naming the entry and the fix."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"`coes:` in {str(path)!r} is not a mapping", field="coes",
+                              fix="write `coes:` as factory -> {allow: [spec names], use: spec name}")
+    try:
+        return CoETable.from_mapping(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "factories")
+        raise InvalidArgument(f"bad CoE entry in {str(path)!r}: {first['msg']}", field=f"coes.{where}",
+                              fix="each entry is {allow: [spec names], use: one of them}") from None
 
 
 class ReloadingTokens:
@@ -144,6 +161,10 @@ class ReloadingTokens:
 
     def quota(self, factory: str) -> FactoryQuota:
         return self.current().quotas.of(factory)
+
+    def coe(self, factory: str, requested: str, served: list[str], field: str = "coe") -> str:
+        """The CoE a request of `factory` runs on (`deployments.tenancy.resolve`)."""
+        return resolve(self.current().coes, factory, requested, served, field)
 
 
 def write_dev_tokens(path: Path, factories: list[str]) -> dict[str, str]:

@@ -190,6 +190,9 @@ class AppArgs(BaseModel):
     executors: dict[str, ExecutorPlan] | None = Field(
         None, description="planned node -> its expert hosts' replica count and device budget (the plan's executor "
                           "sizing); none: host_replicas..host_max_replicas and the node's memory")
+    coes: list[str] = Field(
+        default_factory=list, description="more CoE spec files served beside `spec` (checkpoints in the same zoo); a "
+                                          "request names its CoE by spec name, else gets its factory's default")
     placement_revision: int = Field(
         0, ge=0, description="the stored placement's revision the app was last built for; the in-cluster controller "
                              "raises it to make Serve rebuild the app with a new placement (leave it at 0)")
@@ -347,18 +350,20 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     return opts
 
 
-def with_rollout(opts: dict[str, dict[str, Any]], state: RolloutState, input_sizes_px: list[int]
-                 ) -> dict[str, dict[str, Any]]:
-    """The options with a live change's revisions (`cluster.rollout`) in user_config: the hosts and the ingress get
-    every revision they must serve (`known`) and its input sizes, the router which revision each request takes."""
+def with_rollout(opts: dict[str, dict[str, Any]], state: RolloutState, input_sizes_px: list[int],
+                 coes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """The options with the revisions served in user_config: the hosts get every one they must serve (a live
+    change's `known`, `cluster.rollout`, and the other CoEs' specs), the ingress their input sizes and the other CoEs'
+    names, the router which revision each request takes (`coes`: the other CoEs, spec name -> spec file)."""
+    coes = dict(coes or {})
     out = {}
     for name, o in opts.items():
         if name == ROUTER_DEPLOYMENT:
-            o = {**o, "user_config": {**o.get("user_config", {}), "rollout": state.router_config()}}
+            o = {**o, "user_config": {**o.get("user_config", {}), "rollout": state.router_config(), "coes": coes}}
         elif name == INGRESS_DEPLOYMENT:
-            o = {**o, "user_config": {"input_sizes_px": list(input_sizes_px)}}
+            o = {**o, "user_config": {"input_sizes_px": list(input_sizes_px), "coes": list(coes)}}
         elif name == HOST_DEPLOYMENT or name.startswith((HOST_DEPLOYMENT + "-", DEDICATED_DEPLOYMENT + "-")):
-            o = {**o, "user_config": {**o["user_config"], "revisions": list(state.known)}}
+            o = {**o, "user_config": {**o["user_config"], "revisions": [*state.known, *coes.values()]}}
         out[name] = o
     return out
 
@@ -445,4 +450,5 @@ def resolve_paths(args: AppArgs, base: Path) -> AppArgs:
     def absolute(p: str | None) -> str | None:
         return None if p is None else str((base / p).resolve()) if not Path(p).is_absolute() else p
     return args.model_copy(update={"spec": absolute(args.spec), "zoo": absolute(args.zoo),
+                                   "coes": [absolute(c) for c in args.coes],
                                    "tokens_file": absolute(args.tokens_file), "profile": absolute(args.profile)})

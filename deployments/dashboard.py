@@ -24,7 +24,7 @@ def m(name: str) -> str:
 
 
 def _q(p: str) -> str:  # the common filters
-    return p.replace("{E}", 'expert=~"$expert"').replace("{F}", 'factory=~"$factory"')
+    return p.replace("{E}", 'expert=~"$expert"').replace("{F}", 'factory=~"$factory",coe=~"$coe"')
 
 
 def _quantile(q: float, hist: str, by: str, sel: str = "") -> str:
@@ -53,7 +53,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int, dict]] = [
         ("{{expert}}", _q(hit_rate("{s}", "{E}"))),
     ], 12, {"min": 0, "max": 1}),
     ("Category mix", "piechart", "short", [
-        ("{{category}}", f'sum by (category) (increase({m("expertmesh_router_decisions_total")}[$__range]))'),
+        ("{{coe}} {{category}}", f'sum by (coe, category) (increase({m("expertmesh_router_decisions_total")}{{coe=~"$coe"}}[$__range]))'),
     ], 8, {}),
     ("Invocations per expert (per second, by reason)", "timeseries", "reqps", [
         ("{{expert}} {{reason}}", _q(f'sum by (expert, reason) (rate({m("expertmesh_expert_invocations_total")}{{{{E}}}}[{RATE}]))')),
@@ -77,14 +77,14 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int, dict]] = [
         ("{{expert}} p50", _quantile(0.5, "expertmesh_expert_latency_seconds", "expert", _q("{{E}}"))),
         ("{{expert}} p99", _quantile(0.99, "expertmesh_expert_latency_seconds", "expert", _q("{{E}}"))),
     ], 12, {}),
-    ("Verdicts by factory", "timeseries", "reqps", [
-        ("{{factory}} {{verdict}}", _q(f'sum by (factory, verdict) (rate({m("expertmesh_verdicts_total")}{{{{F}}}}[{RATE}]))')),
+    ("Verdicts by factory and CoE", "timeseries", "reqps", [
+        ("{{factory}} {{coe}} {{verdict}}", _q(f'sum by (factory, coe, verdict) (rate({m("expertmesh_verdicts_total")}{{{{F}}}}[{RATE}]))')),
     ], 12, {}),
     ("Errors by factory", "timeseries", "reqps", [
         ("{{factory}} {{code}}", _q(f'sum by (factory, code) (rate({m("expertmesh_requests_total")}{{code!="OK",{{F}}}}[{RATE}]))')),
     ], 12, {}),
     ("Router fallbacks and gating-rule hits per second", "timeseries", "reqps", [
-        ("fallback ({{category}} guessed)", f'sum by (category) (rate({m("expertmesh_router_fallbacks_total")}[{RATE}]))'),
+        ("fallback {{coe}} ({{category}} guessed)", f'sum by (coe, category) (rate({m("expertmesh_router_fallbacks_total")}[{RATE}]))'),
         ("rule {{rule}}", f'sum by (rule) (rate({m("expertmesh_gating_rule_hits_total")}[{RATE}]))'),
     ], 12, {}),
     ("Queue depth and replicas per expert", "timeseries", "short", [
@@ -108,6 +108,13 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int, dict]] = [
     ("Memory pressure: calls queued in hosts per expert", "timeseries", "short", [
         ("{{node}} {{expert}}", _q(f'sum by (node, expert) ({m("expertmesh_host_queue_depth")}{{{{E}}}})')),
     ], 8, {}),
+    # live changes (expertmesh rollout)
+    ("Requests by CoE revision (stable, canary)", "timeseries", "reqps", [
+        ("{{coe_version}} {{role}}", f'sum by (coe_version, role) (rate({m("expertmesh_rollout_requests_total")}[{RATE}]))'),
+    ], 12, {}),
+    ("Canary agreement with the stable revision", "timeseries", "percentunit", [
+        ("{{canary}} vs {{stable}}", f'sum by (canary, stable) (rate({m("expertmesh_canary_comparisons_total")}{{outcome="agree"}}[{RATE}])) / sum by (canary, stable) (rate({m("expertmesh_canary_comparisons_total")}[{RATE}]))'),
+    ], 12, {"min": 0, "max": 1}),
     ("Placement (replicas per expert and node)", "table", "short", [
         ("", _q(f'sum by (expert, node) ({m("expertmesh_expert_replicas")}{{{{E}}}}) > 0')),
     ], 12, {"instant": True}),
@@ -115,6 +122,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int, dict]] = [
 
 VARIABLES = [  # (name, label, query)
     ("factory", "Factory", f'label_values({m("expertmesh_requests_total")}, factory)'),
+    ("coe", "CoE", f'label_values({m("expertmesh_requests_total")}, coe)'),
     ("expert", "Expert", f'label_values({m("expertmesh_expert_invocations_total")}, expert)'),
 ]
 

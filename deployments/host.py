@@ -229,5 +229,6 @@ class ExpertHostDeployment:
 
     def info(self) -> dict:
         return {"node_id": self.node_id, "node": self.node, "replica_id": self.replica_id, "hosted": sorted(self.hosted),
+                "known": sorted(self.runtimes),
                 "resident": {e: rt.tier.value for e, rt in self.runtimes.items() if rt.tier is not Tier.DISK},
                 "footprint_bytes": {e: rt.footprint_bytes for e, rt in self.runtimes.items() if rt.tier is not Tier.DISK}}

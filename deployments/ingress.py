@@ -101,7 +101,7 @@ async def read_body(http: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-_STRING_FIELDS = ("request_id", "factory_id", "station_id", "component_hint", "image")
+_STRING_FIELDS = ("request_id", "factory_id", "station_id", "component_hint", "image", "coe")
 
 
 def parse_body(body: bytes) -> dict:
@@ -135,6 +135,7 @@ class IngressDeployment:
                  placement_controller: DeploymentHandle | None = None) -> None:
         self.spec = load_spec(spec_path)
         self.input_sizes_px = self.spec.input_sizes_px  # every revision's (reconfigure: a live change adds sizes)
+        self.served = [self.spec.name]  # the CoEs served (spec names), this app's first (reconfigure: the others)
         self.tokens = ReloadingTokens(tokens_file, on_error=logger.error)  # rotated tokens apply without a restart
         self.router = router
         self.placement_controller = placement_controller  # the in-cluster controller, when the app runs one
@@ -149,19 +150,23 @@ class IngressDeployment:
         self.metrics = instruments()
 
     def reconfigure(self, user_config: dict) -> None:
-        """The input sizes every served revision needs (`expertmesh rollout`): learnt before any router uses them."""
+        """The input sizes every served revision needs (`expertmesh rollout`, several CoEs): learnt before any router
+        uses them; and the CoEs served beside the app's own."""
         self.input_sizes_px = tuple(sorted({*self.spec.input_sizes_px, *(user_config.get("input_sizes_px") or ())}))
+        self.served = [self.spec.name, *(user_config.get("coes") or [])]
 
-    def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None) -> None:
+    def _record(self, ingress: str, factory_id: str, t0: float, code: str, verdict: str | None = None,
+                coe: str = "") -> None:
         """One answered inspection: its outcome, verdict and latency (factory folded to the tokens file's ids; a failed
         authentication or authorization counts as `unauthenticated`, never as the factory the client claimed)."""
         failed_auth = code in (ErrorCode.UNAUTHENTICATED.value, ErrorCode.PERMISSION_DENIED.value)
         known = self.tokens.factories | {"none"}
         factory = UNAUTHENTICATED_LABEL if failed_auth else label_or_other(factory_id or "none", known)
-        self.metrics.inc("expertmesh_requests_total", factory=factory, ingress=ingress, code=code)
+        coe = label_or_other(coe or "none", {*self.served, "none"})
+        self.metrics.inc("expertmesh_requests_total", factory=factory, coe=coe, ingress=ingress, code=code)
         self.metrics.observe("expertmesh_request_latency_seconds", time.perf_counter() - t0, ingress=ingress)
         if verdict:
-            self.metrics.inc("expertmesh_verdicts_total", factory=factory, verdict=verdict)
+            self.metrics.inc("expertmesh_verdicts_total", factory=factory, coe=coe, verdict=verdict)
 
     # ------------------------------------------------------------------ admission (deployments.admission)
     async def _admit(self, factory: str, num_components: int, deadline: Deadline, what: str = "request") -> None:
@@ -199,10 +204,12 @@ class IngressDeployment:
                                               self.input_sizes_px))
 
     async def _inspect(self, authorization: str | None, request_id: str, factory_id: str, station_id: str,
-                       image: bytes, component_hint: str, metadata, timeout_header: str | None) -> tuple[str, dict]:
+                       image: bytes, component_hint: str, metadata, timeout_header: str | None,
+                       coe: str = "") -> tuple[str, dict]:
         """Check, authorize, admit, decode once, and route with the batch, all within the request's deadline."""
         meta = _request_fields(request_id, factory_id, station_id, component_hint, metadata, self.limits)
         self.tokens.authorize(authorization, factory_id)
+        meta["coe"] = self.tokens.coe(factory_id, coe, self.served)
         deadline = self._deadline(timeout_header)
         await self._admit(factory_id, 1, deadline)
         try:
@@ -280,8 +287,9 @@ class IngressDeployment:
         try:
             rid, result = await self._inspect(self._authorization(grpc_context), request.request_id, request.factory_id,
                                               request.station_id, request.image, request.component_hint,
-                                              request.metadata, self._metadata_value(grpc_context, TIMEOUT_HEADER))
-            self._record("grpc", request.factory_id, t0, "OK", result["verdict"])
+                                              request.metadata, self._metadata_value(grpc_context, TIMEOUT_HEADER),
+                                              request.coe)
+            self._record("grpc", request.factory_id, t0, "OK", result["verdict"], result.get("coe", ""))
             return to_proto(rid, result)
         except ExpertMeshError as err:
             failure = err
@@ -303,6 +311,9 @@ class IngressDeployment:
         try:
             metas = self._check_board(request)
             self.tokens.authorize(self._authorization(grpc_context), factory)
+            for i, (meta, c) in enumerate(zip(metas, request.components)):
+                meta["coe"] = self.tokens.coe(meta["factory_id"], c.coe or request.coe, self.served,
+                                              field=f"components[{i}].coe" if c.coe else "coe")
             deadline = self._deadline(self._metadata_value(grpc_context, TIMEOUT_HEADER))
             await self._admit(factory, num, deadline, "board")
         except ExpertMeshError as err:  # refused whole: counts once, streams nothing
@@ -383,7 +394,7 @@ class IngressDeployment:
         except Exception as exc:  # noqa: BLE001 - unexpected: INTERNAL for this component, the stack to the log
             failure = component_error(index, self._internal(exc, rid))
         else:
-            self._record("grpc_board", request.factory_id, t0, "OK", result["verdict"])
+            self._record("grpc_board", request.factory_id, t0, "OK", result["verdict"], result.get("coe", ""))
             return index, to_proto(rid, result, request.board_id, index)
         self._record("grpc_board", request.factory_id, t0, failure.code.value)
         return index, failure
@@ -417,8 +428,8 @@ class IngressDeployment:
             factory_id = doc["factory_id"]
             rid, result = await self._inspect(http.headers.get("authorization"), doc["request_id"], factory_id,
                                               doc["station_id"], doc["image"], doc["component_hint"], doc["metadata"],
-                                              http.headers.get(TIMEOUT_HEADER))
-            self._record("http", factory_id, t0, "OK", result["verdict"])
+                                              http.headers.get(TIMEOUT_HEADER), doc["coe"])
+            self._record("http", factory_id, t0, "OK", result["verdict"], result.get("coe", ""))
             return JSONResponse({"request_id": rid, **{k: result[k] for k in (
                 "category", "category_confidence", "verdict", "defect", "latency_ms")},
                 "coe_version": result.get("coe_version", ""),

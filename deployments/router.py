@@ -34,7 +34,7 @@ from expertmesh.experts.revisions import Revision, RevisionSet, plain_name
 from expertmesh.experts.spec import resolve_checkpoint
 from expertmesh.metrics import instruments, node_name
 from expertmesh.cluster.rollout import RolloutState
-from expertmesh.router.canary import CanarySplitter, agreement
+from expertmesh.router.canary import Assignment, CanarySplitter, agreement
 from expertmesh.router.locality import host_for
 from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route
 from expertmesh.router.waves import PlanInFlight, merge
@@ -63,6 +63,7 @@ class RouterDeployment:
         self.classifiers: dict[str, ExpertRuntime] = {}  # serving key -> the classifier (revisions may share one)
         self.classifier = self._classifier_of(self.revisions.base)
         self.rollout: dict = RolloutState().router_config()  # which revision each request takes (reconfigure)
+        self.coes: dict[str, str] = {}  # the other CoEs served: spec name -> spec file (reconfigure)
         self._splitter = CanarySplitter()
         self.hosts = dict(hosts)  # host key (a pool's node, or a dedicated deployment's name) -> handle
         self.homes: dict[str, str] = {}
@@ -94,6 +95,9 @@ class RouterDeployment:
             for path in (rollout["stable"], (rollout.get("canary") or {}).get("spec", "")):
                 self._classifier_of(self.revisions.get(path))
             self.rollout = rollout
+        for path in (routing.get("coes") or {}).values():
+            self._classifier_of(self.revisions.get(path))
+        self.coes = dict(routing.get("coes") or {})
         self.homes = dict(routing.get("homes") or {})
         self.dedicated = {e: dict(own) for e, own in (routing.get("dedicated") or {}).items()}
         self.held_on = {e: frozenset(nodes) for e, nodes in (routing.get("held_on") or {}).items()}
@@ -162,9 +166,8 @@ class RouterDeployment:
         t0 = time.perf_counter()
         fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
         deadlines = [Deadline(fallback_s if m.get("budget_s") is None else float(m["budget_s"])) for m in metas]
-        metas = [{k: v for k, v in m.items() if k != "budget_s"} for m in metas]
-        rollout = self.rollout
-        picks = [self._splitter.assign(m.get("factory_id", ""), rollout["stable"], rollout.get("canary")) for m in metas]
+        picks = [self._pick(m) for m in metas]
+        metas = [{k: v for k, v in m.items() if k not in ("budget_s", "coe")} for m in metas]
         rows: dict[str, list[int]] = defaultdict(list)  # revision -> the rows it runs (its answers and its shadows)
         for i, pick in enumerate(picks):
             rows[pick.revision].append(i)
@@ -178,6 +181,15 @@ class RouterDeployment:
         self._record_rollout(picks, results, out)
         return out
 
+    def _pick(self, meta: dict) -> Assignment:
+        """A request's revision: its CoE's (the ingress chose the CoE); for this app's own CoE, the stable revision
+        or the canary's share of its factory."""
+        coe = meta.get("coe") or self.spec.name
+        if coe != self.spec.name:
+            return Assignment(self.coes.get(coe, ""))  # the ingress only sends CoEs served here
+        rollout = self.rollout
+        return self._splitter.assign(meta.get("factory_id", ""), rollout["stable"], rollout.get("canary"))
+
     async def _inspect_rows(self, rev: Revision, rows: list[int], images: dict[int, np.ndarray], metas: list[dict],
                             deadlines: list[Deadline], t0: float) -> dict[int, dict | ExpertMeshError]:
         """One revision's share of a batch (`rows` of it) -> row -> its result or error."""
@@ -190,7 +202,7 @@ class RouterDeployment:
         first = {"expert": classifier.name, "reason": "router", "because_of": "", "latency_ms": step1_ms,
                  "batch_size": len(preds), "readiness": "ready", "node_id": self.node_id, "replica_id": self.replica_id}
         routes = [route(spec, p.label, p.score, RequestMeta(**metas[i])) for p, i in zip(preds, rows)]
-        self._record_routes(classifier.name, routes, len(preds), time.perf_counter() - t0)
+        self._record_routes(spec.name, classifier.name, routes, len(preds), time.perf_counter() - t0)
         plans = {k: PlanInFlight.start(r.calls) for k, r in enumerate(routes)}
         traces: dict[int, list[dict]] = {k: [] for k in plans}
         failed: dict[int, ExpertMeshError] = {}
@@ -204,10 +216,10 @@ class RouterDeployment:
             trace = [{**first, "label": p.label, "score": p.score}] + traces[k]
             out[i] = {"category": r.category, "category_confidence": r.confidence, "fallback": r.fallback,
                       "rules": list(r.rules), "verdict": outcome.verdict.value, "defect": outcome.defect,
-                      "trace": [{**t, "expert": plain_name(t["expert"]), "version": rev.versions.get(t["expert"], "")}
-                                for t in trace],
+                      "trace": [{**t, "expert": rev.names.get(t["expert"], plain_name(t["expert"])),
+                                 "version": rev.versions.get(t["expert"], "")} for t in trace],
                       "latency_ms": (time.perf_counter() - t0) * 1000.0,
-                      "decided_by": plain_name(outcome.decided_by or ""), "coe_version": rev.label}
+                      "decided_by": rev.names.get(outcome.decided_by or "", plain_name(outcome.decided_by or "")), "coe": spec.name, "coe_version": rev.label}
         return out
 
     def _record_rollout(self, picks: list, results: dict[str, dict], answers: list) -> None:
@@ -318,7 +330,7 @@ class RouterDeployment:
                      ExpertOutput(t["expert"], t["label"], t["score"])) for t in answer["trace"]]
             merge(plans[k], done, answer["pending"], answer["planned"])
 
-    def _record_routes(self, classifier: str, routes: list, num_requests: int, seconds: float) -> None:
+    def _record_routes(self, coe: str, classifier: str, routes: list, num_requests: int, seconds: float) -> None:
         m = self.metrics
         m.observe("expertmesh_route_latency_seconds", seconds)
         m.inc("expertmesh_expert_invocations_total", num_requests, expert=classifier, reason="router")
@@ -331,4 +343,5 @@ class RouterDeployment:
             for rule in r.rules:
                 counts[("expertmesh_gating_rule_hits_total", rule)] += 1
         for (name, value), n in counts.items():
-            m.inc(name, n, **({"rule": value} if name == "expertmesh_gating_rule_hits_total" else {"category": value}))
+            m.inc(name, n, **({"rule": value} if name == "expertmesh_gating_rule_hits_total"
+                               else {"coe": coe, "category": value}))

@@ -43,16 +43,19 @@ class MetricDef:
 METRICS: tuple[MetricDef, ...] = (
     # ingress
     MetricDef("expertmesh_requests_total", "counter",
-              "Inspections answered, by factory (unauthenticated when the token failed), ingress (grpc, grpc_board, http) and outcome (gRPC status code name)",
-              ("factory", "ingress", "code")),
-    MetricDef("expertmesh_verdicts_total", "counter", "Verdicts returned, by factory and verdict", ("factory", "verdict")),
+              "Inspections answered, by factory (unauthenticated when the token failed), CoE (the spec name; none when "
+              "refused before one was chosen), ingress (grpc, grpc_board, http) and outcome (gRPC status code name)",
+              ("factory", "coe", "ingress", "code")),
+    MetricDef("expertmesh_verdicts_total", "counter", "Verdicts returned, by factory, CoE and verdict",
+              ("factory", "coe", "verdict")),
     MetricDef("expertmesh_request_latency_seconds", "histogram", "Whole inspection inside the ingress, by ingress",
               ("ingress",), LATENCY_BUCKETS_S),
     # router
-    MetricDef("expertmesh_router_decisions_total", "counter", "Router step 1 decisions, by category", ("category",)),
+    MetricDef("expertmesh_router_decisions_total", "counter", "Router step 1 decisions, by CoE and category",
+              ("coe", "category")),
     MetricDef("expertmesh_router_fallbacks_total", "counter",
-              "Requests sent to the fallback (router confidence below min_confidence), by the category it guessed",
-              ("category",)),
+              "Requests sent to the fallback (router confidence below min_confidence), by CoE and the category it guessed",
+              ("coe", "category")),
     MetricDef("expertmesh_gating_rule_hits_total", "counter", "Gating rules that matched a request, by rule", ("rule",)),
     MetricDef("expertmesh_expert_invocations_total", "counter",
               "Expert calls made (the classifier's by the router, the rest by the expert hosts), by expert and reason "

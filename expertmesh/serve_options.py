@@ -23,6 +23,9 @@ from expertmesh.profiler.serving_profiles import default_store_path
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="tokens YAML of `token: factory_id` lines (default: $EXPERTMESH_TOKENS_FILE, "
                                     "else a generated dev file under $EXPERTMESH_HOME)")
+    p.add_argument("--coe", action="append", default=[], metavar="SPEC",
+                   help="serve this CoE spec too, beside --spec (repeatable; checkpoints in the same --zoo); a request "
+                        "names its CoE, else gets its factory's default (the tokens file's `coes:`)")
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
@@ -93,7 +96,8 @@ def app_args(args: argparse.Namespace, zoo_root: Path, tokens_file: str) -> AppA
         return AppArgs(spec=str(Path(args.spec).resolve()) if args.spec else None, zoo=str(zoo_root),
                        tokens_file=str(Path(tokens_file).resolve()),
                        profile=str(profile.resolve()) if profile else None,
-                       placement=placement, executors=executors, settings=settings)
+                       placement=placement, executors=executors, settings=settings,
+                       coes=[str(Path(c).resolve()) for c in getattr(args, "coe", None) or []])
     except ValidationError as exc:  # settings were checked by serve_settings; the rest comes from the plan
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])

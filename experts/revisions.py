@@ -6,7 +6,8 @@ router then hold several revisions at once, and must never mix up two versions o
 
 An expert's *version* is a digest of what makes its runtime: the architecture, labels, input size, device and the
 checkpoint's bytes (`zoo.checkpoint_digest`). Its *serving key* - the name hosts, pools, metrics and plans use - is
-its plain name when it is the base's expert of that name, byte for byte, and `name@version` otherwise. `keyed()`
+its plain name when it is the base's expert of that name, byte for byte (or the base's expert's key when it is one
+of the base's experts under another name: another CoE sharing a checkpoint), and `name@version` otherwise. `keyed()`
 rewrites a revision's spec in serving keys (experts, router, table, dependencies, rules), so the plan, pool and
 eviction code, which work by name, serve every revision unchanged; `plain_name()` turns a key back into the name
 a client sees, with the version beside it in the response's trace.
@@ -43,8 +44,20 @@ def plain_name(key: str) -> str:
 
 
 def serving_keys(base_versions: dict[str, str], versions: dict[str, str]) -> dict[str, str]:
-    """name -> serving key for a revision's experts (`versions`: name -> version), against the base's."""
-    return {name: name if base_versions.get(name) == v else f"{name}{KEY_SEPARATOR}{v}" for name, v in versions.items()}
+    """name -> serving key for a revision's experts (`versions`: name -> version), against the base's. An expert that
+    is one of the base's under another name (same version: same checkpoint bytes, labels, architecture) takes that
+    expert's key, so another CoE reusing a checkpoint shares its replicas and memory instead of loading it twice."""
+    by_version = {v: n for n, v in base_versions.items()}
+    keys: dict[str, str] = {}
+    for name, v in versions.items():
+        if base_versions.get(name) == v:
+            keys[name] = name
+    for name, v in versions.items():
+        if name not in keys:
+            shared = by_version.get(v)
+            unclaimed = shared is not None and shared not in keys.values() and shared not in versions
+            keys[name] = shared if unclaimed else f"{name}{KEY_SEPARATOR}{v}"
+    return keys
 
 
 def keyed(spec: CoESpec, keys: dict[str, str]) -> CoESpec:
@@ -77,6 +90,7 @@ class Revision:
     spec: CoESpec  # in serving keys
     label: str  # spec name @ spec version
     versions: dict[str, str]  # serving key -> version
+    names: dict[str, str]  # serving key -> the expert's name in this revision (what a response shows)
 
 
 class RevisionSet:
@@ -86,7 +100,8 @@ class RevisionSet:
         self.zoo_root = Path(zoo_root)
         base = load_spec(base_path)
         self._base_versions = self._versions(base)
-        self.base = Revision("", base, revision_label(base), {e.name: self._base_versions[e.name] for e in base.experts})
+        self.base = Revision("", base, revision_label(base), {e.name: self._base_versions[e.name] for e in base.experts},
+                             {e.name: e.name for e in base.experts})
         self._loaded: dict[str, Revision] = {}
 
     def _versions(self, spec: CoESpec) -> dict[str, str]:
@@ -102,5 +117,5 @@ class RevisionSet:
             versions = self._versions(spec)
             keys = serving_keys(self._base_versions, versions)
             self._loaded[path] = Revision(path, keyed(spec, keys), revision_label(spec),
-                                          {keys[n]: v for n, v in versions.items()})
+                                          {keys[n]: v for n, v in versions.items()}, {k: n for n, k in keys.items()})
         return self._loaded[path]

@@ -164,7 +164,7 @@ class Traffic:
 def _promql(expr: str) -> str:
     """A dashboard expression as Grafana would send it, with every variable set to All."""
     expr = re.sub(r"label_values\(([^,]+),\s*(\w+)\)", r"count by (\2) (\1)", expr)
-    for var, value in (("$__rate_interval", "30s"), ("$__range", "5m"), ("$expert", ".*"), ("$factory", ".*")):
+    for var, value in (("$__rate_interval", "30s"), ("$__range", "5m"), ("$expert", ".*"), ("$factory", ".*"), ("$coe", ".*")):
         expr = expr.replace(var, value)
     return expr
 

@@ -95,8 +95,9 @@ def test_keyed_spec_routes_and_aggregates_by_key(default_spec):
 def test_with_rollout_reaches_every_host_the_router_and_the_ingress(default_spec):
     opts = deployment_options(default_spec, ServeSettings())
     state = update(RolloutState(), "/v2.yaml")[-1]
-    out = with_rollout(opts, state, [64, 96, 128])
-    assert out["Host"]["user_config"]["revisions"] == list(state.known)
+    out = with_rollout(opts, state, [64, 96, 128], {"power-boards": "/power.yaml"})
+    assert out["Host"]["user_config"]["revisions"] == [*state.known, "/power.yaml"]  # other CoEs are revisions too
     assert out["Host"]["user_config"]["experts"] == opts["Host"]["user_config"]["experts"]  # the rest is kept
     assert out["Router"]["user_config"]["rollout"] == state.router_config()
-    assert out["Ingress"]["user_config"] == {"input_sizes_px": [64, 96, 128]}
+    assert out["Router"]["user_config"]["coes"] == {"power-boards": "/power.yaml"}
+    assert out["Ingress"]["user_config"] == {"input_sizes_px": [64, 96, 128], "coes": ["power-boards"]}
