@@ -121,6 +121,16 @@ chart: setup
 	  --http-host 0.0.0.0 --placement-controller --out helm/expertmesh/files/serve-config.yaml
 	$(BIN)/expertmesh dashboard --out helm/expertmesh/dashboards/expertmesh-dashboard.json
 
+## The README walk-through "Serve your own inspection data": a factory's labeled images written to disk (PNG and JPEG,
+## some greyscale, an imbalanced class), a CoE spec trained from them, then spec check, zoo build, zoo report, zoo
+## calibrate, and serve with a 10 s station sending the line's new images, all with the real CLI (a few minutes);
+## every command and its output go to docs/own-data-walkthrough.txt. OWN_DATA_DIR (its zoo and home) is made afresh.
+OWN_DATA_DIR ?= /tmp/expertmesh-own-data
+.PHONY: own-data-demo
+own-data-demo: setup
+	rm -rf $(OWN_DATA_DIR)
+	$(BIN)/python bench/own_data_demo.py run $(OWN_DATA_DIR)
+
 ## Every test (unit and integration); CI runs exactly this. The serving tests run the real default zoo,
 ## so it is built first (no baseline; current checkpoints are skipped).
 test: setup prometheus

@@ -133,6 +133,8 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
                                                                        "(exit 1 when a station request failed)")
     serve.add_argument("--station-rate", type=positive(float), default=10.0, help="station requests per second")
     serve.add_argument("--stop-after-station", action="store_true", help="stop cleanly after the station run")
+    serve.add_argument("--station-images", help="the station sends these files instead of generated images: "
+                                                "FOLDER/.../<label>/<image>; good parts are the spec's pass_labels")
     serve.add_argument("--duration", type=positive(float), help="stop after this many seconds (default: until a signal)")
     serve.add_argument("--replan", action="store_true", help="watch the cluster and re-plan and redeploy on node loss "
                                                              "or join (needs --address and --plan)")
@@ -188,6 +190,10 @@ def _add_station_command(sub: argparse._SubParsersAction) -> None:
     station.add_argument("--duration", type=positive(float), default=30.0, help="seconds to send for")
     station.add_argument("--board-fraction", type=float, default=0.1, help="share of requests sent as InspectBoard")
     station.add_argument("--defect-rate", type=float, default=0.3, help="share of generated parts with a defect")
+    station.add_argument("--images", help="send these image files instead of generated ones: FOLDER/.../<label>/<image> "
+                                           "(the image's folder names its label)")
+    station.add_argument("--pass-labels", default="ok", help="with --images: the labels meaning a good part "
+                                                             "(comma-separated)")
     station.add_argument("--seed", type=int, default=7)
     station.add_argument("--json", help="also write the figures as JSON here")
     station.add_argument("--traces", help="write every response's trace as JSON lines here (input of "

@@ -11,6 +11,7 @@ import argparse
 import shutil
 import time
 import urllib.parse
+from pathlib import Path
 
 from expertmesh.cli_options import spec_and_zoo
 from expertmesh.cluster.controller import PlacementController
@@ -26,7 +27,7 @@ from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.store import ProfileStore
 from expertmesh.profiler.usage import from_spec
 from expertmesh.serve_options import app_args, tokens_file
-from expertmesh.station import StationReport, run_station
+from expertmesh.station import StationReport, load_images, run_station
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -85,8 +86,14 @@ def _station_run(args: argparse.Namespace, spec: CoESpec, app: AppArgs, tokens: 
     table = TokenTable.load(tokens)
     token, factory = next(iter(table.factories_by_token.items()))
     print(f"station run for {args.station_seconds:.0f} s at {args.station_rate} req/s as {factory} ...", flush=True)
+    pool = None
+    if getattr(args, "station_images", None):  # your files; good parts: folders named by a pass label
+        pool = load_images(Path(args.station_images), {p for e in spec.experts for p in e.pass_labels},
+                           field="--station-images")
+        print(f"  sending {len(pool)} images from {args.station_images}", flush=True)
     report = run_station(f"127.0.0.1:{app.settings.grpc_port}", token, factory, rate_per_s=args.station_rate,
-                         duration_s=args.station_seconds, mix={c.name: c.probability for c in spec.categories})
+                         duration_s=args.station_seconds, mix={c.name: c.probability for c in spec.categories},
+                         pool=pool)
     print(report.format(), flush=True)
     if prometheus is not None:
         _print_hit_rates(prometheus)

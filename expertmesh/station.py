@@ -1,4 +1,5 @@
-"""A line-side inspection station: sends generated component images (and boards) over gRPC at a set rate.
+"""A line-side inspection station: sends generated component images (and boards) over gRPC at a set rate, or your
+own image files (`--images FOLDER`: `<folder>/.../<label>/<file>`, the label's folder name giving the truth).
 
 Open loop: request i is sent at i / rate seconds whatever the server does, from a thread pool, so
 a slow server shows up as latency and errors rather than as a slower client. Ground truth comes
@@ -23,8 +24,9 @@ from typing import IO
 import grpc
 import numpy as np
 
+from expertmesh.errors import InvalidArgument
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.pcb_aoi.truth import sample_pairs, verdict_correct
+from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, sample_pairs, verdict_correct
 from expertmesh.experts.images import encode_png
 from expertmesh.router.plan import Verdict
 from expertmesh.v1 import inspection_pb2 as pb
@@ -75,6 +77,25 @@ class StationReport:
 def sample_components(n: int, seed: int, defect_rate: float, mix: dict[str, float] | None = None) -> list[Component]:
     """n (component, defect, png) drawn from the category mix (default uniform) with the given defect rate."""
     return [(c, d, encode_png(generator.generate(c, d, seed, i))) for c, d, i in sample_pairs(n, seed, defect_rate, mix)]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_images(folder: Path, pass_labels: set[str], seed: int = 7, field: str = "--images") -> list[Component]:
+    """Every PNG/JPEG file under `folder` (hidden ones skipped) as (its top sub-folder, its truth, its bytes), in a
+    seeded shuffled order. Its label is the name of the folder holding it; the truth is `ok` (PASS expected) when
+    that label is one of `pass_labels`, else the label (DEFECT expected). The bytes are sent as they are."""
+    folder = Path(folder)
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                   and f.parent != folder and not any(p.startswith(".") for p in f.relative_to(folder).parts))
+    if not files:
+        raise InvalidArgument(f"no PNG or JPEG images under {folder} in label folders", field=field,
+                              fix="give a folder laid out <folder>/<label>/<image> (deeper folders are fine; the "
+                                  "image's own folder is its label)")
+    order = np.random.default_rng(seed).permutation(len(files))
+    return [(files[i].relative_to(folder).parts[0], NO_DEFECT if files[i].parent.name in pass_labels
+             else files[i].parent.name, files[i].read_bytes()) for i in order]
 
 
 def trace_record(resp: pb.InspectResponse) -> dict:
@@ -169,8 +190,9 @@ class _Sender:
 def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, duration_s: float, station_id: str = "station-1",
                 board_fraction: float = 0.1, board_size: int = 6, defect_rate: float = 0.3, seed: int = 7,
                 mix: dict[str, float] | None = None, timeout_s: float = 30.0, progress: bool = True,
-                traces_path: Path | None = None) -> StationReport:
-    pool = sample_components(256, seed, defect_rate, mix)
+                traces_path: Path | None = None, pool: list[Component] | None = None) -> StationReport:
+    """`pool`: the components to send in turn (e.g. `load_images`); default 256 generated ones."""
+    pool = pool or sample_components(256, seed, defect_rate, mix)
     rng = np.random.default_rng(seed + 1)
     with open(traces_path, "w") if traces_path else contextlib.nullcontext() as traces:
         tally = _Tally(traces)
@@ -198,10 +220,12 @@ def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, 
 
 def cmd_station(args: argparse.Namespace) -> int:
     """`expertmesh station`: print the figures (and write them as JSON); exit 1 when the run failed."""
+    pool = (load_images(Path(args.images), {x.strip() for x in args.pass_labels.split(",")}, args.seed)
+            if args.images else None)
     report = run_station(args.target, args.token, args.factory, rate_per_s=args.rate, duration_s=args.duration,
                          station_id=args.station, board_fraction=args.board_fraction, defect_rate=args.defect_rate,
                          seed=args.seed, progress=not args.no_progress,
-                         traces_path=Path(args.traces) if args.traces else None)
+                         traces_path=Path(args.traces) if args.traces else None, pool=pool)
     print(report.format())
     if args.json:
         Path(args.json).write_text(report.to_json())

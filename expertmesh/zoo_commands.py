@@ -15,6 +15,7 @@ import yaml
 
 from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
 from expertmesh.errors import InvalidArgument
+from expertmesh.experts import file_eval
 from expertmesh.experts.calibration import CalibrationConfig
 from expertmesh.experts.report import evaluate, format_report, write_report
 from expertmesh.experts.spec import default_spec_path
@@ -39,8 +40,12 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 def cmd_zoo_report(args: argparse.Namespace) -> int:
     spec, zoo_root = checked_spec_and_zoo(args)
-    report = evaluate(spec, zoo_root, progress=not args.no_progress)
-    print(format_report(report))
+    if file_eval.router_on_files(spec):  # the user's own images: their held-out split, not generated ones
+        report = file_eval.evaluate(spec, zoo_root, progress=not args.no_progress)
+        print(file_eval.format_report(report))
+    else:
+        report = evaluate(spec, zoo_root, progress=not args.no_progress)
+        print(format_report(report))
     out = Path(args.json) if args.json else zoo_root / "report.json"
     write_report(report, out)
     print(f"JSON report: {out}")

@@ -10,7 +10,10 @@ The steps, each pure except where it reads the disk:
    `ImageLimits`, then `resize_to` the expert's input size), hashing its bytes; a file that is unreadable or that
    the ingress would refuse is a problem naming the file and the fix.
 3. `assign_splits` gives every row without a manifest `split` a seeded, label-stratified train/validation side
-   (identical files, by content hash, always land on the same side).
+   (identical files, by content hash, always land on the same side). In a zoo the seed is the spec's and each
+   label's images are ordered by a hash of (seed, content), the same order for every model: the router and the
+   experts hold out (nearly) the same images, so the CoE can be scored on images none of its models trained on
+   (`experts/file_eval.py`).
 4. `check_data` finds what is wrong with the whole set: a label with no (training) images, the same image in the
    train and validation splits, the same image under two labels.
 
@@ -35,7 +38,7 @@ from expertmesh.errors import ExpertMeshError, InvalidArgument
 from expertmesh.experts.images import decode_image, resize_to
 from expertmesh.experts.spec import CoESpec, ExpertSpec, ImageLimits
 
-DATA_FORMAT_VERSION = "labeled-data-1"
+DATA_FORMAT_VERSION = "labeled-data-2"  # 2: splits ordered by (spec seed, content)
 SPLITS = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
 MANIFEST_COLUMNS = ("path", "label", "category", "split", "weight")
 _CSV_SUFFIXES = (".csv",)
@@ -82,6 +85,7 @@ class Record:
     split: str | None = None
     weight: float = 1.0
     where: str = ""
+    category: str | None = None  # a manifest row's category column (None: a folder, or no such column)
 
 
 @dataclass
@@ -243,7 +247,8 @@ def read_manifest(path: Path, labels: list[str], label_map: dict[str, str], labe
             unknown[label].append(where)
             continue
         if not bad:
-            out.records.append(Record(file, rel, label, SPLITS[split] if split else None, weight, where))
+            out.records.append(Record(file, rel, label, SPLITS[split] if split else None, weight, where,
+                                      str(row.get("category", "")).strip() or None))
     out.problems += [_unknown_label(lab, wh, labels, "correct the rows' label") for lab, wh in sorted(unknown.items())]
     if not out.records and not out.problems:
         out.problems.append(DataProblem(str(path), "the manifest lists no images" + (
@@ -293,9 +298,13 @@ def read_images(records: list[Record], limits: ImageLimits, size_px: int, *, des
 
 # --------------------------------------------------------------------------- 3. splitting
 def assign_splits(labels: list[str], hashes: list[str | None], given: list[str | None], fraction: float,
-                  seed: int) -> list[str]:
+                  seed: int, *, by_content: bool = False) -> list[str]:
     """Each row's split: the given one, else seeded and stratified by label, `fraction` of each label's distinct
-    images (by content hash) to validation - at least one when the label has two or more, never all of them."""
+    images (by content hash) to validation - at least one when the label has two or more, never all of them.
+
+    `by_content`: each label's images are ordered by sha256(seed, content hash) and the first ones held out, so
+    models that share images and a seed hold out the same ones however they label them (else a permutation seeded
+    by (seed, label): what generated data uses)."""
     out: list[str] = [g or "" for g in given]
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (label, h, g) in enumerate(zip(labels, hashes, given)):
@@ -306,8 +315,12 @@ def assign_splits(labels: list[str], hashes: list[str | None], given: list[str |
         n_val = 0
         if fraction > 0 and len(keys) >= 2:
             n_val = min(max(1, round(fraction * len(keys))), len(keys) - 1)
-        rng_seed = int.from_bytes(hashlib.sha256(f"{seed}|{label}".encode()).digest()[:8], "little")
-        val = set(np.random.default_rng(rng_seed).permutation(len(keys))[:n_val].tolist())
+        if by_content:
+            order = sorted(range(len(keys)), key=lambda j: hashlib.sha256(f"{seed}|{keys[j]}".encode()).digest())
+            val = set(order[:n_val])
+        else:
+            rng_seed = int.from_bytes(hashlib.sha256(f"{seed}|{label}".encode()).digest()[:8], "little")
+            val = set(np.random.default_rng(rng_seed).permutation(len(keys))[:n_val].tolist())
         for j, key in enumerate(keys):
             for i in by_hash[key]:
                 out[i] = "validation" if j in val else "train"
@@ -357,9 +370,19 @@ def check_data(labels: list[str], records: list[Record], hashes: list[str | None
 
 
 # --------------------------------------------------------------------------- one expert
-def prepare(spec: CoESpec, expert: ExpertSpec, *, seed: int, validation_fraction: float,
-            progress: bool = True) -> tuple[TrainingData | None, list[DataProblem]]:
-    """List, decode, split and check `expert`'s data: the arrays to train on, or None and every problem found."""
+@dataclass
+class SplitData:
+    """An expert's files as `zoo build` splits them: records, images at its input size, content hashes, splits."""
+
+    records: list[Record]
+    images: np.ndarray
+    hashes: list[str | None]
+    splits: list[str]
+
+
+def split_data(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float, progress: bool = True
+               ) -> tuple[SplitData, list[DataProblem]]:
+    """List, decode, split (seeded by the spec's seed, by content: `assign_splits`) and check `expert`'s data."""
     listing = list_data(spec, expert)
     folder = expert.training.data.folder is not None
     how_to_add = (f"add images under {listing.source}/{{label}}/" if folder
@@ -367,12 +390,21 @@ def prepare(spec: CoESpec, expert: ExpertSpec, *, seed: int, validation_fraction
     recs = listing.records
     images, hashes, bad_files = read_images(recs, spec.image, expert.input_size_px, progress=progress,
                                             desc=f"reading {expert.name} images")
-    splits = assign_splits([r.label for r in recs], hashes, [r.split for r in recs], validation_fraction, seed)
+    splits = assign_splits([r.label for r in recs], hashes, [r.split for r in recs], validation_fraction, spec.seed,
+                           by_content=True)
     problems = listing.problems + bad_files
     if recs or not listing.problems:  # an unreadable folder or manifest already says why no class has images
         problems += check_data(expert.labels, recs, hashes, splits, listing.source, how_to_add)
+    return SplitData(recs, images, hashes, splits), problems
+
+
+def prepare(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float,
+            progress: bool = True) -> tuple[TrainingData | None, list[DataProblem]]:
+    """List, decode, split and check `expert`'s data: the arrays to train on, or None and every problem found."""
+    data, problems = split_data(spec, expert, validation_fraction=validation_fraction, progress=progress)
     if problems:
         return None, problems
+    recs, images, splits = data.records, data.images, data.splits
     y = np.array([expert.labels.index(r.label) for r in recs], dtype=np.int64)
     w = np.array([r.weight for r in recs], dtype=np.float32)
     tr = np.array([s == "train" for s in splits], dtype=bool)

@@ -247,7 +247,7 @@ def _read_file_data(spec: CoESpec, experts: list[ExpertSpec], progress: bool, lo
     """Every file-data expert's images, decoded and checked; one DataError with every problem of every expert."""
     out, problems = {}, []
     for e in experts:
-        data, found = labeled_data.prepare(spec, e, seed=expert_seed(spec, e.name), progress=progress,
+        data, found = labeled_data.prepare(spec, e, progress=progress,
                                            validation_fraction=resolve_plan(e.training).validation_fraction)
         problems += [labeled_data.DataProblem(p.file, f"[{e.name}] {p.message}", p.fix) for p in found]
         if data is not None:

@@ -3,7 +3,10 @@ decide the table and the threshold, and write the new spec version.
 
 Validation images are generated (the spec's generator) with their own seed, `spec.seed + CALIBRATION_SEED_OFFSET`,
 distinct from the training seed and from the held-out seed `zoo report` scores on, so the report of the calibrated
-spec is not measured on the images the table was chosen on. Every expert runs once on every image (batched, with a
+spec is not measured on the images the table was chosen on. A CoE whose router trains on labeled files is measured
+on its files instead: the `validation` images no model trained on (`experts/file_eval.py`), each with the category
+its manifest row, its expert's one category or the router's label gives it; candidates are the experts that know
+every label of a category's images. Every expert runs once on every image (batched, with a
 progress bar); the choices are then pure functions of those outputs. Costs: each expert's profiled latency at
 batch 1 on cpu (`--profile`, default `<zoo>/profile.json`) when every classify expert has a current entry, else its
 parameter count.
@@ -23,6 +26,7 @@ from tqdm import tqdm
 
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import calibration as cal
+from expertmesh.experts import file_eval
 from expertmesh.experts.offline import load_runtime, predict
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT
@@ -59,6 +63,7 @@ class CalibrationResult(BaseModel):
     version: int
     new_version: int
     validation_seed: int
+    source: str = "generated"  # or "files": the labeled files' validation images no model trained on
     num_images: int
     scores: dict[str, dict[str, float]]  # category -> option ("a" or "a+b") -> verdict accuracy
     costs: dict[str, float]
@@ -72,14 +77,36 @@ class CalibrationResult(BaseModel):
     seconds: float
 
 
-def _refuse_file_data(spec: CoESpec) -> None:
+def _refuse_mixed_data(spec: CoESpec) -> None:
+    """A router on generated images with experts on files: neither source has every category's images."""
     for i, e in enumerate(spec.experts):
-        if e.training is not None and e.training.data is not None:
+        if file_eval.trains_on_files(e):
             raise InvalidArgument(
-                f"expert {e.name!r} trains on labeled files; calibration measures on generated validation images only",
-                field=f"experts[{i}].training.data",
-                fix="calibrate a spec whose experts train on generated images, or edit its categories[].experts and "
-                    "router.min_confidence by hand from `zoo report` (file-data calibration is not built yet)")
+                f"expert {e.name!r} trains on labeled files but the router {spec.router.expert!r} on generated images; "
+                "calibration measures on one source of validation images", field=f"experts[{i}].training.data",
+                fix="train the router from the same files (training.data with a category per image: a folder per "
+                    "category or a manifest's category column), or drop this expert's training.data")
+
+
+def validation_images(spec: CoESpec, progress: bool = True
+                      ) -> tuple[np.ndarray, list[str], list[bool], dict[str, list[cal.Option]], int]:
+    """The images calibration measures on, each one's true category and whether it is defective, the candidate
+    options per category, and the seed (generated images) or split seed (files)."""
+    if file_eval.router_on_files(spec):
+        held = file_eval.held_out(spec, file_eval.read_splits(spec, progress=progress), "validation")
+        if not len(held.images):
+            raise InvalidArgument("no validation image is held out from every model, so nothing can be measured",
+                                  field="experts[*].training.validation_fraction",
+                                  fix="give the models a validation_fraction > 0 (the default is 0.2)")
+        return held.images, held.categories, held.is_defect, file_eval.candidate_options(spec, held), spec.seed
+    _refuse_mixed_data(spec)
+    seed = spec.seed + cal.CALIBRATION_SEED_OFFSET
+    pool = dataset.Pool.generate(dataset.eval_counts(spec), seed, desc="generating validation images",
+                                 progress=progress)
+    pairs = list(pool.images)
+    images = np.concatenate([pool.images[p] for p in pairs])
+    truth = [p for p in pairs for _ in range(len(pool.images[p]))]
+    return images, [c for c, _ in truth], [d != NO_DEFECT for _, d in truth], cal.candidate_options(spec), seed
 
 
 def expert_costs(spec: CoESpec, zoo_root: Path, profile: Path | None, params: dict[str, int],
@@ -108,14 +135,8 @@ def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.Calibr
               profile: Path | None = None, progress: bool = True, warn=print) -> tuple[CalibrationResult, dict]:
     """Measure, choose, and build the new spec's mapping (validated against the zoo). Returns both."""
     t0 = time.perf_counter()
-    _refuse_file_data(spec)
     zoo_root = Path(zoo_root)
-    seed = spec.seed + cal.CALIBRATION_SEED_OFFSET
-    pool = dataset.Pool.generate(dataset.eval_counts(spec), seed, desc="generating validation images",
-                                 progress=progress)
-    pairs = list(pool.images)
-    images = np.concatenate([pool.images[p] for p in pairs])
-    truth = [p for p in pairs for _ in range(len(pool.images[p]))]
+    images, categories, is_defect, options, seed = validation_images(spec, progress)
     outputs: dict[str, list[ExpertOutput]] = {}
     params: dict[str, int] = {}
     router_preds = []
@@ -128,16 +149,14 @@ def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.Calibr
         else:
             outputs[e.name] = [ExpertOutput(e.name, p.label, float(p.score)) for p in preds]
 
-    options = cal.candidate_options(spec)
     by_cat: dict[str, list[int]] = {}
-    for i, (comp, _) in enumerate(truth):
-        by_cat.setdefault(comp, []).append(i)
-    is_defect = [d != NO_DEFECT for _, d in truth]
+    for i, cat in enumerate(categories):
+        by_cat.setdefault(cat, []).append(i)
     scores = cal.score_options(spec, options, outputs, by_cat, is_defect)
     costs, unit = expert_costs(spec, zoo_root, profile, params, warn)
     current = {c.name: tuple(c.experts) for c in spec.categories}
     chosen = cal.choose_table(scores, options, costs, current, config)
-    router_pairs = [(score, label == comp) for (label, score), (comp, _) in zip(router_preds, truth)]
+    router_pairs = [(score, label == cat) for (label, score), cat in zip(router_preds, categories)]
     th = cal.threshold_for_target(router_pairs, config.target_wrong_route)
     new_data, dropped = cal.calibrated_spec_data(spec_data, {c: ch.option for c, ch in chosen.items()}, th)
     new_spec = parse_spec(new_data, "<calibrated spec>")
@@ -156,6 +175,7 @@ def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.Calibr
                      reason=ch.reason) for c, ch in chosen.items()]
     result = CalibrationResult(
         spec=spec.name, version=spec.version, new_version=new_spec.version, validation_seed=seed,
+        source="files" if file_eval.router_on_files(spec) else "generated",
         num_images=len(images), scores=scores, costs=costs, cost_unit=unit, table=rows,
         threshold=ThresholdResult(target_wrong_route=config.target_wrong_route, min_confidence=th.threshold,
                                   wrong_route_rate=th.wrong_route_rate, fallback_rate=th.fallback_rate,
@@ -172,7 +192,9 @@ def format_result(r: CalibrationResult) -> str:
     chosen = {row.category: cal.Choice(tuple(row.chosen), row.score, row.cost, row.reason) for row in r.table}
     current = {row.category: tuple(row.current) for row in r.table}
     t = r.threshold
-    lines = [f"Calibration of {r.spec} v{r.version} on {r.num_images} validation images (seed {r.validation_seed}): "
+    where = (f"validation images of its files that no model trained on (split seed {r.validation_seed})"
+             if r.source == "files" else f"validation images (seed {r.validation_seed})")
+    lines = [f"Calibration of {r.spec} v{r.version} on {r.num_images} {where}: "
              f"verdict accuracy per category and table option (* chosen)", "",
              cal.format_matrix(r.scores, chosen, current, r.costs, r.cost_unit), "",
              f"router.min_confidence: {t.current_min_confidence:.4f} -> {t.min_confidence:.4f} (target wrong-route "

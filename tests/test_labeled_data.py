@@ -137,7 +137,7 @@ def test_manifest_split_is_honoured(dataset, tmp_path):
     n_val = sum(1 for s in splits.values() if s == "validation")
     for path in write_manifests(tmp_path, rows, splits):
         spec = write_spec(tmp_path / "spec.yaml", spec_data({"manifest": path.name}))
-        data, problems = ld.prepare(spec, spec.expert("chip"), seed=0, validation_fraction=0.2, progress=False)
+        data, problems = ld.prepare(spec, spec.expert("chip"), validation_fraction=0.2, progress=False)
         assert problems == [] and len(data.y_val) == sum(data.counts["validation"].values()) == n_val
         assert len(data.y_train) == len(rows) - n_val
 

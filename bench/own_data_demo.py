@@ -1,0 +1,194 @@
+"""The README walk-through "Serve your own inspection data", made real: a factory's labeled images on disk, a spec
+for a small CoE trained from them, and the user's commands run one after another with the real CLI.
+
+  python bench/own_data_demo.py export DIR          write the dataset and the spec under DIR (nothing else)
+  python bench/own_data_demo.py run DIR [--out F]   export, then run spec check, zoo build, zoo report, zoo
+                                                    calibrate and serve (a 10 s station on the line's new images),
+                                                    each command and its output written to F
+                                                    (default docs/own-data-walkthrough.txt)
+
+`make own-data-demo` is `run /tmp/expertmesh-own-data` (EXPERTMESH_HOME under it, so no shared zoo is touched).
+
+The dataset is what an AOI line's export looks like: crops drawn by the project's generator
+(`experts/pcb_aoi/generator.py`), renamed to the factory's own words and written as files:
+
+  DIR/aoi_export/<category>/<label>/<board>-<ref>.png|.jpg    the labeled export (PNG and JPEG, some greyscale)
+  DIR/aoi_export/manifest.csv                                 path,label,category of every file in it
+  DIR/line_today/<category>/<label>/...                       new images from the line (another seed), never trained
+                                                              on: what the station sends
+  DIR/factory-coe.yaml                                        the spec: router + 3 experts + a fallback, all `data:`
+
+Categories (the factory's part families) and the generator components drawn for them: passive (chip_resistor,
+chip_capacitor), sot (sot23), polarized (diode, electrolytic_capacitor). Labels (the AOI's defect codes): ok,
+missing, shifted (misaligned, 5x rarer than ok: the imbalanced class), bridge, no_solder, reversed (polarized only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from expertmesh.experts.pcb_aoi import generator
+
+CATEGORIES = {"passive": ("chip_resistor", "chip_capacitor"), "sot": ("sot23",),
+              "polarized": ("diode", "electrolytic_capacitor")}
+LABELS = {"ok": "ok", "missing": "missing", "misaligned": "shifted", "solder_bridge": "bridge",
+          "insufficient_solder": "no_solder", "reversed_polarity": "reversed"}  # generator defect -> factory label
+PER_PAIR = {"ok": 30, "misaligned": 6}  # images per (component, defect) in the export; the others 14
+LINE_PER_PAIR = {"ok": 6}  # in line_today; the others 1
+SEED, LINE_SEED = 11, 12
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(img, path: Path, k: int) -> Path:
+    """Every third file a JPEG, every fourth greyscale (a mono camera), the rest RGB PNG."""
+    if k % 4 == 3:
+        img = img.convert("L")
+    if k % 3 == 2:
+        path = path.with_suffix(".jpg")
+        img.save(path, quality=92)
+    else:
+        img.save(path)
+    return path
+
+
+def export_images(root: Path, seed: int, per_pair: dict[str, int], default: int) -> list[tuple[str, str, str]]:
+    """The folder tree `<root>/<category>/<label>/<board>-<ref>.<ext>`; returns (relative path, label, category)."""
+    rows, k = [], 0
+    for category, components in CATEGORIES.items():
+        for comp in components:
+            for defect in generator.defects_for(comp):
+                label = LABELS[defect]
+                folder = root / category / label
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_pair.get(defect, default)):
+                    name = f"b{seed:02d}{i:03d}-{generator._DESIGNATORS[comp]}{k % 97 + 1}"
+                    path = _write(generator.generate(comp, defect, seed, i), folder / f"{name}.png", k)
+                    rows.append((path.relative_to(root).as_posix(), label, category))
+                    k += 1
+    return rows
+
+
+def spec_data() -> dict:
+    arch = {"family": "resnet", "config": {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1],
+                                           "layer_type": "basic"}}
+    defects = ["ok", "missing", "shifted", "bridge", "no_solder"]
+
+    def expert(name, labels, data, **training):
+        return {"name": name, "task": "classify", "architecture": arch, "checkpoint": name, "input_size_px": 64,
+                "labels": labels, "pass_labels": ["ok"],
+                "training": {"data": data, "epochs": 30, "batch_size": 32, "early_stopping_patience": 6,
+                             "augment": ["rot90", "hflip", "vflip"], **training}}
+
+    return {
+        "name": "factory-coe", "version": 1,
+        "description": "A factory's own AOI export: 3 part families, trained from labeled files",
+        "seed": 0,
+        "router": {"expert": "part_family", "min_confidence": 0.6, "fallback_expert": "general_aoi",
+                   "expected_fallback_probability": 0.02},
+        "experts": [
+            {"name": "part_family", "task": "route", "architecture": arch, "checkpoint": "part_family",
+             "input_size_px": 64, "labels": list(CATEGORIES),
+             "training": {"data": {"folder": "aoi_export"}, "epochs": 20, "batch_size": 32,
+                          "early_stopping_patience": 5, "augment": ["rot90", "hflip", "vflip"]}},
+            expert("passive_aoi", defects, {"folder": "aoi_export/passive"}),
+            expert("sot_aoi", defects, {"folder": "aoi_export/sot"}),
+            expert("polarized_aoi", defects + ["reversed"],
+                   {"manifest": "aoi_export/manifest.csv", "categories": ["polarized"]}),
+            expert("general_aoi", ["ok", "defect"], {"manifest": "aoi_export/manifest.csv"},
+                   label_map={k: "defect" for k in ["missing", "shifted", "bridge", "no_solder", "reversed"]}),
+        ],
+        "categories": [{"name": "passive", "experts": ["passive_aoi"], "probability": 0.5},
+                       {"name": "sot", "experts": ["sot_aoi"], "probability": 0.2},
+                       {"name": "polarized", "experts": ["polarized_aoi"], "probability": 0.3}],
+    }
+
+
+def export(root: Path) -> Path:
+    """Write the dataset and the spec under `root`; returns the spec's path."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = export_images(root / "aoi_export", SEED, PER_PAIR, 14)
+    with open(root / "aoi_export" / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "category"])
+        w.writerows(rows)
+    export_images(root / "line_today", LINE_SEED, LINE_PER_PAIR, 1)
+    spec = root / "factory-coe.yaml"
+    spec.write_text("# A small factory CoE trained from its own AOI export (bench/own_data_demo.py writes it).\n"
+                    + yaml.safe_dump(spec_data(), sort_keys=False))
+    return spec
+
+
+def _tree_summary(root: Path) -> str:
+    lines = []
+    for top in ("aoi_export", "line_today"):
+        files = [p for p in (root / top).rglob("*") if p.is_file() and p.suffix in (".png", ".jpg")]
+        lines.append(f"{top}/: {len(files)} images ({sum(p.suffix == '.png' for p in files)} PNG, "
+                     f"{sum(p.suffix == '.jpg' for p in files)} JPEG)")
+        for cat in CATEGORIES:
+            counts = {d.name: sum(1 for _ in d.iterdir()) for d in sorted((root / top / cat).iterdir())}
+            lines.append(f"  {cat}/: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return "\n".join(lines)
+
+
+def run(root: Path, out: Path) -> int:
+    """Export, then the user's commands in order; each command line and its output go to `out` (and stdout)."""
+    env = {**os.environ, "EXPERTMESH_HOME": str(root / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
+    bin_dir = Path(sys.executable).parent
+    spec = export(root)
+    zoo = root / "zoo"
+    calibrated = root / "factory-coe.v2.yaml"
+    log = [f"# `make own-data-demo` (bench/own_data_demo.py run {root}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+           f"$ python bench/own_data_demo.py export {root}", _tree_summary(root)]
+    steps = [
+        ["expertmesh", "spec", "check", str(spec), "--zoo", str(zoo), "--skip-checkpoints"],
+        ["expertmesh", "zoo", "build", "--spec", str(spec), "--zoo", str(zoo), "--no-progress"],
+        ["expertmesh", "zoo", "report", "--spec", str(spec), "--zoo", str(zoo), "--no-progress"],
+        ["expertmesh", "zoo", "calibrate", "--spec", str(spec), "--zoo", str(zoo), "--out", str(calibrated),
+         "--no-progress"],
+        ["expertmesh", "zoo", "report", "--spec", str(calibrated), "--zoo", str(zoo), "--no-progress"],
+        ["expertmesh", "serve", "--spec", str(calibrated), "--zoo", str(zoo), "--no-profile", "--no-prometheus",
+         "--station-seconds", "10", "--station-rate", "10", "--station-images", str(root / "line_today"),
+         "--stop-after-station", "--grpc-port", "9310", "--http-port", "8310", "--metrics-port", "8390"],
+    ]
+    rc = 0
+    for cmd in steps:
+        print(f"$ {shlex.join(cmd)}", flush=True)
+        proc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
+        text = (proc.stdout + proc.stderr).rstrip()
+        print(text, flush=True)
+        log += [f"$ {shlex.join(cmd)}", text] + ([f"(exit code {proc.returncode})"] if proc.returncode else [])
+        if proc.returncode:
+            rc = proc.returncode
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(log).replace(str(root), "$DEMO") + "\n")
+    print(f"wrote {out}")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("dir", type=Path)
+    r = sub.add_parser("run")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--out", type=Path, default=ROOT / "docs" / "own-data-walkthrough.txt")
+    args = p.parse_args(argv)
+    if args.cmd == "export":
+        print(f"wrote {export(args.dir)}\n{_tree_summary(args.dir)}")
+        return 0
+    return run(args.dir, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Held-out images of a CoE whose router trains on labeled files: what `zoo report` and `zoo calibrate` measure on.
+
+Every file-data model's data is listed, decoded and split exactly as `zoo build` split it (`labeled_data.split_data`:
+seeded by the spec's seed and each image's content, so the models hold out nearly the same images).
+
+* **Each expert alone** is scored on its own `validation` split (what `zoo build` printed as validation accuracy),
+  the router on its own split's categories.
+* **The whole CoE** is scored on the images of each category's table expert(s) that are held out from *every*
+  model (their content is in no model's train split): an image's category is its manifest row's `category`, else
+  the one category whose table sends to that expert, else the router's label for the same file (by content);
+  its truth is DEFECT unless its label is one of that expert's `pass_labels`. Images whose category cannot be told
+  are left out (counted in `num_unplaced`).
+
+`split` picks the held-out side: `validation` (calibration), or `test` (rows a manifest marks `test`: never used
+by training, the report's choice when there are any).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from expertmesh.errors import InvalidArgument
+from expertmesh.experts import labeled_data
+from expertmesh.experts.accuracy_tables import accuracy_tables
+from expertmesh.experts.images import resize_to
+from expertmesh.experts.offline import load_runtime, predict, run_coe
+from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
+from expertmesh.experts.report import AccuracyReport, ExpertAccuracy, SystemAccuracy
+from expertmesh.experts.spec import CoESpec, ExpertSpec
+from expertmesh.experts.training import resolve_plan
+from expertmesh.router.plan import Verdict, aggregate
+
+
+def trains_on_files(expert: ExpertSpec) -> bool:
+    return expert.training is not None and expert.training.data is not None
+
+
+def router_on_files(spec: CoESpec) -> bool:
+    """Whether the CoE's categories come from labeled files (the router trains on them): then its report and its
+    calibration measure on those files' held-out images, not on generated ones."""
+    return trains_on_files(spec.router_expert)
+
+
+@dataclass
+class ExpertHeldOut:
+    """One model's own held-out images at its input size, with integer labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class HeldOut:
+    """The CoE's held-out images at the spec's largest input size, each with its category, label and truth."""
+
+    split: str
+    images: np.ndarray
+    categories: list[str]
+    labels: list[str]  # in the vocabulary of the category's table expert
+    is_defect: list[bool]
+    per_expert: dict[str, ExpertHeldOut] = field(default_factory=dict)
+    num_unplaced: int = 0
+
+
+def read_splits(spec: CoESpec, *, progress: bool = True) -> dict[str, labeled_data.SplitData]:
+    """Every file-data model's data as `zoo build` splits it; one DataError listing every problem."""
+    out, problems = {}, []
+    for e in spec.experts:
+        if not trains_on_files(e):
+            continue
+        data, found = labeled_data.split_data(spec, e, progress=progress,
+                                              validation_fraction=resolve_plan(e.training).validation_fraction)
+        problems += [labeled_data.DataProblem(p.file, f"[{e.name}] {p.message}", p.fix) for p in found]
+        out[e.name] = data
+    if problems:
+        raise labeled_data.DataError(problems)
+    return out
+
+
+def has_split(splits: dict[str, labeled_data.SplitData], split: str) -> bool:
+    return any(s == split for d in splits.values() for s in d.splits)
+
+
+def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: str = "validation") -> HeldOut:
+    """The held-out images (module doc) from the models' splits."""
+    size = max(spec.input_sizes_px)
+    trained = {h for d in splits.values() for h, s in zip(d.hashes, d.splits) if s == "train" and h is not None}
+    per_expert = {}
+    for name, d in splits.items():
+        e = spec.expert(name)
+        keep = [i for i, s in enumerate(d.splits) if s == split]
+        per_expert[name] = ExpertHeldOut(d.images[keep], np.array([e.labels.index(d.records[i].label) for i in keep],
+                                                                  dtype=np.int64))
+    router = splits.get(spec.router.expert)
+    category_of = {h: r.label for r, h in zip(router.records, router.hashes)} if router is not None else {}
+    served = {}
+    for c in spec.categories:
+        for name in c.experts:
+            served.setdefault(name, []).append(c.name)
+    seen: set[str] = set()
+    unplaced: set[str] = set()
+    images, cats, labels, defects = [], [], [], []
+    for c in spec.categories:
+        for name in c.experts:
+            d = splits.get(name)
+            if d is None:
+                continue
+            e = spec.expert(name)
+            for r, h, s, img in zip(d.records, d.hashes, d.splits, d.images):
+                if s != split or h is None or h in trained or h in seen:
+                    continue
+                cat = r.category or (served[name][0] if len(served[name]) == 1 else category_of.get(h))
+                if cat is None:
+                    unplaced.add(h)
+                    continue
+                if cat != c.name:
+                    continue
+                seen.add(h)
+                images.append(resize_to(img, size) if img.shape[0] != size else img)
+                cats.append(cat)
+                labels.append(r.label)
+                defects.append(r.label not in e.pass_labels)
+    arr = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return HeldOut(split, arr, cats, labels, defects, per_expert, len(unplaced))
+
+
+def judges(expert: ExpertSpec, labels: set[str]) -> bool:
+    """Whether `expert` can judge images with these labels: a classify expert with pass_labels that knows each of
+    them (as one of its labels, or as a key of its training.label_map)."""
+    if expert.task != "classify" or not expert.pass_labels:
+        return False
+    known = set(expert.labels) | set(expert.training.label_map if expert.training else {})
+    return labels <= known
+
+
+def candidate_options(spec: CoESpec, held: HeldOut) -> dict[str, list[tuple[str, ...]]]:
+    """Per category: every single expert that `judges` the labels of its held-out images, then the current entry."""
+    out = {}
+    for c in spec.categories:
+        labels = {lab for lab, cat in zip(held.labels, held.categories) if cat == c.name}
+        opts = [(e.name,) for e in spec.experts if labels and judges(e, labels)]
+        if tuple(c.experts) not in opts:
+            opts.append(tuple(c.experts))
+        out[c.name] = opts
+    return out
+
+
+# --------------------------------------------------------------------------- the accuracy report
+class FileAccuracyReport(AccuracyReport):
+    """`zoo report` of a CoE trained on files: eval_seed is the split seed (the spec's), num_eval_per_pair 0."""
+
+    split: str
+    num_unplaced: int
+
+
+def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str | None = None) -> FileAccuracyReport:
+    """Each model on its own held-out split, and the whole CoE as serving runs it on the images held out from every
+    model (`split`: default `test` when a manifest marks any rows so, else `validation`)."""
+    t0 = time.perf_counter()
+    splits = read_splits(spec, progress=progress)
+    split = split or ("test" if has_split(splits, "test") else "validation")
+    held = held_out(spec, splits, split)
+    if not len(held.images):
+        raise InvalidArgument(f"no image is held out from every model in the {split!r} split, so the CoE cannot be "
+                              "scored", field="experts[*].training.validation_fraction",
+                              fix="give the models a validation_fraction > 0 (default 0.2), or mark rows split: "
+                                  "test in a manifest")
+    runtimes = {e.name: load_runtime(spec, e, zoo_root) for e in spec.experts}
+    params = {name: rt.num_parameters for name, rt in runtimes.items()}
+    per_expert = []
+    for e in spec.experts:
+        own = held.per_expert.get(e.name)
+        if own is None or not len(own.y):  # not trained on files, or nothing held out
+            continue
+        preds = predict(runtimes[e.name], own.x)
+        per_expert.append(ExpertAccuracy(expert=e.name, accuracy=float(np.mean([e.labels.index(p.label) == t for p, t
+                                                                                in zip(preds, own.y)])),
+                                         num_images=len(own.y), num_parameters=params[e.name]))
+    runs = run_coe(spec, runtimes, held.images)
+    outcomes = [aggregate(spec, r.outputs) for r in runs]
+    truth = [lab if d else NO_DEFECT for lab, d in zip(held.labels, held.is_defect)]
+    used = [sum(params[o.expert] for o in r.outputs) + params[spec.router.expert] for r in runs]
+    coe = SystemAccuracy(
+        verdict_accuracy=float(np.mean([verdict_correct(o.verdict, t) for o, t in zip(outcomes, truth)])),
+        defect_accuracy=float(np.mean([defect_correct(o.verdict, o.defect, t) for o, t in zip(outcomes, truth)])),
+        num_uncertain=sum(o.verdict is Verdict.UNCERTAIN for o in outcomes), num_images=len(runs),
+        mean_experts_per_image=float(np.mean([len(r.outputs) + 1 for r in runs])),
+        active_parameters_per_image=float(np.mean(used)), total_parameters=sum(params.values()))
+    router_own = held.per_expert.get(spec.router.expert)
+    router_acc = (float(np.mean([spec.router_expert.labels.index(p.label) == t for p, t in
+                                 zip(predict(runtimes[spec.router.expert], router_own.x), router_own.y)]))
+                  if router_own is not None and len(router_own.y) else float("nan"))
+    return FileAccuracyReport(spec=spec.name, eval_seed=spec.seed, num_eval_per_pair=0, router_accuracy=router_acc,
+                              experts=per_expert, coe=coe, monolithic=None, seconds=time.perf_counter() - t0,
+                              split=split, num_unplaced=held.num_unplaced)
+
+
+def format_report(r: FileAccuracyReport) -> str:
+    header = (f"Accuracy report: {r.spec}, trained on files; each model on its own {r.split} split, the CoE on the "
+              f"{r.coe.num_images} {r.split} images no model trained on"
+              + (f" ({r.num_unplaced} more left out: no category known)" if r.num_unplaced else ""))
+    return f"{header}\n\n{accuracy_tables(r.model_dump())} Evaluated in {r.seconds:.1f} s."

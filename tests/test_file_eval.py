@@ -1,0 +1,179 @@
+"""A CoE trained on its own files: consistent splits across models, the held-out set the report and calibration
+measure on, candidates by label, the station sending files, and `zoo report` / `zoo calibrate` on such a zoo.
+No Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from expertmesh.cli import main
+from expertmesh.errors import InvalidArgument
+from expertmesh.experts import file_eval
+from expertmesh.experts import labeled_data as ld
+from expertmesh.experts.pcb_aoi import generator
+from expertmesh.experts.spec import load_spec, parse_spec
+from expertmesh.station import load_images
+
+TINY = {"family": "resnet", "config": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}}
+FACTORY = {"passive": ("chip_resistor", {"ok": 10, "missing": 6, "shifted": 3}),
+           "polar": ("diode", {"ok": 10, "missing": 6, "reversed": 6})}
+DEFECT = {"ok": "ok", "missing": "missing", "shifted": "misaligned", "reversed": "reversed_polarity"}
+
+
+def test_splits_by_content_agree_across_models():
+    """Two models labelling the same images differently (a router by category, an expert by defect) hold out
+    nearly the same images; the old per-label permutation shares about fraction^2 of them."""
+    hashes = [f"h{i}" for i in range(200)]
+    cats = ["a" if i < 100 else "b" for i in range(200)]
+    defects = [str(i % 4) for i in range(200)]
+    none = [None] * 200
+    router = ld.assign_splits(cats, hashes, none, 0.2, 0, by_content=True)
+    expert = ld.assign_splits(defects, hashes, none, 0.2, 0, by_content=True)
+    val_r = {h for h, s in zip(hashes, router) if s == "validation"}
+    val_e = {h for h, s in zip(hashes, expert) if s == "validation"}
+    assert len(val_r) == len(val_e) == 40 and len(val_r & val_e) >= 30
+    assert router == ld.assign_splits(cats, hashes, none, 0.2, 0, by_content=True)  # seeded
+    assert router != ld.assign_splits(cats, hashes, none, 0.2, 1, by_content=True)
+    # stratified: each label keeps its share; given splits stay
+    assert sum(s == "validation" and c == "a" for s, c in zip(router, cats)) == 20
+    given = ["test"] + [None] * 199
+    assert ld.assign_splits(cats, hashes, given, 0.2, 0, by_content=True)[0] == "test"
+
+
+def _rec(label, category=None):
+    return ld.Record(Path(f"/x/{label}"), label, label, category=category)
+
+
+def _split(items):
+    """items: (hash, label, split, category or None) -> SplitData with 8x8 images."""
+    recs = [_rec(lab, cat) for _, lab, _, cat in items]
+    return ld.SplitData(recs, np.zeros((len(items), 8, 8, 3), np.uint8), [h for h, *_ in items],
+                        [s for _, _, s, _ in items])
+
+
+def _spec(shared: bool = False):
+    """shared: passive_x serves both categories (and there is no polar_x)."""
+    e = lambda name, labels, **t: {"name": name, "task": "classify", "architecture": TINY, "checkpoint": name,  # noqa: E731
+                                   "input_size_px": 16, "labels": labels, "pass_labels": ["ok"],
+                                   "training": {"data": {"folder": name}, **t}}
+    return parse_spec({
+        "name": "f", "router": {"expert": "r", "fallback_expert": "general"},
+        "experts": [{"name": "r", "task": "route", "architecture": TINY, "checkpoint": "r", "input_size_px": 16,
+                     "labels": ["passive", "polar"], "training": {"data": {"folder": "r"}}},
+                    e("passive_x", ["ok", "missing", "shifted"]),
+                    *([] if shared else [e("polar_x", ["ok", "missing", "reversed"])]),
+                    e("general", ["ok", "defect"], label_map={"missing": "defect", "shifted": "defect",
+                                                              "reversed": "defect"})],
+        "categories": [{"name": "passive", "experts": ["passive_x"], "probability": 0.5},
+                       {"name": "polar", "experts": ["passive_x" if shared else "polar_x"],
+                        "probability": 0.5}]})
+
+
+def test_held_out_set_excludes_what_any_model_trained_on_and_finds_categories():
+    spec = _spec(shared=True)  # passive_x serves both categories: its images' categories come from the manifest or the router
+    splits = {
+        "r": _split([("a", "passive", "validation", None), ("b", "passive", "validation", None),
+                     ("c", "polar", "train", None), ("d", "polar", "validation", None)]),
+        "passive_x": _split([("a", "ok", "validation", None), ("b", "missing", "validation", None),
+                             ("c", "missing", "validation", None),  # the router trained on c: not held out
+                             ("d", "ok", "validation", None), ("e", "shifted", "validation", "polar"),
+                             ("f", "ok", "validation", None),  # no category anywhere: unplaced
+                             ("g", "ok", "train", None)]),
+    }
+    held = file_eval.held_out(spec, splits, "validation")
+    assert held.categories == ["passive", "passive", "polar", "polar"]
+    assert held.labels == ["ok", "missing", "ok", "shifted"] and held.is_defect == [False, True, False, True]
+    assert held.num_unplaced == 1 and held.images.shape == (4, 16, 16, 3)  # at the largest input size
+    assert list(held.per_expert["passive_x"].y) == [0, 1, 1, 0, 2, 0]  # its own validation split, whole
+    # an expert serving one category places its images there without any manifest column
+    one = _spec()
+    held = file_eval.held_out(one, {"passive_x": _split([("a", "ok", "validation", None)])}, "validation")
+    assert held.categories == ["passive"]
+
+
+def test_candidates_are_the_experts_knowing_every_label_of_a_category():
+    spec = _spec()
+    held = file_eval.HeldOut("validation", np.zeros((3, 16, 16, 3), np.uint8), ["passive", "polar", "polar"],
+                             ["shifted", "ok", "reversed"], [True, False, True])
+    opts = file_eval.candidate_options(spec, held)
+    assert opts["passive"] == [("passive_x",), ("general",)]  # polar_x does not know "shifted"
+    assert opts["polar"] == [("polar_x",), ("general",)]
+
+
+def test_station_sends_your_files_with_truth_from_their_folders(tmp_path):
+    for label, n in (("ok", 3), ("bridge", 2)):
+        (tmp_path / "cat" / label).mkdir(parents=True)
+        for i in range(n):
+            generator.generate("sot23", "ok", 0, i).save(tmp_path / "cat" / label / f"{i}.{'jpg' if i else 'png'}")
+    (tmp_path / "README.txt").write_text("not an image")
+    pool = load_images(tmp_path, {"ok"})
+    assert len(pool) == 5 and {c for c, _, _ in pool} == {"cat"}
+    assert sorted(d for _, d, _ in pool) == ["bridge", "bridge", "ok", "ok", "ok"]
+    assert {b[:4] for _, _, b in pool} == {b"\x89PNG", b"\xff\xd8\xff\xe0"}  # sent as they are
+    with pytest.raises(InvalidArgument, match="no PNG or JPEG") as err:
+        load_images(tmp_path / "cat" / "missing-folder", {"ok"})
+    assert err.value.field == "--images"
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory) -> Path:
+    """A tiny factory export: <root>/data/<category>/<label>/*, a manifest, a spec trained from them (2 epochs)."""
+    root = tmp_path_factory.mktemp("factory")
+    rows = []
+    for cat, (comp, counts) in FACTORY.items():
+        for label, n in counts.items():
+            (root / "data" / cat / label).mkdir(parents=True)
+            for i in range(n):
+                img = generator.generate(comp, DEFECT[label], 3, i)
+                rel = f"{cat}/{label}/{i}.{'jpg' if i % 3 == 2 else 'png'}"
+                (img.convert("L") if i % 4 == 3 else img).save(root / "data" / rel)
+                rows.append((rel, label, cat))
+    with open(root / "data" / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "category"), *rows])
+    e = lambda name, labels, data, **t: {  # noqa: E731
+        "name": name, "task": "classify", "architecture": TINY, "checkpoint": name, "input_size_px": 32,
+        "labels": labels, "pass_labels": ["ok"], "training": {"data": data, "epochs": 2, "batch_size": 8, **t}}
+    spec = {"name": "factory", "seed": 0, "router": {"expert": "family", "min_confidence": 0.5, "fallback_expert": "general"},
+            "experts": [{"name": "family", "task": "route", "architecture": TINY, "checkpoint": "family",
+                         "input_size_px": 32, "labels": list(FACTORY),
+                         "training": {"data": {"folder": "data"}, "epochs": 2, "batch_size": 8}},
+                        e("passive_x", ["ok", "missing", "shifted"], {"folder": "data/passive"}),
+                        e("polar_x", ["ok", "missing", "reversed"],
+                          {"manifest": "data/manifest.csv", "categories": ["polar"]}),
+                        e("general", ["ok", "defect"], {"manifest": "data/manifest.csv"},
+                          label_map={"missing": "defect", "shifted": "defect", "reversed": "defect"})],
+            "categories": [{"name": "passive", "experts": ["passive_x"], "probability": 0.6},
+                           {"name": "polar", "experts": ["polar_x"], "probability": 0.4}]}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["zoo", "build", "--spec", str(root / "spec.yaml"), "--zoo", str(root / "zoo"), "--no-progress"]) == 0
+    return root
+
+
+def test_report_and_calibrate_measure_on_the_files(factory, capsys):
+    spec_file, zoo = factory / "spec.yaml", factory / "zoo"
+    capsys.readouterr()
+    assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress",
+                 "--json", str(factory / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "trained on files; each model on its own validation split" in out and "passive_x" in out
+    r = json.loads((factory / "report.json").read_text())
+    assert r["split"] == "validation" and 0 < r["coe"]["num_images"] < 60 and r["monolithic"] is None
+    assert {e["expert"] for e in r["experts"]} == {"family", "passive_x", "polar_x", "general"}
+
+    new = factory / "spec.v2.yaml"
+    assert main(["zoo", "calibrate", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress",
+                 "--target-wrong-route", "0.9", "--out", str(new), "--json", str(factory / "cal.json")]) == 0
+    out = capsys.readouterr().out
+    assert "validation images of its files that no model trained on" in out
+    cal = json.loads((factory / "cal.json").read_text())
+    assert cal["source"] == "files" and cal["num_images"] == r["coe"]["num_images"]
+    assert set(cal["scores"]["passive"]) == {"passive_x", "general"}  # polar_x does not know "shifted"
+    assert set(cal["scores"]["polar"]) == {"polar_x", "general"}
+    calibrated = load_spec(new, zoo_root=zoo)  # its data paths still resolve (written beside the spec)
+    assert calibrated.version == 2 and calibrated.router.min_confidence == cal["threshold"]["min_confidence"]
