@@ -30,14 +30,12 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from expertmesh.cluster import placement_store, rollout_store
-from expertmesh.cluster.rollout import RolloutState
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT, ROUTER_DEPLOYMENT,
-                                           AppArgs, app_options, host_deployments, with_rollout)
+                                           AppArgs, host_deployments, served_options)
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.placement_controller import PlacementControllerDeployment
-from expertmesh.errors import InvalidArgument
 from expertmesh.deployments.router import RouterDeployment
 from expertmesh.experts.spec import CoESpec, load_spec, resolve_checkpoint
 
@@ -83,30 +81,6 @@ def _versioned(deployment: Deployment, options: dict, *init_args, fingerprint: s
     return deployment.options(**options).options(version=digest, _internal=True)  # Serve's own versioning hook
 
 
-def served_coes(spec: CoESpec, a: AppArgs) -> dict[str, CoESpec]:
-    """The other CoEs the app serves (`--coe`), by spec name, each checked (checkpoints in the zoo), and the tokens
-    file's `coes:` checked against them: a name served twice, or a tenancy entry naming a CoE not served, is refused."""
-    out: dict[str, CoESpec] = {}
-    for path in a.coes:
-        other = load_spec(path, zoo_root=Path(a.zoo))
-        if other.name == spec.name or other.name in out:
-            raise InvalidArgument(f"two served CoEs are named {other.name!r} ({path})", field="coes",
-                                  fix="give each spec its own `name` (a request names its CoE by it)")
-        out[other.name] = other.with_base_dir(Path(path).parent)
-    unknown = TokenTable.load(a.tokens_file).coes.unknown_names([spec.name, *out])
-    if unknown:
-        raise InvalidArgument(f"the tokens file's `coes:` names CoEs not served here: {', '.join(unknown)}",
-                              field="coes", fix=f"serve them with --coe SPEC, or name one of: "
-                                                f"{', '.join([spec.name, *out])}")
-    return out
-
-
-def input_sizes(state: RolloutState, coes: dict[str, CoESpec], zoo: str) -> list[int]:
-    """Every input size the revisions a rollout serves and the other CoEs need (their specs and checkpoints checked)."""
-    rollout = {size for path in state.known for size in load_spec(path, zoo_root=Path(zoo)).input_sizes_px}
-    return sorted(rollout | {size for c in coes.values() for size in c.input_sizes_px})
-
-
 def build_app(args: dict | AppArgs) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     spec = load_spec(a.spec, zoo_root=Path(a.zoo))  # checkpoints must exist before any replica starts
@@ -116,11 +90,8 @@ def build_app(args: dict | AppArgs) -> Application:
         log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
         a = AppArgs.model_validate({**a.model_dump(), "placement": stored.placement,
                                     "executors": stored.executors or None})
-    opts = app_options(spec, a, warn=log.warning)  # profile applied when current
+    opts = served_options(spec, a, warn=log.warning, rollout=rollout_store.read())  # profile applied when current
     s = a.settings
-    coes = served_coes(spec, a)
-    opts = with_rollout(opts, rollout := rollout_store.read(), input_sizes(rollout, coes, a.zoo),
-                        {name: path for name, path in zip(coes, a.coes)})
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(spec, a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place

@@ -21,7 +21,8 @@ from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.cluster.rollout import RolloutState
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.graph import usage_probabilities
-from expertmesh.experts.spec import CoESpec
+from expertmesh.deployments.auth import TokenTable
+from expertmesh.experts.spec import CoESpec, load_spec
 from expertmesh.profiler.serving_profiles import serving_device, serving_devices, usable_profiles
 from expertmesh.profiler.store import ExpertProfile, ProfileStore
 
@@ -368,6 +369,32 @@ def with_rollout(opts: dict[str, dict[str, Any]], state: RolloutState, input_siz
     return out
 
 
+def served_coes(spec: CoESpec, a: AppArgs) -> dict[str, CoESpec]:
+    """The other CoEs the app serves (`--coe`), by spec name, each checked (checkpoints in the zoo), and the tokens
+    file's `coes:` checked against them: a name served twice, or a tenancy entry naming a CoE not served, is refused."""
+    out: dict[str, CoESpec] = {}
+    for path in a.coes:
+        other = load_spec(path, zoo_root=Path(a.zoo))
+        if other.name == spec.name or other.name in out:
+            raise InvalidArgument(f"two served CoEs are named {other.name!r} ({path})", field="coes",
+                                  fix="give each spec its own `name` (a request names its CoE by it)")
+        out[other.name] = other.with_base_dir(Path(path).parent)
+    if not Path(a.tokens_file).is_file():  # `expertmesh config` for a cluster's file: the app build checks it there
+        return out
+    unknown = TokenTable.load(a.tokens_file).coes.unknown_names([spec.name, *out])
+    if unknown:
+        raise InvalidArgument(f"the tokens file's `coes:` names CoEs not served here: {', '.join(unknown)}",
+                              field="coes", fix=f"serve them with --coe SPEC, or name one of: "
+                                                f"{', '.join([spec.name, *out])}")
+    return out
+
+
+def input_sizes(state: RolloutState, coes: dict[str, CoESpec], zoo: str) -> list[int]:
+    """Every input size the revisions a rollout serves and the other CoEs need (their specs and checkpoints checked)."""
+    rollout = {size for path in state.known for size in load_spec(path, zoo_root=Path(zoo)).input_sizes_px}
+    return sorted(rollout | {size for c in coes.values() for size in c.input_sizes_px})
+
+
 def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, ExpertProfile]:
     """The profile entries the app is served with, and the placement controller re-plans with: the current entries
     of `args.profile` for the device each expert runs on (`serving_devices`: from the spec and `expert_num_gpus`,
@@ -381,6 +408,15 @@ def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | Non
 def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """`deployment_options` with the profile entries (`app_profiles`) and the placement of `args` applied."""
     return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement, args.executors)
+
+
+def served_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None,
+                   rollout: RolloutState | None = None) -> dict[str, dict[str, Any]]:
+    """`app_options` with the revisions served (`with_rollout`): a live change's and the other CoEs'."""
+    coes = served_coes(spec, args)
+    state = rollout or RolloutState()
+    return with_rollout(app_options(spec, args, warn), state, input_sizes(state, coes, args.zoo),
+                        {name: path for name, path in zip(coes, args.coes)})
 
 
 def proxy_env(settings: ServeSettings) -> dict[str, str]:
@@ -408,7 +444,7 @@ def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None]
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "args": args.model_dump(mode="json"),
-            "deployments": config_deployments(app_options(spec, args, warn), args.settings),
+            "deployments": config_deployments(served_options(spec, args, warn), args.settings),
         }],
     }
     check_serve_config(config)

@@ -8,12 +8,16 @@ traffic the whole time; every response must be OK and name the revision and expe
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from expertmesh.bench.provenance import provenance
 from expertmesh.cluster import rollout, rollout_store
 from expertmesh.deployments import runner
 from expertmesh.experts.images import encode_png
@@ -124,9 +129,35 @@ def revision_2(serving, tmp_path_factory):
     return path, expert_version(spec.expert("chip_defect"), new_chip)
 
 
+STEPS: list[dict] = []  # every change applied: its steps' log lines and how long it took (the results file)
+
+
 def change(serving, steps) -> float:
-    apply(serving.app_args, steps, log=lambda m: print(m, flush=True))
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    final = apply(serving.app_args, steps, log=lambda m: (print(m, flush=True), lines.append(m)))
+    STEPS.append({"change": final.note, "steps": lines, "seconds": round(time.perf_counter() - t0, 2)})
     return time.monotonic()
+
+
+def write_results(stations: Stations, phases: dict[str, list[Answer]], prefix: Path) -> None:
+    """`EXPERTMESH_ROLLOUT_OUT=bench/results/rollout pytest -s tests/test_live_rollout.py`: what the README quotes."""
+    codes = Counter(a.code.name for a in stations.answers)
+    doc = {"provenance": provenance(),
+           "command": "EXPERTMESH_ROLLOUT_OUT=bench/results/rollout python -m pytest -s tests/test_live_rollout.py",
+           "requests": len(stations.answers), "codes": dict(codes), "changes": STEPS,
+           "phases": {name: dict(Counter(a.coe_version for a in got)) for name, got in phases.items()}}
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    rows = "\n".join(f"| {c['change']} | {len(c['steps'])} | {c['seconds']:.1f} |" for c in STEPS)
+    phases_md = "\n".join(f"| {name} | {', '.join(f'{v}: {n}' for v, n in sorted(got.items()))} |"
+                           for name, got in doc["phases"].items())
+    Path(f"{prefix}.md").write_text(
+        f"# Live expert changes under load (tests/test_live_rollout.py)\n\nCommit {doc['provenance']['commit']}, "
+        f"{doc['provenance']['date']}; `{doc['command']}`.\n\n{doc['requests']} requests from two stations sent back to "
+        f"back during the changes: {', '.join(f'{k} {v}' for k, v in sorted(codes.items()))}.\n\n"
+        f"| change | steps | seconds |\n|---|---|---|\n{rows}\n\n"
+        f"| answers sent after the change | revisions that answered |\n|---|---|\n{phases_md}\n")
 
 
 def test_experts_change_under_load_with_no_failed_request(serving, revision_2):
@@ -134,14 +165,15 @@ def test_experts_change_under_load_with_no_failed_request(serving, revision_2):
     base = load_spec(serving.spec_path)
     v1_chip = expert_version(base.expert("chip_defect"), resolve_checkpoint(base.expert("chip_defect"), serving.zoo))
     assert v1_chip != v2_chip
+    phases: dict[str, list[Answer]] = {}
     try:
         with Stations(serving) as stations:
-            before = stations.since(time.monotonic())
+            before = phases["before"] = stations.since(time.monotonic())
             assert {a.coe_version for a in before} == {"pcb-aoi@1"}
             assert {a.experts["chip_defect"] for a in before if a.part.startswith("chip")} == {v1_chip}
 
             # update: every request answered by revision 2, with the new chip_defect, the added and no removed expert
-            after = stations.since(change(serving, rollout.update(rollout_store.read(), spec_path)))
+            after = phases["update"] = stations.since(change(serving, rollout.update(rollout_store.read(), spec_path)))
             assert {a.coe_version for a in after} == {"pcb-aoi@2"}
             assert {a.experts["chip_defect"] for a in after if a.part.startswith("chip")} == {v2_chip}
             diodes = [a for a in after if a.category == "diode"]
@@ -149,20 +181,22 @@ def test_experts_change_under_load_with_no_failed_request(serving, revision_2):
             assert not any("polarity" in a.experts for a in after)
 
             # rollback: one command, revision 1 again, polarity back
-            after = stations.since(change(serving, rollout.rollback(rollout_store.read())))
+            after = phases["rollback"] = stations.since(change(serving, rollout.rollback(rollout_store.read())))
             assert {a.coe_version for a in after} == {"pcb-aoi@1"}
             assert any("polarity" in a.experts for a in after if a.part in ("diode", "soic", "led"))
 
             # canary: half of factory-a's requests on revision 2, none of factory-b's; agreement counted
             t0 = change(serving, rollout.start_canary(rollout_store.read(), spec_path, "factory-a", 0.5))
-            after = stations.since(t0, min_answers=40)
+            after = phases["canary (factory-a 50%)"] = stations.since(t0, min_answers=40)
             assert {a.coe_version for a in after if a.factory == "factory-b"} == {"pcb-aoi@1"}
             on_canary = [a.coe_version == "pcb-aoi@2" for a in after if a.factory == "factory-a"]
             assert 0.3 <= sum(on_canary) / len(on_canary) <= 0.7, on_canary
 
             # promote: revision 2 for everyone
-            after = stations.since(change(serving, rollout.promote(rollout_store.read())))
+            after = phases["promote"] = stations.since(change(serving, rollout.promote(rollout_store.read())))
             assert {a.coe_version for a in after} == {"pcb-aoi@2"}
+        if os.environ.get("EXPERTMESH_ROLLOUT_OUT"):
+            write_results(stations, phases, Path(os.environ["EXPERTMESH_ROLLOUT_OUT"]))
         failed = [a for a in stations.answers if a.code != grpc.StatusCode.OK]
         assert not failed and len(stations.answers) > 150, (len(failed), failed[:3])
     finally:

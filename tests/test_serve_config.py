@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from expertmesh.cli import main
 from expertmesh.deployments.auth import TokenTable, write_dev_tokens
-from expertmesh.deployments.config import AppArgs, ServeSettings, build_serve_config, deployment_options
+from expertmesh.cluster.rollout import RolloutState
+from expertmesh.deployments.config import AppArgs, ServeSettings, build_serve_config, deployment_options, with_rollout
 from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 
@@ -41,7 +42,8 @@ def test_options_from_one_place(default_spec):
     settings = ServeSettings(expert_num_gpus=0.5)
     opts = deployment_options(default_spec, settings)
     args = AppArgs(zoo="/z", tokens_file="/t", settings=settings)
-    assert build_serve_config(default_spec, args)["applications"][0]["deployments"] == list(opts.values())
+    served = with_rollout(opts, RolloutState(), [], {})  # no live change, no other CoE: what the app build adds
+    assert build_serve_config(default_spec, args)["applications"][0]["deployments"] == list(served.values())
     assert opts["Host"]["ray_actor_options"]["num_gpus"] == 0.5  # experts with device auto: the host gets the GPU share
     assert deployment_options(default_spec, ServeSettings())["Host"]["ray_actor_options"]["num_gpus"] == 0
 
