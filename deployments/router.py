@@ -167,9 +167,12 @@ class RouterDeployment:
         fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
         deadlines = [Deadline(fallback_s if m.get("budget_s") is None else float(m["budget_s"])) for m in metas]
         picks = [self._pick(m) for m in metas]
+        metas_coe = [m.get("coe", "") for m in metas]
         metas = [{k: v for k, v in m.items() if k not in ("budget_s", "coe")} for m in metas]
         rows: dict[str, list[int]] = defaultdict(list)  # revision -> the rows it runs (its answers and its shadows)
         for i, pick in enumerate(picks):
+            if pick is None:
+                continue
             rows[pick.revision].append(i)
             if pick.shadow is not None:
                 rows[pick.shadow].append(i)
@@ -177,16 +180,18 @@ class RouterDeployment:
         done = await asyncio.gather(*(self._inspect_rows(rev, rows[rev.path], images, metas, deadlines, t0)
                                       for rev in revisions))
         results = {rev.path: r for rev, r in zip(revisions, done)}
-        out = [results[pick.revision][i] for i, pick in enumerate(picks)]
+        out = [results[pick.revision][i] if pick is not None else Unavailable(
+            f"CoE {metas_coe[i]!r} is not served by this router yet", fix="retry; the app is being reconfigured")
+            for i, pick in enumerate(picks)]
         self._record_rollout(picks, results, out)
         return out
 
-    def _pick(self, meta: dict) -> Assignment:
+    def _pick(self, meta: dict) -> Assignment | None:
         """A request's revision: its CoE's (the ingress chose the CoE); for this app's own CoE, the stable revision
-        or the canary's share of its factory."""
+        or the canary's share of its factory. None: a CoE this router does not know (yet: the ingress learnt it first)."""
         coe = meta.get("coe") or self.spec.name
         if coe != self.spec.name:
-            return Assignment(self.coes.get(coe, ""))  # the ingress only sends CoEs served here
+            return Assignment(self.coes[coe]) if coe in self.coes else None
         rollout = self.rollout
         return self._splitter.assign(meta.get("factory_id", ""), rollout["stable"], rollout.get("canary"))
 
@@ -227,6 +232,8 @@ class RouterDeployment:
         counts: Counter[tuple[str, str]] = Counter()
         agreements: Counter[tuple[str, str, str]] = Counter()
         for i, pick in enumerate(picks):
+            if pick is None:
+                continue
             label = self.revisions.get(pick.revision).label
             counts[(label, "canary" if pick.shadow is not None else "stable")] += 1
             if pick.shadow is not None:
