@@ -42,8 +42,8 @@ CATEGORIES = {"passive": ("chip_resistor", "chip_capacitor"), "sot": ("sot23",),
               "polarized": ("diode", "electrolytic_capacitor")}
 LABELS = {"ok": "ok", "missing": "missing", "misaligned": "shifted", "solder_bridge": "bridge",
           "insufficient_solder": "no_solder", "reversed_polarity": "reversed"}  # generator defect -> factory label
-PER_PAIR = {"ok": 30, "misaligned": 6}  # images per (component, defect) in the export; the others 14
-LINE_PER_PAIR = {"ok": 6}  # in line_today; the others 1
+PER_PAIR = {"ok": 40, "misaligned": 8}  # images per (component, defect) in the export; the others 20
+LINE_PER_PAIR = {"ok": 8}  # in line_today; the others 2
 SEED, LINE_SEED = 11, 12
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def spec_data() -> dict:
     def expert(name, labels, data, **training):
         return {"name": name, "task": "classify", "architecture": arch, "checkpoint": name, "input_size_px": 64,
                 "labels": labels, "pass_labels": ["ok"],
-                "training": {"data": data, "epochs": 30, "batch_size": 32, "early_stopping_patience": 6,
+                "training": {"data": data, "epochs": 40, "batch_size": 32, "early_stopping_patience": 12,
                              "augment": ["rot90", "hflip", "vflip"], **training}}
 
     return {
@@ -115,12 +115,12 @@ def spec_data() -> dict:
 def export(root: Path) -> Path:
     """Write the dataset and the spec under `root`; returns the spec's path."""
     root.mkdir(parents=True, exist_ok=True)
-    rows = export_images(root / "aoi_export", SEED, PER_PAIR, 14)
+    rows = export_images(root / "aoi_export", SEED, PER_PAIR, 20)
     with open(root / "aoi_export" / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "category"])
         w.writerows(rows)
-    export_images(root / "line_today", LINE_SEED, LINE_PER_PAIR, 1)
+    export_images(root / "line_today", LINE_SEED, LINE_PER_PAIR, 2)
     spec = root / "factory-coe.yaml"
     spec.write_text("# A small factory CoE trained from its own AOI export (bench/own_data_demo.py writes it).\n"
                     + yaml.safe_dump(spec_data(), sort_keys=False))
@@ -162,8 +162,9 @@ def run(root: Path, out: Path) -> int:
     rc = 0
     for cmd in steps:
         print(f"$ {shlex.join(cmd)}", flush=True)
-        proc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
-        text = (proc.stdout + proc.stderr).rstrip()
+        proc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        text = proc.stdout.rstrip()
         print(text, flush=True)
         log += [f"$ {shlex.join(cmd)}", text] + ([f"(exit code {proc.returncode})"] if proc.returncode else [])
         if proc.returncode:

@@ -5,11 +5,13 @@ seeded by the spec's seed and each image's content, so the models hold out nearl
 
 * **Each expert alone** is scored on its own `validation` split (what `zoo build` printed as validation accuracy),
   the router on its own split's categories.
-* **The whole CoE** is scored on the images of each category's table expert(s) that are held out from *every*
-  model (their content is in no model's train split): an image's category is its manifest row's `category`, else
-  the one category whose table sends to that expert, else the router's label for the same file (by content);
-  its truth is DEFECT unless its label is one of that expert's `pass_labels`. Images whose category cannot be told
-  are left out (counted in `num_unplaced`).
+* **The whole CoE** is scored on the images of every file-data expert (the table's first, then the others, e.g. a
+  fallback trained on everything) that are held out from *every* model (their content is in no model's train
+  split), each image once: its category is its manifest row's `category`, else the router's label for the same
+  file (by content), else the one category whose table sends to that expert; its truth is DEFECT unless its
+  label is one of that expert's `pass_labels`. Images whose category cannot be told are left out (`num_unplaced`).
+  The set does not depend on the table, so a spec and its calibrated version are scored on the same images (as
+  long as the experts whose data hold them stay in the spec).
 
 `split` picks the held-out side: `validation` (calibration), or `test` (rows a manifest marks `test`: never used
 by training, the report's choice when there are any).
@@ -60,7 +62,8 @@ class HeldOut:
     split: str
     images: np.ndarray
     categories: list[str]
-    labels: list[str]  # in the vocabulary of the category's table expert
+    labels: list[str]  # in the vocabulary of the expert whose data held the image
+    raw_labels: list[str]  # before that expert's label_map (the folder name or manifest label)
     is_defect: list[bool]
     per_expert: dict[str, ExpertHeldOut] = field(default_factory=dict)
     num_unplaced: int = 0
@@ -101,31 +104,30 @@ def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: st
     for c in spec.categories:
         for name in c.experts:
             served.setdefault(name, []).append(c.name)
+    names = [n for c in spec.categories for n in c.experts] + [e.name for e in spec.experts]
+    names = [n for i, n in enumerate(names) if n in splits and n != spec.router.expert and n not in names[:i]]
+    known = {c.name for c in spec.categories}
     seen: set[str] = set()
     unplaced: set[str] = set()
-    images, cats, labels, defects = [], [], [], []
-    for c in spec.categories:
-        for name in c.experts:
-            d = splits.get(name)
-            if d is None:
+    images, cats, labels, raw, defects = [], [], [], [], []
+    for name in names:
+        d, e = splits[name], spec.expert(name)
+        for r, h, s, img in zip(d.records, d.hashes, d.splits, d.images):
+            if s != split or h is None or h in trained or h in seen:
                 continue
-            e = spec.expert(name)
-            for r, h, s, img in zip(d.records, d.hashes, d.splits, d.images):
-                if s != split or h is None or h in trained or h in seen:
-                    continue
-                cat = r.category or (served[name][0] if len(served[name]) == 1 else category_of.get(h))
-                if cat is None:
-                    unplaced.add(h)
-                    continue
-                if cat != c.name:
-                    continue
-                seen.add(h)
-                images.append(resize_to(img, size) if img.shape[0] != size else img)
-                cats.append(cat)
-                labels.append(r.label)
-                defects.append(r.label not in e.pass_labels)
+            cat = r.category or category_of.get(h) or (served[name][0] if len(served.get(name, [])) == 1 else None)
+            if cat not in known:
+                unplaced.add(h)
+                continue
+            seen.add(h)
+            unplaced.discard(h)
+            images.append(resize_to(img, size) if img.shape[0] != size else img)
+            cats.append(cat)
+            labels.append(r.label)
+            raw.append(r.raw_label or r.label)
+            defects.append(r.label not in e.pass_labels)
     arr = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
-    return HeldOut(split, arr, cats, labels, defects, per_expert, len(unplaced))
+    return HeldOut(split, arr, cats, labels, raw, defects, per_expert, len(unplaced))
 
 
 def judges(expert: ExpertSpec, labels: set[str]) -> bool:
@@ -138,10 +140,11 @@ def judges(expert: ExpertSpec, labels: set[str]) -> bool:
 
 
 def candidate_options(spec: CoESpec, held: HeldOut) -> dict[str, list[tuple[str, ...]]]:
-    """Per category: every single expert that `judges` the labels of its held-out images, then the current entry."""
+    """Per category: every single expert that `judges` the (raw) labels of its held-out images, then the current
+    entry."""
     out = {}
     for c in spec.categories:
-        labels = {lab for lab, cat in zip(held.labels, held.categories) if cat == c.name}
+        labels = {lab for lab, cat in zip(held.raw_labels, held.categories) if cat == c.name}
         opts = [(e.name,) for e in spec.experts if labels and judges(e, labels)]
         if tuple(c.experts) not in opts:
             opts.append(tuple(c.experts))

@@ -86,6 +86,7 @@ class Record:
     weight: float = 1.0
     where: str = ""
     category: str | None = None  # a manifest row's category column (None: a folder, or no such column)
+    raw_label: str | None = None  # the folder name or manifest label before training.label_map
 
 
 @dataclass
@@ -153,7 +154,8 @@ def list_folder(root: Path, labels: list[str], label_map: dict[str, str]) -> Lis
             out.problems.append(_unknown_label(label, [f"{sub}/"], labels, f"rename folder {sub.name!r} to one of "
                                                                            f"{labels}, remove it", n=len(files)))
             continue
-        out.records += [Record(f, f.relative_to(root).as_posix(), label, where=str(f)) for f in files]
+        out.records += [Record(f, f.relative_to(root).as_posix(), label, where=str(f), raw_label=sub.name)
+                        for f in files]
     if not subdirs or not any(f.is_file() for s in subdirs for f in s.rglob("*")):
         out.problems.append(DataProblem(str(root), "the folder holds no images (expected <folder>/<label>/<image>)",
                                         f"put each image in the sub-folder named by its label, one of {labels}"))
@@ -248,7 +250,7 @@ def read_manifest(path: Path, labels: list[str], label_map: dict[str, str], labe
             continue
         if not bad:
             out.records.append(Record(file, rel, label, SPLITS[split] if split else None, weight, where,
-                                      str(row.get("category", "")).strip() or None))
+                                      str(row.get("category", "")).strip() or None, raw))
     out.problems += [_unknown_label(lab, wh, labels, "correct the rows' label") for lab, wh in sorted(unknown.items())]
     if not out.records and not out.problems:
         out.problems.append(DataProblem(str(path), "the manifest lists no images" + (
