@@ -2,7 +2,8 @@
 
 Runs the whole CoE offline exactly as serving does (the router model, then `router.plan`'s rules,
 table, dependency triggers and verdict aggregation, with experts loaded by `ExpertRuntime` from
-their checkpoints), batched per expert, and the monolithic baseline beside it on the same images.
+their checkpoints), batched per expert, and the two monolithic baselines beside it on the same images: one of
+the CoE's active parameters per image (`monolithic`), one of its total parameters (`monolithic_total`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.runtime import ExpertRuntime
-from expertmesh.experts.spec import CoESpec
-from expertmesh.experts.zoo import BASELINE_DIR, monolithic_spec
+from expertmesh.experts.spec import CoESpec, resolve_checkpoint
+from expertmesh.experts.zoo import BASELINES, monolithic_spec, read_meta
 from expertmesh.router.plan import Verdict, aggregate
 
 
@@ -30,16 +31,19 @@ class ExpertAccuracy(BaseModel):
     accuracy: float
     num_images: int
     num_parameters: int
+    train_seconds: float | None = None  # as the zoo build recorded it in the checkpoint (None: not trained here)
 
 
 class SystemAccuracy(BaseModel):
     verdict_accuracy: float  # PASS iff the truth is "ok"; UNCERTAIN counts as wrong
     defect_accuracy: float  # the exact defect label (or "ok")
+    defect_recall: float | None = None  # of the defective parts, the share with a DEFECT verdict
     num_uncertain: int
     num_images: int
     mean_experts_per_image: float
     active_parameters_per_image: float
     total_parameters: int
+    train_seconds: float | None = None  # a baseline's training time as recorded in its checkpoint
 
 
 class AccuracyReport(BaseModel):
@@ -49,7 +53,8 @@ class AccuracyReport(BaseModel):
     router_accuracy: float
     experts: list[ExpertAccuracy]
     coe: SystemAccuracy
-    monolithic: SystemAccuracy | None
+    monolithic: SystemAccuracy | None  # matched active parameters per image
+    monolithic_total: SystemAccuracy | None = None  # matched total parameters
     seconds: float
 
 
@@ -71,7 +76,8 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
         x, y = pool.arrays_for(samples, e.labels)
         preds = predict(runtimes[e.name], x)
         acc = float(np.mean([e.labels.index(p.label) == t for p, t in zip(preds, y)]))
-        per_expert.append(ExpertAccuracy(expert=e.name, accuracy=acc, num_images=len(y), num_parameters=params[e.name]))
+        per_expert.append(ExpertAccuracy(expert=e.name, accuracy=acc, num_images=len(y), num_parameters=params[e.name],
+                                         train_seconds=_train_seconds(resolve_checkpoint(e, zoo_root))))
 
     # the whole CoE, exactly as serving runs it (route, then the plan in waves batched per expert)
     runs = run_coe(spec, runtimes, images)
@@ -82,29 +88,47 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
     coe = SystemAccuracy(
         verdict_accuracy=float(np.mean([verdict_correct(o.verdict, d) for o, (_, d) in zip(outcomes, truth)])),
         defect_accuracy=float(np.mean([defect_correct(o.verdict, o.defect, d) for o, (_, d) in zip(outcomes, truth)])),
+        defect_recall=_recall([o.verdict for o in outcomes], truth),
         num_uncertain=sum(o.verdict is Verdict.UNCERTAIN for o in outcomes),
         num_images=len(images),
         mean_experts_per_image=float(np.mean([len(outputs[i]) + 1 for i in range(len(images))])),
         active_parameters_per_image=float(np.mean(used)),
         total_parameters=sum(params.values()),
     )
-    mono = None
-    if baseline and (zoo_root / BASELINE_DIR / "model.safetensors").is_file():
-        mspec = monolithic_spec(spec)
-        rt = ExpertRuntime(mspec, zoo_root / BASELINE_DIR, device="cpu", image_limits=spec.image)
-        rt.load()
-        found = [p.label.split("/")[1] for p in predict(rt, images)]  # labels are component/defect
-        verdicts = [Verdict.PASS if f == NO_DEFECT else Verdict.DEFECT for f in found]
-        n = rt.num_parameters
-        mono = SystemAccuracy(
-            verdict_accuracy=float(np.mean([verdict_correct(v, d) for v, (_, d) in zip(verdicts, truth)])),
-            defect_accuracy=float(np.mean([defect_correct(v, f, d) for v, f, (_, d) in zip(verdicts, found, truth)])),
-            num_uncertain=0, num_images=len(images), mean_experts_per_image=1.0,
-            active_parameters_per_image=float(n), total_parameters=n,
-        )
+    baselines = {name: _baseline_accuracy(spec, zoo_root / directory, match, images, truth) if baseline else None
+                 for name, (directory, match) in BASELINES.items()}
     return AccuracyReport(spec=spec.name, eval_seed=eval_seed, num_eval_per_pair=spec.num_eval_per_pair,
-                          router_accuracy=router_acc, experts=per_expert, coe=coe, monolithic=mono,
+                          router_accuracy=router_acc, experts=per_expert, coe=coe, **baselines,
                           seconds=time.perf_counter() - t0)
+
+
+def _train_seconds(checkpoint_dir: Path) -> float | None:
+    train = (read_meta(checkpoint_dir) or {}).get("train")
+    return float(train["seconds"]) if train else None
+
+
+def _recall(verdicts: list[Verdict], truth: list[tuple[str, str]]) -> float:
+    found = [v is Verdict.DEFECT for v, (_, d) in zip(verdicts, truth) if d != NO_DEFECT]
+    return float(np.mean(found)) if found else 1.0
+
+
+def _baseline_accuracy(spec: CoESpec, directory: Path, match: str, images: np.ndarray,
+                       truth: list[tuple[str, str]]) -> SystemAccuracy | None:
+    """A monolithic baseline on the held-out images (None when it is not built): its verdict is PASS iff it names
+    the `ok` of some component."""
+    if not (directory / "model.safetensors").is_file():
+        return None
+    rt = ExpertRuntime(monolithic_spec(spec, match), directory, device="cpu", image_limits=spec.image)
+    rt.load()
+    found = [p.label.split("/")[1] for p in predict(rt, images)]  # labels are component/defect
+    verdicts = [Verdict.PASS if f == NO_DEFECT else Verdict.DEFECT for f in found]
+    n = rt.num_parameters
+    return SystemAccuracy(
+        verdict_accuracy=float(np.mean([verdict_correct(v, d) for v, (_, d) in zip(verdicts, truth)])),
+        defect_accuracy=float(np.mean([defect_correct(v, f, d) for v, f, (_, d) in zip(verdicts, found, truth)])),
+        defect_recall=_recall(verdicts, truth), num_uncertain=0, num_images=len(images), mean_experts_per_image=1.0,
+        active_parameters_per_image=float(n), total_parameters=n, train_seconds=_train_seconds(directory),
+    )
 
 
 def format_report(r: AccuracyReport) -> str:

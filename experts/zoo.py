@@ -36,8 +36,17 @@ from expertmesh.experts.training import resolve_plan, train_classifier
 
 RECIPE_VERSION = "recipe-1"
 META_FILE = "expertmesh.json"
-BASELINE_DIR = "_baselines/monolithic"
+BASELINE_DIR = "_baselines/monolithic"  # matched active parameters per image
 BASELINE_NAME = "monolithic"
+BASELINE_TOTAL_DIR = "_baselines/monolithic_total"  # matched total parameters
+BASELINE_TOTAL_NAME = "monolithic_total"
+#: baseline name -> (zoo directory, the CoE figure its parameter count matches: "active" or "total")
+BASELINES: dict[str, tuple[str, str]] = {BASELINE_NAME: (BASELINE_DIR, "active"),
+                                         BASELINE_TOTAL_NAME: (BASELINE_TOTAL_DIR, "total")}
+#: The baselines' training budget, the same for both: every image of the experts' training pool (each
+#: (component, defect) pair as many images as the expert needing most of it trains on) for this many epochs, with
+#: the experts' default augmentation (rot90, hflip), no hold-out, the one-cycle schedule of `training.py`.
+BASELINE_EPOCHS = 4
 
 
 def expert_seed(spec: CoESpec, name: str) -> int:
@@ -60,7 +69,7 @@ def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
         shaped_by["image"] = spec.image.model_dump(mode="json")
     else:
         shaped_by["generator"] = generator.GENERATOR_VERSION
-    if expert.name == BASELINE_NAME:  # the baseline trains on the whole pool, which the experts shape
+    if expert.name in BASELINES:  # a baseline trains on the whole pool, which the experts shape
         shaped_by["pool"] = sorted(f"{c}/{d}:{n}" for (c, d), n in dataset.train_counts(spec).items())
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
 
@@ -117,22 +126,79 @@ def active_parameters(spec: CoESpec) -> float:
     return sum(usage[e.name] * expert_parameters(resolved(spec, e)) for e in spec.experts)
 
 
-def monolithic_spec(spec: CoESpec) -> ExpertSpec:
-    """One ResNet over all (component, defect) pairs, at the CoE's largest input size, sized to its active parameters."""
+def heldout_active_parameters(spec: CoESpec) -> float:
+    """Expected parameters per image on the accuracy report's held-out mix (every (component, defect) pair
+    equally often), every model answering right: the router, its category's experts, and the downstream experts
+    their true outputs trigger (gating rules need station metadata the report does not send). What the report
+    measures as the CoE's active parameters per image, known before training; the `monolithic` baseline's size."""
+    params = {e.name: expert_parameters(resolved(spec, e)) for e in spec.experts}
+    truth: dict[str, dict[tuple[str, str], str]] = {}  # per expert reached: its label of each pair it trains on
+    table = {c.name: c.experts for c in spec.categories}
+
+    def run(expert: str, pair: tuple[str, str], seen: frozenset[str]) -> int:
+        if expert not in truth:
+            e = spec.expert(expert)
+            truth[expert] = ({(s.component, s.defect): s.label for s in dataset.expert_samples(spec, e)}
+                             if trains_on_generated(e) else {})
+        label = truth[expert].get(pair)
+        return params[expert] + sum(run(d.downstream, pair, seen | {expert}) for d in spec.dependencies
+                                    if d.upstream == expert and label in d.on_labels and d.downstream not in seen)
+
+    pairs = generator.all_pairs()
+    return sum(params[spec.router.expert] + sum(run(e, pair, frozenset()) for e in table.get(pair[0], []))
+               for pair in pairs) / len(pairs)
+
+
+def total_parameters(spec: CoESpec) -> int:
+    """Every expert's parameters (router included): what the CoE holds in memory."""
+    return sum(expert_parameters(resolved(spec, e)) for e in spec.experts)
+
+
+def baseline_training() -> TrainingSpec:
+    """How both monolithic baselines train (the same budget rules; see BASELINE_EPOCHS)."""
+    return TrainingSpec(target="defect", epochs=BASELINE_EPOCHS)
+
+
+def _baseline_architectures(spec: CoESpec, match: str):
+    """Candidate shapes, smallest first. Active: the experts' 3-stage ResNet scaled in width. Total: the active
+    baseline's 3 stages as they are, plus a fourth stage (one basic block at 1/32 of the input resolution) scaled
+    in width: there parameters grow ~quadratically with width while compute per image stays close to the active
+    baseline's, so both baselines train in about the same time (a width-scaled 3-stage ResNet of the total
+    parameters would need several times the compute per image)."""
+    if match == "active":
+        for width in range(8, 129, 2):
+            yield {"embedding_size": width, "hidden_sizes": [width, 2 * width, 4 * width], "depths": [1, 1, 1],
+                   "layer_type": "basic"}
+        return
+    base = monolithic_spec(spec, "active").architecture.config
+    for width in range(base["hidden_sizes"][-1], 2049, 8):
+        yield {**base, "hidden_sizes": [*base["hidden_sizes"], width], "depths": [*base["depths"], 1]}
+
+
+def monolithic_spec(spec: CoESpec, match: str = "active") -> ExpertSpec:
+    """One ResNet over all (component, defect) pairs, at the CoE's largest input size, sized to the CoE's active
+    parameters per image on the held-out mix (`match="active"`, the baseline `monolithic`) or to its total parameters (`"total"`,
+    `monolithic_total`); both train by `baseline_training()`."""
+    name = {m: n for n, (_, m) in BASELINES.items()}[match]
     labels = [f"{c}/{d}" for c, d in generator.all_pairs()]
-    target = active_parameters(spec)
+    target = heldout_active_parameters(spec) if match == "active" else total_parameters(spec)
     best = None
-    for width in range(8, 129, 4):
-        arch = ArchitectureSpec(family="resnet", config={"embedding_size": width, "hidden_sizes": [width, 2 * width, 4 * width],
-                                                         "depths": [1, 1, 1], "layer_type": "basic"})
-        candidate = ExpertSpec(name=BASELINE_NAME, task="classify", architecture=arch, checkpoint=BASELINE_DIR,
+    for config in _baseline_architectures(spec, match):
+        arch = ArchitectureSpec(family="resnet", config=config)
+        candidate = ExpertSpec(name=name, task="classify", architecture=arch, checkpoint=BASELINES[name][0],
                                input_size_px=max(e.input_size_px for e in spec.experts), labels=labels,
-                               pass_labels=[l for l in labels if l.endswith("/ok")],
-                               training=TrainingSpec(target="defect", epochs=4))
+                               pass_labels=[l for l in labels if l.endswith("/ok")], training=baseline_training())
         gap = abs(expert_parameters(candidate) - target)
+        if best is not None and gap > best[0]:
+            break  # parameters grow with width: past the closest
         if best is None or gap < best[0]:
             best = (gap, candidate)
     return best[1]
+
+
+def baseline_specs(spec: CoESpec) -> list[tuple[ExpertSpec, str]]:
+    """Both baselines with their zoo directories (relative to the zoo root)."""
+    return [(monolithic_spec(spec, match), directory) for _, (directory, match) in BASELINES.items()]
 
 
 @dataclass
@@ -177,13 +243,13 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
     zoo_root = Path(zoo_root)
     result = BuildResult()
     targets = [e for e in spec.experts if only is None or e.name in only]
-    unknown = sorted(set(only or []) - {e.name for e in spec.experts} - {BASELINE_NAME})
+    unknown = sorted(set(only or []) - {e.name for e in spec.experts} - set(BASELINES))
     if unknown:
         raise InvalidArgument(f"unknown experts {unknown}", field="--only", fix=f"use names from the spec: {[e.name for e in spec.experts]}")
     jobs: list[tuple[ExpertSpec, Path]] = [(e, resolve_checkpoint(e, zoo_root)) for e in targets]
-    if baseline and (only is None or BASELINE_NAME in only) and any(trains_on_generated(e) for e in spec.experts):
-        mono = monolithic_spec(spec)
-        jobs.append((mono, zoo_root / BASELINE_DIR))
+    if baseline and any(trains_on_generated(e) for e in spec.experts):
+        jobs += [(mono, zoo_root / directory) for mono, directory in baseline_specs(spec)
+                 if only is None or mono.name in only]
     stale = []
     for e, ckpt in jobs:
         if not force and is_current(spec, e, ckpt):
@@ -202,7 +268,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
     pool_counts = dataset.train_counts(spec) if generated else {}
     needed: dict[tuple[str, str], int] = {}
     for e in generated:
-        counts = pool_counts if e.name == BASELINE_NAME else dataset.per_pair_counts(spec, e)
+        counts = pool_counts if e.name in BASELINES else dataset.per_pair_counts(spec, e)
         for pair, n in counts.items():
             needed[pair] = max(needed.get(pair, 0), n)
     log(f"training {len(stale)} model(s): {', '.join(e.name for e, _ in stale)}")
@@ -224,7 +290,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
             weights = d.w_train * (labeled_data.class_weights(y, len(e.labels))[y]
                                    if plan.class_weighting == "balanced" else 1.0)
         else:
-            if e.name == BASELINE_NAME:
+            if e.name in BASELINES:
                 samples = [dataset.Sample(c, d, f"{c}/{d}") for c, d in generator.all_pairs()]
                 x, y = pool.arrays_for(samples, e.labels, counts=pool_counts)
             else:

@@ -84,7 +84,8 @@ def test_candidates_are_experts_whose_labels_judge_the_category(default_spec):
     opts = cal.candidate_options(default_spec)
     names = {c: {o[0] for o in os if len(o) == 1} for c, os in opts.items()}
     assert "chip_defect" not in names["soic"]  # its training never saw reversed polarity
-    assert {"soic_defect", "electrolytic_defect", "diode_defect", "general_defect"} <= names["soic"]
+    assert "general_defect" not in names["soic"]  # nor the fallback's (polarity is left to the polarity expert)
+    assert {"soic_defect", "electrolytic_defect", "diode_defect"} <= names["soic"]
     assert {"chip_defect", "qfp_defect", "soic_defect", "general_defect"} <= names["chip_resistor"]
     assert all("polarity" not in n and "solder_fine" not in n for n in names.values())  # judge one aspect only
 
@@ -93,7 +94,7 @@ def test_scores_follow_dependency_triggers_and_aggregate(default_spec):
     # two soic images, both reversed (defects): soic_defect says ok on both, polarity catches only the first
     outputs = {"soic_defect": [ExpertOutput("soic_defect", "ok", 0.9)] * 2,
                "polarity": [ExpertOutput("polarity", "reversed_polarity", 0.9), ExpertOutput("polarity", "correct", 0.9)],
-               "general_defect": [ExpertOutput("general_defect", "defect", 0.9)] * 2}
+               "general_defect": [ExpertOutput("general_defect", "misaligned", 0.9)] * 2}
     scores = cal.score_options(default_spec, {"soic": [("soic_defect",), ("general_defect",)]}, outputs,
                                {"soic": [0, 1]}, [True, True])
     assert scores == {"soic": {"soic_defect": 0.5, "general_defect": 1.0}}

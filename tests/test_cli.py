@@ -8,7 +8,7 @@ import yaml
 
 from expertmesh.cli import main
 from expertmesh.experts.spec import parse_spec
-from expertmesh.experts.zoo import active_parameters
+from expertmesh.experts.zoo import heldout_active_parameters, total_parameters
 
 from conftest import tiny_spec_data
 
@@ -19,24 +19,28 @@ def test_zoo_build_and_report(tmp_path, capsys):
     zoo = tmp_path / "zoo"
     assert main(["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "12 trained" in out and "monolithic" in out
+    assert "13 trained" in out and "monolithic," in out and "monolithic_total" in out  # 11 experts, 2 baselines
     assert main(["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]) == 0
-    assert "0 trained, 12 up to date" in capsys.readouterr().out
+    assert "0 trained, 13 up to date" in capsys.readouterr().out
 
     report_file = tmp_path / "report.json"
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "router accuracy" in out and "monolithic" in out
+    assert "router accuracy" in out and "mono (active)" in out and "mono (total)" in out
     report = json.loads(report_file.read_text())
     assert report["coe"]["num_images"] == 49 * 2
     assert {e["expert"] for e in report["experts"]} >= {"component_classifier", "polarity", "solder_fine"}
     assert 0 <= report["coe"]["verdict_accuracy"] <= 1 and report["monolithic"]["total_parameters"] > 0
     assert report["coe"]["mean_experts_per_image"] >= 2  # the router and at least one expert
-    # README ("The default CoE"): experts of ~80-170k parameters each; a baseline sized to the CoE's expected active
-    # parameters per request (the width whose parameter count comes closest: within 10%)
+    # README ("The default CoE"): experts of ~80-170k parameters each; one baseline sized to the CoE's active
+    # parameters per image on the held-out mix (the width whose parameter count comes closest: within 10%), one to
+    # its total parameters
     assert all(75_000 <= e["num_parameters"] <= 175_000 for e in report["experts"]), report["experts"]
-    expected = active_parameters(parse_spec(tiny_spec_data()))
+    expected = heldout_active_parameters(parse_spec(tiny_spec_data()))
     assert abs(report["monolithic"]["total_parameters"] - expected) <= 0.1 * expected, (expected, report["monolithic"])
+    total = total_parameters(parse_spec(tiny_spec_data()))
+    assert abs(report["monolithic_total"]["total_parameters"] - total) <= 0.05 * total, (total, report["monolithic_total"])
+    assert report["monolithic_total"]["defect_recall"] is not None
 
     # a threshold the tiny zoo cannot meet fails the command
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file),

@@ -61,7 +61,7 @@ def test_default_spec_graph(default_spec):
     assert u["polarity"] == pytest.approx(0.99 * 0.22 * 0.95)
     order = dependency_order(default_spec)
     assert order[0] == "component_classifier"
-    assert order.index("diode_defect") < order.index("polarity") and order.index("qfp_defect") < order.index("solder_fine")
+    assert order.index("diode_defect") < order.index("polarity") and order.index("chip_defect") < order.index("solder_fine")
 
 
 def test_longest_trigger_chain(default_spec):

@@ -218,7 +218,11 @@ def test_default_spec_fingerprints_unchanged():
             assert fingerprint(spec, e) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest(), e.name
     spec = parse_spec(default_spec_data())  # as measured before this change (generator pcb-aoi-gen-3, recipe-1)
     assert fingerprint(spec, spec.expert("polarity")) == "4d78e80b1ec47e3a27cc07655a837c6acf8bd2737f83239fcdd9bb97fe068099"
-    assert fingerprint(spec, monolithic_spec(spec)) == "b78e6d2173f541df8b9e78317f6451d71da9b26493cfec11e4987cd7a99417e8"
+    # re-pinned deliberately when the default spec's experts were retuned for accuracy (issue 15, item 6): a changed
+    # pool and the baselines' new sizing (held-out active parameters, a second baseline of the total) change them
+    assert fingerprint(spec, monolithic_spec(spec)) == "eff609440bbe588e80e0589dc24c7953dbdcd18d271b776247baeae9824ce1fd"
+    assert fingerprint(spec, monolithic_spec(spec, "total")) == (
+        "4e9d7be2afe6ebe3ca918e03ffbd945fa80ca6d078e1751573a9ecc1fd789a0b")
 
 
 @pytest.mark.parametrize("training, message", [

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.pcb_aoi.dataset import expert_samples, per_pair_counts
 from expertmesh.experts.spec import check_spec, parse_spec, resolve_checkpoint
-from expertmesh.experts.zoo import META_FILE, active_parameters, build_zoo, fingerprint, is_current, monolithic_spec
+from expertmesh.experts.zoo import (META_FILE, build_zoo, expert_parameters, fingerprint, heldout_active_parameters,
+                                    is_current, monolithic_spec, total_parameters)
 
 from conftest import tiny_spec_data
 
@@ -66,8 +67,27 @@ def test_training_data_plan(default_spec):
     assert {s.label for s in router} == set(default_spec.router_expert.labels)
 
 
-def test_monolithic_baseline_matches_active_parameters(default_spec):
-    mono = monolithic_spec(default_spec)
-    assert len(mono.labels) == 49 and mono.input_size_px == 96
-    from expertmesh.experts.zoo import expert_parameters
-    assert abs(expert_parameters(mono) - active_parameters(default_spec)) / active_parameters(default_spec) < 0.25
+def test_monolithic_baselines_match_active_and_total_parameters(default_spec):
+    active, total = monolithic_spec(default_spec, "active"), monolithic_spec(default_spec, "total")
+    assert (active.name, total.name) == ("monolithic", "monolithic_total")
+    for mono in (active, total):
+        assert len(mono.labels) == 49 and mono.input_size_px == 96
+        assert mono.training == active.training  # the same budget rules for both
+    target = heldout_active_parameters(default_spec)
+    assert abs(expert_parameters(active) - target) / target < 0.1
+    assert abs(expert_parameters(total) - total_parameters(default_spec)) / total_parameters(default_spec) < 0.05
+    # the total one keeps the active one's stages and adds a fourth, so both cost about the same per image
+    assert total.architecture.config["hidden_sizes"][:3] == active.architecture.config["hidden_sizes"]
+
+
+def test_heldout_active_parameters_follow_the_true_plan(default_spec):
+    """Every pair equally: the router, the category's expert, and what its true output triggers."""
+    p = {e.name: expert_parameters(e) for e in default_spec.experts}
+    # chip_resistor: 5 pairs, 2 of them solder defects (-> solder_fine); likewise for the other parts
+    chip = 5 * (p["component_classifier"] + p["chip_defect"]) + 2 * p["solder_fine"]
+    value = heldout_active_parameters(default_spec)
+    assert p["component_classifier"] + min(p.values()) < value < p["component_classifier"] + max(p.values()) + p["solder_fine"]
+    only_chips = default_spec.model_copy(update={"categories": [c for c in default_spec.categories
+                                                               if c.experts == ["chip_defect"]]})
+    # the other categories' pairs then run the router only
+    assert heldout_active_parameters(only_chips) * 49 == pytest.approx(2 * chip + 39 * p["component_classifier"])
