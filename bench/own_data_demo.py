@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -164,7 +165,7 @@ def run(root: Path, out: Path) -> int:
         print(f"$ {shlex.join(cmd)}", flush=True)
         proc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-        text = proc.stdout.rstrip()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).rstrip()  # Ray's log colours
         print(text, flush=True)
         log += [f"$ {shlex.join(cmd)}", text] + ([f"(exit code {proc.returncode})"] if proc.returncode else [])
         if proc.returncode:
