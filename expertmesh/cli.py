@@ -186,6 +186,7 @@ def _add_station_command(sub: argparse._SubParsersAction) -> None:
     station.add_argument("--token", required=True, help="the factory's bearer token")
     station.add_argument("--factory", required=True, help="factory_id the token belongs to")
     station.add_argument("--station", default="station-1", help="station_id to send")
+    station.add_argument("--coe", help="the CoE (spec name) every request names; default: the factory's")
     station.add_argument("--rate", type=positive(float), default=10.0, help="requests per second (open loop)")
     station.add_argument("--duration", type=positive(float), default=30.0, help="seconds to send for")
     station.add_argument("--board-fraction", type=float, default=0.1, help="share of requests sent as InspectBoard")

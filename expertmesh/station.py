@@ -164,6 +164,7 @@ class _Sender:
     station_id: str
     board_size: int
     timeout_s: float
+    coe: str = ""  # the CoE to run (a spec name); empty: the factory's default
 
     def __call__(self, i: int, board: bool) -> None:
         # the deadline travels as metadata too: gRPC keeps its own to itself, and the server budgets by this one
@@ -173,14 +174,14 @@ class _Sender:
             if board:
                 picks = [self.pool[(i * self.board_size + k) % len(self.pool)] for k in range(self.board_size)]
                 req = pb.InspectBoardRequest(board_id=f"{self.station_id}-board-{i}", factory_id=self.factory_id,
-                                             station_id=self.station_id,
+                                             station_id=self.station_id, coe=self.coe,
                                              components=[pb.InspectRequest(image=img) for _, _, img in picks])
                 for resp in self.stub.InspectBoard(req, metadata=metadata, timeout=self.timeout_s):
                     self.tally.answer(resp, picks[resp.component_index][1])
             else:
                 _, defect, img = self.pool[i % len(self.pool)]
                 req = pb.InspectRequest(request_id=f"{self.station_id}-{i}", factory_id=self.factory_id,
-                                        station_id=self.station_id, image=img)
+                                        station_id=self.station_id, image=img, coe=self.coe)
                 self.tally.answer(self.stub.Inspect(req, metadata=metadata, timeout=self.timeout_s), defect)
             self.tally.request_done((time.perf_counter() - t0) * 1000.0)
         except grpc.RpcError as err:
@@ -190,8 +191,9 @@ class _Sender:
 def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, duration_s: float, station_id: str = "station-1",
                 board_fraction: float = 0.1, board_size: int = 6, defect_rate: float = 0.3, seed: int = 7,
                 mix: dict[str, float] | None = None, timeout_s: float = 30.0, progress: bool = True,
-                traces_path: Path | None = None, pool: list[Component] | None = None) -> StationReport:
-    """`pool`: the components to send in turn (e.g. `load_images`); default 256 generated ones."""
+                traces_path: Path | None = None, pool: list[Component] | None = None, coe: str = "") -> StationReport:
+    """`pool`: the components to send in turn (e.g. `load_images`); default 256 generated ones. `coe`: the CoE every
+    request names (empty: the factory's default)."""
     pool = pool or sample_components(256, seed, defect_rate, mix)
     rng = np.random.default_rng(seed + 1)
     with open(traces_path, "w") if traces_path else contextlib.nullcontext() as traces:
@@ -201,7 +203,7 @@ def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, 
         sent = 0
         with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(max_workers=64) as ex:
             send = _Sender(pb_grpc.InspectionServiceStub(channel), tally, pool, token, factory_id, station_id,
-                           board_size, timeout_s)
+                           board_size, timeout_s, coe)
             while (now := time.perf_counter()) - start < duration_s:
                 due = start + sent / rate_per_s
                 if due > now:
@@ -225,7 +227,7 @@ def cmd_station(args: argparse.Namespace) -> int:
     report = run_station(args.target, args.token, args.factory, rate_per_s=args.rate, duration_s=args.duration,
                          station_id=args.station, board_fraction=args.board_fraction, defect_rate=args.defect_rate,
                          seed=args.seed, progress=not args.no_progress,
-                         traces_path=Path(args.traces) if args.traces else None, pool=pool)
+                         traces_path=Path(args.traces) if args.traces else None, pool=pool, coe=args.coe or "")
     print(report.format())
     if args.json:
         Path(args.json).write_text(report.to_json())
