@@ -89,9 +89,10 @@ def _add_zoo_commands(sub: argparse._SubParsersAction) -> None:
     build = zoo.add_parser("build", help="train every expert whose checkpoint is missing or stale")
     add_spec_args(build)
     build.add_argument("--seed", type=int, help="override the spec's seed")
-    build.add_argument("--only", nargs="+", metavar="EXPERT", help="build only these experts ('monolithic' for the baseline)")
+    build.add_argument("--only", nargs="+", metavar="EXPERT",
+                       help="build only these experts ('monolithic', 'monolithic_total' for the baselines)")
     build.add_argument("--force", action="store_true", help="retrain even if checkpoints are current")
-    build.add_argument("--no-baseline", action="store_true", help="skip the monolithic baseline")
+    build.add_argument("--no-baseline", action="store_true", help="skip the two monolithic baselines")
     build.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="train on this device")
     build.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_build"))
     report = zoo.add_parser("report", help="accuracy report on held-out generated images (table + JSON)")
