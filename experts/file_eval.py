@@ -32,8 +32,9 @@ from expertmesh.experts.images import resize_to
 from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.report import AccuracyReport, ExpertAccuracy, SystemAccuracy
-from expertmesh.experts.spec import CoESpec, ExpertSpec
+from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
 from expertmesh.experts.training import resolve_plan
+from expertmesh.experts.zoo import read_meta
 from expertmesh.router.plan import Verdict, aggregate
 
 
@@ -182,7 +183,9 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
         preds = predict(runtimes[e.name], own.x)
         per_expert.append(ExpertAccuracy(expert=e.name, accuracy=float(np.mean([e.labels.index(p.label) == t for p, t
                                                                                 in zip(preds, own.y)])),
-                                         num_images=len(own.y), num_parameters=params[e.name]))
+                                         num_images=len(own.y), num_parameters=params[e.name],
+                                         train_seconds=((read_meta(resolve_checkpoint(e, zoo_root)) or {}).get("train")
+                                                        or {}).get("seconds")))
     runs = run_coe(spec, runtimes, held.images)
     outcomes = [aggregate(spec, r.outputs) for r in runs]
     truth = [lab if d else NO_DEFECT for lab, d in zip(held.labels, held.is_defect)]
@@ -190,6 +193,8 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
     coe = SystemAccuracy(
         verdict_accuracy=float(np.mean([verdict_correct(o.verdict, t) for o, t in zip(outcomes, truth)])),
         defect_accuracy=float(np.mean([defect_correct(o.verdict, o.defect, t) for o, t in zip(outcomes, truth)])),
+        defect_recall=float(np.mean([o.verdict is Verdict.DEFECT for o, d in zip(outcomes, held.is_defect) if d]))
+        if any(held.is_defect) else 1.0,
         num_uncertain=sum(o.verdict is Verdict.UNCERTAIN for o in outcomes), num_images=len(runs),
         mean_experts_per_image=float(np.mean([len(r.outputs) + 1 for r in runs])),
         active_parameters_per_image=float(np.mean(used)), total_parameters=sum(params.values()))

@@ -169,6 +169,7 @@ def test_report_and_calibrate_measure_on_the_files(factory, capsys):
     r = json.loads((factory / "report.json").read_text())
     assert r["split"] == "validation" and 0 < r["coe"]["num_images"] < 60 and r["monolithic"] is None
     assert {e["expert"] for e in r["experts"]} == {"family", "passive_x", "polar_x", "general"}
+    assert all(e["train_seconds"] > 0 for e in r["experts"]) and 0 <= r["coe"]["defect_recall"] <= 1
 
     new = factory / "spec.v2.yaml"
     assert main(["zoo", "calibrate", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress",
