@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from expertmesh.errors import InvalidArgument
+from expertmesh.experts import file_eval
 from expertmesh.experts.offline import load_runtime, run_coe
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.pcb_aoi.truth import sample_pairs
@@ -97,7 +98,9 @@ def format_profiles(store: ProfileStore) -> str:
 
 def measure_usage(spec: CoESpec, zoo_root: Path, source: str, *, traces: Path | None = None,
                   sample_size: int = 2000, seed: int = 11, defect_rate: float = 0.3) -> UsageProfile:
-    """Usage weights from the spec's mix, a generated sample run through the CoE, or recorded traces."""
+    """Usage weights from the spec's mix, a sample run through the CoE, or recorded traces. The sample: generated
+    images of the spec's category mix, or, for a CoE whose router trains on labeled files, those files' validation
+    images that no model trained on (`experts.file_eval`; generated parts would be no category of it)."""
     if source == "spec":
         return usage.from_spec(spec)
     if source == "traces":
@@ -107,10 +110,16 @@ def measure_usage(spec: CoESpec, zoo_root: Path, source: str, *, traces: Path | 
         return usage.from_traces(spec, Path(traces))
     if source != "sample":
         raise InvalidArgument(f"unknown usage source {source!r}", field="usage", fix="use spec, sample or traces")
-    if spec.dataset != "pcb-aoi":
+    if file_eval.router_on_files(spec):
+        images = file_eval.held_out(spec, file_eval.read_splits(spec, progress=False), "validation").images
+        if not len(images):
+            raise InvalidArgument("no validation image of the spec's files is held out from every model",
+                                  field="usage", fix="use --usage spec or --usage traces")
+    elif spec.dataset != "pcb-aoi":
         raise InvalidArgument(f"no generator for dataset {spec.dataset!r}", field="usage",
                               fix="use --usage spec or --usage traces")
-    pairs = sample_pairs(sample_size, seed, defect_rate, {c.name: c.probability for c in spec.categories})
-    images = np.stack([np.asarray(generator.generate(c, d, seed, i)) for c, d, i in pairs])
+    else:
+        pairs = sample_pairs(sample_size, seed, defect_rate, {c.name: c.probability for c in spec.categories})
+        images = np.stack([np.asarray(generator.generate(c, d, seed, i)) for c, d, i in pairs])
     runtimes = {e.name: load_runtime(spec, e, zoo_root) for e in spec.experts}
     return usage.from_runs(spec, run_coe(spec, runtimes, images))

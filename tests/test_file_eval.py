@@ -18,6 +18,7 @@ from expertmesh.experts import file_eval
 from expertmesh.experts import labeled_data as ld
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.spec import load_spec, parse_spec
+from expertmesh.profiler.run import measure_usage
 from expertmesh.station import load_images
 
 TINY = {"family": "resnet", "config": {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}}
@@ -182,3 +183,11 @@ def test_report_and_calibrate_measure_on_the_files(factory, capsys):
     assert set(cal["scores"]["polar"]) == {"polar_x", "general"}
     calibrated = load_spec(new, zoo_root=zoo)  # its data paths still resolve (written beside the spec)
     assert calibrated.version == 2 and calibrated.router.min_confidence == cal["threshold"]["min_confidence"]
+
+
+def test_usage_sample_of_a_file_coe_runs_on_its_files(factory):
+    """`expertmesh profile --usage sample` counts a file-data CoE's calls on its own held-out images."""
+    spec = load_spec(factory / "spec.yaml")
+    u = measure_usage(spec, factory / "zoo", "sample")
+    assert u.source == "sample" and u.num_requests > 0 and u.usage["family"] == 1.0
+    assert u.usage["passive_x"] + u.usage["polar_x"] + u.usage["general"] == pytest.approx(1.0)
