@@ -42,6 +42,8 @@ class RolloutState(BaseModel):
     canary: CanaryState | None = None
     known: tuple[str, ...] = Field((), description="revisions the hosts and ingress hold, besides the base")
     note: str = Field("", description="the last change, in words")
+    digests: dict[str, str] = Field(default_factory=dict, description="spec file -> the sha256 of its bytes when "
+                                                                      "first served (a served file must not change)")
 
     def in_use(self) -> tuple[str, ...]:
         """Revisions requests may be sent with now (stable first)."""

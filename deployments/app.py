@@ -30,9 +30,10 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from expertmesh.cluster import placement_store, rollout_store
+from expertmesh.cluster.rollout import RolloutState
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT, ROUTER_DEPLOYMENT,
-                                           AppArgs, host_deployments, served_options)
+                                           AppArgs, host_deployments, served_coes, served_options)
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.placement_controller import PlacementControllerDeployment
@@ -55,16 +56,26 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def zoo_fingerprint(spec: CoESpec, zoo: str) -> str:
-    """A digest of the built spec's checkpoint files (path, size, modification time): retrained experts restart
-    replicas. Only the spec's own: a new revision's checkpoints (`expertmesh rollout`) reach running replicas as a
-    reconfigure, not a restart."""
+def zoo_fingerprint(specs: list[CoESpec], zoo: str) -> str:
+    """A digest of the served specs' checkpoint files (path, size, modification time): retrained experts restart
+    replicas. Only the built specs' (`--spec`, `--coe`): a new revision's checkpoints (`expertmesh rollout`) reach
+    running replicas as a reconfigure, not a restart."""
     h = hashlib.sha256()
-    for e in sorted(spec.experts, key=lambda e: e.name):
-        for f in sorted(resolve_checkpoint(e, Path(zoo)).rglob("*.safetensors")):
-            st = f.stat()
-            h.update(f"{e.name}:{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for spec in specs:
+        for e in sorted(spec.experts, key=lambda e: e.name):
+            for f in sorted(resolve_checkpoint(e, Path(zoo)).rglob("*.safetensors")):
+                st = f.stat()
+                h.update(f"{spec.name}:{e.name}:{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def stored_rollout(a: AppArgs) -> RolloutState:
+    """The live-change state in the GCS when it belongs to this app (the one `expertmesh serve` stored with the same
+    spec, zoo and CoEs), else none: a config deploy over an old cluster never inherits another app's revisions."""
+    stored = rollout_store.read_app_args() or {}
+    if (stored.get("spec"), stored.get("zoo"), stored.get("coes") or []) != (a.spec, a.zoo, a.coes):
+        return RolloutState()
+    return rollout_store.read()
 
 
 def _versioned(deployment: Deployment, options: dict, *init_args, fingerprint: str = "") -> Deployment:
@@ -90,9 +101,10 @@ def build_app(args: dict | AppArgs) -> Application:
         log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
         a = AppArgs.model_validate({**a.model_dump(), "placement": stored.placement,
                                     "executors": stored.executors or None})
-    opts = served_options(spec, a, warn=log.warning, rollout=rollout_store.read())  # profile applied when current
+    opts = served_options(spec, a, warn=log.warning, rollout=stored_rollout(a))  # profile applied when current
     s = a.settings
-    versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(spec, a.zoo))
+    versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(
+        [spec, *served_coes(spec, a).values()], a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
     names = host_deployments(opts[ROUTER_DEPLOYMENT]["user_config"]) or {"": HOST_DEPLOYMENT}

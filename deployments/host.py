@@ -112,10 +112,12 @@ class ExpertHostDeployment:
         self.known = frozenset(paths)
 
     def _learn(self, rev: Revision) -> None:
-        for e in rev.spec.experts:
-            if e.name not in self.runtimes:
-                self.runtimes[e.name] = ExpertRuntime(e, resolve_checkpoint(e, self.revisions.zoo_root),
-                                                      image_limits=rev.spec.image)
+        """Runtimes for the revision's expert versions not held yet. The dict is replaced, never changed in place:
+        the residency thread and the pool's worker iterate it without the lock."""
+        new = {e.name: ExpertRuntime(e, resolve_checkpoint(e, self.revisions.zoo_root), image_limits=rev.spec.image)
+               for e in rev.spec.experts if e.name not in self.runtimes}
+        if new:
+            self.runtimes = self.pool.runtimes = {**self.runtimes, **new}
         self.pool.learn(rev.spec)
 
     # ------------------------------------------------------------------ the request path
@@ -125,7 +127,7 @@ class ExpertHostDeployment:
         each row's calls to make here and the experts already planned, `revision` the spec revision they follow
         ("": the built spec). Returns per row the calls made (trace entries), the calls left for other hosts, and
         what is planned now."""
-        rev = self.revisions.get(revision)
+        rev = await asyncio.to_thread(self.revisions.get, revision)  # a first load hashes checkpoints: off the loop
         if any(c.expert not in self.runtimes for calls, _ in plans for c in calls):
             self._learn(rev)  # a router that switched before this host learnt the revision: learn it now
         spec = rev.spec

@@ -230,11 +230,25 @@ class IngressDeployment:
         return result
 
     async def _route(self, items: list[tuple[dict[int, np.ndarray], dict, Deadline]]) -> list[dict | ExpertMeshError]:
-        """Concurrent requests -> one router call: each input size stacked into one array [N, S, S, 3]; each request
-        carries the budget it has left, and the call lasts at most as long as the latest of them."""
+        """Concurrent requests -> one router call per set of input sizes (one, but while a live change adds a size)."""
+        groups: dict[frozenset[int], list[int]] = {}
+        for k, (sized, _, _) in enumerate(items):
+            groups.setdefault(frozenset(sized), []).append(k)
+        if len(groups) == 1:
+            return await self._route_group(items)
+        out: list = [None] * len(items)
+        done = await asyncio.gather(*(self._route_group([items[k] for k in ks]) for ks in groups.values()))
+        for ks, results in zip(groups.values(), done):
+            for k, r in zip(ks, results):
+                out[k] = r
+        return out
+
+    async def _route_group(self, items: list[tuple[dict[int, np.ndarray], dict, Deadline]]
+                           ) -> list[dict | ExpertMeshError]:
+        """Requests with the same input sizes -> one router call: each size stacked into one array [N, S, S, 3]; each
+        request carries the budget it has left, and the call lasts at most as long as the latest of them."""
         metas = [{**meta, "budget_s": deadline.for_next_hop()} for _, meta, deadline in items]
-        common = set.intersection(*(set(sized) for sized, _, _ in items))  # a live change may add a size mid-batch
-        images = {size: np.stack([sized[size] for sized, _, _ in items]) for size in sorted(common)}
+        images = {size: np.stack([sized[size] for sized, _, _ in items]) for size in items[0][0]}
         timeout_s = max(m["budget_s"] for m in metas)
         try:  # a router replica lost mid-call (its node went away) is retried with backoff within the deadline
             return await call_with_deadline(

@@ -98,6 +98,9 @@ class RouterDeployment:
         for path in (routing.get("coes") or {}).values():
             self._classifier_of(self.revisions.get(path))
         self.coes = dict(routing.get("coes") or {})
+        in_use = {"", self.rollout["stable"], (self.rollout.get("canary") or {}).get("spec", ""), *self.coes.values()}
+        keep = {self.revisions.get(p).spec.router.expert for p in in_use}
+        self.classifiers = {k: rt for k, rt in self.classifiers.items() if k in keep}  # a batch in flight keeps its own
         self.homes = dict(routing.get("homes") or {})
         self.dedicated = {e: dict(own) for e, own in (routing.get("dedicated") or {}).items()}
         self.held_on = {e: frozenset(nodes) for e, nodes in (routing.get("held_on") or {}).items()}
@@ -166,6 +169,7 @@ class RouterDeployment:
         t0 = time.perf_counter()
         fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
         deadlines = [Deadline(fallback_s if m.get("budget_s") is None else float(m["budget_s"])) for m in metas]
+        rollout_revision = str(self.rollout.get("revision", 0))  # the rollout the requests were assigned under
         picks = [self._pick(m) for m in metas]
         metas_coe = [m.get("coe", "") for m in metas]
         metas = [{k: v for k, v in m.items() if k not in ("budget_s", "coe")} for m in metas]
@@ -177,13 +181,15 @@ class RouterDeployment:
             if pick.shadow is not None:
                 rows[pick.shadow].append(i)
         revisions = [self.revisions.get(path) for path in rows]
-        done = await asyncio.gather(*(self._inspect_rows(rev, rows[rev.path], images, metas, deadlines, t0)
+        shadows = {i for i, pick in enumerate(picks) if pick is not None and pick.shadow is not None}
+        done = await asyncio.gather(*(self._inspect_rows(rev, rows[rev.path], images, metas, deadlines, t0,
+                                                         shadows if rev.path == self.rollout["stable"] else set())
                                       for rev in revisions))
         results = {rev.path: r for rev, r in zip(revisions, done)}
         out = [results[pick.revision][i] if pick is not None else Unavailable(
             f"CoE {metas_coe[i]!r} is not served by this router yet", fix="retry; the app is being reconfigured")
             for i, pick in enumerate(picks)]
-        self._record_rollout(picks, results, out)
+        self._record_rollout(picks, results, out, rollout_revision)
         return out
 
     def _pick(self, meta: dict) -> Assignment | None:
@@ -196,9 +202,16 @@ class RouterDeployment:
         return self._splitter.assign(meta.get("factory_id", ""), rollout["stable"], rollout.get("canary"))
 
     async def _inspect_rows(self, rev: Revision, rows: list[int], images: dict[int, np.ndarray], metas: list[dict],
-                            deadlines: list[Deadline], t0: float) -> dict[int, dict | ExpertMeshError]:
-        """One revision's share of a batch (`rows` of it) -> row -> its result or error."""
+                            deadlines: list[Deadline], t0: float, shadows: set[int]
+                            ) -> dict[int, dict | ExpertMeshError]:
+        """One revision's share of a batch (`rows` of it; `shadows`: those run only for a canary's agreement, left out
+        of the routing metrics) -> row -> its result or error."""
         spec, classifier = rev.spec, self._classifier_of(rev)
+        missing = sorted(set(spec.input_sizes_px) - set(images))
+        if missing:  # decoded before the ingress learnt this revision's sizes: retryable, never the whole batch
+            err = Unavailable(f"the request was decoded without the {missing} px input its CoE revision needs",
+                              fix="retry; the experts were being changed")
+            return {i: err for i in rows}
         everything = len(rows) == len(metas)
         index = np.asarray(rows, dtype=np.int64)
         sub = images if everything else {size: arr[index] for size, arr in images.items()}
@@ -207,7 +220,8 @@ class RouterDeployment:
         first = {"expert": classifier.name, "reason": "router", "because_of": "", "latency_ms": step1_ms,
                  "batch_size": len(preds), "readiness": "ready", "node_id": self.node_id, "replica_id": self.replica_id}
         routes = [route(spec, p.label, p.score, RequestMeta(**metas[i])) for p, i in zip(preds, rows)]
-        self._record_routes(spec.name, classifier.name, routes, len(preds), time.perf_counter() - t0)
+        counted = [r for r, i in zip(routes, rows) if i not in shadows]
+        self._record_routes(spec.name, classifier.name, counted, len(counted), time.perf_counter() - t0)
         plans = {k: PlanInFlight.start(r.calls) for k, r in enumerate(routes)}
         traces: dict[int, list[dict]] = {k: [] for k in plans}
         failed: dict[int, ExpertMeshError] = {}
@@ -227,7 +241,7 @@ class RouterDeployment:
                       "decided_by": rev.names.get(outcome.decided_by or "", plain_name(outcome.decided_by or "")), "coe": spec.name, "coe_version": rev.label}
         return out
 
-    def _record_rollout(self, picks: list, results: dict[str, dict], answers: list) -> None:
+    def _record_rollout(self, picks: list, results: dict[str, dict], answers: list, rollout_revision: str) -> None:
         """Requests by the revision that answered, and each canary answer's agreement with its stable shadow."""
         counts: Counter[tuple[str, str]] = Counter()
         agreements: Counter[tuple[str, str, str]] = Counter()
@@ -243,7 +257,7 @@ class RouterDeployment:
             self.metrics.inc("expertmesh_rollout_requests_total", n, coe_version=label, role=role)
         for (canary, stable, outcome), n in agreements.items():
             self.metrics.inc("expertmesh_canary_comparisons_total", n, canary=canary, stable=stable, outcome=outcome,
-                             rollout=str(self.rollout.get("revision", 0)))
+                             rollout=rollout_revision)
 
     # ------------------------------------------------------------------ step 2
     async def _run_plans(self, rev: Revision, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],

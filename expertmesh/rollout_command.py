@@ -12,6 +12,7 @@ app's build arguments, which `expertmesh serve` stores when it deploys the app.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 import urllib.request
 from collections import defaultdict
@@ -67,17 +68,37 @@ def running_app() -> AppArgs:
     return AppArgs.model_validate(stored)
 
 
-def spec_path(path: str, app: AppArgs) -> str:
-    """A revision's spec file, absolute, loaded and checked against the app's zoo (every checkpoint present)."""
+def spec_path(path: str, app: AppArgs, state: RolloutState) -> str:
+    """A revision's spec file, absolute, loaded and checked against the app's zoo (every checkpoint present), of the
+    CoE the app serves, and unchanged since it was first served (replicas cache a revision by its path)."""
     p = Path(path).expanduser().resolve()
-    load_spec(p, zoo_root=Path(app.zoo))  # a SpecError names every problem, before anything changes
+    spec = load_spec(p, zoo_root=Path(app.zoo))  # a SpecError names every problem, before anything changes
+    built = load_spec(app.spec)
+    if spec.name != built.name:
+        raise InvalidArgument(f"{p} is CoE {spec.name!r}, the app serves {built.name!r}", field="SPEC",
+                              fix=f"give the new revision the same name ({built.name!r}); serve another CoE with "
+                                  "`expertmesh serve --coe`")
+    if state.digests.get(str(p), digest(p)) != digest(p):
+        raise FailedPrecondition(f"{p} changed since it was served (running replicas hold the old one)", field="SPEC",
+                                 fix="write the change into a new spec file (e.g. with a new version) and use that")
     return str(p)
 
 
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def plan_steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> list[RolloutState]:
+    """The change's steps, each recording the digest of every spec file it serves."""
+    steps = _steps(args, state, app)
+    digests = {**state.digests, **{p: digest(Path(p)) for s in steps for p in s.in_use() if p}}
+    return [s.model_copy(update={"digests": digests}) for s in steps]
+
+
+def _steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> list[RolloutState]:
     try:
         if args.action == "update":
-            return rollout.update(state, spec_path(_needs_spec(args), app))
+            return rollout.update(state, spec_path(_needs_spec(args), app, state))
         if args.action == "canary":
             if not args.factory:
                 raise InvalidArgument("`rollout canary` needs --factory", field="--factory",
@@ -89,7 +110,7 @@ def plan_steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> l
             if args.factory not in factories:
                 raise InvalidArgument(f"factory {args.factory!r} is not in the tokens file", field="--factory",
                                       fix=f"use one of: {', '.join(sorted(factories))}")
-            return rollout.start_canary(state, spec_path(_needs_spec(args), app), args.factory, args.share)
+            return rollout.start_canary(state, spec_path(_needs_spec(args), app, state), args.factory, args.share)
         if args.action == "promote":
             return rollout.promote(state)
         return rollout.rollback(state)
@@ -113,14 +134,27 @@ def apply(app: AppArgs, steps: list[RolloutState], log: Callable[[str], None] = 
         for i, step in enumerate(steps, 1):
             t0 = time.perf_counter()
             rollout_store.write(step)
-            runner.redeploy(app, timeout_s=timeout_s)
+            runner.redeploy(_current(app), timeout_s=timeout_s)  # a re-plan since may have moved the placement
             what = "hosts and ingress learnt the revisions" if i < len(steps) else "router switched"
             log(f"step {i}/{len(steps)}: {what} ({time.perf_counter() - t0:.1f} s)")
-    except Exception:
-        rollout_store.write(before)
-        runner.redeploy(app, timeout_s=timeout_s)
+    except Exception as failure:
+        log(f"the change failed ({failure}); restoring rollout revision {before.revision}")
+        try:  # the router back first, with every revision still known, then the hosts
+            rollout_store.write(before.model_copy(update={"known": tuple(dict.fromkeys(
+                (*before.known, *steps[-1].known)))}))
+            runner.redeploy(_current(app), timeout_s=timeout_s)
+            rollout_store.write(before)
+            runner.redeploy(_current(app), timeout_s=timeout_s)
+        except Exception as restore:  # noqa: BLE001 - report both; the change's own error is the one raised
+            log(f"restoring failed too ({restore}): check `expertmesh rollout status` and `serve status`")
         raise
     return steps[-1]
+
+
+def _current(app: AppArgs) -> AppArgs:
+    """The app's build arguments as last stored (a re-plan stores its placement), else those given."""
+    stored = rollout_store.read_app_args()
+    return AppArgs.model_validate(stored) if stored else app
 
 
 def _label(path: str, app: AppArgs) -> str:
