@@ -77,7 +77,7 @@ class FakeIngress:
     _run_board = IngressDeployment.func_or_class._run_board
     _board_component = IngressDeployment.func_or_class._board_component
 
-    def _record(self, ingress, factory_id, t0, code, verdict=None):
+    def _record(self, ingress, factory_id, t0, code, verdict=None, coe=""):
         self.recorded.append(code)
 
     def _internal(self, exc, request_id):
