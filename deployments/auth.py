@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from expertmesh.deployments.factory_table import FactoryTable
 from expertmesh.deployments.quotas import FactoryQuota, QuotaTable
 from expertmesh.deployments.tenancy import CoETable, resolve
 from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -52,18 +53,7 @@ class TokenTable:
             if unknown:
                 raise InvalidArgument(f"tokens file {str(path)!r} has unknown sections {sorted(unknown)}",
                                       field="tokens_file", fix="keep only `tokens:`, `quotas:` and `coes:`")
-            coes = _coe_table(data.get("coes") or {}, path)
-            try:
-                quotas = QuotaTable.from_mapping(data.get("quotas") or {})
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"] if p != "factories")
-                raise InvalidArgument(f"bad quota in {str(path)!r}: {first['msg']}", field=f"quotas.{where}",
-                                      fix=f"each quota is a mapping of {sorted(FactoryQuota.model_fields)} with "
-                                          f"positive numbers") from None
-            except AttributeError:
-                raise InvalidArgument(f"`quotas:` in {str(path)!r} is not a mapping", field="quotas",
-                                      fix="write `quotas:` as factory -> {rate_per_s, burst, max_in_flight, weight}") from None
+            coes, quotas = _section(data, "coes", path), _section(data, "quotas", path)
             data = data["tokens"]
             if not data:
                 raise InvalidArgument(f"tokens file {str(path)!r} has an empty `tokens:` section", field="tokens_file",
@@ -103,18 +93,30 @@ class TokenTable:
         return factory
 
 
-def _coe_table(data: object, path: Path) -> CoETable:
-    """The `coes:` section (`deployments.tenancy`), or InvalidArgument naming the entry and the fix."""
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"`coes:` in {str(path)!r} is not a mapping", field="coes",
-                              fix="write `coes:` as factory -> {allow: [spec names], use: spec name}")
+# section -> (its table, what an entry is called, the fix for a bad entry, the fix for a section that is no mapping)
+_SECTIONS: dict[str, tuple[type[FactoryTable], str, str, str]] = {
+    "quotas": (QuotaTable, "quota", f"each quota is a mapping of {sorted(FactoryQuota.model_fields)} with positive "
+                                    f"numbers", "factory -> {rate_per_s, burst, max_in_flight, weight}"),
+    "coes": (CoETable, "CoE entry", "each entry is {allow: [spec names], use: one of them}",
+             "factory -> {allow: [spec names], use: spec name}"),
+}
+
+
+def _section(data: dict, name: str, path: Path) -> FactoryTable:
+    """The tokens file's per-factory section `name` (`quotas:`, `coes:`) as its table (empty when absent), or
+    InvalidArgument naming the entry and the fix."""
+    table, entry, entry_fix, shape = _SECTIONS[name]
+    section = data.get(name) or {}
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"`{name}:` in {str(path)!r} is not a mapping", field=name,
+                              fix=f"write `{name}:` as {shape}")
     try:
-        return CoETable.from_mapping(data)
+        return table.from_mapping(section)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "factories")
-        raise InvalidArgument(f"bad CoE entry in {str(path)!r}: {first['msg']}", field=f"coes.{where}",
-                              fix="each entry is {allow: [spec names], use: one of them}") from None
+        raise InvalidArgument(f"bad {entry} in {str(path)!r}: {first['msg']}", field=f"{name}.{where}",
+                              fix=entry_fix) from None
 
 
 class ReloadingTokens:

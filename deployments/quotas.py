@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.deployments.factory_table import FactoryTable
 from expertmesh.errors import ResourceExhausted
 
 
@@ -46,22 +47,8 @@ class FactoryQuota(BaseModel):
         return self.burst if self.burst is not None else max(1.0, self.rate_per_s or 0.0)
 
 
-class QuotaTable(BaseModel):
-    """factory -> quota, with `default` for every factory not listed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    default: FactoryQuota = Field(default_factory=FactoryQuota)
-    factories: dict[str, FactoryQuota] = Field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, data: dict) -> QuotaTable:
-        """The file's `quotas:` mapping (factory -> quota, `default` included)."""
-        rest = {k: v for k, v in data.items() if k != "default"}
-        return cls(default=data.get("default") or {}, factories=rest)
-
-    def of(self, factory: str) -> FactoryQuota:
-        return self.factories.get(factory, self.default)
+class QuotaTable(FactoryTable[FactoryQuota]):
+    """factory -> quota, with `default` for every factory not listed: the file's `quotas:` section."""
 
 
 @dataclass

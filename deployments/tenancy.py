@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.deployments.factory_table import FactoryTable
 from expertmesh.errors import NotFound, PermissionDenied
 
 
@@ -34,22 +35,8 @@ class FactoryCoEs(BaseModel):
         return self
 
 
-class CoETable(BaseModel):
-    """factory -> the CoEs it may use, with `default` for every factory not listed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    default: FactoryCoEs = Field(default_factory=FactoryCoEs)
-    factories: dict[str, FactoryCoEs] = Field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, data: dict) -> CoETable:
-        """The file's `coes:` mapping (factory -> {allow, use}, `default` included)."""
-        rest = {k: v for k, v in data.items() if k != "default"}
-        return cls(default=data.get("default") or {}, factories=rest)
-
-    def of(self, factory: str) -> FactoryCoEs:
-        return self.factories.get(factory, self.default)
+class CoETable(FactoryTable[FactoryCoEs]):
+    """factory -> the CoEs it may use, with `default` for every factory not listed: the file's `coes:` section."""
 
     def unknown_names(self, served: list[str]) -> list[str]:
         """CoE names the table mentions that the cluster does not serve (a typo, or a spec not deployed)."""
