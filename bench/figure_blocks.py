@@ -102,8 +102,9 @@ BASELINE_WHAT = {"monolithic": "active parameters per image", "monolithic_total"
 def accuracy(results: dict) -> str:
     report = results["accuracy"]["data"]
     coe = report["coe"]
-    intro = wrap(f"Measured on this machine (2 cores, no GPU) by `expertmesh zoo report`, as `make run` runs it "
-                 f"({source_note('accuracy', results)}):")
+    intro = wrap(f"Measured on this machine (2 cores, no GPU) by `expertmesh zoo report` after `expertmesh zoo build "
+                 f"--baselines all` (`make run` reports the same but for mono (total), which it does not build; "
+                 f"{source_note('accuracy', results)}):")
     prose = ""
     for key, what in BASELINE_WHAT.items():
         mono = report.get(key)

@@ -8,7 +8,7 @@
 "worktree_dirty", "date" (UTC), "command", "machine", "load_average_1_5_15m" (this machine is shared),
 "provenance" ("measured" or "transcribed"), "note", "data"}.
 Groups and what measures them (the last four start Ray, serve and take minutes):
-  accuracy    expertmesh zoo report                     (the accuracy table)
+  accuracy    expertmesh zoo report                     (the accuracy table; builds both baselines first)
   profile     expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
   plan        expertmesh plan --explain                 (3 nodes of 0.06 GiB; 0.05 GiB exact and heuristic)
   throughput  expertmesh bench throughput --before ...  (before/now capacities, overload, ready time, RSS; ~15 min)
@@ -94,6 +94,8 @@ def write(group: str, command: str, data: dict, note: str = "", measured: dict |
 
 # ------------------------------------------------------------------------------------------ one function per group
 def refresh_accuracy() -> None:
+    # the comparison needs both baselines; a plain `zoo build` (make run, make zoo) skips the matched-total one
+    run([EXPERTMESH, "zoo", "build", "--baselines", "all", "--no-progress"])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
         run([EXPERTMESH, "zoo", "report", "--no-progress", "--json", str(out)])

@@ -14,7 +14,7 @@ from expertmesh.bench.memory_command import register as register_memory_bench
 from expertmesh.bench.simulate_command import register as register_simulate_bench
 from expertmesh.cli_options import add_spec_args, positive, spec_and_zoo
 from expertmesh.cluster import commands as cluster_commands
-from expertmesh.deployments.config import build_serve_config
+from expertmesh.deployments.served import build_serve_config
 from expertmesh.deployments.dashboard import dashboard_json
 from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, SpecError
 from expertmesh.experts.graph import usage_probabilities
@@ -92,7 +92,12 @@ def _add_zoo_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--only", nargs="+", metavar="EXPERT",
                        help="build only these experts ('monolithic', 'monolithic_total' for the baselines)")
     build.add_argument("--force", action="store_true", help="retrain even if checkpoints are current")
-    build.add_argument("--no-baseline", action="store_true", help="skip the two monolithic baselines")
+    which = build.add_mutually_exclusive_group()
+    which.add_argument("--baselines", choices=["none", "active", "all"], default="active",
+                       help="monolithic baselines to build beside the experts: 'active' (default) the one of the "
+                            "CoE's active parameters per image, 'all' also the one of its total parameters (for the "
+                            "accuracy comparison; about as much training again), 'none'")
+    which.add_argument("--no-baseline", action="store_true", help="skip the monolithic baselines (--baselines none)")
     build.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="train on this device")
     build.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_build"))
     report = zoo.add_parser("report", help="accuracy report on held-out generated images (table + JSON)")

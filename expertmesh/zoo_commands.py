@@ -19,7 +19,7 @@ from expertmesh.experts import file_eval
 from expertmesh.experts.calibration import CalibrationConfig
 from expertmesh.experts.report import evaluate, format_report, write_report
 from expertmesh.experts.spec import default_spec_path
-from expertmesh.experts.zoo import build_zoo
+from expertmesh.experts.zoo import BASELINE_SETS, build_zoo
 from expertmesh.profiler.calibration_run import calibrate, format_result, write_json, write_spec
 from expertmesh.profiler.measure import MeasureConfig
 from expertmesh.profiler.plot import plot_profiles
@@ -32,7 +32,8 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     if args.seed is not None:
         spec = spec.model_copy(update={"seed": args.seed})
     print(f"building zoo of {spec.name!r} into {zoo_root}")
-    res = build_zoo(spec, zoo_root, only=args.only, force=args.force, baseline=not args.no_baseline,
+    baselines = BASELINE_SETS["none" if args.no_baseline else args.baselines]
+    res = build_zoo(spec, zoo_root, only=args.only, force=args.force, baselines=baselines,
                     device=args.device, progress=not args.no_progress)
     print(f"zoo build done in {res.seconds:.1f} s: {len(res.trained)} trained, {len(res.skipped)} up to date")
     return 0

@@ -2,8 +2,9 @@
 
 Runs the whole CoE offline exactly as serving does (the router model, then `router.plan`'s rules,
 table, dependency triggers and verdict aggregation, with experts loaded by `ExpertRuntime` from
-their checkpoints), batched per expert, and the two monolithic baselines beside it on the same images: one of
-the CoE's active parameters per image (`monolithic`), one of its total parameters (`monolithic_total`).
+their checkpoints), batched per expert, and the monolithic baselines built beside it on the same images: one of
+the CoE's active parameters per image (`monolithic`, built by default), one of its total parameters
+(`monolithic_total`, built only when asked: `zoo build --baselines all`); a baseline not built is left out with a note.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from expertmesh.experts.accuracy_tables import accuracy_tables
+from expertmesh.experts.accuracy_tables import SYSTEMS, accuracy_tables
 from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
@@ -134,7 +135,9 @@ def _baseline_accuracy(spec: CoESpec, directory: Path, match: str, images: np.nd
 def format_report(r: AccuracyReport) -> str:
     header = (f"Accuracy report: {r.spec}, held-out seed {r.eval_seed}, {r.num_eval_per_pair} images per "
               f"(component, defect) pair, {r.coe.num_images} images")
-    return f"{header}\n\n{accuracy_tables(r.model_dump())} Evaluated in {r.seconds:.1f} s."
+    missing = [f"\n{name}: not built; `expertmesh zoo build --only {name_key}` trains it"
+               for name, name_key in SYSTEMS[1:] if getattr(r, name_key) is None]
+    return f"{header}\n\n{accuracy_tables(r.model_dump())}{''.join(missing)}\nEvaluated in {r.seconds:.1f} s."
 
 
 def write_report(r: AccuracyReport, path: Path) -> None:

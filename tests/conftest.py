@@ -49,7 +49,7 @@ def tiny_zoo(tiny_spec, tmp_path_factory) -> Path:
     from expertmesh.experts.zoo import build_zoo
 
     root = tmp_path_factory.mktemp("tiny-zoo")
-    build_zoo(tiny_spec, root, baseline=False, progress=False, log=lambda *_: None)
+    build_zoo(tiny_spec, root, baselines=(), progress=False, log=lambda *_: None)
     return root
 
 
@@ -60,7 +60,7 @@ def default_zoo(default_spec) -> Path:
     from expertmesh.experts.zoo import build_zoo
 
     root = default_zoo_root(default_spec)
-    build_zoo(default_spec, root, baseline=False, progress=False)
+    build_zoo(default_spec, root, baselines=(), progress=False)
     return root
 
 

@@ -1,4 +1,4 @@
-"""The CLI end to end on a tiny spec: build (with the baseline), report, and the report's JSON."""
+"""The CLI end to end on a tiny spec: build (the active baseline, then both), report, and the report's JSON."""
 
 from __future__ import annotations
 
@@ -17,16 +17,26 @@ def test_zoo_build_and_report(tmp_path, capsys):
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec_data()))
     zoo = tmp_path / "zoo"
-    assert main(["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]) == 0
+    build = ["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]
+    assert main(build) == 0
     out = capsys.readouterr().out
-    assert "13 trained" in out and "monolithic," in out and "monolithic_total" in out  # 11 experts, 2 baselines
-    assert main(["zoo", "build", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress"]) == 0
+    assert "12 trained" in out and "monolithic" in out and "monolithic_total" not in out  # 11 experts, 1 baseline
+    report_file = tmp_path / "report.json"
+    report_args = ["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file), "--no-progress"]
+    # the matched-total baseline is built only when asked: the report names the command that builds it
+    assert main(report_args) == 0
+    out = capsys.readouterr().out
+    assert "mono (active)" in out and "mono (total): not built; `expertmesh zoo build --only monolithic_total`" in out
+    assert json.loads(report_file.read_text())["monolithic_total"] is None
+    assert main(build + ["--baselines", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "1 trained, 12 up to date" in out and "monolithic_total" in out
+    assert main(build + ["--baselines", "all"]) == 0
     assert "0 trained, 13 up to date" in capsys.readouterr().out
 
-    report_file = tmp_path / "report.json"
-    assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file), "--no-progress"]) == 0
+    assert main(report_args) == 0
     out = capsys.readouterr().out
-    assert "router accuracy" in out and "mono (active)" in out and "mono (total)" in out
+    assert "router accuracy" in out and "mono (active)" in out and "mono (total)" in out and "not built" not in out
     report = json.loads(report_file.read_text())
     assert report["coe"]["num_images"] == 49 * 2
     assert {e["expert"] for e in report["experts"]} >= {"component_classifier", "polarity", "solder_fine"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from safetensors.torch import load_file
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.pcb_aoi.dataset import expert_samples, per_pair_counts
 from expertmesh.experts.spec import check_spec, parse_spec, resolve_checkpoint
-from expertmesh.experts.zoo import (META_FILE, build_zoo, expert_parameters, fingerprint, heldout_active_parameters,
-                                    is_current, monolithic_spec, total_parameters)
+from expertmesh.experts.zoo import (BASELINE_SETS, BASELINE_TOTAL_DIR, DEFAULT_BASELINES, META_FILE, build_zoo,
+                                    expert_parameters, fingerprint, heldout_active_parameters, is_current,
+                                    monolithic_spec, total_parameters)
 
 from conftest import tiny_spec_data
 
@@ -26,12 +28,12 @@ def test_tiny_zoo_has_every_checkpoint(tiny_spec, tiny_zoo):
 
 
 def test_rebuild_skips_current_checkpoints(tiny_spec, tiny_zoo):
-    res = build_zoo(tiny_spec, tiny_zoo, baseline=False, **quiet)
+    res = build_zoo(tiny_spec, tiny_zoo, baselines=(), **quiet)
     assert res.trained == [] and len(res.skipped) == len(tiny_spec.experts)
 
 
 def test_same_seed_same_weights_and_config_change_retrains(tiny_spec, tiny_zoo, tmp_path):
-    res = build_zoo(tiny_spec, tmp_path, only=["polarity"], baseline=False, **quiet)
+    res = build_zoo(tiny_spec, tmp_path, only=["polarity"], baselines=(), **quiet)
     assert res.trained == ["polarity"]
     a, b = load_file(tiny_zoo / "polarity" / "model.safetensors"), load_file(tmp_path / "polarity" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -42,7 +44,7 @@ def test_same_seed_same_weights_and_config_change_retrains(tiny_spec, tiny_zoo, 
     changed = parse_spec(data)
     assert not is_current(changed, changed.expert("polarity"), tmp_path / "polarity")
     assert is_current(changed, changed.expert("chip_defect"), resolve_checkpoint(changed.expert("chip_defect"), tiny_zoo))
-    assert build_zoo(changed, tmp_path, only=["polarity"], baseline=False, **quiet).trained == ["polarity"]
+    assert build_zoo(changed, tmp_path, only=["polarity"], baselines=(), **quiet).trained == ["polarity"]
 
 
 def test_other_seed_other_weights(tiny_spec, tmp_path):
@@ -53,6 +55,21 @@ def test_other_seed_other_weights(tiny_spec, tmp_path):
 def test_unknown_expert_in_only(tiny_spec, tmp_path):
     with pytest.raises(InvalidArgument, match="unknown experts"):
         build_zoo(tiny_spec, tmp_path, only=["nope"], **quiet)
+
+
+def test_unknown_baseline(tiny_spec, tmp_path):
+    with pytest.raises(InvalidArgument, match="unknown baselines"):
+        build_zoo(tiny_spec, tmp_path, baselines=["monolithic_all"], **quiet)
+
+
+def test_default_build_skips_the_total_baseline_unless_named(tiny_spec, tiny_zoo, tmp_path):
+    """make run's build trains the matched-active baseline only; `only` naming the other one builds it."""
+    assert DEFAULT_BASELINES == ("monolithic",) and BASELINE_SETS["all"] == ("monolithic", "monolithic_total")
+    shutil.copytree(tiny_zoo, tmp_path / "zoo")
+    res = build_zoo(tiny_spec, tmp_path / "zoo", only=["monolithic_total"], baselines=(), **quiet)
+    assert res.trained == ["monolithic_total"] and (tmp_path / "zoo" / BASELINE_TOTAL_DIR / "model.safetensors").is_file()
+    res = build_zoo(tiny_spec, tmp_path / "zoo", **quiet)  # the default: the experts (current) and `monolithic`
+    assert res.trained == ["monolithic"] and "monolithic_total" not in res.skipped
 
 
 def test_training_data_plan(default_spec):
