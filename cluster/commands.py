@@ -12,25 +12,28 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from expertmesh.cli_options import add_gpu_arg, add_spec_args, positive, spec_and_zoo
+from expertmesh.cli_options import add_coe_args, add_gpu_arg, add_spec_args, positive, spec_and_zoo
 from expertmesh.cluster.dedicate import DEFAULT_MIN_BUSY
-from expertmesh.cluster.demand import executor_sizing, placement_problem
+from expertmesh.cluster.demand import executor_sizing, joint_problem
 from expertmesh.cluster.explain import format_plan, plan_json
 from expertmesh.cluster.local import (LocalClusterConfig, describe, down, format_status, inventory, read_state,
                                       remove_node, up)
 from expertmesh.cluster.placement import NodeCapacity, plan
+from expertmesh.cluster.served import served_demand
 from expertmesh.errors import InvalidArgument
-from expertmesh.profiler.serving_profiles import default_store_path, serving_devices, usable_profiles
+from expertmesh.profiler.serving_profiles import default_store_path
 from expertmesh.profiler.store import ProfileStore
-from expertmesh.profiler.usage import from_spec
 
 
 def cmd_plan(args) -> int:
     spec, zoo_root = spec_and_zoo(args)
     store = ProfileStore.load(Path(args.profile) if args.profile else default_store_path(zoo_root))
     warn = lambda m: print(f"warning: {m}", file=sys.stderr)  # noqa: E731
-    # the entries of the device each expert will be served on (the same choice `expertmesh serve` makes)
-    profiles = usable_profiles(store, spec, zoo_root, serving_devices(spec, args.expert_num_gpus), warn=warn)
+    # the entries of the device each expert will be served on (the same choice `expertmesh serve` makes); the other
+    # CoEs' experts keyed as the app serves them, those without a current entry estimated from the profiled ones
+    demand = served_demand(args.spec, zoo_root, [str(Path(c).resolve()) for c in args.coe], store,
+                           args.expert_num_gpus, dict(args.coe_share), warn=warn,
+                           shares_field="--coe-share", require_profiles=True)
     address = args.address or (None if args.nodes else (read_state() or {}).get("address"))
     if address:
         nodes = inventory(describe(address))
@@ -38,12 +41,17 @@ def cmd_plan(args) -> int:
     else:
         nodes = [NodeCapacity(name=f"node-{i}", memory_bytes=int(args.node_memory_gb * 2**30), cpus=args.cpus_per_node)
                  for i in range(args.nodes or 3)]
-    usage = store.usage or from_spec(spec)
-    problem = placement_problem(spec, profiles, usage, nodes, args.rps)
+    usage = demand.usage
+    problem = joint_problem(demand.coes, demand.costs, nodes, args.rps, usage=usage)
     result = plan(problem, args.method)
-    executors = executor_sizing(spec, profiles, usage, nodes, args.rps, result, dedicate_min_busy=args.dedicate_min_busy)
+    executors = executor_sizing(demand.coes, demand.costs, usage, nodes, args.rps, result,
+                                dedicate_min_busy=args.dedicate_min_busy)
+    names = " + ".join(c.spec.name for c in demand.coes)
+    estimated = sorted(set(demand.keys) - demand.profiled)
+    if estimated:
+        print(f"estimated from their checkpoints (no current profile): {', '.join(estimated)}", file=sys.stderr)
     print(format_plan(result, problem, explain=args.explain, executors=executors,
-                      title=f"{spec.name} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
+                      title=f"{names} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
     if args.json:
         Path(args.json).write_text(plan_json(result, executors))
         print(f"plan JSON: {args.json}")
@@ -112,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pl = sub.add_parser("plan", help="plan where each expert runs so dependent experts share a node")
     add_spec_args(pl)
+    add_coe_args(pl)  # plan several CoEs together, as `expertmesh serve --coe` serves them
     pl.add_argument("--profile", help="profile store (default: <zoo>/profile.json)")
     pl.add_argument("--address", help="plan for this live cluster's nodes (default: the local cluster when one is up, "
                                       "unless --nodes is given)")

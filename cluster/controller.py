@@ -25,14 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from expertmesh.cluster.demand import placement_problem
+from expertmesh.cluster.demand import joint_problem
 from expertmesh.cluster.local import describe, inventory
 from expertmesh.cluster.observed import UsageWatch, observed_profile
 from expertmesh.cluster.placement import Plan, plan
 from expertmesh.cluster.replan import ClusterSnapshot, ReplanConfig, ReplanKind, ReplanState, decide
-from expertmesh.experts.spec import CoESpec
 from expertmesh.metrics import instruments
-from expertmesh.profiler.store import ExpertProfile, UsageProfile
+from expertmesh.cluster.served import ServedDemand
+from expertmesh.profiler.store import UsageProfile
 
 Placement = dict[str, list[str]]  # expert -> the nodes holding it
 Observed = tuple[dict[str, float], int]  # (P(expert invoked) per request, requests) over the watch's window
@@ -81,10 +81,11 @@ def next_step(config: ReplanConfig, state: ReplanState, usage: UsageProfile,
     return ReplanStep(decision.kind, decision.reason, usage, applied), state
 
 
-def plan_on_inventory(spec: CoESpec, profiles: dict[str, ExpertProfile], requests_per_s: float,
-                      usage: UsageProfile, cluster: dict, current: Placement) -> Plan:
-    """The placement for `usage` on the live inventory of a `describe()` reading, moving only what it must."""
-    problem = placement_problem(spec, profiles, usage, inventory(cluster), requests_per_s, current=current)
+def plan_on_inventory(demand: ServedDemand, requests_per_s: float, usage: UsageProfile, cluster: dict,
+                      current: Placement) -> Plan:
+    """The placement of every served CoE's experts for `usage` (the joint usage) on the live inventory of a
+    `describe()` reading, moving only what it must."""
+    problem = joint_problem(demand.coes, demand.costs, inventory(cluster), requests_per_s, current=current, usage=usage)
     return plan(problem)
 
 
@@ -95,7 +96,7 @@ class Metrics(Protocol):
 
 
 class PlacementController(threading.Thread):
-    def __init__(self, address: str, spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,
+    def __init__(self, address: str, demand: ServedDemand | None, usage: UsageProfile,
                  requests_per_s: float, current: Placement, apply: Callable[[Placement], None],
                  *, poll_s: float = 2.0, config: ReplanConfig | None = None, watch: UsageWatch | None = None,
                  log: Callable[[str], None] = print, read_cluster: Callable[[], dict] | None = None,
@@ -106,8 +107,7 @@ class PlacementController(threading.Thread):
         self.config = config or ReplanConfig()
         self.watch = watch
         self.read_cluster = read_cluster or (lambda: describe(address))
-        self.planner = planner or (lambda u, cluster, cur: plan_on_inventory(spec, profiles, requests_per_s, u,
-                                                                             cluster, cur))
+        self.planner = planner or (lambda u, cluster, cur: plan_on_inventory(demand, requests_per_s, u, cluster, cur))
         self.placement = current
         nodes = frozenset(n for ns in current.values() for n in ns)
         self.state = ReplanState(planned_nodes=nodes, planned_usage=dict(usage.usage), last_plan_s=clock())

@@ -1,105 +1,157 @@
-"""The placement problem of a spec: experts' memory and compute from the profile, edge weights from usage.
+"""The placement problem of the CoEs a cluster serves: experts' memory and compute, edge weights from usage.
 
-memory = weights + peak activations at the expert's serving batch (the profile's largest useful
-batch); compute load = requests/s x P(invoked) x per-image time at that batch (core-seconds per
-second); edge weight = requests/s x P(the dependent call happens). The router's classifier is
-needed by every request, so it gets a replica on every node.
+One CoE or several, planned together (`expertmesh serve --spec A --coe B`): each served CoE comes as a
+`ServedCoE` - its spec in serving keys (`experts.revisions`: an expert byte-identical to one already served keeps
+that expert's key, so it is placed and counted once), its share of the cluster's requests and its usage. The
+joint usage is P(a request of the cluster invokes the expert) = sum over CoEs of share x P(the CoE's request
+invokes it), and each dependency edge's weight likewise, so one plan co-locates every CoE's dependent experts.
 
-Without a profile (a cluster the Helm chart started, before anyone profiled on it), `checkpoint_problem`
-takes each expert's memory from its checkpoint's header and its compute as proportional to those bytes:
-the planner only compares loads with one another, so the constant does not matter, and the plan still
-co-locates dependent experts within every node's memory.
+memory = weights + peak activations at the expert's serving batch (the profile's largest useful batch); compute
+load = requests/s x P(invoked) x per-image time at that batch (core-seconds per second); edge weight = requests/s x
+P(the dependent call happens). Every CoE's router classifier runs in the router, on every node.
+
+An expert the profile store has no current entry for (another CoE's, or a cluster the Helm chart started before
+anyone profiled on it) is estimated from its checkpoint's header (`estimated_costs`): its weights, activations of
+the profiled experts' median share of their weights, compute at their median seconds per weight byte. With no
+profiled expert at all the constants below stand in: the planner only compares loads with one another, so the plan
+still co-locates dependent experts within every node's memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
+import statistics
+from dataclasses import dataclass, replace
 
 from expertmesh.cluster.dedicate import DEFAULT_MIN_BUSY, split
 from expertmesh.cluster.placement import Edge, ExpertDemand, NodeCapacity, Plan, PlacementConfig, PlacementProblem
 from expertmesh.cluster.sizing import ExecutorSizing, ExpertCost, size_executors
 from expertmesh.errors import FailedPrecondition
-from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
-from expertmesh.experts.spec import CoESpec, resolve_checkpoint
+from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.serving_profiles import serving_batch
-from expertmesh.profiler.store import ExpertProfile, UsageProfile
+from expertmesh.profiler.store import EdgeWeight, ExpertProfile, UsageProfile
+
+ACTIVATION_SHARE = 0.5  # without a profile: a batch's activations taken as half the weights again (profiled: 0.1-0.6)
+SECONDS_PER_BYTE = 1e-9  # without a profile: compute proportional to bytes (only the ratio between experts matters)
 
 
-def expert_memory_bytes(p: ExpertProfile) -> int:
-    """What a replica holds at its serving batch: the batch's measured peak (weights included), at least the weights."""
-    return max(serving_batch(p).peak_bytes, p.footprint_bytes)
+@dataclass(frozen=True)
+class ServedCoE:
+    """One CoE as planning input."""
+
+    spec: CoESpec  # in serving keys
+    share: float  # relative share of the cluster's requests (> 0; the CoEs' shares are normalised)
+    usage: UsageProfile  # in serving keys: the spec's expected mix, a profile's sample or observed traffic
 
 
-def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,
-                      nodes: list[NodeCapacity], requests_per_s: float,
-                      config: PlacementConfig | None = None,
-                      current: dict[str, list[str]] | None = None) -> PlacementProblem:
-    missing = [e.name for e in spec.experts if e.name not in profiles]
+def expert_cost(p: ExpertProfile) -> ExpertCost:
+    """What a replica of the profiled expert holds and spends at its serving batch (no calls yet)."""
+    b = serving_batch(p)
+    return ExpertCost(name=p.expert, weights_bytes=p.footprint_bytes,
+                      activation_bytes=max(0, b.peak_bytes - p.footprint_bytes),
+                      k_ms_per_item=p.fit.k_ms_per_item, b_ms_per_batch=p.fit.b_ms, batch_size=b.batch_size,
+                      switch_ms=p.move_ms("host", "device") or 0.0, calls_per_s=0.0)
+
+
+def memory_bytes(c: ExpertCost) -> int:
+    return c.weights_bytes + c.activation_bytes
+
+
+def per_item_s(c: ExpertCost) -> float:
+    return (c.k_ms_per_item + c.b_ms_per_batch / c.batch_size) / 1000.0
+
+
+def estimated_costs(weights_bytes: dict[str, int], batch_sizes: dict[str, int],
+                    profiled: dict[str, ExpertCost]) -> dict[str, ExpertCost]:
+    """Costs of unprofiled experts (name -> checkpoint weight bytes) scaled from the profiled ones: activations at
+    their median share of the weights, time per image at their median seconds per weight byte."""
+    known = [c for c in profiled.values() if c.weights_bytes > 0]
+    share = statistics.median(c.activation_bytes / c.weights_bytes for c in known) if known else ACTIVATION_SHARE
+    s_per_byte = statistics.median(per_item_s(c) / c.weights_bytes for c in known) if known else SECONDS_PER_BYTE
+    return {name: ExpertCost(name=name, weights_bytes=w, activation_bytes=int(w * share),
+                             k_ms_per_item=1000.0 * w * s_per_byte, b_ms_per_batch=0.0,
+                             batch_size=batch_sizes.get(name, 1), switch_ms=0.0, calls_per_s=0.0)
+            for name, w in weights_bytes.items()}
+
+
+def joint_usage(coes: list[ServedCoE]) -> UsageProfile:
+    """P(a request of the cluster invokes each expert) and each edge's P, mixing the CoEs by their shares."""
+    total = sum(c.share for c in coes)
+    if not coes or total <= 0:
+        raise ValueError(f"joint usage of {len(coes)} CoEs with total share {total}: give at least one a share > 0")
+    usage: dict[str, float] = {}
+    edges: dict[tuple[str, str, str], float] = {}
+    for c in coes:
+        w = c.share / total
+        for e, p in c.usage.usage.items():
+            usage[e] = usage.get(e, 0.0) + w * p
+        for e in c.usage.edges:
+            k = (e.upstream, e.downstream, e.kind)
+            edges[k] = edges.get(k, 0.0) + w * e.probability
+    source = coes[0].usage.source if all(c.usage.source == coes[0].usage.source for c in coes) else "spec"
+    return UsageProfile(source=source, num_requests=sum(c.usage.num_requests for c in coes),
+                        usage={e: min(1.0, p) for e, p in sorted(usage.items())},
+                        edges=[EdgeWeight(upstream=u, downstream=d, kind=k, probability=min(1.0, p))
+                               for (u, d, k), p in sorted(edges.items())])
+
+
+def routers(coes: list[ServedCoE]) -> set[str]:
+    """The router classifiers' keys: they run in the router, on every node."""
+    return {c.spec.router.expert for c in coes}
+
+
+def joint_problem(coes: list[ServedCoE], costs: dict[str, ExpertCost], nodes: list[NodeCapacity],
+                  requests_per_s: float, config: PlacementConfig | None = None,
+                  current: dict[str, list[str]] | None = None, usage: UsageProfile | None = None) -> PlacementProblem:
+    """The placement problem of every served CoE's experts (each key once) on `nodes`. `usage`: the joint usage to
+    plan with (default `joint_usage(coes)`; observed traffic at a drift re-plan); `costs`: every key's."""
+    usage = usage or joint_usage(coes)
+    keys = list(dict.fromkeys(e.name for c in coes for e in c.spec.experts))
+    missing = [k for k in keys if k not in costs]
     if missing:
-        raise FailedPrecondition(f"no current profile for {', '.join(missing)}", field="profile",
+        raise FailedPrecondition(f"no cost for {', '.join(missing)}", field="profile",
                                  fix="run `expertmesh profile` (placement needs each expert's memory and speed)")
-    experts = []
-    for e in spec.experts:
-        p = profiles[e.name]
-        per_item_s = p.per_item_ms(p.max_useful_batch) / 1000.0
-        experts.append(ExpertDemand(name=e.name, memory_bytes=expert_memory_bytes(p),
-                                    load=requests_per_s * usage.usage.get(e.name, 0.0) * per_item_s,
-                                    everywhere=e.name == spec.router.expert))
-    return _problem(experts, usage, nodes, requests_per_s, config, current)
-
-
-def _problem(experts: list[ExpertDemand], usage: UsageProfile, nodes: list[NodeCapacity], requests_per_s: float,
-             config: PlacementConfig | None, current: dict[str, list[str]] | None) -> PlacementProblem:
-    """The problem of `experts` on `nodes`, with the usage's dependency edges in calls per second."""
+    everywhere = routers(coes)
+    experts = [ExpertDemand(name=k, memory_bytes=memory_bytes(costs[k]),
+                            load=requests_per_s * usage.usage.get(k, 0.0) * per_item_s(costs[k]),
+                            everywhere=k in everywhere) for k in keys]
     edges = [Edge(upstream=w.upstream, downstream=w.downstream, weight=requests_per_s * w.probability)
              for w in usage.edges]
     return PlacementProblem(experts=experts, nodes=nodes, edges=edges, config=config or PlacementConfig(),
                             current=current or {})
 
 
-ACTIVATION_SHARE = 0.5  # without a profile: a batch's activations taken as half the weights again (profiled: 0.1-0.6)
-SECONDS_PER_BYTE = 1e-9  # without a profile: compute proportional to bytes (only the ratio between experts matters)
+def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,
+                      nodes: list[NodeCapacity], requests_per_s: float,
+                      config: PlacementConfig | None = None,
+                      current: dict[str, list[str]] | None = None) -> PlacementProblem:
+    """One CoE's problem from its profile, which must cover every expert."""
+    missing = [e.name for e in spec.experts if e.name not in profiles]
+    if missing:
+        raise FailedPrecondition(f"no current profile for {', '.join(missing)}", field="profile",
+                                 fix="run `expertmesh profile` (placement needs each expert's memory and speed)")
+    costs = {e.name: expert_cost(profiles[e.name]) for e in spec.experts}
+    return joint_problem([ServedCoE(spec, 1.0, usage)], costs, nodes, requests_per_s, config, current, usage)
 
 
-def checkpoint_problem(spec: CoESpec, zoo_root: Path, usage: UsageProfile, nodes: list[NodeCapacity],
-                       requests_per_s: float, config: PlacementConfig | None = None,
-                       current: dict[str, list[str]] | None = None) -> PlacementProblem:
-    """The placement problem without a profile: memory from each checkpoint's header (plus ACTIVATION_SHARE),
-    compute proportional to it; edges from `usage` as with a profile."""
-    experts = []
-    for e in spec.experts:
-        weights = checkpoint_bytes(resolve_checkpoint(e, zoo_root) / WEIGHTS_FILE)
-        experts.append(ExpertDemand(name=e.name, memory_bytes=int(weights * (1 + ACTIVATION_SHARE)),
-                                    load=requests_per_s * usage.usage.get(e.name, 0.0) * weights * SECONDS_PER_BYTE,
-                                    everywhere=e.name == spec.router.expert))
-    return _problem(experts, usage, nodes, requests_per_s, config, current)
-
-
-def executor_sizing(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile, nodes: list[NodeCapacity],
-                    requests_per_s: float, result: Plan, host_num_cpus: float = 1.0,
+def executor_sizing(coes: list[ServedCoE], costs: dict[str, ExpertCost], usage: UsageProfile,
+                    nodes: list[NodeCapacity], requests_per_s: float, result: Plan, host_num_cpus: float = 1.0,
                     torch_threads: int = 1, dedicate_min_busy: float = DEFAULT_MIN_BUSY) -> dict[str, ExecutorSizing]:
     """Per planned node, which experts get a dedicated deployment (`cluster.dedicate`) and its pooled hosts' replica
-    count and device budget on what is left (`cluster.sizing`), from the profile and the calls the plan puts there
-    (an expert held on n nodes: 1/n of its calls on each). The router's classifier runs in the router, not in a
-    host. A node runs at most cpus / host_num_cpus replicas (what Ray can place); a pool of no experts, 0."""
+    count and device budget on what is left (`cluster.sizing`), from the costs (by key) and the calls the plan puts
+    there (an expert held on n nodes: 1/n of its calls on each; `usage`: the joint usage planned with). The router
+    classifiers run in the router, not in a host. A node runs at most cpus / host_num_cpus replicas (what Ray can
+    place); a pool of no experts, 0."""
+    in_routers = routers(coes)
     out = {}
     for node in nodes:
-        held = [e for e, ns in result.replicas.items() if node.name in ns and e != spec.router.expert and e in profiles]
+        held = [e for e, ns in result.replicas.items() if node.name in ns and e not in in_routers and e in costs]
         if not held:
             continue
-        costs = []
-        for name in held:
-            p = profiles[name]
-            b = serving_batch(p)
-            costs.append(ExpertCost(
-                name=name, weights_bytes=p.footprint_bytes, activation_bytes=max(0, b.peak_bytes - p.footprint_bytes),
-                k_ms_per_item=p.fit.k_ms_per_item, b_ms_per_batch=p.fit.b_ms, batch_size=b.batch_size,
-                switch_ms=p.move_ms("host", "device") or 0.0,
-                calls_per_s=requests_per_s * usage.usage.get(name, 0.0) / len(result.replicas[name])))
+        placed = [costs[e].model_copy(update={
+            "name": e, "calls_per_s": requests_per_s * usage.usage.get(e, 0.0) / len(result.replicas[e])}) for e in held]
         slots = node.cpus / torch_threads if node.cpus > 0 else 1.0
         max_replicas = max(1, int(node.cpus // host_num_cpus)) if node.cpus > 0 else 1
-        parts = split(costs, node.memory_bytes, min(slots, max_replicas), dedicate_min_busy)
+        parts = split(placed, node.memory_bytes, min(slots, max_replicas), dedicate_min_busy)
         if parts.pooled:
             pool = size_executors(parts.pooled, parts.pool_memory_bytes, parts.pool_compute_slots,
                                   max_replicas=max(1, int(min(max_replicas, parts.pool_compute_slots))))

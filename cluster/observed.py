@@ -4,7 +4,7 @@ The placement controller compares what it sees with the usage the running plan a
 (`cluster.replan.decide`). Pure parts: `parse_invocations` reads one scrape, `counter_increase` is
 Prometheus's `increase()` over two scrapes (a series that went down was reset - its replica
 restarted - and counts from zero), `observed_usage` turns increases into P(expert invoked per
-request) (the router's classifier calls are the requests), and `observed_profile` rescales the
+request) (the router classifiers' calls are the requests), and `observed_profile` rescales the
 profile's dependency edges to the observed rates (the metric has no upstream label, so each edge
 keeps the spec's shape). `UsageWatch` is the glue: it scrapes, keeps a sliding window and answers
 with the usage over it.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -50,9 +50,11 @@ def by_expert_reason(increase: dict[SeriesKey, float]) -> dict[tuple[str, str], 
     return out
 
 
-def observed_usage(calls: dict[tuple[str, str], float], router_expert: str) -> tuple[dict[str, float], float]:
-    """(P(expert invoked per request), requests): requests are the router classifier's calls (reason 'router')."""
-    requests = sum(v for (e, r), v in calls.items() if e == router_expert and r == "router")
+def observed_usage(calls: dict[tuple[str, str], float], routers: Collection[str]) -> tuple[dict[str, float], float]:
+    """(P(expert invoked per request), requests): requests are the router classifiers' calls (reason 'router'; one
+    classifier per served CoE, and each request runs exactly one)."""
+    routers = {routers} if isinstance(routers, str) else set(routers)
+    requests = sum(v for (e, r), v in calls.items() if e in routers and r == "router")
     if requests <= 0:
         return {}, 0.0
     usage: dict[str, float] = {}
@@ -82,10 +84,10 @@ class UsageWatch:
     """Scrapes the invocations counter from every target each `poll()` and reports usage over the last `window_s`
     (None until the window holds `min_requests` requests, so a quiet minute never looks like drift)."""
 
-    def __init__(self, targets: Callable[[], list[str]], router_expert: str, *, window_s: float = 60.0,
+    def __init__(self, targets: Callable[[], list[str]], routers: Collection[str], *, window_s: float = 60.0,
                  min_requests: int = 50, clock: Callable[[], float] = time.monotonic,
                  fetch: Callable[[str], str] = _fetch) -> None:
-        self.targets, self.router_expert, self.window_s, self.min_requests = targets, router_expert, window_s, min_requests
+        self.targets, self.routers, self.window_s, self.min_requests = targets, routers, window_s, min_requests
         self.clock, self.fetch = clock, fetch
         self._last: dict[SeriesKey, float] | None = None
         self._window: deque[tuple[float, dict[tuple[str, str], float]]] = deque()
@@ -111,5 +113,5 @@ class UsageWatch:
         for _, calls in self._window:
             for k, v in calls.items():
                 total[k] = total.get(k, 0.0) + v
-        usage, requests = observed_usage(total, self.router_expert)
+        usage, requests = observed_usage(total, self.routers)
         return (usage, int(requests)) if requests >= self.min_requests else None

@@ -33,11 +33,12 @@ from expertmesh.cluster import placement_store, rollout_store
 from expertmesh.cluster.rollout import RolloutState
 from expertmesh.deployments.auth import TokenTable
 from expertmesh.deployments.config import (HOST_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT, ROUTER_DEPLOYMENT,
-                                           AppArgs, host_deployments, served_coes, served_options)
+                                           AppArgs, host_deployments)
 from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.placement_controller import PlacementControllerDeployment
 from expertmesh.deployments.router import RouterDeployment
+from expertmesh.deployments.served import served_coes, served_options
 from expertmesh.experts.spec import CoESpec, load_spec, resolve_checkpoint
 
 
@@ -101,10 +102,11 @@ def build_app(args: dict | AppArgs) -> Application:
         log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
         a = AppArgs.model_validate({**a.model_dump(), "placement": stored.placement,
                                     "executors": stored.executors or None})
-    opts = served_options(spec, a, warn=log.warning, rollout=stored_rollout(a))  # profile applied when current
+    coes = served_coes(spec, a)  # the other CoEs' specs, checked once
+    opts = served_options(spec, a, warn=log.warning, rollout=stored_rollout(a), coes=coes)  # profile applied if current
     s = a.settings
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(
-        [spec, *served_coes(spec, a).values()], a.zoo))
+        [spec, *coes.values()], a.zoo))
     # which experts a host holds, and each expert's home, reach the hosts and the router as user_config: their
     # constructor arguments (and so their versions) do not change with a re-plan, which reconfigures them in place
     names = host_deployments(opts[ROUTER_DEPLOYMENT]["user_config"]) or {"": HOST_DEPLOYMENT}

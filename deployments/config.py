@@ -1,8 +1,8 @@
-"""Serve settings and the Serve config built from a spec: data checked against Ray Serve's schema, no cluster.
+"""Serve settings and every deployment's options, built from a spec: data, no cluster.
 
 `deployment_options` is the one source of every deployment's options (autoscaling, batching,
 fractional CPU/GPU, queue limits), and `proxy_options` of the HTTP and gRPC proxies': the app builder
-and `expertmesh serve` apply them in code, and `build_serve_config` writes them into the config file
+and `expertmesh serve` apply them in code, and `deployments.served.build_serve_config` writes them into the config file
 that `serve deploy` and KubeRay (the Helm chart's RayService, as its serveConfigV2) run, so the two
 can never disagree. `app_profiles` is the one choice of profile entries: those of the device each
 expert runs on, for serving and for the placement controller alike.
@@ -10,19 +10,16 @@ expert runs on, for serving and for the placement controller alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from ray.serve.schema import ServeDeploySchema
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from expertmesh.cluster.labels import NODE_LABEL
-from expertmesh.cluster.rollout import RolloutState
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.graph import usage_probabilities
-from expertmesh.deployments.auth import TokenTable
-from expertmesh.experts.spec import CoESpec, load_spec
+from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.serving_profiles import serving_device, serving_devices, usable_profiles
 from expertmesh.profiler.store import ExpertProfile, ProfileStore
 
@@ -125,12 +122,20 @@ class ServeSettings(BaseModel):
     placement_dashboard_url: str | None = Field(
         None, description="Ray dashboard the in-cluster controller applies plans through (PUT /api/serve/applications/); "
                           "none: the cluster's own")
+    coe_request_shares: dict[str, float] = Field(
+        default_factory=dict, description="each served CoE's share of the requests (spec name -> relative share; a CoE "
+                                          "not named: 1), what the placement plans several CoEs for and the pools' "
+                                          "eviction ranks by; observed traffic replaces it at a drift re-plan")
     ingress_max_queued_requests: int = Field(
         256, ge=-1, description="requests waiting for an ingress replica; past it stations get RESOURCE_EXHAUSTED "
                                 "(HTTP 503); -1: unbounded")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
+        bad = {n: v for n, v in self.coe_request_shares.items() if not v > 0}
+        if bad:
+            raise ValueError(f"coe_request_shares {bad} are not positive; give each CoE a share > 0 (relative: 2 and 1 "
+                             f"is two thirds and one third)")
         if self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}; give them different ports")
         if self.expert_timeout_s >= self.request_timeout_s:
@@ -204,15 +209,17 @@ def _uses_gpu(spec: CoESpec, settings: ServeSettings) -> bool:
     return any(serving_device(e, settings.expert_num_gpus) == "cuda" for e in spec.experts)
 
 
-def batch_sizes(spec: CoESpec, profiles: dict[str, ExpertProfile] | None = None) -> dict[str, int]:
+def batch_sizes(spec: CoESpec, profiles: dict[str, ExpertProfile] | None = None,
+                others: Sequence[CoESpec] = ()) -> dict[str, int]:
     """Each expert's batch size on a host: its profiled largest useful batch where a current profile has one, else
-    the spec's max_batch."""
+    the spec's max_batch (`others`: the other CoEs' experts, by serving key)."""
     profiles = profiles or {}
-    return {e.name: profiles[e.name].max_useful_batch if e.name in profiles else e.max_batch for e in spec.experts}
+    out = {e.name: e.max_batch for o in reversed(others) for e in o.experts}
+    return out | {e.name: profiles[e.name].max_useful_batch if e.name in profiles else e.max_batch for e in spec.experts}
 
 
 def host_options(name: str, experts: list[str], spec: CoESpec, settings: ServeSettings,
-                 profiles: dict[str, ExpertProfile] | None = None) -> dict[str, Any]:
+                 profiles: dict[str, ExpertProfile] | None = None, others: Sequence[CoESpec] = ()) -> dict[str, Any]:
     """An expert host deployment: which experts it loads, their batch sizes and residency, in user_config (a
     re-plan reconfigures running hosts: a load, not a new process); autoscaled on batched calls in flight."""
     s = settings
@@ -224,10 +231,10 @@ def host_options(name: str, experts: list[str], spec: CoESpec, settings: ServeSe
                                "max_replicas": s.host_max_replicas, "target_ongoing_requests": 2.0,
                                "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s},
         "ray_actor_options": {"num_cpus": s.host_num_cpus,
-                              "num_gpus": s.expert_num_gpus if _uses_gpu(spec, s) else 0},
-        "user_config": {"experts": sorted(experts), "max_batch": batch_sizes(spec, profiles),
+                              "num_gpus": s.expert_num_gpus if any(_uses_gpu(x, s) for x in (spec, *others)) else 0},
+        "user_config": {"experts": sorted(experts), "max_batch": batch_sizes(spec, profiles, others),
                         "device_idle_s": s.expert_device_idle_s, "host_idle_s": s.expert_host_idle_s,
-                        **pool_config(spec, s)},
+                        **pool_config(spec, s, others)},
         **({"request_router_config": {"request_router_class": ASSIGN_ROUTER, "request_routing_stats_period_s": 1.0,
                                       "request_router_kwargs": {"costs": pool_costs(profiles)}}}
            if s.host_request_router == "assign" else {}),
@@ -237,14 +244,26 @@ def host_options(name: str, experts: list[str], spec: CoESpec, settings: ServeSe
 ASSIGN_ROUTER = "expertmesh.deployments.assign_router:AssignRequestRouter"
 
 
-def pool_config(spec: CoESpec, settings: ServeSettings) -> dict[str, Any]:
+def served_usage(specs: Sequence[CoESpec], shares: dict[str, float]) -> dict[str, float]:
+    """P(a request of the cluster invokes each expert): each CoE's expected mix, weighted by its request share."""
+    weights = {s.name: shares.get(s.name, 1.0) for s in specs}
+    total = sum(weights.values())
+    out: dict[str, float] = {}
+    for s in specs:
+        for e, p in usage_probabilities(s).items():
+            out[e] = out.get(e, 0.0) + weights[s.name] / total * p
+    return out
+
+
+def pool_config(spec: CoESpec, settings: ServeSettings, others: Sequence[CoESpec] = ()) -> dict[str, Any]:
     """A host's memory budgets (bytes; absent: what the node offers), policies and each expert's usage probability
-    (the spec's expected mix: what the CoServe eviction ranks by)."""
+    (the served CoEs' expected mix: what the CoServe eviction ranks by)."""
     s = settings
     mib = {"device_budget_bytes": s.pool_device_budget_mib, "host_budget_bytes": s.pool_host_budget_mib}
     return {**{k: int(v * 2**20) for k, v in mib.items() if v is not None},
             "arrange": s.pool_arrange, "evict": s.pool_evict, "max_wait_s": s.pool_max_wait_s,
-            "prefetch": s.pool_prefetch, "usage": {e: round(p, 6) for e, p in sorted(usage_probabilities(spec).items())}}
+            "prefetch": s.pool_prefetch,
+            "usage": {e: round(p, 6) for e, p in sorted(served_usage([spec, *others], s.coe_request_shares).items())}}
 
 
 def pool_costs(profiles: dict[str, ExpertProfile] | None) -> dict[str, list[float]]:
@@ -292,19 +311,25 @@ def sized(options: dict[str, Any], min_replicas: int, max_replicas: int, device_
 
 def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[str, ExpertProfile] | None = None,
                        placement: dict[str, list[str]] | None = None,
-                       executors: dict[str, ExecutorPlan] | None = None) -> dict[str, dict[str, Any]]:
+                       executors: dict[str, ExecutorPlan] | None = None,
+                       others: Sequence[CoESpec] = ()) -> dict[str, dict[str, Any]]:
     """Options of every deployment of the app, by deployment name: the expert host(s), the router, the ingress.
 
     Without a placement one `Host` deployment holds every expert (the classifier runs in the router). With one,
     each planned node gets a `Host-<node>` pool pinned there, holding the experts the plan puts on that node, and
     each expert the plan dedicates (`executors[node].dedicated`) its own autoscaled `Expert-<expert>-<node>` there
     instead; the router learns each expert's home node and own deployments through user_config (reconfigured in
-    place by a re-plan that keeps the set of deployments)."""
-    experts = [e.name for e in spec.experts if e.name != spec.router.expert]
-    unknown = sorted(set(placement or {}) - {e.name for e in spec.experts})
+    place by a re-plan that keeps the set of deployments).
+
+    `others`: the other CoEs served (`--coe`), in serving keys (`experts.revisions`): their experts are hosted, placed
+    and dedicated like the spec's, by key (an expert two CoEs share is one key); the classifiers run in the router."""
+    specs = [spec, *others]
+    in_router = {x.router.expert for x in specs}
+    experts = list(dict.fromkeys(e.name for x in specs for e in x.experts if e.name not in in_router))
+    unknown = sorted(set(placement or {}) - {e.name for x in specs for e in x.experts})
     if unknown:
-        raise InvalidArgument(f"the placement names experts the spec does not have: {', '.join(unknown)}",
-                              field="placement", fix="plan with the same spec")
+        raise InvalidArgument(f"the placement names experts the served CoEs do not have: {', '.join(unknown)}",
+                              field="placement", fix="plan with the same spec and --coe specs")
     planned = {e: sorted(nodes) for e, nodes in (placement or {}).items() if nodes and e in experts}
     planned_nodes = sorted({n for nodes in planned.values() for n in nodes})
     executors = executors or {}
@@ -315,16 +340,17 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
         held = [e for e in experts if node in planned.get(e, []) and (e, node) not in own]
         if held:
             pool_nodes.append(node)
-            opts[host_name(node)] = pin_to_node(host_options(host_name(node), held, spec, settings, profiles), node)
+            opts[host_name(node)] = pin_to_node(host_options(host_name(node), held, spec, settings, profiles, others),
+                                                node)
             if (x := executors.get(node)) and x.num_replicas:
                 opts[host_name(node)] = sized(opts[host_name(node)], x.num_replicas, x.num_replicas,
                                               x.device_budget_bytes)
     for (e, node), d in sorted(own.items()):
         name = dedicated_name(e, node)
-        opts[name] = sized(pin_to_node(host_options(name, [e], spec, settings, profiles), node),
+        opts[name] = sized(pin_to_node(host_options(name, [e], spec, settings, profiles, others), node),
                            d.min_replicas, d.max_replicas, d.device_budget_bytes)
     if not planned_nodes:
-        opts[HOST_DEPLOYMENT] = host_options(HOST_DEPLOYMENT, experts, spec, settings, profiles)
+        opts[HOST_DEPLOYMENT] = host_options(HOST_DEPLOYMENT, experts, spec, settings, profiles, others)
     dedicated: dict[str, dict[str, str]] = {}
     for e, node in sorted(own):
         dedicated.setdefault(e, {})[node] = dedicated_name(e, node)
@@ -351,50 +377,6 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
     return opts
 
 
-def with_rollout(opts: dict[str, dict[str, Any]], state: RolloutState, input_sizes_px: list[int],
-                 coes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """The options with the revisions served in user_config: the hosts get every one they must serve (a live
-    change's `known`, `cluster.rollout`, and the other CoEs' specs), the ingress their input sizes and the other CoEs'
-    names, the router which revision each request takes (`coes`: the other CoEs, spec name -> spec file)."""
-    coes = dict(coes or {})
-    out = {}
-    for name, o in opts.items():
-        if name == ROUTER_DEPLOYMENT:
-            o = {**o, "user_config": {**o.get("user_config", {}), "rollout": state.router_config(), "coes": coes}}
-        elif name == INGRESS_DEPLOYMENT:
-            o = {**o, "user_config": {"input_sizes_px": list(input_sizes_px), "coes": list(coes)}}
-        elif name == HOST_DEPLOYMENT or name.startswith((HOST_DEPLOYMENT + "-", DEDICATED_DEPLOYMENT + "-")):
-            o = {**o, "user_config": {**o["user_config"], "revisions": [*state.known, *coes.values()]}}
-        out[name] = o
-    return out
-
-
-def served_coes(spec: CoESpec, a: AppArgs) -> dict[str, CoESpec]:
-    """The other CoEs the app serves (`--coe`), by spec name, each checked (checkpoints in the zoo), and the tokens
-    file's `coes:` checked against them: a name served twice, or a tenancy entry naming a CoE not served, is refused."""
-    out: dict[str, CoESpec] = {}
-    for path in a.coes:
-        other = load_spec(path, zoo_root=Path(a.zoo))
-        if other.name == spec.name or other.name in out:
-            raise InvalidArgument(f"two served CoEs are named {other.name!r} ({path})", field="coes",
-                                  fix="give each spec its own `name` (a request names its CoE by it)")
-        out[other.name] = other.with_base_dir(Path(path).parent)
-    if not Path(a.tokens_file).is_file():  # `expertmesh config` for a cluster's file: the app build checks it there
-        return out
-    unknown = TokenTable.load(a.tokens_file).coes.unknown_names([spec.name, *out])
-    if unknown:
-        raise InvalidArgument(f"the tokens file's `coes:` names CoEs not served here: {', '.join(unknown)}",
-                              field="coes", fix=f"serve them with --coe SPEC, or name one of: "
-                                                f"{', '.join([spec.name, *out])}")
-    return out
-
-
-def input_sizes(state: RolloutState, coes: dict[str, CoESpec], zoo: str) -> list[int]:
-    """Every input size the revisions a rollout serves and the other CoEs need (their specs and checkpoints checked)."""
-    rollout = {size for path in state.known for size in load_spec(path, zoo_root=Path(zoo)).input_sizes_px}
-    return sorted(rollout | {size for c in coes.values() for size in c.input_sizes_px})
-
-
 def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, ExpertProfile]:
     """The profile entries the app is served with, and the placement controller re-plans with: the current entries
     of `args.profile` for the device each expert runs on (`serving_devices`: from the spec and `expert_num_gpus`,
@@ -405,18 +387,12 @@ def app_profiles(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | Non
     return usable_profiles(store, spec, Path(args.zoo), serving_devices(spec, args.settings.expert_num_gpus), warn=warn)
 
 
-def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """`deployment_options` with the profile entries (`app_profiles`) and the placement of `args` applied."""
-    return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement, args.executors)
-
-
-def served_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None,
-                   rollout: RolloutState | None = None) -> dict[str, dict[str, Any]]:
-    """`app_options` with the revisions served (`with_rollout`): a live change's and the other CoEs'."""
-    coes = served_coes(spec, args)
-    state = rollout or RolloutState()
-    return with_rollout(app_options(spec, args, warn), state, input_sizes(state, coes, args.zoo),
-                        {name: path for name, path in zip(coes, args.coes)})
+def app_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None,
+                others: Sequence[CoESpec] = ()) -> dict[str, dict[str, Any]]:
+    """`deployment_options` with the profile entries (`app_profiles`) and the placement of `args` applied (`others`:
+    the other CoEs in serving keys, `deployments.served.keyed_coes`)."""
+    return deployment_options(spec, args.settings, app_profiles(spec, args, warn), args.placement, args.executors,
+                              others)
 
 
 def proxy_env(settings: ServeSettings) -> dict[str, str]:
@@ -431,54 +407,6 @@ def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:
             "http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
             "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": True,
                              "request_timeout_s": s.request_timeout_s}}
-
-
-def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """A Serve config file (the schema `serve deploy` accepts) for the spec's application, checked against Ray
-    Serve's own `ServeDeploySchema`: what it would refuse is refused here, naming the field."""
-    config = {
-        "proxy_location": "EveryNode",
-        **proxy_options(args.settings),
-        "applications": [{
-            "name": APP_NAME,
-            "route_prefix": "/",
-            "import_path": IMPORT_PATH,
-            "args": args.model_dump(mode="json"),
-            "deployments": config_deployments(served_options(spec, args, warn), args.settings),
-        }],
-    }
-    check_serve_config(config)
-    return config
-
-
-def config_deployments(opts: dict[str, dict[str, Any]], settings: ServeSettings) -> list[dict[str, Any]]:
-    """The deployment options a config file lists. With the in-cluster controller, only what no placement changes:
-    Serve applies a re-submitted config's options over the built app, so a `Host` entry would name a deployment the
-    placement replaced (Serve refuses the config) and the router's user_config would reset its routing; the hosts'
-    options come from the settings in `args` instead."""
-    if not settings.placement_controller:
-        return list(opts.values())
-    out = [o for name, o in opts.items() if name in (ROUTER_DEPLOYMENT, INGRESS_DEPLOYMENT, PLACEMENT_DEPLOYMENT)]
-    return [{k: v for k, v in o.items() if not (o["name"] == ROUTER_DEPLOYMENT and k == "user_config")} for o in out]
-
-
-def check_serve_config(config: dict[str, Any]) -> None:
-    """Refuse a config `serve deploy` would refuse: InvalidArgument naming the first bad field (deployments by name)."""
-    try:
-        ServeDeploySchema.model_validate(config)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc, path = list(first["loc"]), []
-        for i, part in enumerate(loc):
-            if isinstance(part, int) and i > 0 and loc[i - 1] == "deployments":
-                name = config["applications"][loc[1]]["deployments"][part].get("name", part)
-                path[-1] += f"[{name}]"
-            elif isinstance(part, int):
-                path[-1] += f"[{part}]"
-            else:
-                path.append(str(part))
-        raise InvalidArgument(f"Ray Serve would refuse this config: {first['msg']} (got {first.get('input')!r})",
-                              field=".".join(path), fix="fix the serve setting or spec field behind it") from None
 
 
 def resolve_paths(args: AppArgs, base: Path) -> AppArgs:

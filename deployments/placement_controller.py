@@ -14,9 +14,11 @@ poll loop), with two changes of where things live:
   config's args, so the rebuild rolls every replica (this one too: its successor reads the store).
 
 With no stored placement the first poll sees every node as new and plans (a `node_joined` re-plan);
-until then one unpinned `Host` serves every expert. It plans (and sizes each node's expert hosts:
-`cluster.sizing`) with the profile when `args.profile` has a current entry for every expert, else from the
-checkpoints (`cluster.demand.checkpoint_problem`; no sizing: the settings' replicas, the node's memory).
+until then one unpinned `Host` serves every expert. It plans every CoE the app serves together
+(`cluster.served`: the spec and each `--coe`, by request share), and sizes each node's expert hosts
+(`cluster.sizing`) when `args.profile` has a current entry for every expert of the app's spec (another CoE's
+unprofiled experts are estimated from the profiled ones); else it plans from the checkpoints (every cost estimated
+from its size; no sizing: the settings' replicas, the node's memory).
 `status()` (GET /v1/placement on the ingress) says what runs and why.
 """
 
@@ -34,16 +36,16 @@ from ray.experimental import internal_kv
 
 from expertmesh.cluster import placement_store
 from expertmesh.cluster.controller import PlacementController, plan_on_inventory
-from expertmesh.cluster.demand import checkpoint_problem, executor_sizing
+from expertmesh.cluster.demand import executor_sizing, routers
 from expertmesh.cluster.local import describe, inventory
 from expertmesh.cluster.observed import UsageWatch
-from expertmesh.cluster.placement import Plan, plan
+from expertmesh.cluster.placement import Plan
 from expertmesh.cluster.prometheus import scrape_targets
-from expertmesh.deployments.config import APP_NAME, AppArgs, app_profiles
+from expertmesh.cluster.served import served_demand
+from expertmesh.deployments.config import APP_NAME, AppArgs
 from expertmesh.errors import FailedPrecondition, Unavailable
 from expertmesh.experts.spec import load_spec
 from expertmesh.profiler.store import ProfileStore, UsageProfile
-from expertmesh.profiler.usage import from_spec
 
 logger = logging.getLogger("ray.serve")
 APPLICATIONS_PATH = "/api/serve/applications/"
@@ -95,29 +97,33 @@ class PlacementControllerDeployment:
         a = AppArgs.model_validate(app_args)
         s = a.settings
         self.spec = spec = load_spec(a.spec, zoo_root=Path(a.zoo))
-        profiles = app_profiles(spec, a, warn=logger.warning)
-        usage: UsageProfile = (ProfileStore.load(Path(a.profile)).usage if a.profile else None) or from_spec(spec)
-        self.source = "profile" if all(e.name in profiles for e in spec.experts) else "checkpoints"
+        store = ProfileStore.load(Path(a.profile)) if a.profile else None
+        demand = served_demand(a.spec, Path(a.zoo), a.coes, store, s.expert_num_gpus, s.coe_request_shares,
+                               warn=logger.warning)
+        measured = {e.name for e in spec.experts} <= demand.profiled
+        self.source = "profile" if measured else "checkpoints"
+        if not measured:  # costs compared with one another only: every expert from its checkpoint alike
+            demand = served_demand(a.spec, Path(a.zoo), a.coes, None, s.expert_num_gpus, s.coe_request_shares,
+                                   usage=demand.coes[0].usage)
         rps = s.placement_requests_per_s
 
         self.executors: dict[str, dict] = {}  # the last plan's executor sizing (with a profile only)
 
         def planner(u: UsageProfile, cluster: dict, current: dict[str, list[str]]) -> Plan:
-            if self.source == "profile":
-                result = plan_on_inventory(spec, profiles, rps, u, cluster, current)
-                sizing = executor_sizing(spec, profiles, u, inventory(cluster), rps, result, s.host_num_cpus,
-                                         s.torch_threads, s.dedicate_min_busy)
+            result = plan_on_inventory(demand, rps, u, cluster, current)
+            if measured:
+                sizing = executor_sizing(demand.coes, demand.costs, u, inventory(cluster), rps, result,
+                                         s.host_num_cpus, s.torch_threads, s.dedicate_min_busy)
                 self.executors = {n: x.to_json() for n, x in sizing.items()}
-                return result
-            return plan(checkpoint_problem(spec, Path(a.zoo), u, inventory(cluster), rps, current=current))
+            return result
 
         self.dashboard_url = s.placement_dashboard_url or dashboard_url()
         stored = placement_store.read()
         self.revision = stored.revision if stored else 0
         self.log: list[str] = []
         self.controller = PlacementController(
-            "auto", spec, profiles, usage, rps, stored.placement if stored else {}, apply=self._apply,
-            poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets, spec.router.expert), log=self._log,
+            "auto", demand, demand.usage, rps, stored.placement if stored else {}, apply=self._apply,
+            poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets, routers(demand.coes)), log=self._log,
             read_cluster=lambda: describe("auto"), planner=planner)
         self.controller.start()
         self._log(f"started (planning from the {self.source}; stored placement: "

@@ -275,10 +275,11 @@ class RouterDeployment:
                 if i in failed:
                     continue
                 for call in plan.pending:
-                    name = plain_name(call.expert)  # another version of an expert goes where the plan put the expert
-                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost,
-                                    self.dedicated if name == call.expert else None, near.get(i),
-                                    self.held_on.get(name, ()), home=self.homes.get(name))
+                    # a key the plan placed (any served CoE's) goes where the plan put it; another version of a
+                    # planned expert (a live change's) goes where the plan put that expert
+                    name = call.expert if call.expert in self.homes else plain_name(call.expert)
+                    host = host_for(call.expert, self.homes, self._pools, self._alive, lost, self.dedicated,
+                                    near.get(i), self.held_on.get(name, ()), home=self.homes.get(name))
                     if host is None:
                         failed[i] = Unavailable(f"no expert host is available for expert {call.expert!r}",
                                                 fix="retry later; the cluster is re-placing the experts of lost nodes")

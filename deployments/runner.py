@@ -22,6 +22,7 @@ from expertmesh.cluster import rollout_store
 from expertmesh.cluster.connect import is_loopback, keep_ray_on_loopback
 from expertmesh.deployments.app import build_app
 from expertmesh.deployments.config import APP_NAME, AppArgs, deployment_options, proxy_env, proxy_options
+from expertmesh.deployments.served import keyed_coes
 from expertmesh.errors import FailedPrecondition, Unavailable
 from expertmesh.experts.spec import load_spec
 
@@ -30,7 +31,7 @@ def initial_cpus(args: AppArgs) -> float:
     """Logical CPUs the app's initial replicas ask for (Serve waits forever for replicas it cannot place)."""
     total = 0.0
     for opts in deployment_options(load_spec(args.spec), args.settings, placement=args.placement,
-                                   executors=args.executors).values():
+                                   executors=args.executors, others=keyed_coes(args)).values():
         replicas = opts.get("num_replicas") or opts["autoscaling_config"]["initial_replicas"]
         total += replicas * opts["ray_actor_options"]["num_cpus"]
     return total

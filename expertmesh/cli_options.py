@@ -56,3 +56,26 @@ def add_gpu_arg(p: argparse.ArgumentParser) -> None:
     """--expert-num-gpus: serving and planning both read it (it decides which device's profile entries apply)."""
     p.add_argument("--expert-num-gpus", type=float, default=0.0, help="GPUs per replica of a cuda/auto expert "
                                                                       "(fractions share a GPU; default 0: CPU)")
+
+
+def add_coe_args(p: argparse.ArgumentParser) -> None:
+    """--coe SPEC (repeatable) and --coe-share NAME=SHARE (repeatable): the other CoEs served and their request
+    shares."""
+    p.add_argument("--coe", action="append", default=[], metavar="SPEC",
+                   help="serve this CoE spec too, beside --spec (repeatable; checkpoints in the same --zoo); a request "
+                        "names its CoE, else gets its factory's default (the tokens file's `coes:`)")
+    p.add_argument("--coe-share", action="append", default=[], type=coe_share, metavar="NAME=SHARE",
+                   help="a served CoE's share of the requests, relative (repeatable; a CoE not named: 1): what the "
+                        "placement plans the CoEs together for")
+
+
+def coe_share(text: str) -> tuple[str, float]:
+    """NAME=SHARE (a positive number) for --coe-share."""
+    name, sep, value = text.partition("=")
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not sep or not name or not share > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=SHARE with a share > 0 (e.g. pcb-lite=0.5)")
+    return name, share

@@ -15,17 +15,18 @@ from pathlib import Path
 
 from expertmesh.cli_options import spec_and_zoo
 from expertmesh.cluster.controller import PlacementController
+from expertmesh.cluster.demand import routers
 from expertmesh.cluster.local import read_state
 from expertmesh.cluster.observed import UsageWatch
 from expertmesh.cluster.prometheus import PrometheusServer, scrape_targets
+from expertmesh.cluster.served import served_demand
 from expertmesh.deployments import runner
 from expertmesh.deployments.auth import TokenTable
-from expertmesh.deployments.config import AppArgs, app_profiles
+from expertmesh.deployments.config import AppArgs
 from expertmesh.deployments.dashboard import HIT_RATE_SINCE_START
 from expertmesh.errors import FailedPrecondition, InvalidArgument
 from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.store import ProfileStore
-from expertmesh.profiler.usage import from_spec
 from expertmesh.serve_options import app_args, tokens_file
 from expertmesh.station import StationReport, load_images, run_station
 
@@ -101,15 +102,17 @@ def _station_run(args: argparse.Namespace, spec: CoESpec, app: AppArgs, tokens: 
 
 
 def _start_controller(args: argparse.Namespace, spec: CoESpec, app: AppArgs) -> PlacementController:
-    """The placement controller: re-plans and redeploys when a node is lost or joins. It plans with the profile
-    entries the app is served with (`app_profiles`: those of the device each expert runs on)."""
+    """The placement controller: re-plans and redeploys when a node is lost or joins. It plans every served CoE
+    together (`cluster.served`) with the profile entries of the device each expert runs on, as the app is served."""
     if not app.profile:
         raise InvalidArgument("--replan needs a profile", field="--profile", fix="run `expertmesh profile` first")
-    usage = ProfileStore.load(app.profile).usage or from_spec(spec)
+    demand = served_demand(app.spec, Path(app.zoo), app.coes, ProfileStore.load(Path(app.profile)),
+                           app.settings.expert_num_gpus, app.settings.coe_request_shares,
+                           warn=lambda m: print(f"warning: {m}", flush=True), require_profiles=True)
     controller = PlacementController(
-        args.address, spec, app_profiles(spec, app), usage, args.plan_rps, app.placement,
+        args.address, demand, demand.usage, args.plan_rps, app.placement,
         apply=lambda placement: runner.redeploy(app.model_copy(update={"placement": placement})),
-        watch=UsageWatch(scrape_targets, spec.router.expert), log=lambda m: print(f"[placement] {m}", flush=True))
+        watch=UsageWatch(scrape_targets, routers(demand.coes)), log=lambda m: print(f"[placement] {m}", flush=True))
     controller.start()
     print("  placement controller: re-plans on node loss or join, and on lasting traffic drift", flush=True)
     return controller

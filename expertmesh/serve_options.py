@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from expertmesh.cli_options import add_gpu_arg
+from expertmesh.cli_options import add_coe_args, add_gpu_arg
 from expertmesh.deployments.auth import TOKENS_ENV, write_dev_tokens
 from expertmesh.deployments.config import AppArgs, ServeSettings
 from expertmesh.errors import InvalidArgument
@@ -23,9 +23,7 @@ from expertmesh.profiler.serving_profiles import default_store_path
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="tokens YAML of `token: factory_id` lines (default: $EXPERTMESH_TOKENS_FILE, "
                                     "else a generated dev file under $EXPERTMESH_HOME)")
-    p.add_argument("--coe", action="append", default=[], metavar="SPEC",
-                   help="serve this CoE spec too, beside --spec (repeatable; checkpoints in the same --zoo); a request "
-                        "names its CoE, else gets its factory's default (the tokens file's `coes:`)")
+    add_coe_args(p)
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
@@ -49,11 +47,13 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
                              grpc_max_message_mib=getattr(args, "grpc_max_message_mib", 64.0),
                              expert_device_idle_s=args.device_idle_s, expert_host_idle_s=args.host_idle_s,
                              expert_num_gpus=args.expert_num_gpus,
-                             placement_controller=getattr(args, "placement_controller", False))
+                             placement_controller=getattr(args, "placement_controller", False),
+                             coe_request_shares=dict(getattr(args, "coe_share", None) or []))
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else ""
-        flags = {"expert_device_idle_s": "--device-idle-s", "expert_host_idle_s": "--host-idle-s"}
+        flags = {"expert_device_idle_s": "--device-idle-s", "expert_host_idle_s": "--host-idle-s",
+                 "coe_request_shares": "--coe-share"}
         option = flags.get(name, "--" + name.replace("_", "-")) if name else "serve options"
         message, _, fix = err["msg"].removeprefix("Value error, ").partition("; fix: ")
         raise InvalidArgument(message, field=option, fix=fix or "see `expertmesh serve --help` for the allowed values") from None

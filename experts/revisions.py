@@ -5,7 +5,7 @@ new checkpoint, a new table or rules - next to the one the app was built with (t
 router then hold several revisions at once, and must never mix up two versions of one expert.
 
 An expert's *version* is a digest of what makes its runtime: the architecture, labels, input size, device and the
-checkpoint's bytes (`zoo.checkpoint_digest`). Its *serving key* - the name hosts, pools, metrics and plans use - is
+checkpoint's bytes (`checkpoint_header.checkpoint_digest`). Its *serving key* - the name hosts, pools, metrics and plans use - is
 its plain name when it is the base's expert of that name, byte for byte (or the base's expert's key when it is one
 of the base's experts under another name: another CoE sharing a checkpoint), and `name@version` otherwise. `keyed()`
 rewrites a revision's spec in serving keys (experts, router, table, dependencies, rules), so the plan, pool and
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expertmesh.experts.spec import CoESpec, ExpertSpec, load_spec, resolve_checkpoint
-from expertmesh.experts.zoo import checkpoint_digest
+from expertmesh.experts.checkpoint_header import checkpoint_digest
 
 KEY_SEPARATOR = "@"
 VERSION_CHARS = 8

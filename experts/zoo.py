@@ -28,11 +28,12 @@ import transformers
 
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import labeled_data
+from expertmesh.experts.checkpoint_header import checkpoint_digest
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.models import build_model, load_model, num_parameters
 from expertmesh.experts.pcb_aoi import dataset, generator
 from expertmesh.experts.image_processing import PREPROCESSOR_FILE
-from expertmesh.experts.spec import (FILE_DATA_KEYS, PRETRAINED_WEIGHTS, ArchitectureSpec, CoESpec, ExpertSpec,
+from expertmesh.experts.spec import (FILE_DATA_KEYS, ArchitectureSpec, CoESpec, ExpertSpec,
                                      TrainingSpec, pretrained_source, resolve_checkpoint)
 from expertmesh.experts.training import resolve_plan, train_classifier
 
@@ -79,19 +80,6 @@ def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
     if expert.name in BASELINES:  # a baseline trains on the whole pool, which the experts shape
         shaped_by["pool"] = sorted(f"{c}/{d}:{n}" for (c, d), n in dataset.train_counts(spec).items())
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
-
-
-def checkpoint_digest(directory: Path) -> str:
-    """sha256 over a brought checkpoint's config, weights and preprocessor config (names and bytes)."""
-    h = hashlib.sha256()
-    for name in ("config.json", *PRETRAINED_WEIGHTS, PREPROCESSOR_FILE):
-        path = Path(directory) / name
-        if path.is_file():
-            h.update(name.encode() + b"\0")
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 def resolved(spec: CoESpec, expert: ExpertSpec) -> ExpertSpec:

@@ -29,6 +29,25 @@ def tiny_spec_data() -> dict:
     return data
 
 
+def lite_spec_data(own_expert: bool = False) -> dict:
+    """`pcb-lite`: the same router, and one inspector for every category - the general expert's checkpoint under
+    another name (so it must be shared, not loaded again). With `own_expert`, QFPs also get `lite_solder`:
+    solder_fine's checkpoint pinned to the CPU, a version no other CoE serves (this CoE's own expert)."""
+    data = copy.deepcopy(default_spec_data())
+    general = next(e for e in data["experts"] if e["name"] == "general_defect")
+    router = next(e for e in data["experts"] if e["task"] == "route")
+    experts = [router, {**general, "name": "lite_inspector"}]
+    if own_expert:
+        solder = next(e for e in data["experts"] if e["name"] == "solder_fine")
+        experts.append({**solder, "name": "lite_solder", "device": "cpu"})
+    data.update(name="pcb-lite", description="one inspector for every part", experts=experts, dependencies=[],
+                gating_rules=[])
+    data["router"]["fallback_expert"] = "lite_inspector"
+    for c in data["categories"]:
+        c["experts"] = ["lite_inspector", "lite_solder"] if own_expert and c["name"] == "qfp" else ["lite_inspector"]
+    return data
+
+
 @pytest.fixture
 def spec_data() -> dict:
     return copy.deepcopy(default_spec_data())

@@ -89,7 +89,7 @@ class Harness:
         self.fail_applies = 0
         self.lines: list[str] = []
         self.controller = PlacementController(
-            "unused", spec=None, profiles={}, usage=USAGE, requests_per_s=10.0, current=START, apply=self.apply,
+            "unused", demand=None, usage=USAGE, requests_per_s=10.0, current=START, apply=self.apply,
             poll_s=POLL_S, config=config, watch=self.watch, log=self.lines.append, read_cluster=self.cluster,
             planner=self.plan, clock=self.clock, metrics=self.metrics)
 
@@ -240,6 +240,6 @@ def test_next_step_keeps_the_state_until_the_plan_is_applied():
 def test_the_controller_polls_and_watches_as_the_readme_says():
     h = Harness()
     assert PlacementController.__init__.__kwdefaults__["poll_s"] == POLL_S == 2.0  # README: every 2 s
-    watch = UsageWatch(lambda: [], "clf")
+    watch = UsageWatch(lambda: [], {"clf"})
     assert (watch.window_s, watch.min_requests) == (60.0, 50)  # README: a 60 s window, never on fewer than 50
     assert h.controller.config == ReplanConfig()

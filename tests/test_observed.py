@@ -34,7 +34,7 @@ class Clock:
 
 def test_usage_watch_reports_the_window_and_waits_for_enough_requests():
     clock, pages = Clock(), {"n0": page({}), "n1": page({})}
-    watch = UsageWatch(lambda: sorted(pages), "clf", window_s=30, min_requests=50, clock=clock,
+    watch = UsageWatch(lambda: sorted(pages), {"clf"}, window_s=30, min_requests=50, clock=clock,
                        fetch=lambda t: pages[t])
     assert watch.poll() is None  # the first scrape is the baseline
     totals = {"clf": 0, "chip": 0, "qfp": 0}
@@ -59,7 +59,7 @@ def test_a_lost_node_is_skipped_not_fatal():
             raise ConnectionRefusedError("gone")
         count["n"] += 10
         return page({("clf", "router", "r"): count["n"], ("chip", "table", "r"): count["n"] / 2})
-    watch = UsageWatch(lambda: ["n0", "gone"], "clf", min_requests=10, fetch=fetch)
+    watch = UsageWatch(lambda: ["n0", "gone"], {"clf"}, min_requests=10, fetch=fetch)
     assert watch.poll() is None
     assert watch.poll() == ({"chip": 0.5, "clf": 1.0}, 10)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from expertmesh.cluster.rollout import RolloutRefused, RolloutState, promote, rollback, start_canary, update
-from expertmesh.deployments.config import ServeSettings, deployment_options, with_rollout
+from expertmesh.deployments.config import ServeSettings, deployment_options
+from expertmesh.deployments.served import with_rollout
 from expertmesh.experts.revisions import keyed, plain_name, serving_keys
 from expertmesh.router.canary import CanarySplitter, agreement
 from expertmesh.router.plan import ExpertOutput, aggregate, route, triggered_calls

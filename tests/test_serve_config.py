@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from expertmesh.cli import main
 from expertmesh.deployments.auth import TokenTable, write_dev_tokens
 from expertmesh.cluster.rollout import RolloutState
-from expertmesh.deployments.config import AppArgs, ServeSettings, build_serve_config, deployment_options, with_rollout
+from expertmesh.deployments.config import AppArgs, ServeSettings, deployment_options
+from expertmesh.deployments.served import build_serve_config, with_rollout
 from expertmesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 

@@ -3,7 +3,6 @@ factory may use, a checkpoint both use is held once, and the metrics carry the C
 
 from __future__ import annotations
 
-import copy
 import time
 
 import grpc
@@ -17,24 +16,15 @@ from expertmesh.experts.images import encode_png
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
-from conftest import default_spec_data
+from conftest import lite_spec_data
 from serving_fixture import metric_total
 
 pytestmark = pytest.mark.integration
 
 
 def lite_spec(path) -> None:
-    """`pcb-lite`: the same router, and one inspector for every category - the general expert's checkpoint under
-    another name (so it must be shared, not loaded again)."""
-    data = copy.deepcopy(default_spec_data())
-    general = next(e for e in data["experts"] if e["name"] == "general_defect")
-    router = next(e for e in data["experts"] if e["task"] == "route")
-    data.update(name="pcb-lite", description="one inspector for every part",
-                experts=[router, {**general, "name": "lite_inspector"}], dependencies=[], gating_rules=[])
-    data["router"]["fallback_expert"] = "lite_inspector"
-    for c in data["categories"]:
-        c["experts"] = ["lite_inspector"]
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    """`pcb-lite` (conftest.lite_spec_data): general_defect's checkpoint under another name, which must be shared."""
+    path.write_text(yaml.safe_dump(lite_spec_data(), sort_keys=False))
 
 
 @pytest.fixture(scope="module")
