@@ -95,8 +95,10 @@ serve: zoo
 	$(BIN)/expertmesh serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 	  --prometheus-port $(PROMETHEUS_PORT)
 
+## The experts only: the monolithic baselines are benchmarks, built by the accuracy figure (make figures FIGURES=accuracy)
+## or `expertmesh zoo build --baselines all`, so `make run` trains what it serves.
 zoo: setup
-	$(BIN)/expertmesh zoo build
+	$(BIN)/expertmesh zoo build --baselines none
 
 ## Profile every expert (skips current entries); serving takes batch sizes and autoscaling targets from it.
 profile: zoo

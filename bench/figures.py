@@ -94,7 +94,7 @@ def write(group: str, command: str, data: dict, note: str = "", measured: dict |
 
 # ------------------------------------------------------------------------------------------ one function per group
 def refresh_accuracy() -> None:
-    # the comparison needs both baselines; a plain `zoo build` (make run, make zoo) skips the matched-total one
+    # the comparison needs both baselines; `make run` / `make zoo` build none, a plain `zoo build` only the active one
     run([EXPERTMESH, "zoo", "build", "--baselines", "all", "--no-progress"])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"

@@ -19,7 +19,7 @@ def accuracy_tables(report: dict) -> str:
     lines += [f"{e['expert']:<24}{e['accuracy']:>10.4f}{e['num_images']:>9}{e['num_parameters']:>11,}"
               + ((f"{e['train_seconds']:>9.1f}" if e.get("train_seconds") is not None else f"{'-':>9}") if timed else "")
               for e in report["experts"]]
-    lines += ["", f"router accuracy (component type): {report['router_accuracy']:.4f}", "",
+    lines += ["", f"router accuracy (category): {report['router_accuracy']:.4f}", "",
               f"{'system':<14}{'verdict acc':>12}{'defect recall':>15}{'defect acc':>12}{'uncertain':>10}"
               f"{'active params':>15}{'total params':>14}", "-" * 92]
     rows = [(name, report[key]) for name, key in SYSTEMS if report.get(key)]

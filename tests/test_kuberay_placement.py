@@ -7,7 +7,8 @@ operator starts its pods; the chart's serveConfigV2 is submitted through the das
 deployment) plans on the live nodes and pins an expert host to each node it uses; a worker is killed
 (a pod lost): the controller re-plans without it; then the same config is submitted again (KubeRay after
 an operator restart): the running placement survives it - the same hosts, the same replica actors - and
-the app answers.
+the app answers. The config serves a second CoE (`coes`, as `expertmesh config --coe` writes it): the controller
+plans both together, so the second CoE's own expert has planned nodes like every other, and it answers too.
 
 What differs from a pod, and why: every node shares this machine's network, so each gets its own metrics and
 dashboard-agent ports and the dashboard binds loopback on a free port; `ray start` will not join nodes on
@@ -37,6 +38,7 @@ from expertmesh.deployments.config import HOST_DEPLOYMENT, PLACEMENT_DEPLOYMENT,
 from expertmesh.experts.images import encode_png
 from expertmesh.experts.pcb_aoi import generator
 from serving_fixture import free_port
+from conftest import lite_spec_data
 from test_helm import MINIMAL, by_kind, render
 
 pytestmark = pytest.mark.integration
@@ -124,7 +126,11 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
     token = write_dev_tokens(tmp_path / "tokens.yaml", ["factory-a"])["factory-a"]
     http_port, grpc_port, gcs_port, dash_port = free_port(), free_port(), free_port(), free_port()
     app = config["applications"][0]
-    app["args"].update(zoo=str(default_zoo), tokens_file=str(tmp_path / "tokens.yaml"))
+    lite = tmp_path / "pcb-lite.yaml"  # a second CoE, with an expert of its own (lite_solder) and one it shares
+    lite.write_text(yaml.safe_dump(lite_spec_data(own_expert=True), sort_keys=False))
+    app["args"].update(zoo=str(default_zoo), tokens_file=str(tmp_path / "tokens.yaml"), coes=[str(lite)])
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")  # as `expertmesh config --coe` writes it
+    ingress["user_config"]["coes"] = ["pcb-lite"]
     app["args"]["settings"].update(http_host="127.0.0.1", http_port=http_port, grpc_port=grpc_port)
     config["http_options"].update(host="127.0.0.1", port=http_port)
     config["grpc_options"]["port"] = grpc_port
@@ -184,6 +190,9 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
         first_s = time.monotonic() - submitted_s
         used = sorted({n for ns in first["placement"].values() for n in ns})
         assert set(used) <= set(workers) and used, first
+        # both CoEs planned together: the second's own expert is placed by its serving key, the shared one once
+        own = [k for k in first["placement"] if k.startswith("lite_solder@")]
+        assert len(own) == 1 and first["placement"][own[0]] and "lite_inspector" not in first["placement"], first
         assert first["planned_from"] == "checkpoints" and "node joined" in first["reason"], first
         assert HOST_DEPLOYMENT not in hosts()  # the unpinned host the app started with is gone
         assert PLACEMENT_DEPLOYMENT in http_json(f"{dashboard}/api/serve/applications/", token=ray_token)["applications"]["expertmesh"][
@@ -216,6 +225,11 @@ def test_chart_config_under_kuberay_keeps_and_replans_the_placement(tmp_path, de
         answer = http_json(f"http://127.0.0.1:{http_port}/v1/inspect", method="POST", token=token,
                            body={"factory_id": "factory-a", "image": base64.b64encode(image).decode()}, timeout=60)
         assert answer["verdict"] in ("PASS", "DEFECT", "UNCERTAIN") and len(answer["experts"]) >= 2, answer
+        qfp = encode_png(generator.generate("qfp", "ok", 7, 0))
+        answer = http_json(f"http://127.0.0.1:{http_port}/v1/inspect", method="POST", token=token, timeout=60,
+                           body={"factory_id": "factory-a", "image": base64.b64encode(qfp).decode(), "coe": "pcb-lite"})
+        assert answer["coe_version"] == "pcb-lite@1" and answer["verdict"] in ("PASS", "DEFECT", "UNCERTAIN"), answer
+        assert own[0] in after["placement"], after  # the re-plan kept planning it
         print("kuberay placement figures: " + json.dumps({  # bench/figures.py records this line (group kuberay)
             "first_placement_running_s": round(first_s, 1), "lost_node": lost, "replan_running_s": round(replanned_s, 1),
             "resubmitted_running_s": round(resubmit_s, 1), "nodes_used_first": used,
