@@ -167,3 +167,19 @@ def kuberay_test(text: str) -> dict:
     """`pytest -s` of tests/test_kuberay_placement.py: the JSON of its 'kuberay placement figures:' line."""
     line = _search(r"kuberay placement figures: (\{.*\})", text, "'kuberay placement figures' line")
     return json.loads(line[1])
+
+
+ZOO_TRAINED_RE = re.compile(r"^\[(\d+)/(\d+)\] (\S+): (\d+) images x (\d+) epochs in ([\d.]+) s", re.M)
+
+
+def zoo_build(text: str) -> dict:
+    """`expertmesh zoo build`: the build's own seconds, what it trained and skipped, and per model its images, epochs
+    and training seconds (the `[i/N] name: X images x E epochs in S s, ...` lines)."""
+    done = _search(r"^zoo build done in ([\d.]+) s: (\d+) trained, (\d+) up to date", text,
+                   "'zoo build done in S s: N trained, M up to date' line", re.M)
+    models = {m[3]: {"num_images": int(m[4]), "epochs": int(m[5]), "train_s": float(m[6])}
+              for m in ZOO_TRAINED_RE.finditer(text)}
+    if len(models) != int(done[2]):
+        raise FigureParseError(f"the build says {done[2]} trained but prints {len(models)} '[i/N] name: X images x E "
+                               "epochs in S s' lines")
+    return {"build_s": float(done[1]), "num_trained": int(done[2]), "num_up_to_date": int(done[3]), "models": models}

@@ -11,6 +11,7 @@ Groups and what measures them (the last four start Ray, serve and take minutes):
   accuracy    expertmesh zoo report                     (the accuracy table; builds both baselines first)
   profile     expertmesh profile --force                (profile table, timings, usage; docs/profile-pcb-aoi.png)
   plan        expertmesh plan --explain                 (3 nodes of 0.06 GiB; 0.05 GiB exact and heuristic)
+  training    expertmesh zoo build --zoo TMP            (`make run`'s training into a fresh zoo; ~12 min)
   throughput  expertmesh bench throughput --before ...  (before/now capacities, overload, ready time, RSS; ~15 min)
   make_run    make run                                  (station figures, readiness, hit rates from Prometheus)
   node_loss   pytest -s the 3-node node-loss test       (lost experts answering again, re-plan timings, the station)
@@ -241,6 +242,41 @@ def refresh_ci() -> None:
         measured={"commit": cloned, "worktree_dirty": False})
 
 
+TRAINING_COMMAND = "expertmesh zoo build --zoo <a fresh empty directory> --baselines none --no-progress"
+
+
+def refresh_training() -> None:
+    """Time `make run`'s training (the default spec's experts, no baselines) into a fresh, empty zoo, so every expert
+    and the images are made from scratch; the zoo is deleted afterwards."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line when printed: the stamps split the phases
+    with tempfile.TemporaryDirectory(prefix="expertmesh-training-") as tmp:
+        t0 = time.monotonic()
+        text, stamps = run([EXPERTMESH, "zoo", "build", "--zoo", str(Path(tmp) / "zoo"), "--baselines", "none",
+                            "--no-progress"], env=env, stamp_lines=True)
+        wall_s = time.monotonic() - t0
+    build = parse.zoo_build(text)
+    if build["num_up_to_date"] or not build["num_trained"]:
+        raise SystemExit(f"figures: the fresh zoo skipped {build['num_up_to_date']} up-to-date model(s) and trained "
+                         f"{build['num_trained']}; nothing written for training")
+    lines = text.splitlines()
+
+    def at(prefix: str) -> float:
+        return next(t for ln, t in zip(lines, stamps) if ln.startswith(prefix))
+    first = next(iter(build["models"]))
+    models_s = sum(m["train_s"] for m in build["models"].values())
+    # from the `training N model(s)` line to the first model's line, less its training: the images (and its arrays)
+    images_s = at(f"[1/{build['num_trained']}] {first}:") - at("training ") - build["models"][first]["train_s"]
+    write("training", TRAINING_COMMAND, {
+        "wall_s": wall_s, "build_s": build["build_s"], "startup_s": wall_s - build["build_s"], "images_s": images_s,
+        "models_train_s": models_s, "other_s": build["build_s"] - images_s - models_s,
+        "num_models": build["num_trained"], "models": build["models"], "cpu_count": os.cpu_count(),
+        "baselines": "none"},
+        note="wall_s: the whole command, imports included; build_s: what it printed (`zoo build done in S s`); "
+             "startup_s: wall_s - build_s (imports, spec); images_s: from the `training N model(s)` line to the first "
+             "model's line, less that model's training; models: each model's training seconds as printed; other_s: "
+             "build_s less images and training (the training arrays, validation splits, saving)")
+
+
 KUBERAY_TEST = "tests/test_kuberay_placement.py"
 
 
@@ -259,7 +295,7 @@ def refresh_kuberay() -> None:
 REFRESH: dict[str, Callable[[], None]] = {
     "accuracy": refresh_accuracy, "profile": refresh_profile, "plan": refresh_plan,
     "throughput": refresh_throughput, "make_run": refresh_make_run, "node_loss": refresh_node_loss,
-    "kuberay": refresh_kuberay, "ci": refresh_ci}
+    "kuberay": refresh_kuberay, "ci": refresh_ci, "training": refresh_training}
 
 
 def render() -> None:
