@@ -148,7 +148,8 @@ clean:
 ## Every figure the README quotes, measured again: each group's command writes docs/figures/<group>.json (with the
 ## commit and date it measured), then the README's figure blocks are rendered from those files
 ## (tests/test_readme_figures.py fails when they disagree). FIGURES picks groups: accuracy profile plan (minutes, no
-## Ray), throughput (expertmesh bench throughput, starts Ray), make_run node_loss (start Ray and serve), ci (a clean clone's `bash .ci/run`, ~15 min).
+## Ray), throughput (expertmesh bench throughput, starts Ray), make_run node_loss (start Ray and serve), ci (a clean clone's `bash .ci/run`, ~15 min), training
+## (`make run`'s training into a fresh zoo, ~14 min).
 ## `.venv/bin/python bench/figures.py render` only re-renders the README from the committed files.
 FIGURES ?= all
 .PHONY: figures

@@ -340,6 +340,34 @@ def ci(results: dict) -> str:
         f"on one shared Ray/Serve instance take most of it).") + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------- training
+def _slowest(d: dict) -> tuple[str, float]:
+    name = max(d["models"], key=lambda m: d["models"][m]["train_s"])
+    return name, d["models"][name]["train_s"]
+
+
+def training(results: dict) -> str:
+    d = results["training"]["data"]
+    slowest, slowest_s = _slowest(d)
+    return "\n" + wrap(
+        f"- **Measured:** `make run` trains the {d['num_models']} experts in {num(d['wall_s'], 0)} s on this "
+        f"{d['cpu_count']}-core machine (a fresh zoo, images included; the baselines are not built): "
+        f"{num(d['models_train_s'], 0)} s training the experts (the slowest `{slowest}`, {num(slowest_s, 0)} s), "
+        f"{num(d['images_s'], 0)} s generating the images, {num(d['startup_s'], 0)} s starting up and "
+        f"{num(d['other_s'], 0)} s for the rest (the training arrays, saving) ({source_note('training', results)}).",
+        indent="  ")[2:] + "\n"
+
+
+def training_total(results: dict) -> str:
+    return f"{num(results['training']['data']['wall_s'], 0)} s"
+
+
+def training_split(results: dict) -> str:
+    d = results["training"]["data"]
+    return (f"{num(d['wall_s'], 0)} s on {d['cpu_count']} cores, measured: the experts {num(d['models_train_s'], 0)} s, "
+            f"generating the images {num(d['images_s'], 0)} s")
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "make_run.station": make_run_station, "make_run.hit_rates": make_run_hit_rates,
     "accuracy": accuracy,
@@ -348,6 +376,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "throughput": throughput,
     "node_loss": node_loss, "node_loss.range": node_loss_range, "node_loss.colocation": node_loss_colocation,
     "kuberay": kuberay, "ci": ci,
+    "training": training, "training.total": training_total, "training.split": training_split,
 }
 GROUPS = sorted({name.split(".")[0] for name in RENDERERS})
 

@@ -248,3 +248,37 @@ def test_the_node_loss_block_quotes_its_file():
     body = " ".join(blocks.render_block("node_loss", results).split())
     assert "no request sent after the loss needed one of the lost experts" in body
     assert "180 requests were all answered; 0 took" in body and "onto the host on node-2 and nothing else" in body
+
+
+ZOO_BUILD_LOG = """building zoo of 'pcb-aoi' into /tmp/zoo
+training 2 model(s): component_classifier, chip_defect
+[1/2] component_classifier: 9000 images x 10 epochs in 120.5 s, train accuracy 0.999, 80,000 parameters -> /tmp/zoo/c
+[2/2] chip_defect: 3200 images x 12 epochs in 30.0 s, train accuracy 0.998, validation accuracy 0.990 (320 images, \
+epoch 11 kept), 79,572 parameters -> /tmp/zoo/chip_defect
+zoo build done in 240.0 s: 2 trained, 0 up to date
+"""
+
+
+def test_the_zoo_build_output_parses():
+    b = parse.zoo_build(ZOO_BUILD_LOG)
+    assert (b["build_s"], b["num_trained"], b["num_up_to_date"]) == (240.0, 2, 0)
+    assert b["models"]["chip_defect"] == {"num_images": 3200, "epochs": 12, "train_s": 30.0}
+    with pytest.raises(parse.FigureParseError, match="prints 1"):
+        parse.zoo_build(ZOO_BUILD_LOG.replace("[1/2] component_classifier", "component_classifier"))
+
+
+def test_the_training_blocks_quote_their_file():
+    b = parse.zoo_build(ZOO_BUILD_LOG)
+    data = {"wall_s": 255.4, "build_s": 240.0, "startup_s": 15.4, "images_s": 70.2, "models_train_s": 150.5,
+            "other_s": 19.3, "num_models": 2, "models": b["models"], "cpu_count": 2, "baselines": "none"}
+    record = {"figure": "training", "commit": "0123456789" * 4, "worktree_dirty": False,
+              "date": "2026-11-27T10:00:00+00:00", "command": "expertmesh zoo build --zoo TMP --baselines none",
+              "machine": "Linux, 2 cpus", "load_average_1_5_15m": [1.0, 1.5, 1.5], "provenance": "measured",
+              "note": "", "data": data}
+    results = {**RESULTS, "training": record}
+    body = " ".join(blocks.render_block("training", results).split())
+    assert body.startswith("- **Measured:** `make run` trains the 2 experts in 255 s on this 2-core machine")
+    assert "151 s training the experts (the slowest `component_classifier`, 121 s), 70 s generating the images" in body
+    assert "(docs/figures/training.json): `expertmesh zoo build --zoo TMP --baselines none` at 0123456, 2026-11-27" in body
+    assert blocks.render_block("training.total", results) == "255 s"
+    assert blocks.render_block("training.split", results).startswith("255 s on 2 cores, measured: the experts 151 s")
