@@ -70,13 +70,14 @@ def zoo_fingerprint(specs: list[CoESpec], zoo: str) -> str:
     return h.hexdigest()[:16]
 
 
-def stored_rollout(a: AppArgs) -> RolloutState:
-    """The live-change state in the GCS when it belongs to this app (the one `expertmesh serve` stored with the same
-    spec, zoo and CoEs), else none: a config deploy over an old cluster never inherits another app's revisions."""
+def stored_rollouts(a: AppArgs) -> tuple[RolloutState, dict[str, RolloutState]]:
+    """The live-change states in the GCS (the app's own CoE's, the other CoEs' by name) when they belong to this app
+    (the one `expertmesh serve` stored with the same spec, zoo and CoEs), else none: a config deploy over an old
+    cluster never inherits another app's revisions."""
     stored = rollout_store.read_app_args() or {}
     if (stored.get("spec"), stored.get("zoo"), stored.get("coes") or []) != (a.spec, a.zoo, a.coes):
-        return RolloutState()
-    return rollout_store.read()
+        return RolloutState(), {}
+    return rollout_store.read(), rollout_store.read_coes()
 
 
 def _versioned(deployment: Deployment, options: dict, *init_args, fingerprint: str = "") -> Deployment:
@@ -103,7 +104,9 @@ def build_app(args: dict | AppArgs) -> Application:
         a = AppArgs.model_validate({**a.model_dump(), "placement": stored.placement,
                                     "executors": stored.executors or None})
     coes = served_coes(spec, a)  # the other CoEs' specs, checked once
-    opts = served_options(spec, a, warn=log.warning, rollout=stored_rollout(a), coes=coes)  # profile applied if current
+    rollout, coe_rollouts = stored_rollouts(a)
+    opts = served_options(spec, a, warn=log.warning, rollout=rollout, coes=coes,  # profile applied if current
+                          coe_rollouts=coe_rollouts)
     s = a.settings
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(
         [spec, *coes.values()], a.zoo))

@@ -64,6 +64,7 @@ class RouterDeployment:
         self.classifier = self._classifier_of(self.revisions.base)
         self.rollout: dict = RolloutState().router_config()  # which revision each request takes (reconfigure)
         self.coes: dict[str, str] = {}  # the other CoEs served: spec name -> spec file (reconfigure)
+        self.coe_rollouts: dict[str, dict] = {}  # their live changes, as `rollout` ("" stable: the CoE's file)
         self._splitter = CanarySplitter()
         self.hosts = dict(hosts)  # host key (a pool's node, or a dedicated deployment's name) -> handle
         self.homes: dict[str, str] = {}
@@ -95,10 +96,13 @@ class RouterDeployment:
             for path in (rollout["stable"], (rollout.get("canary") or {}).get("spec", "")):
                 self._classifier_of(self.revisions.get(path))
             self.rollout = rollout
-        for path in (routing.get("coes") or {}).values():
+        coes = dict(routing.get("coes") or {})
+        coe_rollouts = {n: dict(r) for n, r in (routing.get("coe_rollouts") or {}).items() if n in coes}
+        other_paths = {*coes.values(), *(p for n, r in coe_rollouts.items() for p in self._in_use(r, coes[n]))}
+        for path in other_paths:
             self._classifier_of(self.revisions.get(path))
-        self.coes = dict(routing.get("coes") or {})
-        in_use = {"", self.rollout["stable"], (self.rollout.get("canary") or {}).get("spec", ""), *self.coes.values()}
+        self.coes, self.coe_rollouts = coes, coe_rollouts
+        in_use = {"", *self._in_use(self.rollout, ""), *other_paths}
         keep = {self.revisions.get(p).spec.router.expert for p in in_use}
         self.classifiers = {k: rt for k, rt in self.classifiers.items() if k in keep}  # a batch in flight keeps its own
         self.homes = dict(routing.get("homes") or {})
@@ -169,9 +173,10 @@ class RouterDeployment:
         t0 = time.perf_counter()
         fallback_s = self.host_timeout_s * MAX_HOST_ROUNDS
         deadlines = [Deadline(fallback_s if m.get("budget_s") is None else float(m["budget_s"])) for m in metas]
-        rollout_revision = str(self.rollout.get("revision", 0))  # the rollout the requests were assigned under
         picks = [self._pick(m) for m in metas]
         metas_coe = [m.get("coe", "") for m in metas]
+        assigned_under = [str(self._rollout_of(c or self.spec.name)[0].get("revision", 0)) if p is not None else ""
+                          for c, p in zip(metas_coe, picks)]  # each request's CoE's rollout, for the comparisons
         metas = [{k: v for k, v in m.items() if k not in ("budget_s", "coe")} for m in metas]
         rows: dict[str, list[int]] = defaultdict(list)  # revision -> the rows it runs (its answers and its shadows)
         for i, pick in enumerate(picks):
@@ -183,23 +188,35 @@ class RouterDeployment:
         revisions = [self.revisions.get(path) for path in rows]
         shadows = {i for i, pick in enumerate(picks) if pick is not None and pick.shadow is not None}
         done = await asyncio.gather(*(self._inspect_rows(rev, rows[rev.path], images, metas, deadlines, t0,
-                                                         shadows if rev.path == self.rollout["stable"] else set())
+                                                         {i for i in shadows if picks[i].shadow == rev.path})
                                       for rev in revisions))
         results = {rev.path: r for rev, r in zip(revisions, done)}
         out = [results[pick.revision][i] if pick is not None else Unavailable(
             f"CoE {metas_coe[i]!r} is not served by this router yet", fix="retry; the app is being reconfigured")
             for i, pick in enumerate(picks)]
-        self._record_rollout(picks, results, out, rollout_revision)
+        self._record_rollout(picks, results, out, assigned_under)
         return out
 
+    @staticmethod
+    def _in_use(rollout: dict, served: str) -> tuple[str, ...]:
+        """The revisions a CoE's live change sends requests to (stable, canary); "" stable: `served`, its file."""
+        return (rollout["stable"] or served, *([rollout["canary"]["spec"]] if rollout.get("canary") else []))
+
+    def _rollout_of(self, coe: str) -> tuple[dict, str]:
+        """(the live change of `coe`, the file its "" stable revision means); the app's own CoE: ("")."""
+        if coe == self.spec.name:
+            return self.rollout, ""
+        return self.coe_rollouts.get(coe) or {"revision": 0, "stable": "", "canary": None}, self.coes[coe]
+
     def _pick(self, meta: dict) -> Assignment | None:
-        """A request's revision: its CoE's (the ingress chose the CoE); for this app's own CoE, the stable revision
-        or the canary's share of its factory. None: a CoE this router does not know (yet: the ingress learnt it first)."""
+        """A request's revision: its CoE's (the ingress chose the CoE) stable revision, or its canary's share of the
+        request's factory. None: a CoE this router does not know (yet: the ingress learnt it first)."""
         coe = meta.get("coe") or self.spec.name
-        if coe != self.spec.name:
-            return Assignment(self.coes[coe]) if coe in self.coes else None
-        rollout = self.rollout
-        return self._splitter.assign(meta.get("factory_id", ""), rollout["stable"], rollout.get("canary"))
+        if coe != self.spec.name and coe not in self.coes:
+            return None
+        rollout, served = self._rollout_of(coe)
+        return self._splitter.assign(meta.get("factory_id", ""), rollout["stable"] or served, rollout.get("canary"),
+                                     coe=coe)
 
     async def _inspect_rows(self, rev: Revision, rows: list[int], images: dict[int, np.ndarray], metas: list[dict],
                             deadlines: list[Deadline], t0: float, shadows: set[int]
@@ -241,10 +258,10 @@ class RouterDeployment:
                       "decided_by": rev.names.get(outcome.decided_by or "", plain_name(outcome.decided_by or "")), "coe": spec.name, "coe_version": rev.label}
         return out
 
-    def _record_rollout(self, picks: list, results: dict[str, dict], answers: list, rollout_revision: str) -> None:
+    def _record_rollout(self, picks: list, results: dict[str, dict], answers: list, assigned_under: list[str]) -> None:
         """Requests by the revision that answered, and each canary answer's agreement with its stable shadow."""
         counts: Counter[tuple[str, str]] = Counter()
-        agreements: Counter[tuple[str, str, str]] = Counter()
+        agreements: Counter[tuple[str, str, str, str]] = Counter()
         for i, pick in enumerate(picks):
             if pick is None:
                 continue
@@ -252,10 +269,10 @@ class RouterDeployment:
             counts[(label, "canary" if pick.shadow is not None else "stable")] += 1
             if pick.shadow is not None:
                 stable = self.revisions.get(pick.shadow).label
-                agreements[(label, stable, agreement(results[pick.shadow][i], answers[i]))] += 1
+                agreements[(label, stable, agreement(results[pick.shadow][i], answers[i]), assigned_under[i])] += 1
         for (label, role), n in counts.items():
             self.metrics.inc("expertmesh_rollout_requests_total", n, coe_version=label, role=role)
-        for (canary, stable, outcome), n in agreements.items():
+        for (canary, stable, outcome, rollout_revision), n in agreements.items():
             self.metrics.inc("expertmesh_canary_comparisons_total", n, canary=canary, stable=stable, outcome=outcome,
                              rollout=rollout_revision)
 

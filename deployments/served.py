@@ -30,19 +30,24 @@ from expertmesh.experts.spec import CoESpec, load_spec
 
 
 def with_rollout(opts: dict[str, dict[str, Any]], state: RolloutState, input_sizes_px: list[int],
-                 coes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                 coes: dict[str, str] | None = None,
+                 coe_rollouts: dict[str, RolloutState] | None = None) -> dict[str, dict[str, Any]]:
     """The options with the revisions served in user_config: the hosts get every one they must serve (a live
-    change's `known`, `cluster.rollout`, and the other CoEs' specs), the ingress their input sizes and the other CoEs'
-    names, the router which revision each request takes (`coes`: the other CoEs, spec name -> spec file)."""
+    change's `known`, `cluster.rollout`, the other CoEs' specs and their live changes' `known`), the ingress their
+    input sizes and the other CoEs' names, the router which revision each request takes (`coes`: the other CoEs,
+    spec name -> spec file; `coe_rollouts`: their live changes, where a stable revision "" is the CoE's file)."""
     coes = dict(coes or {})
+    others = {name: s for name, s in (coe_rollouts or {}).items() if name in coes}
+    revisions = list(dict.fromkeys([*state.known, *coes.values(), *(p for s in others.values() for p in s.known)]))
     out = {}
     for name, o in opts.items():
         if name == ROUTER_DEPLOYMENT:
-            o = {**o, "user_config": {**o.get("user_config", {}), "rollout": state.router_config(), "coes": coes}}
+            o = {**o, "user_config": {**o.get("user_config", {}), "rollout": state.router_config(), "coes": coes,
+                                      "coe_rollouts": {n: s.router_config() for n, s in sorted(others.items())}}}
         elif name == INGRESS_DEPLOYMENT:
             o = {**o, "user_config": {"input_sizes_px": list(input_sizes_px), "coes": list(coes)}}
         elif name == HOST_DEPLOYMENT or name.startswith((HOST_DEPLOYMENT + "-", DEDICATED_DEPLOYMENT + "-")):
-            o = {**o, "user_config": {**o["user_config"], "revisions": [*state.known, *coes.values()]}}
+            o = {**o, "user_config": {**o["user_config"], "revisions": revisions}}
         out[name] = o
     return out
 
@@ -69,9 +74,12 @@ def served_coes(spec: CoESpec, a: AppArgs) -> dict[str, CoESpec]:
     return out
 
 
-def input_sizes(state: RolloutState, coes: dict[str, CoESpec], zoo: str) -> list[int]:
-    """Every input size the revisions a rollout serves and the other CoEs need (their specs and checkpoints checked)."""
-    rollout = {size for path in state.known for size in load_spec(path, zoo_root=Path(zoo)).input_sizes_px}
+def input_sizes(state: RolloutState, coes: dict[str, CoESpec], zoo: str,
+                coe_rollouts: dict[str, RolloutState] | None = None) -> list[int]:
+    """Every input size the revisions the rollouts serve and the other CoEs need (their specs and checkpoints
+    checked)."""
+    known = {*state.known, *(p for s in (coe_rollouts or {}).values() for p in s.known)}
+    rollout = {size for path in known for size in load_spec(path, zoo_root=Path(zoo)).input_sizes_px}
     return sorted(rollout | {size for c in coes.values() for size in c.input_sizes_px})
 
 
@@ -85,14 +93,16 @@ def keyed_coes(a: AppArgs) -> list[CoESpec]:
 
 
 def served_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None,
-                   rollout: RolloutState | None = None,
-                   coes: dict[str, CoESpec] | None = None) -> dict[str, dict[str, Any]]:
-    """`deployment_config.app_options` over every served CoE with the revisions served (`with_rollout`): a live change's and the
-    other CoEs'. `coes`: `served_coes(spec, args)` when the caller has it already."""
+                   rollout: RolloutState | None = None, coes: dict[str, CoESpec] | None = None,
+                   coe_rollouts: dict[str, RolloutState] | None = None) -> dict[str, dict[str, Any]]:
+    """`deployment_config.app_options` over every served CoE with the revisions served (`with_rollout`): the live
+    changes' (`rollout`: the app's own CoE's, `coe_rollouts`: the other CoEs' by name) and the other CoEs'. `coes`:
+    `served_coes(spec, args)` when the caller has it already."""
     coes = served_coes(spec, args) if coes is None else coes
     state = rollout or RolloutState()
     return with_rollout(deployment_config.app_options(spec, args, warn, keyed_coes(args)), state,
-                        input_sizes(state, coes, args.zoo), {name: path for name, path in zip(coes, args.coes)})
+                        input_sizes(state, coes, args.zoo, coe_rollouts), {name: path for name, path in zip(coes, args.coes)},
+                        coe_rollouts)
 
 
 def build_serve_config(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -160,6 +160,8 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
                                                          "it, or `local` (the one `expertmesh up` started)")
     roll.add_argument("--factory", help="canary: the factory whose requests it answers a share of")
     roll.add_argument("--share", type=float, default=0.1, help="canary: that share, in (0, 1] (default 0.1)")
+    roll.add_argument("--coe", default="", metavar="NAME", help="the CoE to change, by spec name, when the app serves "
+                                                                "several (default: its first, `--spec`)")
     roll.set_defaults(func=loaded_on_use("expertmesh.rollout_command", "cmd_rollout"))
 
     dash = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (the shipped one is this output)")

@@ -6,7 +6,8 @@ also runs on the stable revision so `status` can report how often the two agreed
 stable; `rollback` ends a canary, or returns to the previous stable revision. Each change is applied in the two
 steps `cluster.rollout` plans, through Serve's imperative API (`runner.redeploy`): the replicas are reconfigured in
 place, none restarts, and no request fails. The state lives in Ray's GCS (`cluster.rollout_store`), beside the
-app's build arguments, which `expertmesh serve` stores when it deploys the app.
+app's build arguments, which `expertmesh serve` stores when it deploys the app. `--coe NAME` changes another CoE the
+app serves (`expertmesh serve --coe`) the same way, with a state of its own; `status` lists every CoE's.
 """
 
 from __future__ import annotations
@@ -46,17 +47,40 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
         app = running_app()
-        state = rollout_store.read()
+        served = served_files(app)
+        coe = target_coe(getattr(args, "coe", "") or "", served)
         if args.action == "status":
-            print(describe(state, app))
-            print(format_comparisons(read_comparisons(), state))
+            first = next(iter(served))
+            for name, path in served.items():  # every CoE's live change, or the one named
+                if not args.coe or name == args.coe:
+                    print(describe(rollout_store.read("" if name == first else name), app, name, path))
+            print(format_comparisons(read_comparisons(), rollout_store.read(coe)))
             return 0
-        steps = plan_steps(args, state, app)
-        new = apply(app, steps, log=lambda m: print(m, flush=True))
-        print(describe(new, app))
+        state = rollout_store.read(coe)
+        steps = plan_steps(args, state, app, coe)
+        new = apply(app, steps, log=lambda m: print(m, flush=True), coe=coe)
+        name = coe or next(iter(served))
+        print(describe(new, app, name, served[name]))
         return 0
     finally:
         ray.shutdown()
+
+
+def served_files(app: AppArgs) -> dict[str, str | None]:
+    """Every CoE the app serves, by spec name -> its spec file (the app's own first; None: the embedded spec)."""
+    out: dict[str, str | None] = {load_spec(app.spec).name: app.spec}
+    out.update({load_spec(path).name: path for path in app.coes})
+    return out
+
+
+def target_coe(name: str, served: dict[str, str | None]) -> str:
+    """The rollout store's key of the CoE a change is for: "" for the app's own (or none named), else its name."""
+    if not name or name == next(iter(served)):
+        return ""
+    if name not in served:
+        raise InvalidArgument(f"the app serves no CoE named {name!r}", field="--coe",
+                              fix=f"name one of: {', '.join(served)}")
+    return name
 
 
 def running_app() -> AppArgs:
@@ -68,16 +92,17 @@ def running_app() -> AppArgs:
     return AppArgs.model_validate(stored)
 
 
-def spec_path(path: str, app: AppArgs, state: RolloutState) -> str:
+def spec_path(path: str, app: AppArgs, state: RolloutState, coe: str = "") -> str:
     """A revision's spec file, absolute, loaded and checked against the app's zoo (every checkpoint present), of the
-    CoE the app serves, and unchanged since it was first served (replicas cache a revision by its path)."""
+    CoE being changed (`coe`; "": the app's own), and unchanged since it was first served (replicas cache a revision
+    by its path)."""
     p = Path(path).expanduser().resolve()
     spec = load_spec(p, zoo_root=Path(app.zoo))  # a SpecError names every problem, before anything changes
-    built = load_spec(app.spec)
-    if spec.name != built.name:
-        raise InvalidArgument(f"{p} is CoE {spec.name!r}, the app serves {built.name!r}", field="SPEC",
-                              fix=f"give the new revision the same name ({built.name!r}); serve another CoE with "
-                                  "`expertmesh serve --coe`")
+    name = coe or load_spec(app.spec).name
+    if spec.name != name:
+        raise InvalidArgument(f"{p} is CoE {spec.name!r}, the change is for {name!r}", field="SPEC",
+                              fix=f"give the new revision the same name ({name!r}), or change that CoE with "
+                                  f"`--coe {spec.name}` when the app serves it (`expertmesh serve --coe`)")
     if state.digests.get(str(p), digest(p)) != digest(p):
         raise FailedPrecondition(f"{p} changed since it was served (running replicas hold the old one)", field="SPEC",
                                  fix="write the change into a new spec file (e.g. with a new version) and use that")
@@ -88,17 +113,17 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def plan_steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> list[RolloutState]:
-    """The change's steps, each recording the digest of every spec file it serves."""
-    steps = _steps(args, state, app)
+def plan_steps(args: argparse.Namespace, state: RolloutState, app: AppArgs, coe: str = "") -> list[RolloutState]:
+    """The change's steps for `coe` ("": the app's own CoE), each recording the digest of every spec file it serves."""
+    steps = _steps(args, state, app, coe)
     digests = {**state.digests, **{p: digest(Path(p)) for s in steps for p in s.in_use() if p}}
     return [s.model_copy(update={"digests": digests}) for s in steps]
 
 
-def _steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> list[RolloutState]:
+def _steps(args: argparse.Namespace, state: RolloutState, app: AppArgs, coe: str = "") -> list[RolloutState]:
     try:
         if args.action == "update":
-            return rollout.update(state, spec_path(_needs_spec(args), app, state))
+            return rollout.update(state, spec_path(_needs_spec(args), app, state, coe))
         if args.action == "canary":
             if not args.factory:
                 raise InvalidArgument("`rollout canary` needs --factory", field="--factory",
@@ -110,7 +135,7 @@ def _steps(args: argparse.Namespace, state: RolloutState, app: AppArgs) -> list[
             if args.factory not in factories:
                 raise InvalidArgument(f"factory {args.factory!r} is not in the tokens file", field="--factory",
                                       fix=f"use one of: {', '.join(sorted(factories))}")
-            return rollout.start_canary(state, spec_path(_needs_spec(args), app, state), args.factory, args.share)
+            return rollout.start_canary(state, spec_path(_needs_spec(args), app, state, coe), args.factory, args.share)
         if args.action == "promote":
             return rollout.promote(state)
         return rollout.rollback(state)
@@ -126,14 +151,14 @@ def _needs_spec(args: argparse.Namespace) -> str:
 
 
 def apply(app: AppArgs, steps: list[RolloutState], log: Callable[[str], None] = print,
-          timeout_s: float = 300.0) -> RolloutState:
-    """Apply each step (store it, redeploy the app, wait until it runs); on a failed step, restore the state before the
-    change. Returns the final state."""
-    before = rollout_store.read()
+          timeout_s: float = 300.0, coe: str = "") -> RolloutState:
+    """Apply each step of CoE `coe`'s change ("": the app's own CoE): store it, redeploy the app, wait until it runs;
+    on a failed step, restore the state before the change. Returns the final state."""
+    before = rollout_store.read(coe)
     try:
         for i, step in enumerate(steps, 1):
             t0 = time.perf_counter()
-            rollout_store.write(step)
+            rollout_store.write(step, coe)
             runner.redeploy(_current(app), timeout_s=timeout_s)  # a re-plan since may have moved the placement
             what = "hosts and ingress learnt the revisions" if i < len(steps) else "router switched"
             log(f"step {i}/{len(steps)}: {what} ({time.perf_counter() - t0:.1f} s)")
@@ -141,9 +166,9 @@ def apply(app: AppArgs, steps: list[RolloutState], log: Callable[[str], None] = 
         log(f"the change failed ({failure}); restoring rollout revision {before.revision}")
         try:  # the router back first, with every revision still known, then the hosts
             rollout_store.write(before.model_copy(update={"known": tuple(dict.fromkeys(
-                (*before.known, *steps[-1].known)))}))
+                (*before.known, *steps[-1].known)))}), coe)
             runner.redeploy(_current(app), timeout_s=timeout_s)
-            rollout_store.write(before)
+            rollout_store.write(before, coe)
             runner.redeploy(_current(app), timeout_s=timeout_s)
         except Exception as restore:  # noqa: BLE001 - report both; the change's own error is the one raised
             log(f"restoring failed too ({restore}): check `expertmesh rollout status` and `serve status`")
@@ -157,19 +182,23 @@ def _current(app: AppArgs) -> AppArgs:
     return AppArgs.model_validate(stored) if stored else app
 
 
-def _label(path: str, app: AppArgs) -> str:
-    spec = load_spec(path or app.spec)
-    return f"{revision_label(spec)} ({path or 'built with the app: ' + (app.spec or 'the embedded spec')})"
+def _label(path: str, served: str | None) -> str:
+    spec = load_spec(path or served)
+    return f"{revision_label(spec)} ({path or 'deployed with the app: ' + (served or 'the embedded spec')})"
 
 
-def describe(state: RolloutState, app: AppArgs) -> str:
-    lines = [f"rollout revision {state.revision}" + (f": {state.note}" if state.note else " (the app as deployed)"),
-             f"  stable:   {_label(state.stable, app)}"]
+def describe(state: RolloutState, app: AppArgs, name: str = "", served: str | None = None) -> str:
+    """One CoE's live-change state (`name`, deployed from `served`; default: the app's own CoE)."""
+    served = served if name else app.spec
+    coe = f"CoE {name}: " if name else ""
+    flag = f" --coe {name}" if name and served != app.spec else ""
+    lines = [f"{coe}rollout revision {state.revision}" + (f": {state.note}" if state.note else " (as deployed)"),
+             f"  stable:   {_label(state.stable, served)}"]
     if state.canary is not None:
-        lines.append(f"  canary:   {_label(state.canary.spec, app)}, {state.canary.share:.0%} of "
+        lines.append(f"  canary:   {_label(state.canary.spec, served)}, {state.canary.share:.0%} of "
                      f"{state.canary.factory}'s requests")
     if state.previous is not None:
-        lines.append(f"  previous: {_label(state.previous, app)} (`expertmesh rollout rollback` returns to it)")
+        lines.append(f"  previous: {_label(state.previous, served)} (`expertmesh rollout rollback{flag}` returns to it)")
     return "\n".join(lines)
 
 

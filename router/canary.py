@@ -23,13 +23,14 @@ class CanarySplitter:
     """Counts each factory's requests and sends the canary its share of one factory's."""
 
     def __init__(self) -> None:
-        self._seen: Counter[str] = Counter()
+        self._seen: Counter[tuple[str, str]] = Counter()
 
-    def assign(self, factory: str, stable: str, canary: dict | None) -> Assignment:
+    def assign(self, factory: str, stable: str, canary: dict | None, coe: str = "") -> Assignment:
+        """`coe`: whose canary it is (each CoE's canary counts its factory's requests on its own)."""
         if not canary or factory != canary["factory"]:
             return Assignment(stable)
-        k = self._seen[factory]
-        self._seen[factory] += 1
+        k = self._seen[(coe, factory)]
+        self._seen[(coe, factory)] += 1
         share = float(canary["share"])
         if math.floor((k + 1) * share) > math.floor(k * share):
             return Assignment(canary["spec"], shadow=stable)

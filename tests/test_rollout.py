@@ -10,6 +10,8 @@ from expertmesh.deployments.served import with_rollout
 from expertmesh.experts.revisions import keyed, plain_name, serving_keys
 from expertmesh.router.canary import CanarySplitter, agreement
 from expertmesh.router.plan import ExpertOutput, aggregate, route, triggered_calls
+from expertmesh.rollout_command import target_coe
+from expertmesh.errors import InvalidArgument
 
 
 def test_update_learns_first_then_switches():
@@ -102,3 +104,31 @@ def test_with_rollout_reaches_every_host_the_router_and_the_ingress(default_spec
     assert out["Router"]["user_config"]["rollout"] == state.router_config()
     assert out["Router"]["user_config"]["coes"] == {"power-boards": "/power.yaml"}
     assert out["Ingress"]["user_config"] == {"input_sizes_px": [64, 96, 128], "coes": ["power-boards"]}
+
+
+def test_another_coes_live_change_reaches_the_hosts_and_the_router(default_spec):
+    """`rollout --coe power-boards`: its own state; "" stable is its deployed file, its new revision a file of its own."""
+    opts = deployment_options(default_spec, ServeSettings())
+    power = start_canary(RolloutState(), "/power-v2.yaml", "factory-b", 0.5)[-1]
+    out = with_rollout(opts, RolloutState(), [64, 96], {"power-boards": "/power.yaml"},
+                       {"power-boards": power, "not-served": update(RolloutState(), "/x.yaml")[-1]})
+    assert out["Host"]["user_config"]["revisions"] == ["/power.yaml", "/power-v2.yaml"]  # not "" twice, not /x.yaml
+    assert out["Router"]["user_config"]["coe_rollouts"] == {"power-boards": power.router_config()}
+    assert out["Router"]["user_config"]["rollout"] == RolloutState().router_config()  # the app's own CoE as built
+
+
+def test_each_coes_canary_counts_its_factorys_requests_on_its_own():
+    split = CanarySplitter()
+    canary = {"spec": "/v2.yaml", "factory": "factory-a", "share": 0.5}
+    a = [split.assign("factory-a", "", canary, coe="pcb-aoi").revision for _ in range(4)]
+    b = [split.assign("factory-a", "/lite.yaml", {**canary, "spec": "/lite-v2.yaml"}, coe="pcb-lite").revision
+         for _ in range(4)]
+    assert a.count("/v2.yaml") == 2 and b.count("/lite-v2.yaml") == 2 and b[0] == "/lite.yaml"
+
+
+def test_rollout_names_the_coe_it_changes():
+    served = {"pcb-aoi": None, "pcb-lite": "/lite.yaml"}
+    assert target_coe("", served) == "" and target_coe("pcb-aoi", served) == "" and target_coe("pcb-lite", served) == "pcb-lite"
+    with pytest.raises(InvalidArgument, match="no CoE named 'nope'") as err:
+        target_coe("nope", served)
+    assert err.value.field == "--coe" and "pcb-lite" in err.value.fix
