@@ -45,6 +45,7 @@ class Poll:
     now_s: float
     alive: frozenset[str]  # alive nodes that offer experts memory (the planner's inventory)
     observed: Observed | None = None  # None: the watch saw too few requests (or there is no watch)
+    unplaced: frozenset[str] = frozenset()  # experts served that the running placement does not hold
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def next_step(config: ReplanConfig, state: ReplanState, usage: UsageProfile,
     """(the re-plan to make or None, the state to keep until a re-plan is applied); `usage` is what the running
     plan assumed."""
     observed_usage = poll.observed[0] if poll.observed is not None else {}
-    decision, applied = decide(config, state, ClusterSnapshot(poll.now_s, poll.alive, observed_usage))
+    decision, applied = decide(config, state, ClusterSnapshot(poll.now_s, poll.alive, observed_usage, poll.unplaced))
     if decision.kind is None:
         return None, applied
     if decision.kind.uses_observed_usage and poll.observed is not None:
@@ -108,6 +109,7 @@ class PlacementController(threading.Thread):
         self.watch = watch
         self.read_cluster = read_cluster or (lambda: describe(address))
         self.planner = planner or (lambda u, cluster, cur: plan_on_inventory(demand, requests_per_s, u, cluster, cur))
+        self.served = frozenset(demand.keys) if demand is not None else frozenset()  # every CoE's experts, by key
         self.placement = current
         nodes = frozenset(n for ns in current.values() for n in ns)
         self.state = ReplanState(planned_nodes=nodes, planned_usage=dict(usage.usage), last_plan_s=clock())
@@ -127,7 +129,8 @@ class PlacementController(threading.Thread):
         fails to plan or apply; the state is then as before, so the next poll decides (and tries) again."""
         observed = self.watch.poll() if self.watch is not None else None
         cluster = self.read_cluster()
-        poll = Poll(self.clock(), alive_nodes(cluster), observed)
+        unplaced = self.served - set(self.placement) if self.placement else frozenset()  # none yet: nodes decide
+        poll = Poll(self.clock(), alive_nodes(cluster), observed, unplaced)
         step, self.state = next_step(self.config, self.state, self.usage, poll)
         if step is not None:
             self.log(f"re-planning: {step.reason}")

@@ -2,8 +2,9 @@
 
 `decide(config, state, snapshot)` compares the live cluster (alive nodes, observed usage per expert)
 with what the current plan was made for, and returns a decision plus the next state. A decision that
-re-plans carries its `ReplanKind`: node_lost, node_joined, node_lost_and_joined (both seen in one poll)
-or drift. The kind, never the reason text, is what callers branch on: it is the
+re-plans carries its `ReplanKind`: node_lost, node_joined, node_lost_and_joined (both seen in one poll),
+experts_changed (the app serves experts the running placement does not hold: a CoE added, an expert retrained
+into a new version) or drift. The kind, never the reason text, is what callers branch on: it is the
 `expertmesh_replans_total{reason}` label and says which usage to plan with (`uses_observed_usage`: only
 a drift re-plan plans with the observed usage; a node change re-plans with the usage the running plan
 assumed, so it moves only what the change forces).
@@ -31,6 +32,7 @@ class ReplanKind(str, Enum):
     NODE_LOST = "node_lost"
     NODE_JOINED = "node_joined"
     NODE_LOST_AND_JOINED = "node_lost_and_joined"
+    EXPERTS_CHANGED = "experts_changed"
     DRIFT = "drift"
 
     @property
@@ -54,6 +56,7 @@ class ClusterSnapshot:
     now_s: float
     nodes: frozenset[str]  # alive nodes
     usage: dict[str, float]  # observed P(expert invoked) per request; empty when too few requests were seen
+    unplaced: frozenset[str] = frozenset()  # experts the app serves that the running placement does not hold
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ def decide(cfg: ReplanConfig, state: ReplanState, snap: ClusterSnapshot) -> tupl
             [f"node joined: {', '.join(sorted(joined))}"] if joined else [])
         planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s)
         return Decision(kind, "; ".join(parts), drift, lost, joined), planned
+    if snap.unplaced:
+        planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s)
+        return Decision(ReplanKind.EXPERTS_CHANGED, f"experts not placed: {', '.join(sorted(snap.unplaced))}",
+                        drift), planned
     if drift >= cfg.drift_threshold:
         since = state.drift_since_s if state.drift_since_s is not None else snap.now_s
         held = snap.now_s - since >= cfg.drift_hold_s

@@ -38,7 +38,7 @@ from expertmesh.deployments.host import ExpertHostDeployment
 from expertmesh.deployments.ingress import IngressDeployment
 from expertmesh.deployments.placement_controller import PlacementControllerDeployment
 from expertmesh.deployments.router import RouterDeployment
-from expertmesh.deployments.served import served_coes, served_options
+from expertmesh.deployments.served import keyed_coes, served_coes, served_options, served_placement
 from expertmesh.experts.spec import CoESpec, load_spec, resolve_checkpoint
 
 
@@ -101,8 +101,11 @@ def build_app(args: dict | AppArgs) -> Application:
     log = logging.getLogger("ray.serve")
     if a.placement is None and a.settings.placement_controller and (stored := placement_store.read()) is not None:
         log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
-        a = AppArgs.model_validate({**a.model_dump(), "placement": stored.placement,
-                                    "executors": stored.executors or None})
+        placement, dropped = served_placement(stored.placement, spec, keyed_coes(a))
+        if dropped:
+            log.warning("the stored placement names experts this app does not serve (%s): left out until the "
+                        "placement controller plans again", ", ".join(dropped))
+        a = AppArgs.model_validate({**a.model_dump(), "placement": placement, "executors": stored.executors or None})
     coes = served_coes(spec, a)  # the other CoEs' specs, checked once
     rollout, coe_rollouts = stored_rollouts(a)
     opts = served_options(spec, a, warn=log.warning, rollout=rollout, coes=coes,  # profile applied if current

@@ -122,7 +122,8 @@ class PlacementControllerDeployment:
         self.revision = stored.revision if stored else 0
         self.log: list[str] = []
         self.controller = PlacementController(
-            "auto", demand, demand.usage, rps, stored.placement if stored else {}, apply=self._apply,
+            "auto", demand, demand.usage, rps,
+            {e: ns for e, ns in stored.placement.items() if e in demand.keys} if stored else {}, apply=self._apply,
             poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets, routers(demand.coes)), log=self._log,
             read_cluster=lambda: describe("auto"), planner=planner)
         self.controller.start()

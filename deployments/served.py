@@ -92,6 +92,15 @@ def keyed_coes(a: AppArgs) -> list[CoESpec]:
 
 
 
+def served_placement(placement: dict[str, list[str]], spec: CoESpec,
+                     others: list[CoESpec]) -> tuple[dict[str, list[str]], list[str]]:
+    """(the entries of a stored placement this app serves, the keys left out): a placement the in-cluster controller
+    stored for an earlier config (a CoE since removed, an expert since retrained into a new version) must not stop
+    the app from building; the controller places what is missing at its next poll (an `experts_changed` re-plan)."""
+    served = {e.name for x in (spec, *others) for e in x.experts}
+    return {e: ns for e, ns in placement.items() if e in served}, sorted(set(placement) - served)
+
+
 def served_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None,
                    rollout: RolloutState | None = None, coes: dict[str, CoESpec] | None = None,
                    coe_rollouts: dict[str, RolloutState] | None = None) -> dict[str, dict[str, Any]]:

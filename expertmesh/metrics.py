@@ -110,7 +110,8 @@ METRICS: tuple[MetricDef, ...] = (
               ("node", "tier")),
     # placement controller
     MetricDef("expertmesh_replans_total", "counter", "Placements re-planned and applied, by reason "
-              "(node_lost, node_joined, node_lost_and_joined: both in one poll, drift)", ("reason",)),
+              "(node_lost, node_joined, node_lost_and_joined: both in one poll, experts_changed: the app serves experts "
+              "the placement lacks, drift)", ("reason",)),
     MetricDef("expertmesh_replan_seconds", "histogram", "Time to re-plan and apply a placement", (), LOAD_BUCKETS_S),
     MetricDef("expertmesh_plan_fallbacks_total", "counter", "Batched host calls the router sent to a surviving host "
               "because the host of their experts' node was lost, by the lost node", ("node",)),

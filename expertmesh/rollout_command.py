@@ -51,10 +51,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         coe = target_coe(getattr(args, "coe", "") or "", served)
         if args.action == "status":
             first = next(iter(served))
-            for name, path in served.items():  # every CoE's live change, or the one named
-                if not args.coe or name == args.coe:
-                    print(describe(rollout_store.read("" if name == first else name), app, name, path))
-            print(format_comparisons(read_comparisons(), rollout_store.read(coe)))
+            states = {name: rollout_store.read("" if name == first else name) for name in served
+                      if not args.coe or name == args.coe}  # every CoE's live change, or the one named
+            for name, state in states.items():
+                print(describe(state, app, name, served[name]))
+            print(format_comparisons(read_comparisons(), states))
             return 0
         state = rollout_store.read(coe)
         steps = plan_steps(args, state, app, coe)
@@ -217,7 +218,10 @@ def read_comparisons(timeout_s: float = 5.0) -> dict[tuple[str, str, str], dict[
     return out
 
 
-def format_comparisons(found: dict[tuple[str, str, str], dict[str, float]], state: RolloutState) -> str:
+def format_comparisons(found: dict[tuple[str, str, str], dict[str, float]], states: dict[str, RolloutState]) -> str:
+    """The canary comparisons of the CoEs in `states` (spec name -> its live change; a canary's label names its CoE),
+    the running canary's marked current."""
+    found = {k: n for k, n in found.items() if k[0].split("@")[0] in states}
     if not found:
         return "canary agreement: no canary answers counted yet (Ray reports metrics every few seconds)"
     lines = ["canary agreement (each canary answer against the stable revision's answer to the same image):",
@@ -226,6 +230,7 @@ def format_comparisons(found: dict[tuple[str, str, str], dict[str, float]], stat
     for (canary, stable, rev), n in sorted(found.items(), key=lambda kv: -int(kv[0][2] or 0)):
         total = sum(n.values())
         share = n.get("agree", 0.0) / total if total else 0.0
+        state = states[canary.split("@")[0]]
         current = " (current)" if rev == str(state.revision) and state.canary is not None else ""
         lines.append(f"  {canary:<22}{stable:<22}{rev:>8}{total:>9.0f}{n.get('agree', 0):>8.0f}"
                      f"{n.get('disagree', 0):>10.0f}{n.get('failed', 0):>8.0f}{share:>10.1%}{current}")

@@ -23,7 +23,7 @@ from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.runtime import ExpertRuntime
 from expertmesh.experts.spec import CoESpec, resolve_checkpoint
-from expertmesh.experts.zoo import BASELINES, monolithic_spec, read_meta
+from expertmesh.experts.zoo import BASELINES, is_current, monolithic_spec, read_meta
 from expertmesh.router.plan import Verdict, aggregate
 
 
@@ -115,9 +115,10 @@ def _recall(verdicts: list[Verdict], truth: list[tuple[str, str]]) -> float:
 
 def _baseline_accuracy(spec: CoESpec, directory: Path, match: str, images: np.ndarray,
                        truth: list[tuple[str, str]]) -> SystemAccuracy | None:
-    """A monolithic baseline on the held-out images (None when it is not built): its verdict is PASS iff it names
-    the `ok` of some component."""
-    if not (directory / "model.safetensors").is_file():
+    """A monolithic baseline on the held-out images (None when it is not built, or was built for another version of
+    the spec: `make run` does not rebuild baselines, so an old one would be scored as if current, or fail to load):
+    its verdict is PASS iff it names the `ok` of some component."""
+    if not is_current(spec, monolithic_spec(spec, match), directory):
         return None
     rt = ExpertRuntime(monolithic_spec(spec, match), directory, device="cpu", image_limits=spec.image)
     rt.load()
@@ -135,7 +136,7 @@ def _baseline_accuracy(spec: CoESpec, directory: Path, match: str, images: np.nd
 def format_report(r: AccuracyReport) -> str:
     header = (f"Accuracy report: {r.spec}, held-out seed {r.eval_seed}, {r.num_eval_per_pair} images per "
               f"(component, defect) pair, {r.coe.num_images} images")
-    missing = [f"\n{name}: not built; `expertmesh zoo build --only {name_key}` trains it"
+    missing = [f"\n{name}: not built for this spec; `expertmesh zoo build --only {name_key}` trains it"
                for name, name_key in SYSTEMS[1:] if getattr(r, name_key) is None]
     return f"{header}\n\n{accuracy_tables(r.model_dump())}{''.join(missing)}\nEvaluated in {r.seconds:.1f} s."
 

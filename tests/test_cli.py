@@ -26,7 +26,7 @@ def test_zoo_build_and_report(tmp_path, capsys):
     # the matched-total baseline is built only when asked: the report names the command that builds it
     assert main(report_args) == 0
     out = capsys.readouterr().out
-    assert "mono (active)" in out and "mono (total): not built; `expertmesh zoo build --only monolithic_total`" in out
+    assert "mono (active)" in out and "mono (total): not built for this spec; `expertmesh zoo build --only monolithic_total`" in out
     assert json.loads(report_file.read_text())["monolithic_total"] is None
     assert main(build + ["--baselines", "all"]) == 0
     out = capsys.readouterr().out

@@ -243,3 +243,15 @@ def test_the_controller_polls_and_watches_as_the_readme_says():
     watch = UsageWatch(lambda: [], {"clf"})
     assert (watch.window_s, watch.min_requests) == (60.0, 50)  # README: a 60 s window, never on fewer than 50
     assert h.controller.config == ReplanConfig()
+
+
+def test_an_expert_the_placement_does_not_hold_is_placed_at_the_next_poll():
+    """The app now serves an expert the running placement lacks (a CoE added to the config, an expert retrained into
+    a new version): the next poll re-plans (experts_changed), and once it is placed the controller is quiet again."""
+    h = Harness()
+    h.controller.served = frozenset({"clf", "chip", "qfp"})
+    h.controller.placement = {e: ns for e, ns in START.items() if e != "qfp"}
+    step = h.poll()
+    assert step is not None and step.kind is ReplanKind.EXPERTS_CHANGED and "qfp" in step.reason
+    assert h.applied[-1]["qfp"] and h.metrics.replans() == {"experts_changed": 1}
+    assert h.poll() is None

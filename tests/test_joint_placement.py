@@ -15,13 +15,16 @@ from expertmesh.cluster.observed import observed_usage
 from expertmesh.cluster.placement import NodeCapacity, plan
 from expertmesh.cluster.served import served_demand
 from expertmesh.cluster.sizing import ExpertCost
+from expertmesh.cluster.rollout import RolloutState
 from expertmesh.deployments.config import ExecutorPlan, ServeSettings, dedicated_name, deployment_options, host_name
+from expertmesh.deployments.served import served_placement
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.revisions import RevisionSet
 from expertmesh.experts.spec import resolve_checkpoint
 from expertmesh.profiler.store import EdgeWeight, ProfileStore, UsageProfile, checkpoint_sha256, current_versions, device_name
 from expertmesh.profiler.usage import from_spec
+from expertmesh.rollout_command import format_comparisons
 from conftest import lite_spec_data
 from test_profiler import _profile
 
@@ -142,3 +145,22 @@ def test_plan_command_plans_several_coes_together(default_zoo, lite, store, tmp_
     with pytest.raises(SystemExit):
         main(["plan", "--zoo", str(default_zoo), "--coe", str(lite), "--coe-share", "pcb-lite=0"])
     assert "NAME=SHARE with a share > 0" in capsys.readouterr().err
+
+
+def test_a_stored_placement_keeps_only_what_the_app_serves(default_spec, default_zoo, lite):
+    """A placement stored for an earlier config (a CoE since removed, an expert since retrained) never stops the app
+    from building: what it no longer serves is left out, and the controller places what is missing."""
+    keyed = RevisionSet(None, default_zoo).get(str(lite)).spec
+    own = next(e.name for e in keyed.experts if e.name.startswith("lite_solder@"))
+    stored = {"chip_defect": ["node-0"], own: ["node-1"], "gone@00000000": ["node-1"]}
+    assert served_placement(stored, default_spec, [keyed]) == ({"chip_defect": ["node-0"], own: ["node-1"]},
+                                                                ["gone@00000000"])
+    assert served_placement(stored, default_spec, [])[1] == ["gone@00000000", own]  # pcb-lite no longer served
+
+
+def test_rollout_status_marks_each_coes_own_running_canary():
+    running = RolloutState(revision=2, canary={"spec": "/v2.yaml", "factory": "factory-b", "share": 0.5})
+    found = {("pcb-aoi@2", "pcb-aoi@1", "2"): {"agree": 3.0}, ("pcb-lite@2", "pcb-lite@1", "2"): {"agree": 1.0}}
+    text = format_comparisons(found, {"pcb-aoi": RolloutState(revision=2), "pcb-lite": running})
+    assert [ln.split()[0] for ln in text.splitlines() if "(current)" in ln] == ["pcb-lite@2"]
+    assert "pcb-lite" not in format_comparisons(found, {"pcb-aoi": running})  # `--coe pcb-aoi`: its own only

@@ -210,7 +210,7 @@ def test_experts_change_under_load_with_no_failed_request(serving, revision_2):
         time.sleep(1)
     (canary, stable, _), outcomes = next(iter(found.items()))
     assert (canary, stable) == ("pcb-aoi@2", "pcb-aoi@1") and sum(outcomes.values()) > 0
-    assert "agreement" in format_comparisons(found, rollout_store.read())
+    assert "agreement" in format_comparisons(found, {"pcb-aoi": rollout_store.read()})
 
 
 def test_rollout_cli_reports_state_and_refuses_a_bad_change(serving, tmp_path):

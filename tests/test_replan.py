@@ -104,3 +104,13 @@ def test_a_mix_hovering_at_the_threshold_does_not_flap():
 def test_no_observed_usage_is_no_drift():
     d, s = decide(CFG, state(drift_since_s=10.0), ClusterSnapshot(1000.0, NODES, {}))
     assert not d.replan and d.drift == 0 and s.drift_since_s is None
+
+
+def test_experts_the_placement_does_not_hold_are_placed_at_once():
+    """A CoE added to the app (or an expert retrained into a new version): its experts are not in the running
+    placement, so the next poll re-plans, with the usage the plan assumed; a node change still comes first."""
+    d, s = decide(CFG, state(), ClusterSnapshot(10.0, NODES, {}, frozenset({"lite_solder@1a2b3c4d"})))
+    assert d.kind is ReplanKind.EXPERTS_CHANGED and "lite_solder@1a2b3c4d" in d.reason
+    assert not d.kind.uses_observed_usage and s.planned_nodes == NODES
+    d, _ = decide(CFG, state(), ClusterSnapshot(10.0, NODES - {"node-2"}, {}, frozenset({"x"})))
+    assert d.kind is ReplanKind.NODE_LOST
