@@ -50,11 +50,14 @@ def by_expert_reason(increase: dict[SeriesKey, float]) -> dict[tuple[str, str], 
     return out
 
 
-def observed_usage(calls: dict[tuple[str, str], float], routers: Collection[str]) -> tuple[dict[str, float], float]:
-    """(P(expert invoked per request), requests): requests are the router classifiers' calls (reason 'router'; one
-    classifier per served CoE, and each request runs exactly one)."""
-    routers = {routers} if isinstance(routers, str) else set(routers)
-    requests = sum(v for (e, r), v in calls.items() if e in routers and r == "router")
+def observed_usage(calls: dict[tuple[str, str], float],
+                   routers: Collection[str] | None = None) -> tuple[dict[str, float], float]:
+    """(P(expert invoked per request), requests): requests are the router classifiers' calls (reason 'router': one
+    per request, whichever CoE and revision it took; canary shadows are not counted). `routers`: count only these
+    classifiers' (None: every classifier, so a live change that brings a new one is counted too)."""
+    if isinstance(routers, str):
+        routers = {routers}
+    requests = sum(v for (e, r), v in calls.items() if r == "router" and (routers is None or e in routers))
     if requests <= 0:
         return {}, 0.0
     usage: dict[str, float] = {}
@@ -84,7 +87,7 @@ class UsageWatch:
     """Scrapes the invocations counter from every target each `poll()` and reports usage over the last `window_s`
     (None until the window holds `min_requests` requests, so a quiet minute never looks like drift)."""
 
-    def __init__(self, targets: Callable[[], list[str]], routers: Collection[str], *, window_s: float = 60.0,
+    def __init__(self, targets: Callable[[], list[str]], routers: Collection[str] | None = None, *, window_s: float = 60.0,
                  min_requests: int = 50, clock: Callable[[], float] = time.monotonic,
                  fetch: Callable[[str], str] = _fetch) -> None:
         self.targets, self.routers, self.window_s, self.min_requests = targets, routers, window_s, min_requests

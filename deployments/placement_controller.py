@@ -36,7 +36,7 @@ from ray.experimental import internal_kv
 
 from expertmesh.cluster import placement_store
 from expertmesh.cluster.controller import PlacementController, plan_on_inventory
-from expertmesh.cluster.demand import executor_sizing, routers
+from expertmesh.cluster.demand import executor_sizing
 from expertmesh.cluster.local import describe, inventory
 from expertmesh.cluster.observed import UsageWatch
 from expertmesh.cluster.placement import Plan
@@ -124,7 +124,7 @@ class PlacementControllerDeployment:
         self.controller = PlacementController(
             "auto", demand, demand.usage, rps,
             {e: ns for e, ns in stored.placement.items() if e in demand.keys} if stored else {}, apply=self._apply,
-            poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets, routers(demand.coes)), log=self._log,
+            poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets), log=self._log,
             read_cluster=lambda: describe("auto"), planner=planner)
         self.controller.start()
         self._log(f"started (planning from the {self.source}; stored placement: "

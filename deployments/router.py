@@ -277,10 +277,19 @@ class RouterDeployment:
                              rollout=rollout_revision)
 
     # ------------------------------------------------------------------ step 2
+    def _planned_keys(self, rev: Revision) -> dict[str, str]:
+        """Expert name -> the key it has in the deployed revision of `rev`'s CoE (what the plan placed), for the
+        experts a live change gave a new version; empty for the app's own CoE (its deployed keys are the names)."""
+        deployed = self.coes.get(rev.spec.name) if rev.spec.name != self.spec.name else None
+        if not deployed:
+            return {}
+        return {name: key for key, name in self.revisions.get(deployed).names.items()}
+
     async def _run_plans(self, rev: Revision, images: dict[int, np.ndarray], plans: dict[int, PlanInFlight],
                          traces: dict[int, list[dict]], failed: dict[int, ExpertMeshError],
                          deadlines: list[Deadline]) -> None:
         near: dict[int, str] = {}  # row -> the node whose host answered it last (its pending calls stay there if they can)
+        planned = self._planned_keys(rev)
         for _ in range(MAX_HOST_ROUNDS):
             for i, plan in plans.items():
                 if plan.pending and i not in failed and deadlines[i].passed():  # no more calls for it
@@ -293,8 +302,9 @@ class RouterDeployment:
                     continue
                 for call in plan.pending:
                     # a key the plan placed (any served CoE's) goes where the plan put it; another version of a
-                    # planned expert (a live change's) goes where the plan put that expert
-                    name = call.expert if call.expert in self.homes else plain_name(call.expert)
+                    # planned expert (a live change's) goes where the plan put its CoE's deployed version
+                    name = call.expert if call.expert in self.homes else planned.get(plain_name(call.expert),
+                                                                                     plain_name(call.expert))
                     host = host_for(call.expert, self.homes, self._pools, self._alive, lost, self.dedicated,
                                     near.get(i), self.held_on.get(name, ()), home=self.homes.get(name))
                     if host is None:

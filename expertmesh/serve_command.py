@@ -15,7 +15,6 @@ from pathlib import Path
 
 from expertmesh.cli_options import spec_and_zoo
 from expertmesh.cluster.controller import PlacementController
-from expertmesh.cluster.demand import routers
 from expertmesh.cluster.local import read_state
 from expertmesh.cluster.observed import UsageWatch
 from expertmesh.cluster.prometheus import PrometheusServer, scrape_targets
@@ -112,7 +111,7 @@ def _start_controller(args: argparse.Namespace, spec: CoESpec, app: AppArgs) -> 
     controller = PlacementController(
         args.address, demand, demand.usage, args.plan_rps, app.placement,
         apply=lambda placement: runner.redeploy(app.model_copy(update={"placement": placement})),
-        watch=UsageWatch(scrape_targets, routers(demand.coes)), log=lambda m: print(f"[placement] {m}", flush=True))
+        watch=UsageWatch(scrape_targets), log=lambda m: print(f"[placement] {m}", flush=True))
     controller.start()
     print("  placement controller: re-plans on node loss or join, and on lasting traffic drift", flush=True)
     return controller

@@ -130,6 +130,8 @@ def test_the_router_classifiers_of_every_coe_count_the_requests():
     calls = {("clf", "router"): 30.0, ("clf2", "router"): 10.0, ("x", "table"): 20.0}
     usage_seen, requests = observed_usage(calls, {"clf", "clf2"})
     assert requests == 40 and usage_seen["x"] == pytest.approx(0.5)
+    # the controllers count every classifier's: one a live change brings in is counted as well
+    assert observed_usage({**calls, ("clf@v2", "router"): 10.0})[1] == 50
 
 
 def test_plan_command_plans_several_coes_together(default_zoo, lite, store, tmp_path, capsys):

@@ -181,7 +181,8 @@ def test_experts_change_under_load_with_no_failed_request(serving, revision_2):
             assert not any("polarity" in a.experts for a in after)
 
             # rollback: one command, revision 1 again, polarity back
-            after = phases["rollback"] = stations.since(change(serving, rollout.rollback(rollout_store.read())))
+            after = phases["rollback"] = stations.since(change(serving, rollout.rollback(rollout_store.read())),
+                                                      min_answers=80)  # enough polarized parts to see polarity
             assert {a.coe_version for a in after} == {"pcb-aoi@1"}
             assert any("polarity" in a.experts for a in after if a.part in ("diode", "soic", "led"))
 
