@@ -35,6 +35,11 @@ def wrap(text: str, indent: str = "") -> str:
                          break_long_words=False, break_on_hyphens=False)
 
 
+def bullet(text: str) -> str:
+    """A README list item of wrapped prose (continuation lines indented under its text), as a block's own lines."""
+    return "\n" + wrap(f"- {text}", indent="  ")[2:] + "\n"
+
+
 def span(lo: float, hi: float, digits: int = 0) -> str:
     return num(lo, digits) if num(lo, digits) == num(hi, digits) else f"{num(lo, digits)}-{num(hi, digits)}"
 
@@ -60,12 +65,11 @@ def make_run_station(results: dict) -> str:
     d = results["make_run"]["data"]
     s, run = d["station"], d["settings"]
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_code"].items())) or "no errors"
-    return "\n" + wrap(f"- `make run`'s station ({num(run['station_seconds'], 0)} s, {num(run['station_rate'], 0)} requests/s, "
-                f"{num(100 * run['board_fraction'], 0)}% boards of {run['board_size']}): {s['num_sent']} requests, "
-                f"{s['num_components']} components ({num(s['throughput_per_s'], 1)}/s), p50 {num(s['p50_ms'], 1)} ms, "
-                f"p99 {num(s['p99_ms'], 1)} ms, verdict accuracy {num(s['verdict_accuracy'], 3)}, {errors}; the app was "
-                f"ready {num(d['ready_s'], 1)} s after `expertmesh serve` started ({source_note('make_run', results)}).",
-                indent="  ")[2:] + "\n"
+    return bullet(f"`make run`'s station ({num(run['station_seconds'], 0)} s, {num(run['station_rate'], 0)} requests/s, "
+                  f"{num(100 * run['board_fraction'], 0)}% boards of {run['board_size']}): {s['num_sent']} requests, "
+                  f"{s['num_components']} components ({num(s['throughput_per_s'], 1)}/s), p50 {num(s['p50_ms'], 1)} ms, "
+                  f"p99 {num(s['p99_ms'], 1)} ms, verdict accuracy {num(s['verdict_accuracy'], 3)}, {errors}; the app was "
+                  f"ready {num(d['ready_s'], 1)} s after `expertmesh serve` started ({source_note('make_run', results)}).")
 
 
 def make_run_hit_rates(results: dict) -> str:
@@ -349,13 +353,12 @@ def _slowest(d: dict) -> tuple[str, float]:
 def training(results: dict) -> str:
     d = results["training"]["data"]
     slowest, slowest_s = _slowest(d)
-    return "\n" + wrap(
-        f"- **Measured:** `make run` trains the {d['num_models']} experts in {num(d['wall_s'], 0)} s on this "
+    return bullet(
+        f"**Measured:** `make run` trains the {d['num_models']} experts in {num(d['wall_s'], 0)} s on this "
         f"{d['cpu_count']}-core machine (a fresh zoo, images included; the baselines are not built): "
         f"{num(d['models_train_s'], 0)} s training the experts (the slowest `{slowest}`, {num(slowest_s, 0)} s), "
         f"{num(d['images_s'], 0)} s generating the images, {num(d['startup_s'], 0)} s starting up and "
-        f"{num(d['other_s'], 0)} s for the rest (the training arrays, saving) ({source_note('training', results)}).",
-        indent="  ")[2:] + "\n"
+        f"{num(d['other_s'], 0)} s for the rest (the training arrays, saving) ({source_note('training', results)}).")
 
 
 def training_total(results: dict) -> str:

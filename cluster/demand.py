@@ -120,15 +120,20 @@ def joint_problem(coes: list[ServedCoE], costs: dict[str, ExpertCost], nodes: li
                             current=current or {})
 
 
+def require_profiles(spec: CoESpec, profiles: dict[str, ExpertProfile]) -> None:
+    """FailedPrecondition naming every expert of `spec` without a current profile entry."""
+    missing = [e.name for e in spec.experts if e.name not in profiles]
+    if missing:
+        raise FailedPrecondition(f"no current profile for {', '.join(missing)}", field="profile",
+                                 fix="run `expertmesh profile` (placement needs each expert's memory and speed)")
+
+
 def placement_problem(spec: CoESpec, profiles: dict[str, ExpertProfile], usage: UsageProfile,
                       nodes: list[NodeCapacity], requests_per_s: float,
                       config: PlacementConfig | None = None,
                       current: dict[str, list[str]] | None = None) -> PlacementProblem:
     """One CoE's problem from its profile, which must cover every expert."""
-    missing = [e.name for e in spec.experts if e.name not in profiles]
-    if missing:
-        raise FailedPrecondition(f"no current profile for {', '.join(missing)}", field="profile",
-                                 fix="run `expertmesh profile` (placement needs each expert's memory and speed)")
+    require_profiles(spec, profiles)
     costs = {e.name: expert_cost(profiles[e.name]) for e in spec.experts}
     return joint_problem([ServedCoE(spec, 1.0, usage)], costs, nodes, requests_per_s, config, current, usage)
 

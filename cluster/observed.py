@@ -55,8 +55,6 @@ def observed_usage(calls: dict[tuple[str, str], float],
     """(P(expert invoked per request), requests): requests are the router classifiers' calls (reason 'router': one
     per request, whichever CoE and revision it took; canary shadows are not counted). `routers`: count only these
     classifiers' (None: every classifier, so a live change that brings a new one is counted too)."""
-    if isinstance(routers, str):
-        routers = {routers}
     requests = sum(v for (e, r), v in calls.items() if r == "router" and (routers is None or e in routers))
     if requests <= 0:
         return {}, 0.0

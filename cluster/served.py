@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expertmesh.cluster import demand
 from expertmesh.cluster.demand import ServedCoE, estimated_costs, expert_cost, joint_usage
 from expertmesh.cluster.sizing import ExpertCost
-from expertmesh.errors import FailedPrecondition, InvalidArgument
+from expertmesh.errors import InvalidArgument
 from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.revisions import RevisionSet
 from expertmesh.experts.spec import CoESpec, load_spec, resolve_checkpoint
@@ -99,9 +100,8 @@ def served_demand(spec_path: str | None, zoo_root: Path, coe_paths: list[str], s
         # another CoE's expert without a current entry is estimated (documented), not warned about
         profiles = (usable_profiles(store, spec, zoo_root, serving_devices(spec, expert_num_gpus),
                                     warn=warn if i == 0 else None) if store else {})
-        if i == 0 and require_profiles and (missing := [e.name for e in spec.experts if e.name not in profiles]):
-            raise FailedPrecondition(f"no current profile for {', '.join(missing)}", field="profile",
-                                     fix="run `expertmesh profile` (placement needs each expert's memory and speed)")
+        if i == 0 and require_profiles:
+            demand.require_profiles(spec, profiles)
         _costs(spec, keys, zoo_root, profiles, costs, unprofiled)
         own_usage = (usage or (store.usage if store else None) or from_spec(keyed)) if i == 0 else from_spec(keyed)
         coes.append(ServedCoE(keyed, shares.get(spec.name, 1.0), own_usage))

@@ -99,9 +99,10 @@ def build_app(args: dict | AppArgs) -> Application:
     spec = load_spec(a.spec, zoo_root=Path(a.zoo))  # checkpoints must exist before any replica starts
     TokenTable.load(a.tokens_file)  # fail here, with the fix, rather than in every ingress replica
     log = logging.getLogger("ray.serve")
+    keyed = keyed_coes(a)  # the other CoEs in serving keys (their checkpoints hashed once)
     if a.placement is None and a.settings.placement_controller and (stored := placement_store.read()) is not None:
         log.info("building with the stored placement, revision %d (%s)", stored.revision, stored.reason)
-        placement, dropped = served_placement(stored.placement, spec, keyed_coes(a))
+        placement, dropped = served_placement(stored.placement, spec, keyed)
         if dropped:
             log.warning("the stored placement names experts this app does not serve (%s): left out until the "
                         "placement controller plans again", ", ".join(dropped))
@@ -109,7 +110,7 @@ def build_app(args: dict | AppArgs) -> Application:
     coes = served_coes(spec, a)  # the other CoEs' specs, checked once
     rollout, coe_rollouts = stored_rollouts(a)
     opts = served_options(spec, a, warn=log.warning, rollout=rollout, coes=coes,  # profile applied if current
-                          coe_rollouts=coe_rollouts)
+                          coe_rollouts=coe_rollouts, keyed=keyed)
     s = a.settings
     versioned = functools.partial(_versioned, fingerprint=code_fingerprint() + zoo_fingerprint(
         [spec, *coes.values()], a.zoo))

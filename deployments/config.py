@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.cluster.demand import ServedCoE, joint_usage
 from expertmesh.cluster.labels import NODE_LABEL
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.spec import CoESpec
 from expertmesh.profiler.serving_profiles import serving_device, serving_devices, usable_profiles
 from expertmesh.profiler.store import ExpertProfile, ProfileStore
+from expertmesh.profiler.usage import from_spec
 
 APP_NAME = "expertmesh"
 ROUTER_DEPLOYMENT = "Router"
@@ -245,14 +246,9 @@ ASSIGN_ROUTER = "expertmesh.deployments.assign_router:AssignRequestRouter"
 
 
 def served_usage(specs: Sequence[CoESpec], shares: dict[str, float]) -> dict[str, float]:
-    """P(a request of the cluster invokes each expert): each CoE's expected mix, weighted by its request share."""
-    weights = {s.name: shares.get(s.name, 1.0) for s in specs}
-    total = sum(weights.values())
-    out: dict[str, float] = {}
-    for s in specs:
-        for e, p in usage_probabilities(s).items():
-            out[e] = out.get(e, 0.0) + weights[s.name] / total * p
-    return out
+    """P(a request of the cluster invokes each expert): each CoE's expected mix, weighted by its request share (the
+    mixing the placement plans with, `cluster.demand.joint_usage`)."""
+    return joint_usage([ServedCoE(s, shares.get(s.name, 1.0), from_spec(s)) for s in specs]).usage
 
 
 def pool_config(spec: CoESpec, settings: ServeSettings, others: Sequence[CoESpec] = ()) -> dict[str, Any]:

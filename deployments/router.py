@@ -93,7 +93,7 @@ class RouterDeployment:
         name: a host that is still deploying takes calls once it is up)."""
         if "rollout" in routing:  # a live change: load the revisions (and their classifiers) before switching to them
             rollout = dict(routing["rollout"])
-            for path in (rollout["stable"], (rollout.get("canary") or {}).get("spec", "")):
+            for path in self._in_use(rollout, ""):
                 self._classifier_of(self.revisions.get(path))
             self.rollout = rollout
         coes = dict(routing.get("coes") or {})
@@ -206,7 +206,7 @@ class RouterDeployment:
         """(the live change of `coe`, the file its "" stable revision means); the app's own CoE: ("")."""
         if coe == self.spec.name:
             return self.rollout, ""
-        return self.coe_rollouts.get(coe) or {"revision": 0, "stable": "", "canary": None}, self.coes[coe]
+        return self.coe_rollouts.get(coe) or RolloutState().router_config(), self.coes[coe]
 
     def _pick(self, meta: dict) -> Assignment | None:
         """A request's revision: its CoE's (the ingress chose the CoE) stable revision, or its canary's share of the

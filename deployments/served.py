@@ -103,13 +103,15 @@ def served_placement(placement: dict[str, list[str]], spec: CoESpec,
 
 def served_options(spec: CoESpec, args: AppArgs, warn: Callable[[str], None] | None = None,
                    rollout: RolloutState | None = None, coes: dict[str, CoESpec] | None = None,
-                   coe_rollouts: dict[str, RolloutState] | None = None) -> dict[str, dict[str, Any]]:
+                   coe_rollouts: dict[str, RolloutState] | None = None,
+                   keyed: list[CoESpec] | None = None) -> dict[str, dict[str, Any]]:
     """`deployment_config.app_options` over every served CoE with the revisions served (`with_rollout`): the live
-    changes' (`rollout`: the app's own CoE's, `coe_rollouts`: the other CoEs' by name) and the other CoEs'. `coes`:
-    `served_coes(spec, args)` when the caller has it already."""
+    changes' (`rollout`: the app's own CoE's, `coe_rollouts`: the other CoEs' by name) and the other CoEs'. `coes`
+    and `keyed`: `served_coes(spec, args)` and `keyed_coes(args)` when the caller has them already."""
     coes = served_coes(spec, args) if coes is None else coes
+    keyed = keyed_coes(args) if keyed is None else keyed
     state = rollout or RolloutState()
-    return with_rollout(deployment_config.app_options(spec, args, warn, keyed_coes(args)), state,
+    return with_rollout(deployment_config.app_options(spec, args, warn, keyed), state,
                         input_sizes(state, coes, args.zoo, coe_rollouts), {name: path for name, path in zip(coes, args.coes)},
                         coe_rollouts)
 
