@@ -44,8 +44,9 @@ class ServedCoE:
 
 
 def expert_cost(p: ExpertProfile) -> ExpertCost:
-    """What a replica of the profiled expert holds and spends at its serving batch (no calls yet)."""
-    b = serving_batch(p)
+    """What a replica of the profiled expert holds and spends at its serving batch (no calls yet); a profile that is
+    not a usable cost model is refused naming the expert, the value and the fix (`ExpertProfile.require_valid`)."""
+    b = serving_batch(p.require_valid())
     return ExpertCost(name=p.expert, weights_bytes=p.footprint_bytes,
                       activation_bytes=max(0, b.peak_bytes - p.footprint_bytes),
                       k_ms_per_item=p.fit.k_ms_per_item, b_ms_per_batch=p.fit.b_ms, batch_size=b.batch_size,

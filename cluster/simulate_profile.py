@@ -27,6 +27,7 @@ def experts_from_profile(store: ProfileStore, device: str) -> dict[str, SimExper
             upstreams[edge.downstream].add(edge.upstream)
     out = {}
     for name, p in sorted(profiles.items()):
+        p.require_valid()
         to_device = p.move_ms("host", "device")
         to_host = p.move_ms("disk", "host")
         out[name] = SimExpert(num_bytes=p.footprint_bytes, k_ms_per_item=p.fit.k_ms_per_item, b_ms=p.fit.b_ms,

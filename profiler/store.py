@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from expertmesh.errors import InvalidArgument
+from expertmesh.errors import FailedPrecondition, InvalidArgument
 from expertmesh.profiler.fit import LatencyFit
 
 SCHEMA_VERSION = 1
@@ -61,8 +61,29 @@ class ExpertProfile(BaseModel):
     def key(self) -> str:
         return entry_key(self.expert, self.device)
 
-    def per_item_ms(self, batch_size: int) -> float:
-        return self.fit.predict_ms(batch_size) / batch_size
+    def problems(self) -> list[str]:
+        """Why this entry is not a usable cost model (empty: it is), each naming the value: a fit with K <= 0 or
+        B < 0 (an older profiler's unconstrained fit, or a hand-edited file), no footprint, a best batch that was not
+        measured, a negative move time. Every consumer goes through `stale_reasons` (so `expertmesh profile`
+        measures such an entry again and serving and planning leave it out, naming it) or `require_valid`."""
+        out = self.fit.problems()
+        if self.footprint_bytes <= 0:
+            out.append(f"footprint_bytes = {self.footprint_bytes} is not positive")
+        if self.max_useful_batch not in {b.batch_size for b in self.batches}:
+            out.append(f"max_useful_batch = {self.max_useful_batch} is not a measured batch size")
+        out += [f"move {m.source} -> {m.target} median_s = {m.median_s:g} is negative" for m in self.moves
+                if not m.median_s >= 0]
+        return out
+
+    def require_valid(self) -> ExpertProfile:
+        """This entry, or FailedPrecondition naming the expert, each bad value and the fix."""
+        bad = self.problems()
+        if bad:
+            raise FailedPrecondition(f"the profile of {self.expert}@{self.device} is not usable: {'; '.join(bad)}",
+                                     field=f"profile.entries.{self.key}",
+                                     fix="measure it again: `expertmesh profile --force` (or `--experts "
+                                         f"{self.expert}`)")
+        return self
 
     def move_ms(self, source: str, target: str) -> float | None:
         """The measured median of moving the weights from tier `source` to `target`, ms; None when not measured."""
@@ -162,8 +183,9 @@ def now_iso() -> str:
 
 
 def stale_reasons(entry: ExpertProfile, *, checkpoint_hash: str, versions: dict[str, str], device: str) -> list[str]:
-    """Why an entry no longer describes the present (empty: it is current)."""
-    reasons = []
+    """Why an entry no longer describes the present, or never was a usable cost model (empty: it is current and
+    valid, `ExpertProfile.problems`)."""
+    reasons = list(entry.problems())
     if entry.checkpoint_sha256 != checkpoint_hash:
         reasons.append("checkpoint changed")
     for lib, version in versions.items():

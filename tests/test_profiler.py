@@ -32,6 +32,41 @@ def test_fit_recovers_known_k_and_b(k, b):
     assert fit.r2 > 0.99 and fit.num_points == 6 and fit.predict_ms(10) == pytest.approx(10 * k + b, rel=0.03)
 
 
+def _machine_like_timings(rng: np.random.Generator, sizes: list[int]) -> list[float]:
+    """Medians shaped like this 2-core machine's profiles: K 0.05-3 ms per image, B 0-2 ms, each median off by a
+    few percent, and now and then one batch size much slower (another process took the core)."""
+    k, b = rng.uniform(0.05, 3.0), rng.uniform(0.0, 2.0)
+    lat = [(k * n + b) * rng.lognormal(0.0, 0.06) for n in sizes]
+    if rng.random() < 0.3:
+        i = int(rng.integers(len(sizes)))
+        lat[i] *= rng.uniform(1.2, 2.0)
+    return lat
+
+
+def test_fits_of_noisy_timings_are_always_valid_cost_models():
+    """1,000 seeded noisy profiles: plain least squares gives a negative B on a sizeable share of them (what
+    crashed the planner); the bounded fit never does, and stays close to the truth where the noise is small."""
+    sizes = [1, 2, 4, 8, 16, 32]
+    negative_plain = 0
+    for seed in range(1000):
+        rng = np.random.default_rng(seed)
+        lat = _machine_like_timings(rng, sizes)
+        fit = fit_linear(sizes, lat)
+        assert fit.k_ms_per_item > 0 and fit.b_ms >= 0 and fit.problems() == [], (seed, fit)
+        k_plain, b_plain = np.polyfit(sizes, lat, 1)
+        negative_plain += b_plain < 0
+    assert negative_plain > 50  # the failure mode is real on timings of this shape
+
+
+def test_fit_at_the_bounds():
+    flat = fit_linear([1, 2, 4], [3.0, 3.0, 3.0])  # no marginal cost measured: K at its floor, B the latency
+    assert 0 < flat.k_ms_per_item < 1e-3 and flat.b_ms == pytest.approx(3.0, rel=1e-3)
+    through_zero = fit_linear([1, 2, 4, 8], [1.0, 1.9, 4.1, 8.4])  # would fit B < 0: B is 0
+    assert through_zero.b_ms == 0.0 and through_zero.k_ms_per_item == pytest.approx(1.03, rel=0.05)
+    with pytest.raises(ValueError, match="positive and finite"):
+        fit_linear([1, 2], [1.0, float("nan")])
+
+
 def test_fit_needs_two_batch_sizes():
     with pytest.raises(ValueError, match="two distinct batch sizes"):
         fit_linear([4, 4], [1.0, 1.1])
@@ -91,6 +126,24 @@ def test_staleness_names_what_changed():
     assert stale_reasons(p, **{**same, "checkpoint_hash": "b" * 64}) == ["checkpoint changed"]
     assert stale_reasons(p, **{**same, "versions": {**p.versions, "torch": "2.14.0"}}) == ["torch 2.13.0 -> 2.14.0"]
     assert stale_reasons(p, **{**same, "device": "other cpu"}) == ["device 'cpu-x (2 cpus)' -> 'other cpu'"]
+
+
+def test_an_invalid_entry_is_stale_and_refused_naming_the_expert_the_value_and_the_fix():
+    """A profile written by the old unconstrained fit (B < 0): `expertmesh profile` measures it again (it is stale),
+    serving and planning leave it out, and a consumer that gets it anyway is told which expert, which value, what
+    to run - never a traceback from a cost model's validation."""
+    from expertmesh.cluster.demand import expert_cost
+    from expertmesh.errors import FailedPrecondition
+
+    p = _profile(expert="soic_defect")
+    bad = p.model_copy(update={"fit": LatencyFit(k_ms_per_item=0.5, b_ms=-0.26, r2=0.99, num_points=4)})
+    same = dict(checkpoint_hash="a" * 64, versions=dict(p.versions), device="cpu-x (2 cpus)")
+    assert stale_reasons(bad, **same) == ["fit B = -0.26 ms per batch is negative"]
+    with pytest.raises(FailedPrecondition) as info:
+        expert_cost(bad)
+    msg = str(info.value)
+    assert "soic_defect@cpu" in msg and "-0.26" in msg and "expertmesh profile --force" in info.value.fix
+    assert expert_cost(p).b_ms_per_batch == 2.0
 
 
 # ---------------------------------------------------------------------- usage weights

@@ -14,7 +14,7 @@ from expertmesh.errors import InvalidArgument
 from expertmesh.experts.arrange import ArrangePolicy
 from expertmesh.experts.eviction import EvictionPolicy
 from expertmesh.profiler.fit import LatencyFit
-from expertmesh.profiler.store import EdgeWeight, ExpertProfile, MoveTiming, ProfileStore, UsageProfile
+from expertmesh.profiler.store import BatchTiming, EdgeWeight, ExpertProfile, MoveTiming, ProfileStore, UsageProfile
 
 MB = 10**6
 
@@ -192,9 +192,11 @@ def test_experts_from_a_profile_carry_its_measured_costs():
     moves = [MoveTiming(source="disk", target="host", median_s=0.3, min_s=0.3, max_s=0.3, num_runs=1),
              MoveTiming(source="host", target="device", median_s=0.02, min_s=0.02, max_s=0.02, num_runs=1)]
 
+    batch = BatchTiming(batch_size=8, median_ms=21.0, p10_ms=21.0, p90_ms=21.0, num_runs=1, peak_bytes=20 * MB)
+
     def entry(name: str) -> ExpertProfile:
         return ExpertProfile(expert=name, device="cuda", device_name="gpu", checkpoint_sha256="0", versions={},
-                             measured_at="now", num_parameters=1, footprint_bytes=10 * MB, batches=[], fit=fit,
+                             measured_at="now", num_parameters=1, footprint_bytes=10 * MB, batches=[batch], fit=fit,
                              max_useful_batch=8, moves=moves if name == "b" else [], seconds=1.0)
     store = ProfileStore(spec="s", usage=UsageProfile(source="spec", num_requests=0, usage={"a": 1.0, "b": 0.3},
                                                       edges=[EdgeWeight(upstream="a", downstream="b",
