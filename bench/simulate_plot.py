@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 SHORT = {"expertmesh": "ExpertMesh", "fcfs_lru": "FCFS+LRU", "fcfs_fifo": "FCFS+FIFO", "round_robin": "round-robin",
-         "eviction_only": "evict only", "evict_arrange": "evict+arrange"}
+         "eviction_only": "evict only", "evict_arrange": "evict+arrange", "evict_arrange_prefetch": "+prefetch"}
 
 
 def plot(doc: dict, out: Path) -> None:

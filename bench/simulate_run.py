@@ -24,7 +24,7 @@ from expertmesh.bench.simulate_table import markdown
 from expertmesh.bench.simulate_workload import COST_NOTES, WorkloadSettings, build_workload, describe, machine
 from expertmesh.cluster.simulate import (ABLATION, BASELINE, POLICIES, SimConfig, SimExpert, SimRequest,
                                          SimResult, simulate_policies)
-from expertmesh.cluster.simulate_engine import warm_start
+from expertmesh.experts.tiering import warm_plan
 
 PAPER = {"source": "CoServe (ASPLOS 2025), ../shared/background.md",
          "speedup_vs_fcfs_lru": [4.5, 12.0], "max_switch_reduction": 0.9387, "switches": [1060, 65],
@@ -41,8 +41,7 @@ SENSITIVITY: tuple[tuple[str, dict, dict, dict], ...] = (
     ("CoServe's ~35 ms inference (K and B x2.7)", {"compute_scale": 2.7}, {}, {}),
     ("1 executor for ExpertMesh", {}, {"num_parallel_executors": 1}, {}),
     ("3 executors for ExpertMesh", {}, {"num_parallel_executors": 3}, {}),
-    ("ExpertMesh's host tier drops least recently used first (the baselines' rule), not least used",
-     {}, {}, {"host_tier_lru": True}),
+    ("ExpertMesh without prefetch", {}, {}, {"prefetch": False}),
 )
 
 
@@ -51,8 +50,10 @@ def perfect_bound(experts: dict[str, SimExpert], requests: list[SimRequest], con
     """What no scheduler can beat on this machine (one executor's warm start): per task, every expert it calls that
     is not in the device pool at the start is loaded once (from the host tier if it starts there, else disk); every
     expert's calls run in full best batches; loads overlap compute. Throughput <= requests / sum of task times."""
-    pools, host = warm_start(experts, [config.pool_budget_bytes(1)], config.host_budget_bytes)
-    on_device, in_host = {e for e, _ in pools[0]}, {e for e, _ in host}
+    warm = warm_plan(list(experts), {e: x.num_bytes for e, x in experts.items()},
+                     {e: x.usage for e, x in experts.items()}, device_budget_bytes=config.pool_budget_bytes(1),
+                     host_budget_bytes=config.host_budget_bytes)
+    on_device, in_host = set(warm.device), set(warm.host) - set(warm.device)
     total_ms, disk_loads, host_loads = 0.0, 0, 0
     for task in sorted({r.task for r in requests}):
         calls = Counter(e for r in requests if r.task == task for e in r.chain)

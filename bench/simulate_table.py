@@ -31,10 +31,11 @@ def _ablation_rows(doc: dict) -> list[str]:
     rows = ["| step | CoServe images/s | CoServe vs nothing | this simulator images/s | simulator vs nothing |",
             "|---|--:|--:|--:|--:|"]
     names = {"fcfs_lru": "nothing (FCFS + LRU)", "eviction_only": "+ eviction", "evict_arrange": "+ arrange",
-             "expertmesh": "+ assign (ExpertMesh)"}
+             "evict_arrange_prefetch": "+ prefetch", "expertmesh": "+ assign (ExpertMesh)"}
     for name in doc["ablation"]:
         ours = doc["policies"][name]["throughput_per_s"]
-        rows.append(f"| {names.get(name, name)} | {paper.get(name, '-')} | {_x(paper[name] / base_paper)} | "
+        theirs = _x(paper[name] / base_paper) if name in paper else "-"
+        rows.append(f"| {names.get(name, name)} | {paper.get(name, '-')} | {theirs} | "
                     f"{ours:.1f} | {_x(ours / base)} |")
     return rows
 

@@ -13,7 +13,7 @@ for its largest expert, and its replicas leave the pool at least one compute slo
 each below `target_busy` (min), twice that (max, Serve's autoscaler moves between them), within the node's compute
 slots. Hottest experts are considered first. K, B, the batch and the bytes come from the profile (`ExpertCost`);
 the calls from the usage the placement planned with. The decision goes into the plan beside the pool's sizing
-(`cluster.sizing`), which then sizes the pool on what is left.
+(`cluster.memory_model`), which then sizes the pool on what is left.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from expertmesh.cluster.sizing import ExpertCost
+from expertmesh.cluster.costs import ExpertCost
 
 DEFAULT_MIN_BUSY = 0.5  # an expert whose calls keep half a replica busy gets its own deployment
 TARGET_BUSY = 0.5  # a dedicated replica planned at most half busy (headroom for bursts and for autoscaling to act)

@@ -4,9 +4,17 @@ Pure: `plan(problem)` takes a `PlacementProblem` (experts with memory and comput
 dependency edges in calls per second, nodes with memory capacity) and returns a `Plan`; the same
 inputs give the same plan. Every expert has one *home* node; an expert may get extra replicas on
 other nodes (a shared downstream expert next to each of its upstreams) when memory allows. An edge
-u -> v is *cut* on node n when u's home is n and v has no replica there; the objective is the
-least cut weight (cross-node dependent calls per second), subject to each node's memory and a
-load-balance bound on compute, then the least memory.
+u -> v is *cut* on node n when u's home is n and v has no replica there.
+
+Memory is a tier, not a wall: a node's pooled hosts hold on the device what fits its memory and load the rest
+from host memory or disk when called (`cluster.memory_model` decides how, per node). So the plan says, besides
+where each expert lives, which homes the device holds (`resident`); an extra replica is only worth its memory on
+the device. The objective is the least cut weight plus, for each home the device does not hold, its `miss_cost`
+(the calls/s-equivalent of the switches it will make: `cluster.demand`), subject to the device memory of each node
+and a load-balance bound on compute, then the least memory. When every expert fits, every home is resident and the
+plan is the least-cut placement; when memory is short (a node lost, a smaller budget) the plan degrades - the
+least costly experts leave the device - instead of failing. Only an expert larger than every node's memory cannot be
+served, and is refused by name.
 
 Small instances are solved exactly (a MILP, HiGHS through scipy); large ones by a graph heuristic
 (heaviest edges merged first, then first-fit onto nodes, then replicas of cut downstream experts).
@@ -29,9 +37,14 @@ class ExpertDemand(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
-    memory_bytes: int = Field(ge=0, description="weights + peak activations at its batch size")
+    memory_bytes: int = Field(ge=0, description="its weights: what the device holds while it is resident")
+    activation_bytes: int = Field(0, ge=0, description="a batch's activations at its serving batch: a node's pool "
+                                                       "keeps room for the largest batch of what it may run")
     load: float = Field(0.0, ge=0, description="compute demand, e.g. core-seconds per second")
     everywhere: bool = Field(False, description="a replica on every node (the router's classifier)")
+    miss_cost: float | None = Field(None, ge=0, description="cost of a home whose device does not hold it, in the cut "
+                                                           "weight's unit (calls/s): the switches it will make; None: "
+                                                           "more than any cut (kept on the device whenever it fits)")
 
 
 class NodeCapacity(BaseModel):
@@ -41,6 +54,11 @@ class NodeCapacity(BaseModel):
     memory_bytes: int = Field(gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
     cpus: float = Field(0.0, ge=0, description="logical CPUs (executor sizing's compute slots); 0: not known")
+    gpus: float = Field(0.0, ge=0, description="GPUs: with none, the device is host memory and a switch a copy on "
+                                               "the CPU")
+    host_memory_bytes: int | None = Field(None, ge=0, description="host memory for copies of the weights; None: as "
+                                                                  "much as the device on a CPU node, unbounded on a GPU "
+                                                                  "node (the host replica's own rule)")
 
 
 class Edge(BaseModel):
@@ -57,7 +75,7 @@ class PlacementConfig(BaseModel):
     balance_slack: float = Field(0.25, ge=0, description="a node's compute load may exceed the mean by this share "
                                                         "(plus the largest single expert)")
     allow_replicas: bool = True
-    exact_max_variables: int = Field(400, ge=1, description="instances up to this many binaries are solved exactly")
+    exact_max_variables: int = Field(600, ge=1, description="instances up to this many binaries are solved exactly")
     time_limit_s: float = Field(20.0, gt=0)
     memory_tiebreak: float = Field(1e-6, ge=0, description="weight of memory used in the objective, per MiB")
     balance_tiebreak: float = Field(1e-3, ge=0, description="weight of the busiest node's share of all load")
@@ -88,13 +106,12 @@ class Plan:
     method: str
     reasons: dict[str, str] = field(default_factory=dict)
     moved: list[str] = field(default_factory=list)  # experts given a node the current placement does not have them on
+    offloaded: dict[str, list[str]] = field(default_factory=dict)  # node -> homes its device does not hold
+    miss_cost: float = 0.0  # the offloaded homes' summed miss cost
 
     @property
     def internal_share(self) -> float:
         return 1.0 - self.cut_weight / self.total_weight if self.total_weight > 0 else 1.0
-
-    def nodes_of(self, expert: str) -> list[str]:
-        return self.replicas[expert]
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -110,21 +127,32 @@ def _check(p: PlacementProblem) -> None:
             if end not in known:
                 raise InvalidArgument(f"edge {e.upstream} -> {e.downstream} names unknown expert {end!r}", field="edges",
                                       fix="build edges from the same spec as the experts")
-    biggest = max(n.memory_bytes for n in p.nodes)
+    biggest = max(_device_capacity(p, n) for n in p.nodes)
     for e in p.experts:
-        if e.memory_bytes > biggest:
+        if e.memory_bytes + e.activation_bytes > biggest and not e.everywhere:
             raise FailedPrecondition(
-                f"expert {e.name!r} needs {e.memory_bytes / 2**20:.1f} MiB, more than any node offers "
-                f"({biggest / 2**20:.1f} MiB)", field="memory", fix="add a node with more memory or shrink its batch size")
-    everywhere = sum(e.memory_bytes for e in p.experts if e.everywhere)
-    for n in p.nodes:
-        if everywhere > n.memory_bytes:
-            raise FailedPrecondition(f"node {n.name!r} ({n.memory_bytes / 2**20:.1f} MiB) cannot hold the experts needed "
-                                     f"on every node ({everywhere / 2**20:.1f} MiB)", field="memory",
-                                     fix="give every node more memory")
-    if sum(e.memory_bytes for e in p.experts) > sum(n.memory_bytes for n in p.nodes):
-        raise FailedPrecondition("the experts need more memory than all nodes together", field="memory",
-                                 fix="add nodes or memory")
+                f"expert {e.name!r} needs {(e.memory_bytes + e.activation_bytes) / 2**20:.1f} MiB (weights and a batch's "
+                f"activations), more "
+                f"than any node's device offers ({biggest / 2**20:.1f} MiB): it cannot be served at all",
+                field="memory", fix="add a node with more memory or shrink its batch size")
+
+
+def _miss_costs(p: PlacementProblem) -> dict[str, float]:
+    """Each expert's miss cost; an unknown one is more than every cut together, so memory decides it alone."""
+    unknown = 1.0 + sum(e.weight for e in p.edges)
+    return {e.name: unknown if e.miss_cost is None else e.miss_cost for e in p.experts}
+
+
+def _device_capacity(p: PlacementProblem, node: NodeCapacity) -> int:
+    """A node's memory for movable experts: what the every-node experts (in the router) leave."""
+    return max(0, node.memory_bytes - sum(e.memory_bytes for e in p.experts if e.everywhere))
+
+
+def node_bytes(by_name: dict[str, ExpertDemand], held: set[str] | list[str], resident: set[str] | list[str]) -> int:
+    """What a node's pool needs on its device: the weights of the experts it holds there, and room for the largest
+    batch's activations among every expert it may run (one batch at a time per executor)."""
+    return (sum(by_name[e].memory_bytes for e in resident)
+            + max((by_name[e].activation_bytes for e in held), default=0))
 
 
 def _balance_bound(p: PlacementProblem) -> float:
@@ -143,10 +171,17 @@ def _merged_edges(p: PlacementProblem) -> dict[tuple[str, str], float]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], method: str) -> Plan:
+def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], method: str,
+             offloaded: set[str] | None = None) -> Plan:
+    """The plan's figures; `offloaded`: homes their node's device does not hold (none: every one is held)."""
     node_names = [n.name for n in p.nodes]
     by_name = {e.name: e for e in p.experts}
-    mem = {n: sum(by_name[e].memory_bytes for e, ns in replicas.items() if n in ns) for n in node_names}
+    offloaded = set(offloaded or ()) - {e.name for e in p.experts if e.everywhere}
+    everywhere = sum(e.memory_bytes for e in p.experts if e.everywhere)
+    mem = {}
+    for n in node_names:
+        held = [e for e, ns in replicas.items() if n in ns and not by_name[e].everywhere]
+        mem[n] = everywhere + node_bytes(by_name, held, [e for e in held if not (e in offloaded and homes[e] == n)])
     load = {n: sum(by_name[e].load for e, h in sorted(homes.items()) if h == n and not by_name[e].everywhere)
             for n in node_names}  # summed in name order: the same figures whatever order homes were found in
     edges = _merged_edges(p)
@@ -160,11 +195,15 @@ def evaluate(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
     return Plan(homes=dict(sorted(homes.items())), replicas=ordered, memory_used_bytes=mem, load=load, cut_edges=cut,
                 cut_weight=sum(c[3] for c in cut), total_weight=sum(w for (u, _), w in edges.items()
                                                                        if not by_name[u].everywhere),
-                method=method, reasons=_reasons(p, homes, replicas, cut),
-                moved=sorted(e for e, ns in p.current.items() if e in replicas and replicas[e] - set(ns)))
+                method=method, reasons=_reasons(p, homes, replicas, cut, offloaded),
+                moved=sorted(e for e, ns in p.current.items() if e in replicas and replicas[e] - set(ns)),
+                offloaded={n: sorted(e for e in offloaded if homes[e] == n) for n in node_names
+                           if any(homes[e] == n for e in offloaded)},
+                miss_cost=sum(_miss_costs(p)[e] for e in offloaded))
 
 
-def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], cut) -> dict[str, str]:
+def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]], cut,
+             offloaded: set[str] = frozenset()) -> dict[str, str]:
     edges = _merged_edges(p)
     by_name = {e.name: e for e in p.experts}
     out = {}
@@ -189,6 +228,9 @@ def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
             text += f"; apart from {', '.join(apart)} (memory or balance)"
         if not partners:
             text += "; no dependencies: placed for memory and balance"
+        if e in offloaded:
+            text += (f"; its node's device memory is short: held in host memory or loaded on demand (costs "
+                     f"{_miss_costs(p)[e]:.3g} calls/s-equivalent, the least of what could leave)")
         out[e] = text
     return out
 
@@ -196,8 +238,9 @@ def _reasons(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set
 # ---------------------------------------------------------------------------------------------- exact
 @dataclass(frozen=True)
 class _MilpLayout:
-    """Where each variable sits in the MILP's vector: h[e,n] (home), x[e,n] (replica), c[k,n] (edge k cut at node
-    n), then one continuous variable, the busiest node's load."""
+    """Where each variable sits in the MILP's vector: h[e,n] (home), x[e,n] (replica), d[e,n] (held on the device),
+    c[k,n] (edge k cut at node n), then continuous ones: a[n] (the activation reserve of node n's pool) and the
+    busiest node's load."""
 
     num_experts: int
     num_nodes: int
@@ -205,11 +248,14 @@ class _MilpLayout:
 
     @property
     def num_vars(self) -> int:
-        return 2 * self.num_experts * self.num_nodes + self.num_edges * self.num_nodes + 1
+        return 3 * self.num_experts * self.num_nodes + self.num_edges * self.num_nodes + self.num_nodes + 1
 
     @property
     def lmax(self) -> int:
         return self.num_vars - 1
+
+    def a(self, n: int) -> int:
+        return self.num_vars - 1 - self.num_nodes + n
 
     def h(self, e: int, n: int) -> int:
         return e * self.num_nodes + n
@@ -217,8 +263,11 @@ class _MilpLayout:
     def x(self, e: int, n: int) -> int:
         return self.num_experts * self.num_nodes + e * self.num_nodes + n
 
+    def d(self, e: int, n: int) -> int:
+        return 2 * self.num_experts * self.num_nodes + e * self.num_nodes + n
+
     def c(self, k: int, n: int) -> int:
-        return 2 * self.num_experts * self.num_nodes + k * self.num_nodes + n
+        return 3 * self.num_experts * self.num_nodes + k * self.num_nodes + n
 
 
 @dataclass
@@ -240,15 +289,22 @@ class _Rows:
 
 
 def _milp_cost(p: PlacementProblem, lay: _MilpLayout, edges: list[tuple[str, str, float]]) -> np.ndarray:
-    """Cut weight, plus the tie-breaks: memory used, replicas the current placement lacks, the busiest node."""
+    """Cut weight and the miss cost of homes off the device, plus the tie-breaks: device memory used, replicas the
+    current placement lacks, the busiest node."""
     experts, nodes = p.experts, [n.name for n in p.nodes]
     cost = np.zeros(lay.num_vars)
     mib = 2.0 ** 20
+    miss = _miss_costs(p)
     for i, e in enumerate(experts):
         for n in range(lay.num_nodes):
-            cost[lay.x(i, n)] = p.config.memory_tiebreak * e.memory_bytes / mib
-            if e.name in p.current and not e.everywhere and nodes[n] not in p.current[e.name]:
+            if e.everywhere:
+                continue
+            cost[lay.d(i, n)] = p.config.memory_tiebreak * e.memory_bytes / mib - miss[e.name]
+            cost[lay.x(i, n)] = miss[e.name]  # x - d = 1 only for a home off the device
+            if e.name in p.current and nodes[n] not in p.current[e.name]:
                 cost[lay.x(i, n)] += p.config.move_penalty
+    for n in range(lay.num_nodes):
+        cost[lay.a(n)] = p.config.memory_tiebreak / mib
     total_load = sum(e.load for e in experts if not e.everywhere)
     if total_load > 0:
         cost[lay.lmax] = p.config.balance_tiebreak / total_load
@@ -267,14 +323,25 @@ def _milp_constraints(p: PlacementProblem, lay: _MilpLayout, edges: list[tuple[s
         rows.add({lay.h(i, n): 1.0 for n in range(nn)}, 1, 1)  # one home
         for n in range(nn):
             rows.add({lay.x(i, n): 1.0, lay.h(i, n): -1.0}, 0, np.inf)  # home holds a replica
+            rows.add({lay.x(i, n): 1.0, lay.d(i, n): -1.0}, 0, np.inf)  # on the device only where held
             if e.everywhere:
                 rows.add({lay.x(i, n): 1.0}, 1, 1)
-            elif not p.config.allow_replicas:
-                rows.add({lay.x(i, n): 1.0, lay.h(i, n): -1.0}, 0, 0)
+                rows.add({lay.d(i, n): 1.0}, 0, 0)  # in the router, counted apart (_device_capacity)
+            elif e.memory_bytes + e.activation_bytes > _device_capacity(p, p.nodes[n]):  # its pool could never load it
+                rows.add({lay.x(i, n): 1.0}, 0, 0)
+            else:
+                # a replica beside its home is only worth its memory on the device: x - h <= d
+                rows.add({lay.x(i, n): 1.0, lay.h(i, n): -1.0, lay.d(i, n): -1.0}, -np.inf, 0)
+                if not p.config.allow_replicas:
+                    rows.add({lay.x(i, n): 1.0, lay.h(i, n): -1.0}, 0, 0)
     total_load = sum(e.load for e in experts if not e.everywhere)
     bound = _balance_bound(p)
     for n, node in enumerate(p.nodes):
-        rows.add({lay.x(i, n): float(e.memory_bytes) for i, e in enumerate(experts)}, 0, float(node.memory_bytes))
+        rows.add({**{lay.d(i, n): float(e.memory_bytes) for i, e in enumerate(experts) if not e.everywhere},
+                  lay.a(n): 1.0}, 0, float(_device_capacity(p, node)))
+        for i, e in enumerate(experts):  # the reserve holds the largest batch of what the pool may run
+            if e.activation_bytes and not e.everywhere:
+                rows.add({lay.a(n): 1.0, lay.x(i, n): -float(e.activation_bytes)}, 0, np.inf)
         node_load = {lay.h(i, n): e.load for i, e in enumerate(experts) if not e.everywhere}
         if np.isfinite(bound):
             rows.add(node_load, 0, bound)
@@ -287,15 +354,18 @@ def _milp_constraints(p: PlacementProblem, lay: _MilpLayout, edges: list[tuple[s
     return rows
 
 
-def _solve_exact(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str]]] | None:
+Solved = tuple[dict[str, str], dict[str, set[str]], set[str]]  # homes, replicas, homes off the device
+
+
+def _solve_exact(p: PlacementProblem) -> Solved | None:
     nodes = [n.name for n in p.nodes]
     edges = [(u, v, w) for (u, v), w in _merged_edges(p).items()]
     lay = _MilpLayout(len(p.experts), len(nodes), len(edges))
     rows = _milp_constraints(p, lay, edges)
     integrality = np.ones(lay.num_vars)
-    integrality[lay.lmax] = 0
     upper = np.ones(lay.num_vars)
-    upper[lay.lmax] = np.inf
+    for j in [lay.lmax] + [lay.a(n) for n in range(lay.num_nodes)]:
+        integrality[j], upper[j] = 0, np.inf
     res = milp(_milp_cost(p, lay, edges), constraints=LinearConstraint(np.array(rows.rows), rows.lower, rows.upper),
                integrality=integrality, bounds=Bounds(0, upper),
                options={"time_limit": p.config.time_limit_s, "disp": False})
@@ -304,94 +374,160 @@ def _solve_exact(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str
     sol = np.round(res.x).astype(int)
     homes = {e.name: nodes[next(n for n in range(lay.num_nodes) if sol[lay.h(i, n)])] for i, e in enumerate(p.experts)}
     replicas = {e.name: {nodes[n] for n in range(lay.num_nodes) if sol[lay.x(i, n)]} for i, e in enumerate(p.experts)}
-    return homes, replicas
+    offloaded = {e.name for i, e in enumerate(p.experts) if not e.everywhere
+                 and not sol[lay.d(i, nodes.index(homes[e.name]))]}
+    return homes, replicas, offloaded
 
 
 # ---------------------------------------------------------------------------------------------- heuristic
-def _solve_heuristic(p: PlacementProblem) -> tuple[dict[str, str], dict[str, set[str]]] | None:
+@dataclass
+class _Nodes:
+    """The heuristic's view of every node: what it holds (homes and replicas), what its device holds, its load."""
+
+    p: PlacementProblem
+    by_name: dict[str, ExpertDemand]
+    cap: dict[str, int]
+    held: dict[str, set[str]]
+    resident: dict[str, set[str]]
+    load: dict[str, float]
+
+    @classmethod
+    def empty(cls, p: PlacementProblem) -> _Nodes:
+        names = [n.name for n in p.nodes]
+        return cls(p, {e.name: e for e in p.experts}, {n.name: _device_capacity(p, n) for n in p.nodes},
+                   {n: set() for n in names}, {n: set() for n in names}, {n: 0.0 for n in names})
+
+    def free(self, n: str) -> int:
+        return self.cap[n] - node_bytes(self.by_name, self.held[n], self.resident[n])
+
+    def fits(self, n: str, add: set[str], *, resident: bool = True) -> bool:
+        """Whether node `n` still fits with `add` held there (on its device when `resident`)."""
+        return node_bytes(self.by_name, self.held[n] | add, self.resident[n] | (add if resident else set())) \
+            <= self.cap[n]
+
+    def put(self, n: str, add: set[str], *, resident: bool = True, home: bool = True) -> None:
+        self.held[n] |= add
+        if resident:
+            self.resident[n] |= add
+        if home:
+            self.load[n] += sum(self.by_name[e].load for e in add)
+
+    def take(self, n: str, e: str) -> None:
+        self.held[n].discard(e)
+        self.resident[n].discard(e)
+        self.load[n] -= self.by_name[e].load
+
+
+def _solve_heuristic(p: PlacementProblem) -> Solved | None:
     by_name = {e.name: e for e in p.experts}
-    nodes = list(p.nodes)
-    free = {n.name: n.memory_bytes - sum(e.memory_bytes for e in p.experts if e.everywhere) for n in nodes}
-    load = {n.name: 0.0 for n in nodes}
+    state = _Nodes.empty(p)
     bound = _balance_bound(p)
     movable = sorted(e.name for e in p.experts if not e.everywhere)
     edges = sorted(((w, u, v) for (u, v), w in _merged_edges(p).items() if u in movable and v in movable),
                    key=lambda t: (-t[0], t[1], t[2]))
-    groups = _merge_along_heaviest_edges(by_name, movable, edges, max(free.values()), bound)
-    homes = _first_fit_decreasing(p, groups, free, load, bound)
+    groups = _merge_along_heaviest_edges(by_name, movable, edges, max(state.cap.values()), bound)
+    homes = _first_fit_decreasing(p, groups, state, bound)
     if homes is None:
         return None
-    _improve(p, homes, movable, free, load, bound)
+    _improve(p, homes, movable, state, bound)
     replicas = {e: {homes[e]} for e in movable}
+    if p.config.allow_replicas:
+        _replicate_cut_downstreams(edges, homes, replicas, state)
+    offloaded = _choose_resident(p, homes, replicas, state)
     for e in p.experts:
         if e.everywhere:
-            homes[e.name] = nodes[0].name
-            replicas[e.name] = {n.name for n in nodes}
-    if p.config.allow_replicas:
-        _replicate_cut_downstreams(by_name, edges, homes, replicas, free)
-    return homes, replicas
+            homes[e.name] = p.nodes[0].name
+            replicas[e.name] = {n.name for n in p.nodes}
+    return homes, replicas, offloaded
 
 
 def _merge_along_heaviest_edges(by_name: dict[str, ExpertDemand], movable: list[str],
                                 edges: list[tuple[float, str, str]], cap_bytes: int, bound: float) -> list[set[str]]:
-    """Step 1: merge groups along the heaviest edges while a group still fits `cap_bytes` (the largest node's free
-    memory) and the balance bound; the groups, largest memory first."""
+    """Step 1: merge groups along the heaviest edges while a group still fits `cap_bytes` (the largest node's device,
+    every member resident) and the balance bound; the groups, largest memory first."""
     cluster = {e: {e} for e in movable}
     for _, u, v in edges:
         a, b = cluster[u], cluster[v]
         if a is b:
             continue
         merged = a | b
-        if sum(by_name[e].memory_bytes for e in merged) <= cap_bytes and sum(by_name[e].load for e in merged) <= bound:
+        if node_bytes(by_name, merged, merged) <= cap_bytes and sum(by_name[e].load for e in merged) <= bound:
             for e in merged:
                 cluster[e] = merged
     return sorted({id(c): c for c in cluster.values()}.values(),
-                  key=lambda g: (-sum(by_name[e].memory_bytes for e in g), sorted(g)))
+                  key=lambda g: (-node_bytes(by_name, g, g), sorted(g)))
 
 
-def _first_fit_decreasing(p: PlacementProblem, groups: list[set[str]], free: dict[str, int], load: dict[str, float],
+def _first_fit_decreasing(p: PlacementProblem, groups: list[set[str]], state: _Nodes,
                           bound: float) -> dict[str, str] | None:
-    """Step 2: each group onto the node with the most free memory that keeps the balance bound (preferring the node
-    the current placement has it on), splitting a group that fits nowhere; updates `free` and `load`. None: no fit."""
-    by_name = {e.name: e for e in p.experts}
-    nodes = list(p.nodes)
+    """Step 2: each group onto the node with the most free device memory that holds it resident and keeps the balance
+    bound (preferring the node the current placement has it on), splitting a group that fits nowhere; an expert that
+    fits no device goes, off the device, to the least loaded node whose pool can load it. None: even that breaks the
+    balance bound."""
+    by_name = state.by_name
+    order = {n.name: i for i, n in enumerate(p.nodes)}
     homes: dict[str, str] = {}
-    for g in groups:
-        pieces = [g]
+    for group in groups:
+        pieces = [group]
         while pieces:
             piece = pieces.pop(0)
-            m, ld = sum(by_name[e].memory_bytes for e in piece), sum(by_name[e].load for e in piece)
-            fits = [n.name for n in nodes if free[n.name] >= m and load[n.name] + ld <= bound]
+            ld = sum(by_name[e].load for e in piece)
+            fits = [n for n in state.cap if state.fits(n, piece) and state.load[n] + ld <= bound]
             if fits:
-                target = max(fits, key=lambda n: (sum(n in p.current.get(e, ()) for e in piece), free[n],
-                                                  -nodes.index(next(x for x in nodes if x.name == n))))
-                for e in piece:
-                    homes[e] = target
-                free[target] -= m
-                load[target] += ld
+                target = max(fits, key=lambda n: (sum(n in p.current.get(e, ()) for e in piece), state.free(n),
+                                                  -order[n]))
+                state.put(target, set(piece))
+                homes.update({e: target for e in piece})
             elif len(piece) > 1:  # split the group: largest expert alone, the rest together
-                big = max(sorted(piece), key=lambda e: by_name[e].memory_bytes)
+                big = max(sorted(piece), key=lambda e: by_name[e].memory_bytes + by_name[e].activation_bytes)
                 pieces[:0] = [{big}, piece - {big}]
             else:
-                return None
+                (e,) = piece
+                able = [n for n in state.cap if by_name[e].memory_bytes + by_name[e].activation_bytes <= state.cap[n]
+                        and state.load[n] + ld <= bound]
+                if not able:
+                    return None
+                target = min(able, key=lambda n: (state.load[n], -state.free(n), order[n]))
+                state.put(target, {e}, resident=False)
+                homes[e] = target
     return homes
 
 
-def _replicate_cut_downstreams(by_name: dict[str, ExpertDemand], edges: list[tuple[float, str, str]],
-                               homes: dict[str, str], replicas: dict[str, set[str]], free: dict[str, int]) -> None:
-    """Step 3: a replica of each cut downstream expert on its upstream's node, heaviest cut first, while memory
-    allows."""
+def _choose_resident(p: PlacementProblem, homes: dict[str, str], replicas: dict[str, set[str]],
+                     state: _Nodes) -> set[str]:
+    """Step 4: per node, which homes its device holds, beside the extra replicas (always resident) and the reserve for
+    the largest batch of what it holds: the most miss cost per byte first, while they fit. Returns the homes off the
+    device."""
+    by_name, miss = state.by_name, _miss_costs(p)
+    offloaded: set[str] = set()
+    for n in state.cap:
+        held = {e for e, ns in replicas.items() if n in ns}
+        extra = {e for e in held if homes[e] != n}
+        resident = set(extra)
+        for e in sorted(held - extra, key=lambda e: (-miss[e] / max(by_name[e].memory_bytes, 1), e)):
+            if node_bytes(by_name, held, resident | {e}) <= state.cap[n]:
+                resident.add(e)
+            else:
+                offloaded.add(e)
+        state.held[n], state.resident[n] = held, resident
+    return offloaded
+
+
+def _replicate_cut_downstreams(edges: list[tuple[float, str, str]], homes: dict[str, str],
+                               replicas: dict[str, set[str]], state: _Nodes) -> None:
+    """Step 3: a replica of each cut downstream expert on its upstream's node, heaviest cut first, while device memory
+    allows (an extra replica off the device would only trade a hop for a switch)."""
     for _, u, v in edges:
         n = homes[u]
-        if n not in replicas[v] and free[n] >= by_name[v].memory_bytes:
+        if n not in replicas[v] and state.fits(n, {v}):
             replicas[v].add(n)
-            free[n] -= by_name[v].memory_bytes
+            state.put(n, {v}, home=False)
 
 
-def _improve(p: PlacementProblem, homes: dict[str, str], movable: list[str], free: dict[str, int],
-             load: dict[str, float], bound: float) -> None:
-    """Local search: move one expert at a time to the node that cuts the least weight, while any move helps."""
-    by_name = {e.name: e for e in p.experts}
+def _improve(p: PlacementProblem, homes: dict[str, str], movable: list[str], state: _Nodes, bound: float) -> None:
+    """Local search: move one expert at a time to the node that cuts the least weight (held resident there), while
+    any move helps."""
+    by_name = state.by_name
     edges = [(u, v, w) for (u, v), w in _merged_edges(p).items() if u in homes and v in homes
              and not by_name[u].everywhere and not by_name[v].everywhere]
 
@@ -402,15 +538,13 @@ def _improve(p: PlacementProblem, homes: dict[str, str], movable: list[str], fre
     while improved:
         improved = False
         for e in movable:
-            here, m, ld = homes[e], by_name[e].memory_bytes, by_name[e].load
-            for node in sorted(free):
-                if node == here or free[node] < m or load[node] + ld > bound:
+            here, ld = homes[e], by_name[e].load
+            for node in sorted(state.cap):
+                if node == here or not state.fits(node, {e}) or state.load[node] + ld > bound:
                     continue
                 if cut_of(e, node) < cut_of(e, here) - 1e-12:
-                    free[here] += m
-                    load[here] -= ld
-                    free[node] -= m
-                    load[node] += ld
+                    state.take(here, e)
+                    state.put(node, {e})
                     homes[e], here, improved = node, node, True
 
 
@@ -418,15 +552,16 @@ def _improve(p: PlacementProblem, homes: dict[str, str], movable: list[str], fre
 def plan(problem: PlacementProblem, method: str = "auto") -> Plan:
     """The placement for `problem`: exact when small enough (or asked), else the heuristic."""
     _check(problem)
-    nvar = len(problem.experts) * len(problem.nodes) * 2 + len(_merged_edges(problem)) * len(problem.nodes)
+    nvar = len(problem.experts) * len(problem.nodes) * 3 + len(_merged_edges(problem)) * len(problem.nodes)
     use_exact = method == "exact" or (method == "auto" and nvar <= problem.config.exact_max_variables)
     if method not in ("auto", "exact", "heuristic"):
         raise InvalidArgument(f"unknown method {method!r}", field="method", fix="use auto, exact or heuristic")
     solved = _solve_exact(problem) if use_exact else _solve_heuristic(problem)
     if solved is None:
-        raise FailedPrecondition("no placement satisfies every node's memory and the balance bound", field="nodes",
-                                 fix="add nodes or memory, or raise balance_slack")
-    return evaluate(problem, *solved, method="exact" if use_exact else "heuristic")
+        raise FailedPrecondition("no placement satisfies the balance bound (every node's pool able to load what it is "
+                                 "given)", field="nodes", fix="add nodes or memory, or raise balance_slack")
+    homes, replicas, offloaded = solved
+    return evaluate(problem, homes, replicas, "exact" if use_exact else "heuristic", offloaded)
 
 
 def optimality_gap(problem: PlacementProblem) -> tuple[Plan, Plan, float]:
@@ -446,10 +581,12 @@ def brute_force_cut(problem: PlacementProblem) -> float:
     base = {n.name: sum(e.memory_bytes for e in problem.experts if e.everywhere) for n in problem.nodes}
     caps = {n.name: n.memory_bytes for n in problem.nodes}
     for combo in itertools.product(nodes, repeat=len(movable)):
-        mem, ld = dict(base), {n: 0.0 for n in nodes}
+        mem, ld, act = dict(base), {n: 0.0 for n in nodes}, {n: 0 for n in nodes}
         for e, n in zip(movable, combo):
             mem[n] += e.memory_bytes
+            act[n] = max(act[n], e.activation_bytes)
             ld[n] += e.load
+        mem = {n: mem[n] + act[n] for n in nodes}
         if any(mem[n] > caps[n] or ld[n] > bound for n in nodes):
             continue
         homes = dict(zip((e.name for e in movable), combo))

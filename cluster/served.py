@@ -17,7 +17,7 @@ from pathlib import Path
 
 from expertmesh.cluster import demand
 from expertmesh.cluster.demand import ServedCoE, estimated_costs, expert_cost, joint_usage
-from expertmesh.cluster.sizing import ExpertCost
+from expertmesh.cluster.costs import ExpertCost
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.revisions import RevisionSet

@@ -1,9 +1,12 @@
 """A discrete-event simulator of a device's executors under memory tiers, driving the serving policies. Pure.
 
-It replays a workload (requests, each a chain of expert calls, arriving at given times) through one device whose
-memory is a budget, with host memory and disk behind it, using the same policy modules the pooled hosts use:
-`router.assign.choose_replica` picks the executor of each call, `experts.arrange.next_batch` what an executor runs
-next, `experts.eviction.choose_evictions` what leaves its pool to make room. Costs are given per expert (the
+It replays a workload (requests - one component's chain of expert calls, or a board of components - arriving at given
+times or sent by closed-loop stations) through one machine's executors, each a pooled host replica with its own device
+and host-memory budgets, using the code the pooled hosts run: `router.assign.rank_replicas` picks the executor of a
+request, `experts.arrange.next_batch` what an executor runs next, `experts.tiering.make_room` (and
+`experts.eviction` through it) what leaves its pool to make room, `experts.tiering.warm_plan` what it starts with,
+`experts.prefetch` what it loads ahead. Ray Serve's multiplexing (LRU of K models by count, `@serve.batch` windows)
+is a policy too, so the baselines are simulated beside ExpertMesh. Costs are given per expert (the
 profile's K*n+B, bytes, load times or the tiers' bandwidths), so the policies can be compared at scales this machine
 cannot run, or fed this machine's profile and a workload to predict a measured run:
 
@@ -19,13 +22,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 from expertmesh.cluster.simulate_engine import TaskOutcome, run_task
-from expertmesh.cluster.simulate_model import (ABLATION, BASELINE, POLICIES, AssignPolicy, PolicySpec, SimConfig,
-                                               SimExpert, SimRequest, SimResult)
+from expertmesh.cluster.simulate_model import (ABLATION, BASELINE, POLICIES, AssignPolicy, PolicySpec, ServeDeployment,
+                                               SimConfig, SimExpert, SimRequest, SimResult)
 from expertmesh.cluster.simulate_tiers import Tier
 from expertmesh.errors import InvalidArgument
 
-__all__ = ["ABLATION", "BASELINE", "POLICIES", "AssignPolicy", "PolicySpec", "SimConfig", "SimExpert", "SimRequest",
-           "SimResult", "simulate", "simulate_policies", "check_inputs"]
+__all__ = ["ABLATION", "BASELINE", "POLICIES", "AssignPolicy", "PolicySpec", "ServeDeployment", "SimConfig", "SimExpert",
+           "SimRequest", "SimResult", "simulate", "simulate_policies", "check_inputs"]
 
 
 def check_inputs(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: SimConfig,
@@ -33,8 +36,8 @@ def check_inputs(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest
     """Raise InvalidArgument naming the field and the fix when the inputs cannot be simulated."""
     if not requests:
         raise InvalidArgument("no requests to simulate", field="requests", fix="give at least one request")
-    unknown = sorted({e for r in requests for e in r.chain} - set(experts))
-    if unknown or any(not r.chain for r in requests):
+    unknown = sorted({e for r in requests for e in r.experts} - set(experts))
+    if unknown or any(not c for r in requests for c in r.chains):
         raise InvalidArgument(f"requests call experts with no costs: {unknown[:5] or 'an empty chain'}",
                               field="requests", fix="give a SimExpert for every expert a chain calls, and no "
                                                     "empty chain")
@@ -44,7 +47,16 @@ def check_inputs(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest
         raise InvalidArgument(f"experts {bad[:5]} have a non-positive size or batch, or a negative cost",
                               field="experts", fix="give num_bytes > 0, max_batch >= 1, k_ms_per_item and b_ms >= 0")
     for name, spec in policies.items():
-        n = config.num_executors(spec.assign)
+        if spec.serve_multiplexed:
+            served = [e for d in spec.serve_multiplexed for e in d.experts]
+            missing = sorted({e for r in requests for e in r.experts} - set(served))
+            twice = sorted({e for e in served if served.count(e) > 1})
+            if missing or twice:
+                raise InvalidArgument(f"policy {name}: every called expert must be in exactly one deployment "
+                                      f"(missing {missing[:5]}, twice {twice[:5]})", field="serve_multiplexed",
+                                      fix="give each expert to one ServeDeployment")
+            continue
+        n = config.num_executors(spec)
         budget = config.pool_budget_bytes(n)
         too_big = sorted(e for e, x in experts.items() if x.num_bytes > budget)
         if too_big:
@@ -59,7 +71,7 @@ def _merge(outcomes: Sequence[TaskOutcome], num_executors: int, pool_budget_byte
 
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
-    evictions: Counter = sum((o.evictions for o in outcomes), Counter())
+    evictions: Counter = sum((o.tiers.evictions for o in outcomes), Counter())
     return SimResult(
         num_requests=len(latencies), makespan_ms=sum(o.makespan_ms for o in outcomes),
         switches=sum(sum(o.tiers.loads.values()) for o in outcomes),
@@ -74,7 +86,9 @@ def _merge(outcomes: Sequence[TaskOutcome], num_executors: int, pool_budget_byte
         peak_host_bytes=max(o.tiers.peak_host_bytes for o in outcomes), num_executors=num_executors,
         pool_budget_bytes=pool_budget_bytes,
         task_throughput_per_s=tuple(len(o.latencies_ms) / (o.makespan_ms / 1000.0) if o.makespan_ms > 0 else 0.0
-                                    for o in outcomes))
+                                    for o in outcomes),
+        prefetch_loads=sum(sum(o.tiers.prefetches.values()) for o in outcomes),
+        num_components=sum(o.num_components for o in outcomes))
 
 
 def simulate(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: SimConfig,
@@ -85,8 +99,8 @@ def simulate(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], c
     for r in requests:
         by_task[r.task].append(r)
     outcomes = [run_task(experts, by_task[t], config, policy) for t in sorted(by_task)]
-    n = config.num_executors(policy.assign)
-    return _merge(outcomes, n, config.pool_budget_bytes(n))
+    n = config.num_executors(policy)
+    return _merge(outcomes, n, outcomes[0].tiers.pools[0].device_budget_bytes if outcomes else 0)
 
 
 def simulate_policies(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest], config: SimConfig,

@@ -171,13 +171,18 @@ class DedicatedPlan(BaseModel):
 
 
 class ExecutorPlan(BaseModel):
-    """One node's expert hosts as the plan sized them: the pool (`cluster.sizing`; 0 replicas: no pool, every expert
-    there is dedicated) and the dedicated deployments of its hot experts (`cluster.dedicate`)."""
+    """One node's expert hosts as the plan sized them: the pool (`cluster.memory_model`; 0 replicas: no pool, every
+    expert there is dedicated) - its replicas, each one's device and host budgets, the experts it starts with on the
+    device and in host memory - and the dedicated deployments of its hot experts (`cluster.dedicate`)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     num_replicas: int = Field(ge=0)
     device_budget_bytes: int = Field(ge=0, description="per pool replica, for resident experts")
+    host_budget_bytes: int | None = Field(None, ge=1, description="per pool replica, for host-memory copies; none: what "
+                                                                  "the node offers")
+    resident: list[str] = Field(default_factory=list, description="experts the pool starts with on the device")
+    host: list[str] = Field(default_factory=list, description="experts the pool starts with in host memory only")
     dedicated: dict[str, DedicatedPlan] = Field(default_factory=dict, description="expert -> its own deployment here")
 
 
@@ -296,12 +301,18 @@ def pin_to_node(options: dict[str, Any], node: str) -> dict[str, Any]:
     return {**options, "ray_actor_options": actor}
 
 
-def sized(options: dict[str, Any], min_replicas: int, max_replicas: int, device_budget_bytes: int) -> dict[str, Any]:
+def sized(options: dict[str, Any], min_replicas: int, max_replicas: int, device_budget_bytes: int,
+          plan: ExecutorPlan | None = None) -> dict[str, Any]:
     """A host deployment with the plan's replica bounds (a pool's are fixed: more replicas would not fit the node's
-    memory; a dedicated expert's autoscale within what the plan reserved) and each replica's device budget."""
+    memory; a dedicated expert's autoscale within what the plan reserved), each replica's device budget and, for a
+    pool, its host budget and the tiers it starts with (`plan`)."""
     scaling = {**options["autoscaling_config"], "min_replicas": min_replicas, "initial_replicas": min_replicas,
                "max_replicas": max_replicas}
     user_config = {**options["user_config"], "device_budget_bytes": device_budget_bytes}
+    if plan is not None:
+        if plan.host_budget_bytes is not None:
+            user_config["host_budget_bytes"] = plan.host_budget_bytes
+        user_config["warm"] = {"device": list(plan.resident), "host": list(plan.host)}
     return {**options, "autoscaling_config": scaling, "user_config": user_config}
 
 
@@ -340,7 +351,7 @@ def deployment_options(spec: CoESpec, settings: ServeSettings, profiles: dict[st
                                                 node)
             if (x := executors.get(node)) and x.num_replicas:
                 opts[host_name(node)] = sized(opts[host_name(node)], x.num_replicas, x.num_replicas,
-                                              x.device_budget_bytes)
+                                              x.device_budget_bytes, x)
     for (e, node), d in sorted(own.items()):
         name = dedicated_name(e, node)
         opts[name] = sized(pin_to_node(host_options(name, [e], spec, settings, profiles, others), node),

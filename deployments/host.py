@@ -33,6 +33,7 @@ from ray import serve
 from expertmesh.deployments.memory import declared_memory_mib, device_memory_bytes, machine_memory_bytes
 from expertmesh.experts.residency import ResidencyConfig, ResidencySnapshot, decide, memory_budget_bytes
 from expertmesh.deployments.pool_executor import PoolExecutor, PoolSettings
+from expertmesh.experts.tiering import WarmPlan
 from expertmesh.experts.runtime import ExpertRuntime, Tier, TierMove
 from expertmesh.experts.revisions import Revision, RevisionSet
 from expertmesh.experts.spec import resolve_checkpoint
@@ -86,8 +87,10 @@ class ExpertHostDeployment:
                                          host_idle_s=user_config.get("host_idle_s"))
         self._learn_revisions(user_config.get("revisions") or [])
         wanted = [e for e in user_config.get("experts") or [] if e in self.runtimes]
+        planned = user_config.get("warm")  # the tiers the plan predicted with (cluster.memory_model)
         t0 = time.perf_counter()
-        for expert in self.pool.warm(wanted):
+        for expert in self.pool.warm(wanted, WarmPlan(tuple(planned.get("device") or ()), tuple(planned.get("host") or ()))
+                                     if planned else None):
             rt = self.runtimes[expert]
             size = rt.spec.input_size_px
             with self._lock:

@@ -16,7 +16,7 @@ poll loop), with two changes of where things live:
 With no stored placement the first poll sees every node as new and plans (a `node_joined` re-plan);
 until then one unpinned `Host` serves every expert. It plans every CoE the app serves together
 (`cluster.served`: the spec and each `--coe`, by request share), and sizes each node's expert hosts
-(`cluster.sizing`) when `args.profile` has a current entry for every expert of the app's spec (another CoE's
+(`cluster.memory_model`) when `args.profile` has a current entry for every expert of the app's spec (another CoE's
 unprofiled experts are estimated from the profiled ones); else it plans from the checkpoints (every cost estimated
 from its size; no sizing: the settings' replicas, the node's memory).
 `status()` (GET /v1/placement on the ingress) says what runs and why.

@@ -30,13 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from expertmesh.errors import ResourceExhausted
 from expertmesh.experts.arrange import ArrangePolicy, next_batch
-from expertmesh.experts.eviction import EvictionPolicy, ResidentExpert
+from expertmesh.experts.eviction import EvictionPolicy
 from expertmesh.experts.pool import split_batches
 from expertmesh.experts.prefetch import prefetch
 from expertmesh.experts.revisions import plain_name
 from expertmesh.experts.runtime import ExpertRuntime, Prediction, TierMove
 from expertmesh.experts.spec import CoESpec
-from expertmesh.experts.tiering import HostCopy, PoolSnapshot, make_room
+from expertmesh.experts.tiering import PoolSnapshot, WarmPlan, make_room, pool_snapshot, warm_plan
 from expertmesh.metrics import Instruments
 
 logger = logging.getLogger("ray.serve")
@@ -129,24 +129,36 @@ class PoolExecutor:
                 "resident": sorted(e for e, rt in self.runtimes.items() if rt.on_device),
                 "queued": {e: len(q) for e, q in self._queue.items() if q}}
 
-    def warm(self, experts: list[str]) -> list[str]:
-        """Load the plan's experts onto the device until the device budget is full (most used first), the rest into host
-        memory while its budget lasts. Runs on the caller's thread (reconfigure); returns those put on the device."""
-        order = sorted(experts, key=lambda e: (-self.settings.usage.get(e, 0.0), e))
-        placed = []
-        for expert in order:
+    def warm(self, experts: list[str], planned: WarmPlan | None = None) -> list[str]:
+        """Load the plan's experts: the tiers the placement planned for this pool (`planned`, by the same rule), else
+        `experts.tiering.warm_plan` on this pool's usage - most used first onto the device while the device budget
+        holds them, then host-memory copies while its budget lasts. Never past a budget. Runs on the caller's thread
+        (reconfigure); returns those put on the device."""
+        with self._lock:
+            usage = self.settings.usage
+            if planned is not None:  # the plan's order first (it ranked by the calls it planned), then the rest
+                rank = {e: i for i, e in enumerate([*planned.device, *planned.host])}
+                usage = {e: (len(rank) - rank[e]) + 1.0 if e in rank else usage.get(e, 0.0) / 2 for e in experts}
+            plan = warm_plan(experts, self._sizes(), usage, device_budget_bytes=self.settings.device_budget_bytes,
+                             host_budget_bytes=self.settings.host_budget_bytes,
+                             on_device=[e for e, rt in self.runtimes.items() if rt.on_device],
+                             in_host=[e for e, rt in self.runtimes.items() if rt.in_host])
+        wanted = set(experts)
+        for expert in [e for e in plan.device if e in wanted] + [e for e in plan.host if e in wanted]:
             rt = self.runtimes[expert]
             with self._lock:
-                if self._fits(self.settings.device_budget_bytes, self.device_bytes(), rt, rt.on_device):
-                    keep = self._fits(self.settings.host_budget_bytes, self.host_bytes(), rt, rt.in_host)
-                    self._on_moves(expert, rt.load(keep_host_copy=keep), False)
-                    placed.append(expert)
-                elif self._fits(self.settings.host_budget_bytes, self.host_bytes(), rt, rt.in_host):
+                if expert in plan.device and not rt.on_device:
+                    self._on_moves(expert, rt.load(keep_host_copy=expert in plan.host), False)
+                elif expert in plan.host and not rt.in_host and not rt.on_device:
                     move = rt.fetch_to_host()
                     self._on_moves(expert, [move] if move else [], False)
-                self._loaded_s[expert] = self.last_used_s[expert] = self._clock()
+                self._loaded_s.setdefault(expert, self._clock())
+                self.last_used_s.setdefault(expert, self._clock())
         self._track_peaks()
-        return placed
+        return [e for e in plan.device if e in wanted]
+
+    def _sizes(self) -> dict[str, int]:
+        return {e: rt.footprint_bytes for e, rt in self.runtimes.items()}
 
     @staticmethod
     def _fits(budget: int | None, used: int, rt: ExpertRuntime, already: bool) -> bool:
@@ -244,13 +256,10 @@ class PoolExecutor:
         return [(p, info) for p in preds]
 
     def _snapshot(self, queued: frozenset[str]) -> PoolSnapshot:
-        device = [ResidentExpert(e, rt.footprint_bytes, self.last_used_s.get(e, 0.0), self._loaded_s.get(e, 0.0),
-                                 busy=e in queued, usage=self.settings.usage.get(e, 0.0))
-                  for e, rt in self.runtimes.items() if rt.on_device]
-        host = [HostCopy(e, rt.footprint_bytes, self.last_used_s.get(e, 0.0), self.settings.usage.get(e, 0.0))
-                for e, rt in self.runtimes.items() if rt.in_host]
-        return PoolSnapshot(device, host, self.settings.device_budget_bytes, self.settings.host_budget_bytes,
-                            running=self._running)
+        return pool_snapshot(self._sizes(), [e for e, rt in self.runtimes.items() if rt.on_device],
+                             [e for e, rt in self.runtimes.items() if rt.in_host], self.last_used_s, self._loaded_s,
+                             self.settings.usage, busy=queued, device_budget_bytes=self.settings.device_budget_bytes,
+                             host_budget_bytes=self.settings.host_budget_bytes, running=self._running)
 
     def _make_room_and_load(self, expert: str, queued: frozenset[str]) -> None:
         rt = self.runtimes[expert]

@@ -103,3 +103,56 @@ def _host_drops(policy: EvictionPolicy, snap: PoolSnapshot, expert: str, num_byt
         drops.append(copy.name)
         free += copy.num_bytes
     return drops if free >= num_bytes else None
+
+
+def pool_snapshot(sizes: Mapping[str, int], on_device: Collection[str], in_host: Collection[str],
+                  last_used_s: Mapping[str, float], loaded_s: Mapping[str, float], usage: Mapping[str, float], *,
+                  busy: Collection[str], device_budget_bytes: int | None, host_budget_bytes: int | None,
+                  running: Collection[str] = ()) -> PoolSnapshot:
+    """A pool as `make_room` reads it, from what it holds: the pooled host's executor and the simulator both build
+    their snapshot here, so the two make room by the same code (`busy`: experts with queued work)."""
+    busy = set(busy)
+    device = [ResidentExpert(e, sizes[e], last_used_s.get(e, 0.0), loaded_s.get(e, 0.0), busy=e in busy,
+                             usage=usage.get(e, 0.0)) for e in on_device]
+    host = [HostCopy(e, sizes[e], last_used_s.get(e, 0.0), usage.get(e, 0.0)) for e in in_host]
+    return PoolSnapshot(device, host, device_budget_bytes, host_budget_bytes, running=frozenset(running))
+
+
+@dataclass(frozen=True)
+class WarmPlan:
+    """Where a pool puts its experts when it is (re)configured: onto the device, a copy in host memory, or neither
+    (loaded on demand from disk). `device` and `host` may overlap (the tiers are inclusive)."""
+
+    device: tuple[str, ...]  # loaded onto the device, most used first
+    host: tuple[str, ...]  # holding a host-memory copy afterwards (device experts included while the budget holds them)
+
+    def on_demand(self, experts: Collection[str]) -> list[str]:
+        held = set(self.device) | set(self.host)
+        return [e for e in experts if e not in held]
+
+
+def warm_plan(experts: Sequence[str], sizes: Mapping[str, int], usage: Mapping[str, float], *,
+              device_budget_bytes: int | None, host_budget_bytes: int | None,
+              on_device: Collection[str] = (), in_host: Collection[str] = ()) -> WarmPlan:
+    """The pool's warm-up: the most used experts onto the device while the device budget holds them; then host-memory
+    copies while the host budget holds them - first of the experts left off the device (most used first: each one
+    there turns a disk read into a copy), then of the device's own (most used first: each one there makes its
+    eviction free). The rest stay on disk. What the pool holds already counts against the budgets and stays. One rule
+    for the pooled host's `warm`, the simulator's warm start and the planner's per-node tiers."""
+    device, host = set(on_device), set(in_host)
+    device_used = sum(sizes[e] for e in device)
+    host_used = sum(sizes[e] for e in host)
+
+    def fits(budget: int | None, used: int, e: str) -> bool:
+        return budget is None or used + sizes[e] <= budget
+    ranked = sorted(experts, key=lambda e: (-usage.get(e, 0.0), e))
+    for e in ranked:
+        if e not in device and fits(device_budget_bytes, device_used, e):
+            device.add(e)
+            device_used += sizes[e]
+    for e in [e for e in ranked if e not in device] + [e for e in ranked if e in device]:
+        if e not in host and fits(host_budget_bytes, host_used, e):
+            host.add(e)
+            host_used += sizes[e]
+    order = sorted(set(experts) | device | host, key=lambda e: (-usage.get(e, 0.0), e))
+    return WarmPlan(tuple(e for e in order if e in device), tuple(e for e in order if e in host))

@@ -8,7 +8,7 @@ import yaml
 
 from expertmesh.cli import main
 from expertmesh.cluster.dedicate import busy, split
-from expertmesh.cluster.sizing import ExpertCost
+from expertmesh.cluster.costs import ExpertCost
 from expertmesh.deployments.config import host_deployments
 
 MIB = 2 ** 20

@@ -14,7 +14,7 @@ from expertmesh.cluster.demand import ServedCoE, estimated_costs, joint_problem,
 from expertmesh.cluster.observed import observed_usage
 from expertmesh.cluster.placement import NodeCapacity, plan
 from expertmesh.cluster.served import served_demand
-from expertmesh.cluster.sizing import ExpertCost
+from expertmesh.cluster.costs import ExpertCost
 from expertmesh.cluster.rollout import RolloutState
 from expertmesh.deployments.config import ExecutorPlan, ServeSettings, dedicated_name, deployment_options, host_name
 from expertmesh.deployments.served import served_placement

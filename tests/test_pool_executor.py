@@ -98,8 +98,24 @@ def test_warm_fills_the_device_then_host_memory_most_used_first(tiny_spec, tiny_
     placed = pool.warm(["chip_defect", "qfp_defect", "diode_defect", "connector_defect", "sot23_defect"])
     assert placed == ["qfp_defect", "diode_defect"]
     in_host = sorted(e for e, rt in pool.runtimes.items() if rt.in_host)
-    assert in_host == ["connector_defect", "diode_defect", "qfp_defect"]  # most used first, within 3 copies
+    # host copies go first to the experts left off the device (each turns a disk read into a copy), most used first
+    assert in_host == ["chip_defect", "connector_defect", "sot23_defect"]
     assert pool.stats()["peak_device_bytes"] <= 2 * size + 1000
+    assert pool.stats()["peak_host_bytes"] <= 3 * size + 1000
+
+
+def test_warm_follows_the_tiers_the_plan_predicted_with(tiny_spec, tiny_zoo):
+    """The plan ranks by the calls it planned (cluster.memory_model); the host warms in that order, within budgets."""
+    from expertmesh.experts.tiering import WarmPlan
+
+    pool = make_pool(tiny_spec, tiny_zoo)
+    size = pool.runtimes["chip_defect"].footprint_bytes
+    pool.configure(PoolSettings(device_budget_bytes=2 * size + 1000, host_budget_bytes=size + 1000,
+                                usage={"qfp_defect": 0.5, "diode_defect": 0.4}), {})
+    planned = WarmPlan(("sot23_defect", "chip_defect"), ("connector_defect",))
+    placed = pool.warm(["chip_defect", "qfp_defect", "diode_defect", "connector_defect", "sot23_defect"], planned)
+    assert placed == ["sot23_defect", "chip_defect"]
+    assert sorted(e for e, rt in pool.runtimes.items() if rt.in_host) == ["connector_defect"]
 
 
 def test_an_expert_larger_than_the_device_budget_fails_its_calls_clearly(tiny_spec, tiny_zoo):

@@ -107,7 +107,7 @@ def test_plan_dedicates_experts_hot_enough_to_keep_a_replica_busy_and_says_why(z
     common = ["plan", "--zoo", str(zoo), "--profile", str(store), "--nodes", "2", "--node-memory-gb", "1", "--explain"]
     assert main(common) == 0
     quiet = capsys.readouterr().out
-    assert ", pooled" in quiet and ", dedicated" not in quiet  # 20 requests/s keep no expert busy
+    assert ", device" in quiet and ", dedicated" not in quiet  # 20 requests/s keep no expert busy: all pooled
     assert main([*common, "--rps", "100000", "--json", str(plan)]) == 0
     busy = capsys.readouterr().out
     dedicated = {e: d for x in json.loads(plan.read_text())["executors"].values() for e, d in x["dedicated"].items()}

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from expertmesh.cluster.simulate import (POLICIES, AssignPolicy, PolicySpec, SimConfig, SimExpert, SimRequest,
-                                         simulate, simulate_policies)
+from expertmesh.cluster.simulate import (POLICIES, AssignPolicy, PolicySpec, ServeDeployment, SimConfig, SimExpert,
+                                         SimRequest, simulate, simulate_policies)
 from expertmesh.cluster.simulate_profile import experts_from_profile
-from expertmesh.cluster.simulate_tiers import DevicePool, Tier, Tiers
+from expertmesh.cluster.simulate_tiers import SimPool, Tier, Tiers
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.arrange import ArrangePolicy
 from expertmesh.experts.eviction import EvictionPolicy
@@ -67,7 +67,7 @@ def test_with_room_for_everything_each_expert_loads_once_from_disk():
 def test_an_evicted_expert_comes_back_from_host_memory_and_costs_the_host_load():
     experts = {"a": SimExpert(10 * MB, 1.0, 0.0), "b": SimExpert(10 * MB, 1.0, 0.0)}
     reqs = [SimRequest(0.0, ("a",)), SimRequest(1000.0, ("b",)), SimRequest(2000.0, ("a",))]
-    result = simulate(experts, reqs, config(device_mb=10, host_mb=10), POLICIES["fcfs_lru"])
+    result = simulate(experts, reqs, config(device_mb=10, host_mb=20), POLICIES["fcfs_lru"])
     assert (result.loads_from_disk, result.loads_from_host, result.demotions_to_host) == (2, 1, 2)
     # a from disk (100 ms) + 1 ms; b at 1000 from disk (100) + 1; a at 2000 from host (10) + 1
     assert result.makespan_ms == pytest.approx(2011.0)
@@ -82,57 +82,43 @@ def test_measured_load_times_override_the_bandwidths():
     assert result.makespan_ms == pytest.approx(7.0)
 
 
-def test_host_tier_drops_its_least_recently_used_to_make_room_and_a_load_moves_an_expert_out():
-    tiers = Tiers([DevicePool(100)], host_budget_bytes=20)  # the baselines' rule (LRU) by default
-    assert tiers.demote("a", 10, 5.0) is Tier.HOST and tiers.demote("b", 10, 1.0) is Tier.HOST
-    assert tiers.demote("c", 10, 9.0) is Tier.HOST  # b, used longest ago (not a, demoted first), goes to disk
-    assert set(tiers.host) == {"a", "c"} and tiers.dropped_to_disk == 1
-    assert tiers.demote("huge", 30, 10.0) is Tier.DISK
-    assert tiers.claim("c") is Tier.HOST and "c" not in tiers.host
-    tiers.load(0, "c", 10, 0.0, Tier.HOST)
-    assert tiers.claim("b") is Tier.DISK
-    tiers.load(0, "b", 10, 0.0, Tier.DISK)
-    assert tiers.peak_host_bytes == 20 and tiers.pools[0].used_bytes == 20
-    assert tiers.loads == {Tier.HOST: 1, Tier.DISK: 1}
-    with pytest.raises(ValueError, match="over its budget"):
-        tiers.load(0, "x", 81, 0.0, Tier.DISK)
+def test_a_pool_makes_room_with_the_pooled_hosts_own_code_and_keeps_host_copies_inclusive():
+    """The simulator's pool is a host replica's: `experts.tiering.make_room` decides (queued experts protected under
+    every policy), a device expert keeps its host copy (evicting it is free, coming back is a copy), and a copy read
+    from disk stays in host memory while the host budget holds it."""
+    sizes = {"a": 10, "b": 10, "c": 10, "x": 81}
+    tiers = Tiers([SimPool(20, 30)], sizes, usage={"a": 0.5, "b": 0.1, "c": 0.3})
+    for e, t in (("a", 1.0), ("b", 2.0)):
+        tiers.load(0, e, tiers.room(0, EvictionPolicy.LRU, e, busy=(), running={e}, upstreams={}), t)
+    assert set(tiers.pools[0].device) == set(tiers.pools[0].host) == {"a", "b"}
+    plan = tiers.room(0, EvictionPolicy.LRU, "c", busy={"a"}, running={"c"}, upstreams={})
+    assert [ev.expert for ev in plan.evictions] == ["b"]  # a has queued work: kept, as on the host
+    assert tiers.load(0, "c", plan, 3.0) is Tier.DISK
+    assert set(tiers.pools[0].device) == {"a", "c"} and "b" in tiers.pools[0].host  # b left the device, kept its copy
+    back = tiers.room(0, EvictionPolicy.LRU, "b", busy=(), running={"b"}, upstreams={})
+    assert tiers.load(0, "b", back, 4.0) is Tier.HOST  # from its host copy: one copy, not a disk read
+    assert tiers.loads == {Tier.DISK: 3, Tier.HOST: 1} and tiers.pools[0].peak_host_bytes <= 30
+    assert tiers.room(0, EvictionPolicy.LRU, "x", busy=(), running={"x"}, upstreams={}) is None  # larger than the pool
 
 
-def test_under_coserve_eviction_the_host_tier_drops_the_least_used_first_as_the_pooled_hosts_do():
-    usage = {"a": 0.5, "b": 0.1, "c": 0.3, "d": 0.05, "e": 0.05}
-    tiers = Tiers([DevicePool(100)], host_budget_bytes=20, host_policy=EvictionPolicy.COSERVE, usage=usage)
-    tiers.demote("a", 10, 0.0)
-    tiers.demote("b", 10, 5.0)
-    assert tiers.demote("c", 10, 9.0) is Tier.HOST and set(tiers.host) == {"a", "c"}  # b, least used (not oldest)
-    # experts/tiering.py keeps the incoming expert whatever its usage: c (0.3) goes before a (0.5) to make room
-    assert tiers.demote("d", 10, 10.0) is Tier.HOST and set(tiers.host) == {"a", "d"}
-    assert tiers.demote("e", 10, 11.0) is Tier.HOST and set(tiers.host) == {"a", "e"}  # d, the least used
-    # a host copy of an expert still on a device is never dropped: only a can go, and then e is kept
-    tiers.place(0, "e", 10, 11.0)
-    assert tiers.demote("b", 10, 12.0) is Tier.HOST and set(tiers.host) == {"b", "e"}
-    assert tiers.demote("c", 20, 13.0) is Tier.DISK and set(tiers.host) == {"b", "e"}  # no room even then
-    ties = Tiers([DevicePool(100)], host_budget_bytes=20, host_policy=EvictionPolicy.COSERVE,
-                 usage={"p": 0.2, "q": 0.2, "r": 0.9})
-    ties.demote("p", 10, 3.0)
-    ties.demote("q", 10, 1.0)
-    assert ties.demote("r", 10, 4.0) is Tier.HOST and set(ties.host) == {"p", "r"}  # equal usage: q, used longer ago
+def test_under_coserve_eviction_host_copies_of_the_least_used_go_first_as_on_the_pooled_host():
+    """A device of one expert and host memory for two copies: a, b, c in turn from disk. Keeping c's copy drops one:
+    under CoServe the least used (b), under LRU the least recently used (a)."""
+    usage = {"a": 0.5, "b": 0.1, "c": 0.3}
+    for policy, kept in ((EvictionPolicy.COSERVE, {"a", "c"}), (EvictionPolicy.LRU, {"b", "c"})):
+        tiers = Tiers([SimPool(10, 20)], {e: 10 for e in usage}, usage=usage)
+        for t, e in enumerate("abc"):
+            tiers.load(0, e, tiers.room(0, policy, e, busy=(), running={e}, upstreams={}), float(t))
+        assert set(tiers.pools[0].host) == kept, (policy, tiers.pools[0].host)
 
 
-def test_the_simulated_host_tier_follows_the_policys_eviction_rule_end_to_end():
-    """a, b, c, d each fill the device in turn; the host tier holds two. Evicting c to take d finds a (used most)
-    and b (used least) there: CoServe eviction drops b, so a comes back from host memory; LRU drops a (used longest
-    ago), so a comes back from disk - and so does ExpertMesh's eviction when its host tier is told to use LRU."""
-    usage = {"a": 0.6, "b": 0.1, "c": 0.25, "d": 0.05}
-    experts = {e: SimExpert(10 * MB, 1.0, 0.0, usage=u) for e, u in usage.items()}
-    reqs = [SimRequest(1000.0 * i, (e,)) for i, e in enumerate("abcda")]
-    cfg = config(device_mb=10, host_mb=20)
-    coserve = simulate(experts, reqs, cfg, POLICIES["eviction_only"])
-    lru = simulate(experts, reqs, cfg, POLICIES["fcfs_lru"])
-    lru_host = POLICIES["eviction_only"].model_copy(update={"host_tier_lru": True})
-    coserve_lru_host = simulate(experts, reqs, cfg, lru_host)
-    assert (coserve.loads_from_disk, coserve.loads_from_host) == (4, 1)
-    assert (lru.loads_from_disk, lru.loads_from_host) == (5, 0)
-    assert (coserve_lru_host.loads_from_disk, coserve_lru_host.loads_from_host) == (5, 0)
+def test_the_warm_start_is_the_pooled_hosts_warm_plan():
+    """Most used on the device while it fits; host copies go first to the experts left off the device."""
+    usage = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05}
+    tiers = Tiers([SimPool(20, 20)], {e: 10 for e in usage}, usage=usage)
+    tiers.warm(0, list(usage), 0.0)
+    assert set(tiers.pools[0].device) == {"a", "b"} and set(tiers.pools[0].host) == {"c", "d"}
+    assert tiers.loads == {}
 
 
 def test_arrange_and_coserve_eviction_cut_switches_and_win_on_a_skewed_workload():
@@ -145,15 +131,63 @@ def test_arrange_and_coserve_eviction_cut_switches_and_win_on_a_skewed_workload(
         assert out[name].throughput_per_s >= 1.5 * base.throughput_per_s, (name, out[name], base)
 
 
-def test_assign_sends_a_call_where_its_expert_is_and_round_robin_does_not():
+def test_assign_sends_a_request_where_its_expert_is_and_round_robin_and_pow2_do_not():
+    """Two executors, each with room for one expert; both warm alike (a host deployment's replicas get the same
+    config), so the first switch of b decides where it lives: assign keeps sending b there."""
     experts = {"a": SimExpert(10 * MB, 1.0, 1.0, usage=0.6), "b": SimExpert(10 * MB, 1.0, 1.0, usage=0.4)}
     reqs = [SimRequest(10.0 * i, ("a" if i % 3 else "b",)) for i in range(60)]
-    cfg = config(device_mb=20, host_mb=0, warm_start=True)  # two executors, a pool of one expert each, warm
+    cfg = config(device_mb=20, host_mb=0, warm_start=True)
     assigned = simulate(experts, reqs, cfg, POLICIES["expertmesh"])
     dealt = simulate(experts, reqs, cfg, POLICIES["round_robin"])
-    assert assigned.num_executors == dealt.num_executors == 2
-    assert assigned.switches == 0
-    assert dealt.switches > 10
+    pow2 = simulate(experts, reqs, cfg, POLICIES["expertmesh"].model_copy(update={"assign": AssignPolicy.POW2}))
+    assert assigned.num_executors == dealt.num_executors == pow2.num_executors == 2
+    assert assigned.switches <= 1
+    assert dealt.switches > 10 and pow2.switches > 5
+
+
+def test_compute_slots_run_executors_at_once_and_cpu_loads_take_a_slot():
+    """Two executors on one slot take turns (a GPU, or one core); on two slots they run at once. A CPU load
+    (`loads_use_compute`) occupies the slot it copies with."""
+    experts = {e: SimExpert(10 * MB, 10.0, 0.0, max_batch=1, usage=0.5) for e in ("a", "b")}
+    reqs = [SimRequest(0.0, (e,)) for e in "ab" * 10]
+    rr = POLICIES["round_robin"]
+    one = simulate(experts, reqs, config(device_mb=1000, warm_start=True), rr)
+    two = simulate(experts, reqs, config(device_mb=1000, warm_start=True, compute_slots=2), rr)
+    assert one.makespan_ms == pytest.approx(200.0) and two.makespan_ms == pytest.approx(100.0)
+    cold = {"a": SimExpert(10 * MB, 10.0, 0.0, load_from_disk_ms=50.0)}
+    gpu = simulate(cold, [SimRequest(0.0, ("a",))], config(), POLICIES["fcfs_lru"])
+    cpu = simulate(cold, [SimRequest(0.0, ("a",))], config(loads_use_compute=True), POLICIES["fcfs_lru"])
+    assert gpu.makespan_ms == cpu.makespan_ms == pytest.approx(60.0)
+
+
+def test_a_board_runs_in_waves_and_is_answered_once():
+    """A board of three components: the first wave (every component's first call) runs before any dependent call,
+    and the board counts one request of three components."""
+    experts = {"a": SimExpert(10 * MB, 1.0, 0.0), "b": SimExpert(10 * MB, 1.0, 0.0), "det": SimExpert(10 * MB, 5.0, 0.0)}
+    board = SimRequest.board(0.0, (("a", "det"), ("b",), ("a", "det")), branches=((1, 1, "det"),))
+    assert board.num_calls == 6 and board.wave(1) == [(0, "det"), (2, "det"), (1, "det")]
+    out = simulate(experts, [board], config(device_mb=1000, warm_start=True), POLICIES["evict_arrange"])
+    assert (out.num_requests, out.num_components, out.num_calls) == (1, 3, 6)
+    assert out.makespan_ms == pytest.approx(2 * 1.0 + 1.0 + 3 * 5.0)  # a x2, b, then det x3 in one batch
+
+
+def test_serve_multiplexing_is_simulated_lru_by_count_batch_windows_and_a_host_cache():
+    """One multiplexed deployment holding one model: calls alternating a, b in one window are split by model, each
+    a switch; the load function's host cache turns the second load of a into a copy; K = 2 holds both."""
+    experts = {e: SimExpert(10 * MB, 1.0, 0.0, load_from_host_ms=2.0, load_from_disk_ms=20.0) for e in ("a", "b")}
+    reqs = [SimRequest(0.0, (e,)) for e in "abab"] + [SimRequest(100.0, ("a",))]
+
+    def mux(k: int, cache: int | None):
+        d = ServeDeployment(experts=("a", "b"), max_models=k, max_batch_size=8, batch_wait_ms=10.0,
+                            host_cache_bytes=cache)
+        return PolicySpec(label="mux", assign=AssignPolicy.SINGLE, arrange=ArrangePolicy.FCFS,
+                          evict=EvictionPolicy.LRU, serve_multiplexed=(d,))
+    k1 = simulate(experts, reqs, config(warm_start=False), mux(1, 0))
+    assert k1.switches == k1.loads_from_disk == 3  # window [a b a b] -> a (load), b (evicts a); then a again
+    cached = simulate(experts, reqs, config(warm_start=False), mux(1, None))
+    assert (cached.loads_from_disk, cached.loads_from_host) == (2, 1)
+    k2 = simulate(experts, reqs, config(warm_start=False), mux(2, 0))
+    assert k2.switches == 2 and k2.num_batches == 3 and k2.p50_ms >= 10.0  # every call waits for its window
 
 
 def test_warm_start_needs_no_load_for_the_most_used_experts():
