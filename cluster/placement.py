@@ -108,6 +108,7 @@ class Plan:
     moved: list[str] = field(default_factory=list)  # experts given a node the current placement does not have them on
     offloaded: dict[str, list[str]] = field(default_factory=dict)  # node -> homes its device does not hold
     miss_cost: float = 0.0  # the offloaded homes' summed miss cost
+    executors: dict[str, dict] = field(default_factory=dict)  # node -> its pooled hosts (memory model), when sized
 
     @property
     def internal_share(self) -> float:

@@ -3,8 +3,9 @@
 `decide(config, state, snapshot)` compares the live cluster (alive nodes, observed usage per expert)
 with what the current plan was made for, and returns a decision plus the next state. A decision that
 re-plans carries its `ReplanKind`: node_lost, node_joined, node_lost_and_joined (both seen in one poll),
-experts_changed (the app serves experts the running placement does not hold: a CoE added, an expert retrained
-into a new version) or drift. The kind, never the reason text, is what callers branch on: it is the
+memory_changed (a node kept offers experts another amount of memory: a smaller budget degrades the plan - experts
+move to host memory or disk - a larger one gives them back the device), experts_changed (the app serves experts the
+running placement does not hold: a CoE added, an expert retrained into a new version) or drift. The kind, never the reason text, is what callers branch on: it is the
 `expertmesh_replans_total{reason}` label and says which usage to plan with (`uses_observed_usage`: only
 a drift re-plan plans with the observed usage; a node change re-plans with the usage the running plan
 assumed, so it moves only what the change forces).
@@ -32,6 +33,7 @@ class ReplanKind(str, Enum):
     NODE_LOST = "node_lost"
     NODE_JOINED = "node_joined"
     NODE_LOST_AND_JOINED = "node_lost_and_joined"
+    MEMORY_CHANGED = "memory_changed"
     EXPERTS_CHANGED = "experts_changed"
     DRIFT = "drift"
 
@@ -57,6 +59,7 @@ class ClusterSnapshot:
     nodes: frozenset[str]  # alive nodes
     usage: dict[str, float]  # observed P(expert invoked) per request; empty when too few requests were seen
     unplaced: frozenset[str] = frozenset()  # experts the app serves that the running placement does not hold
+    memory: dict[str, int] = field(default_factory=dict)  # alive node -> bytes it offers experts (empty: not read)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class ReplanState:
     planned_usage: dict[str, float]  # the usage the running plan was made for
     last_plan_s: float
     drift_since_s: float | None = None
+    planned_memory: dict[str, int] = field(default_factory=dict)  # node -> bytes the running plan was made for
 
 
 @dataclass(frozen=True)
@@ -97,17 +101,33 @@ def node_change_kind(lost: frozenset[str], joined: frozenset[str]) -> ReplanKind
     return None
 
 
+def memory_changes(state: ReplanState, snap: ClusterSnapshot) -> dict[str, tuple[int, int]]:
+    """Nodes planned for and still alive whose memory differs from what the plan was made for: node -> (was, now)."""
+    return {n: (state.planned_memory[n], snap.memory[n]) for n in sorted(snap.memory)
+            if n in state.planned_memory and n in state.planned_nodes and snap.memory[n] != state.planned_memory[n]}
+
+
 def decide(cfg: ReplanConfig, state: ReplanState, snap: ClusterSnapshot) -> tuple[Decision, ReplanState]:
     lost, joined = state.planned_nodes - snap.nodes, snap.nodes - state.planned_nodes
     drift = usage_drift(state.planned_usage, snap.usage) if snap.usage else 0.0
     kind = node_change_kind(lost, joined)
+    memory = dict(snap.memory) or dict(state.planned_memory)
     if kind is not None:
         parts = ([f"node lost: {', '.join(sorted(lost))}"] if lost else []) + (
             [f"node joined: {', '.join(sorted(joined))}"] if joined else [])
-        planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s)
+        planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s,
+                              planned_memory=memory)
         return Decision(kind, "; ".join(parts), drift, lost, joined), planned
+    changed = memory_changes(state, snap)
+    if changed:
+        planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s,
+                              planned_memory=memory)
+        reason = "memory changed: " + ", ".join(f"{n} {a / 2**20:.1f} -> {b / 2**20:.1f} MiB"
+                                                for n, (a, b) in changed.items())
+        return Decision(ReplanKind.MEMORY_CHANGED, reason, drift), planned
     if snap.unplaced:
-        planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s)
+        planned = ReplanState(planned_nodes=snap.nodes, planned_usage=state.planned_usage, last_plan_s=snap.now_s,
+                              planned_memory=memory)
         return Decision(ReplanKind.EXPERTS_CHANGED, f"experts not placed: {', '.join(sorted(snap.unplaced))}",
                         drift), planned
     if drift >= cfg.drift_threshold:
@@ -115,7 +135,8 @@ def decide(cfg: ReplanConfig, state: ReplanState, snap: ClusterSnapshot) -> tupl
         held = snap.now_s - since >= cfg.drift_hold_s
         rested = snap.now_s - state.last_plan_s >= cfg.min_interval_s
         if held and rested:
-            planned = ReplanState(planned_nodes=snap.nodes, planned_usage=dict(snap.usage), last_plan_s=snap.now_s)
+            planned = ReplanState(planned_nodes=snap.nodes, planned_usage=dict(snap.usage), last_plan_s=snap.now_s,
+                                  planned_memory=memory)
             reason = f"traffic drift {drift:.2f} for {snap.now_s - since:.0f} s"
             return Decision(ReplanKind.DRIFT, reason, drift), planned
         return Decision(None, "drift pending", drift), replace(state, drift_since_s=since)

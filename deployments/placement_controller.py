@@ -36,8 +36,7 @@ from ray.experimental import internal_kv
 
 from expertmesh.cluster import placement_store
 from expertmesh.cluster.controller import PlacementController, plan_on_inventory
-from expertmesh.cluster.demand import executor_sizing
-from expertmesh.cluster.local import describe, inventory
+from expertmesh.cluster.local import describe
 from expertmesh.cluster.observed import UsageWatch
 from expertmesh.cluster.placement import Plan
 from expertmesh.cluster.prometheus import scrape_targets
@@ -107,14 +106,11 @@ class PlacementControllerDeployment:
                                    usage=demand.coes[0].usage)
         rps = s.placement_requests_per_s
 
-        self.executors: dict[str, dict] = {}  # the last plan's executor sizing (with a profile only)
-
         def planner(u: UsageProfile, cluster: dict, current: dict[str, list[str]]) -> Plan:
-            result = plan_on_inventory(demand, rps, u, cluster, current)
-            if measured:
-                sizing = executor_sizing(demand.coes, demand.costs, u, inventory(cluster), rps, result,
-                                         s.host_num_cpus, s.torch_threads, s.dedicate_min_busy)
-                self.executors = {n: x.to_json() for n, x in sizing.items()}
+            result = plan_on_inventory(demand, rps, u, cluster, current, host_num_cpus=s.host_num_cpus,
+                                       torch_threads=s.torch_threads, dedicate_min_busy=s.dedicate_min_busy)
+            if not measured:
+                result.executors = {}  # costs estimated from checkpoints: no sizing (the settings' replicas)
             return result
 
         self.dashboard_url = s.placement_dashboard_url or dashboard_url()
@@ -125,7 +121,8 @@ class PlacementControllerDeployment:
             "auto", demand, demand.usage, rps,
             {e: ns for e, ns in stored.placement.items() if e in demand.keys} if stored else {}, apply=self._apply,
             poll_s=s.placement_poll_s, watch=UsageWatch(scrape_targets), log=self._log,
-            read_cluster=lambda: describe("auto"), planner=planner)
+            read_cluster=lambda: describe("auto"), planner=planner,
+            executors=stored.executors if stored else None)
         self.controller.start()
         self._log(f"started (planning from the {self.source}; stored placement: "
                   f"{'revision %d' % self.revision if stored else 'none'}; applying through {self.dashboard_url})")
@@ -137,11 +134,11 @@ class PlacementControllerDeployment:
         logger.info("placement controller: %s", message)
         self.log = (self.log + [message])[-20:]
 
-    def _apply(self, placement: dict[str, list[str]]) -> None:
-        """Store the new placement, then make Serve rebuild the app with it; a failure leaves the revision as it was
-        (the controller keeps its old state and tries again at the next poll)."""
+    def _apply(self, placement: dict[str, list[str]], executors: dict[str, dict]) -> None:
+        """Store the new placement and its pooled hosts, then make Serve rebuild the app with them; a failure leaves
+        the revision as it was (the controller keeps its old state and tries again at the next poll)."""
         revision = self.revision + 1
-        placement_store.write(placement, revision, reason=self.log[-1] if self.log else "", executors=self.executors)
+        placement_store.write(placement, revision, reason=self.log[-1] if self.log else "", executors=executors)
         resubmit(self.dashboard_url, revision)
         self.revision = revision
 

@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 from expertmesh.cli_options import spec_and_zoo
-from expertmesh.cluster.controller import PlacementController
+from expertmesh.cluster.controller import PlacementController, plan_on_inventory
 from expertmesh.cluster.local import read_state
 from expertmesh.cluster.observed import UsageWatch
 from expertmesh.cluster.prometheus import PrometheusServer, scrape_targets
@@ -108,12 +108,22 @@ def _start_controller(args: argparse.Namespace, spec: CoESpec, app: AppArgs) -> 
     demand = served_demand(app.spec, Path(app.zoo), app.coes, ProfileStore.load(Path(app.profile)),
                            app.settings.expert_num_gpus, app.settings.coe_request_shares,
                            warn=lambda m: print(f"warning: {m}", flush=True), require_profiles=True)
+    s = app.settings
+
+    def planner(usage, cluster, current):
+        return plan_on_inventory(demand, args.plan_rps, usage, cluster, current, host_num_cpus=s.host_num_cpus,
+                                 torch_threads=s.torch_threads, dedicate_min_busy=s.dedicate_min_busy)
+
+    def apply(placement: dict[str, list[str]], executors: dict[str, dict]) -> None:
+        runner.redeploy(AppArgs.model_validate({**app.model_dump(), "placement": placement,
+                                                "executors": executors or None}))
     controller = PlacementController(
-        args.address, demand, demand.usage, args.plan_rps, app.placement,
-        apply=lambda placement: runner.redeploy(app.model_copy(update={"placement": placement})),
-        watch=UsageWatch(scrape_targets), log=lambda m: print(f"[placement] {m}", flush=True))
+        args.address, demand, demand.usage, args.plan_rps, app.placement, apply=apply, planner=planner,
+        watch=UsageWatch(scrape_targets), log=lambda m: print(f"[placement] {m}", flush=True),
+        executors={n: x.model_dump() for n, x in (app.executors or {}).items()})
     controller.start()
-    print("  placement controller: re-plans on node loss or join, and on lasting traffic drift", flush=True)
+    print("  placement controller: re-plans on node loss or join, a node's memory changing, and lasting traffic drift",
+          flush=True)
     return controller
 
 

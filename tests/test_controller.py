@@ -70,21 +70,25 @@ class Cluster:
 
 
 def fake_plan(usage: UsageProfile, cluster: dict, current: dict[str, list[str]]) -> Plan:
-    """clf on every alive node; each other expert stays where it was when its node is alive, else the first node."""
+    """clf on every alive node; each other expert stays where it was when its node is alive, else the first node;
+    each node's pool sized to its memory (the executors a memory model would give)."""
     alive = sorted(alive_nodes(cluster))
     replicas = {"clf": alive}
     for expert in ("chip", "qfp"):
         kept = [n for n in current.get(expert, []) if n in alive]
         replicas[expert] = kept or alive[:1]
     moved = [e for e, ns in replicas.items() if set(ns) - set(current.get(e, []))]
+    executors = {n["name"]: {"num_replicas": 1, "device_budget_bytes": int(n["memory_mib"] * 2**20)}
+                 for n in cluster["nodes"] if n["alive"] and n["memory_mib"] > 0}
     return Plan(homes={e: ns[0] for e, ns in replicas.items()}, replicas=replicas, memory_used_bytes={}, load={},
-                cut_edges=[], cut_weight=0.0, total_weight=1.0, method="fake", moved=moved)
+                cut_edges=[], cut_weight=0.0, total_weight=1.0, method="fake", moved=moved, executors=executors)
 
 
 class Harness:
     def __init__(self, config: ReplanConfig | None = None) -> None:
         self.clock, self.metrics, self.watch, self.cluster = Clock(), Metrics(), Watch(), Cluster()
         self.applied: list[dict[str, list[str]]] = []
+        self.applied_executors: list[dict[str, dict]] = []
         self.planned_with: list[UsageProfile] = []
         self.fail_applies = 0
         self.lines: list[str] = []
@@ -97,11 +101,12 @@ class Harness:
         self.planned_with.append(usage)
         return fake_plan(usage, cluster, current)
 
-    def apply(self, placement):
+    def apply(self, placement, executors):
         if self.fail_applies:
             self.fail_applies -= 1
             raise RuntimeError("Serve said DEPLOY_FAILED")
         self.applied.append(placement)
+        self.applied_executors.append(executors)
 
     def poll(self):
         """One poll, POLL_S after the last."""
@@ -224,8 +229,50 @@ def test_the_loop_logs_a_failed_poll_and_keeps_polling():
 
     h.controller.read_cluster = read_and_stop_after_two
     h.controller.run()  # in this thread: returns once stopped
-    assert "placement controller: RuntimeError: Serve said DEPLOY_FAILED" in h.lines
+    assert any(ln.startswith("placement controller: RuntimeError: Serve said DEPLOY_FAILED") for ln in h.lines)
+    assert "placement controller: polls work again" in h.lines
     assert h.metrics.replans() == {"node_lost": 1} and len(h.applied) == 1
+
+
+def test_a_failure_that_repeats_is_logged_once_not_at_every_poll():
+    """The issue's log: "FailedPrecondition: memory: ..." twice a second, forever. A poll that keeps failing the same
+    way is logged once; a new error is logged; the recovery once."""
+    h = Harness()
+    h.controller.poll_s = 0
+    reads = {"n": 0}
+
+    def failing_read():
+        reads["n"] += 1
+        if reads["n"] == 50:
+            h.controller.stop_event.set()
+        if reads["n"] < 20:
+            raise RuntimeError("the GCS is away")
+        if reads["n"] < 30:
+            raise TimeoutError("the dashboard is slow")
+        return Cluster()()
+
+    h.controller.read_cluster = failing_read
+    h.controller.run()
+    assert [ln.split(" (")[0] for ln in h.lines] == ["placement controller: RuntimeError: the GCS is away",
+                                                    "placement controller: TimeoutError: the dashboard is slow",
+                                                    "placement controller: polls work again"]
+
+
+def test_a_node_whose_memory_shrinks_gets_a_degraded_plan_at_the_next_poll_and_then_quiet():
+    """A budget cut on a node it keeps: the next poll re-plans (memory_changed) with the usage the plan assumed, the new
+    executors are applied even though no expert moves, and the controller is quiet once it is applied."""
+    h = Harness()
+    assert h.poll() is None  # the first reading is what the running plan was made for
+    h.cluster.nodes["node-1"]["memory_mib"] = 40
+    step = h.poll()
+    assert step.kind is ReplanKind.MEMORY_CHANGED and step.reason == "memory changed: node-1 100.0 -> 40.0 MiB"
+    assert h.planned_with == [USAGE] and h.metrics.replans() == {"memory_changed": 1}
+    assert h.applied_executors[-1]["node-1"]["device_budget_bytes"] == 40 * 2**20
+    assert h.applied[-1] == START  # nothing moved, the pools were resized
+    lines = len(h.lines)
+    for _ in range(50):
+        assert h.poll() is None
+    assert len(h.lines) == lines  # quiet once applied
 
 
 def test_next_step_keeps_the_state_until_the_plan_is_applied():

@@ -68,11 +68,17 @@ def test_bad_cluster_options_name_the_flag(tmp_path):
 
 # README "Re-planning": with pooled expert hosts a lost node's experts answer again from a surviving host as soon as
 # the router sees the node gone (a load of milliseconds into a running process), and the re-plan only reconfigures
-# the surviving hosts. RECOVERY_BOUND_S bounds the first; the issue's target is 10 s.
-REPLAN_START_BOUND_S = 30.0
-RECOVERY_BOUND_S = 20.0
-NEW_PLACEMENT_BOUND_S = 60.0
-PLAN_BOUND_S = 1.0
+# the surviving hosts. The cluster's memory holds every expert on 3 nodes but not on 2 (NODE_MEMORY_GB with the
+# profile's batch of 2): the re-plan after the loss is a degraded plan - experts off the device, in host memory -
+# applied within NEW_PLACEMENT_BOUND_S (the issue's target: 10 s), where the planner used to refuse at every poll.
+# (node memory GiB, profile's max batch, memory short after the loss): a cluster whose memory cannot hold every
+# expert once a node is gone, and `make run`'s own cluster (3 x 0.06 GiB, the profile as make run takes it), which holds
+# every expert on two nodes once one batch's activations are counted per pool (not per expert, as the planner did)
+CLUSTERS = {"memory_short": ("0.005", "2", True), "make_run": ("0.06", None, False)}
+REPLAN_START_BOUND_S = 5.0
+RECOVERY_BOUND_S = 10.0
+NEW_PLACEMENT_BOUND_S = 10.0
+PLAN_BOUND_S = 2.0
 CLIENT_TIMEOUT_S = 90.0  # above the server's own bound (the proxies' request_timeout_s, 60 s): a client deadline = a hang
 
 
@@ -141,7 +147,8 @@ def nodes_metric(state: dict, name: str, skip: str = "", **labels: str) -> float
 
 
 @pytest.mark.slow
-def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
+@pytest.mark.parametrize("cluster", list(CLUSTERS))
+def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo, cluster):
     """3 loopback nodes; profile, plan from the live inventory, serve with the plan and the placement controller,
     and check with Ray's state API (expertmesh status) that every planned node runs its expert host, and with the
     traces that every expert answered from a node its plan names. A station: every request answered, co-located.
@@ -154,10 +161,11 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
     env.pop("RAY_ADDRESS", None)
     zoo = ["--zoo", str(default_zoo)]
     profile = str(tmp_path / "profile.json")
-    out = cli(env, "profile", *zoo, "--out", profile, "--runs", "3", "--max-batch", "8", "--usage", "spec",
-              "--no-progress", "--plot", str(tmp_path / "p.png"))
+    node_memory_gb, max_batch, short = CLUSTERS[cluster]
+    out = cli(env, "profile", *zoo, "--out", profile, *(["--runs", "3", "--max-batch", max_batch] if max_batch else []),
+              "--usage", "spec", "--no-progress", "--plot", str(tmp_path / "p.png"))
     assert out.returncode == 0, out.stderr[-2000:]
-    up = cli(env, "up", "--nodes", "3", "--node-memory-gb", "0.06", "--metrics-base-port", str(free_port()),
+    up = cli(env, "up", "--nodes", "3", "--node-memory-gb", node_memory_gb, "--metrics-base-port", str(free_port()),
              "--dashboard-port", str(free_port()))
     serve = None
     try:
@@ -287,6 +295,13 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
                   + ", ".join(f"{e} {s:.1f} s" for e, s in sorted(recovered.items())))
             assert max(recovered.values()) <= RECOVERY_BOUND_S, recovered
 
+        # memory is short on the two survivors: the plan is degraded (homes off the device), not refused, and once it
+        # is applied the controller says nothing more (the issue's log: a refusal twice a second, forever)
+        assert ("memory short, off the device:" in applied[0][1]) is short, applied[0][1]
+        after_applied = [ln for t, ln in serve_lines if "[placement]" in ln and t > applied[0][0]]
+        assert not after_applied, after_applied
+        assert not [ln for _, ln in serve_lines if "[placement] placement controller:" in ln], serve_lines
+
         # the new placement is what runs: every expert on its newly planned nodes, none on the lost node
         new = placement_in_log(applied[0][1])
         survivors = [n for n in all_nodes if n != victim]
@@ -323,9 +338,8 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo):
         assert not hung, f"{len(hung)} requests hung until the client gave up after {CLIENT_TIMEOUT_S:g} s"
         slow = [o for o in outcomes if o.seconds >= 30.0]
         print(f"requests past 30 s (the station's deadline in the issue): {len(slow)}")
-        assert set(codes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, \
-            [o for o in outcomes if o.code not in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")][:5]
-        assert codes["OK"] >= 0.5 * len(outcomes), codes
+        assert codes == {"OK": len(outcomes)}, [(o.code, o.details[:200]) for o in outcomes if o.code != "OK"][:5]
+        assert not slow, [o.seconds for o in slow]
         leaked = [o.details for o in outcomes if any(s in o.details for s in ("Traceback", "ray::", 'File "'))]
         assert not leaked, f"{len(leaked)} errors carry a stack trace, e.g. {leaked[0][:500]}"
     finally:
