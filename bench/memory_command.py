@@ -16,8 +16,8 @@ from pathlib import Path
 from expertmesh.cli_options import positive
 from expertmesh.errors import InvalidArgument
 
-SYSTEM_NAMES = ("all_resident", "expertmesh", "multiplexed", "multiplexed_mean_k", "expertmesh_no_host_tier",
-                "fcfs_lru", "evict_only", "evict_arrange", "expertmesh_2x_pow2", "expertmesh_2x_assign")
+SYSTEM_NAMES = ("all_resident", "expertmesh", "multiplexed_best", "multiplexed", "multiplexed_mean_k", "fcfs_lru",
+                "evict_only", "evict_arrange", "expertmesh_2x_pow2", "expertmesh_2x_assign")
 
 
 def register(bench: argparse._SubParsersAction) -> None:
@@ -33,6 +33,10 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--systems", nargs="+", metavar="SYSTEM", choices=SYSTEM_NAMES,
                    help=f"only these of {' '.join(SYSTEM_NAMES)} (default: all; the label check needs all_resident)")
     p.add_argument("--parts", nargs="+", choices=("closed", "open"), help="closed loop, open loop (default: both)")
+    p.add_argument("--workloads", nargs="+", choices=("components", "boards"),
+                   help="one component per request, boards of many (default: both)")
+    p.add_argument("--components-per-board", type=int, help="components of a board (default 32)")
+    p.add_argument("--board-stations", type=int, help="stations of the boards workload (default 4)")
     p.add_argument("--workload-dir", help="where the workload CoE is built and reused "
                                           "(default: $EXPERTMESH_HOME/bench/memory-...)")
     p.add_argument("--small-experts", type=int, help="small experts in the workload (default 40; --quick 6)")
@@ -55,6 +59,8 @@ def register(bench: argparse._SubParsersAction) -> None:
 def settings_overrides(args: argparse.Namespace) -> dict:
     given = {"systems": tuple(args.systems) if args.systems else None,
              "parts": tuple(args.parts) if args.parts else None, "workload_dir": args.workload_dir,
+             "workloads": tuple(args.workloads) if args.workloads else None,
+             "components_per_board": args.components_per_board, "board_stations": args.board_stations,
              "num_small_experts": args.small_experts, "num_large_experts": args.large_experts,
              "num_stations": args.stations, "closed_requests": args.closed_requests,
              "device_budget_fraction": args.device_budget_fraction, "host_budget_fraction": args.host_budget_fraction,

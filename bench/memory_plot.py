@@ -14,9 +14,9 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from expertmesh.bench.memory_table import dig  # noqa: E402
 
-COLORS = {"expertmesh": "tab:blue", "multiplexed": "tab:red", "fcfs_lru": "tab:orange", "all_resident": "tab:gray",
-          "evict_only": "tab:olive", "evict_arrange": "tab:cyan", "multiplexed_mean_k": "tab:purple",
-          "expertmesh_no_host_tier": "tab:green"}
+COLORS = {"expertmesh": "tab:blue", "multiplexed_best": "tab:red", "multiplexed": "salmon", "fcfs_lru": "tab:orange",
+          "all_resident": "tab:gray", "evict_only": "tab:olive", "evict_arrange": "tab:cyan",
+          "multiplexed_mean_k": "tab:purple", "expertmesh_2x_pow2": "tab:pink", "expertmesh_2x_assign": "tab:green"}
 
 
 def _bars(ax, names: list[str], series: list[tuple[str, list]], ylabel: str) -> None:
@@ -37,50 +37,51 @@ def _bars(ax, names: list[str], series: list[tuple[str, list]], ylabel: str) -> 
         ax.legend(fontsize=8)
 
 
-def plot(doc: dict, out: Path) -> None:
-    names = [n for n in doc.get("order") or list(doc.get("systems", {})) if n in doc.get("systems", {})]
-    systems = doc["systems"]
-    bound = dig(doc, "settings", "target_p99_ms")
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    thr, lat, sw, mem = axes.flat
-    _bars(thr, names, [("closed loop", [dig(systems[n], "closed", "throughput_per_s") for n in names]),
-                       (f"open loop, highest rate with p99 <= {bound:g} ms" if bound else "open loop",
-                        [dig(systems[n], "open", "highest_rate_meeting_target_per_s") for n in names])],
-          "requests/s")
-    thr.set_title("throughput")
+def _latency(ax, run: dict, names: list[str], bound) -> None:
+    systems = run["systems"]
     for n in names:
         pts = sorted((p for p in dig(systems[n], "open", "points") or [] if p.get("p99_ms") is not None),
                      key=lambda p: p["offered_per_s"])
         if pts:
-            lat.plot([p["offered_per_s"] for p in pts], [p["p99_ms"] for p in pts], "-o",
-                     color=COLORS.get(n, "tab:brown"), label=n)
+            ax.plot([p["offered_per_s"] for p in pts], [p["p99_ms"] for p in pts], "-o",
+                    color=COLORS.get(n, "tab:brown"), label=n)
     if bound:
-        lat.axhline(bound, color="black", linestyle=":", linewidth=1, label=f"p99 bound {bound:g} ms")
-    lat.set_xscale("log")
-    lat.set_yscale("log")
-    for axis in (lat.xaxis, lat.yaxis):
+        ax.axhline(bound, color="black", linestyle=":", linewidth=1, label=f"p99 bound {bound:g} ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(ScalarFormatter())
         axis.set_minor_formatter(NullFormatter())
-    lat.set_xlabel("requests/s offered (open loop)")
-    lat.set_ylabel("p99 latency, ms")
-    lat.grid(True, which="both", alpha=0.3)
-    lat.legend(fontsize=8)
-    lat.set_title("open-loop p99 latency")
-    _bars(sw, names, [("switches", [dig(systems[n], "closed", "stats", "switches") for n in names])],
-          "switches (closed loop)")
-    sw.set_title("expert switches (loads on demand), closed loop")
-    peaks = [dig(systems[n], "closed", "stats", "peak_device_bytes") for n in names]
-    _bars(mem, names, [("peak", [None if v is None else v / 2**20 for v in peaks])], "MiB")
-    budget = dig(doc, "workload", "device_budget_bytes")
-    if budget:
-        mem.axhline(budget / 2**20, color="black", linestyle=":", linewidth=1, label="device budget")
-        mem.legend(fontsize=8)
-    mem.set_title("peak device memory held by experts, closed loop")
+    ax.set_xlabel("requests/s offered (open loop)")
+    ax.set_ylabel("p99 latency, ms")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot(doc: dict, out: Path) -> None:
+    """One row per workload: throughput (closed, open at the bound), p99 against the offered rate, switches."""
+    runs = doc.get("runs") or {}
+    fig, axes = plt.subplots(max(1, len(runs)), 3, figsize=(17, 5.2 * max(1, len(runs))), squeeze=False)
+    for (workload, run), (thr, lat, sw) in zip(runs.items(), axes):
+        systems = run.get("systems", {})
+        names = [n for n in run.get("order") or list(systems) if n in systems and not systems[n].get("error")]
+        bound = dig(run, "stream", "target_p99_ms")
+        _bars(thr, names, [("closed loop", [dig(systems[n], "closed", "throughput_per_s") for n in names]),
+                           (f"open loop, highest rate with p99 <= {bound:g} ms" if bound else "open loop",
+                            [dig(systems[n], "open", "highest_rate_meeting_target_per_s") for n in names])],
+              "requests/s")
+        thr.set_title(f"{workload}: throughput")
+        _latency(lat, run, names, bound)
+        lat.set_title(f"{workload}: open-loop p99 latency")
+        _bars(sw, names, [("switches", [dig(systems[n], "closed", "stats", "switches") for n in names])],
+              "switches (closed loop)")
+        sw.set_title(f"{workload}: expert switches (loads on demand), closed loop")
     w = doc.get("workload", {})
     fig.suptitle(f"expertmesh bench memory - {(doc.get('commit') or '?')[:10]} on "
-                 f"{dig(doc, 'machine', 'cpu_count') or '?'} CPUs: {w.get('num_experts', '?')} experts, device "
-                 f"budget {(w.get('device_budget_bytes') or 0) / 2**20:.0f} of "
-                 f"{(w.get('total_expert_bytes') or 0) / 2**20:.0f} MiB, multiplexing K = {w.get('multiplexed_k', '?')}")
+                 f"{dig(doc, 'machine', 'cpu_count') or '?'} CPUs (systems on {dig(doc, 'pinned', 'system_cores')}): "
+                 f"{w.get('num_experts', '?')} experts, {(w.get('device_budget_bytes') or 0) / 2**20:.0f} MiB on the "
+                 f"device and {(w.get('host_budget_bytes') or 0) / 2**20:.0f} MiB in host memory of "
+                 f"{(w.get('total_expert_bytes') or 0) / 2**20:.0f} MiB")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)

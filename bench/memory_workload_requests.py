@@ -1,9 +1,12 @@
-"""The memory-limited benchmark's request stream: stations sending component images with a Zipf-like category mix.
+"""The memory-limited benchmark's request streams: stations sending component images with a Zipf-like category mix,
+one component per request (`make_requests`) or a board of many per request (`make_boards`, CoServe's tasks).
 
 Pure code, no torch. `make_requests` draws each request's category from a Zipf law over the spec's categories
 ranked by their spec probability, and gives it the category's table experts as its first calls (the dependent
-calls follow at run time from the experts' outputs and `spec.dependencies`). The stream is a prefix stream: the
-first n requests of a longer stream are the stream of n requests. `request_images` makes a request's image
+calls follow at run time from the experts' outputs and `spec.dependencies`). `make_boards` draws every component of
+a board the same way: a board spans many categories and chains, so a device holding few experts must choose what to
+group across the boards of several stations. Each stream is a prefix stream: the first n requests of a longer stream
+are the stream of n requests. `request_images` makes a request's image
 deterministically from its image_seed: a smooth random pattern (sinusoids and blobs per channel, a little noise),
 not white noise, so the seeded models' outputs vary from image to image.
 """
@@ -24,12 +27,28 @@ _IMAGE_STREAM = 0x494D4753
 
 
 @dataclass(frozen=True)
+class WorkloadComponent:
+    category: str
+    calls: tuple[str, ...]  # the category's experts (the table's first calls; dependents come from spec.dependencies)
+    image_seed: int
+
+
+@dataclass(frozen=True)
 class WorkloadRequest:
     request_id: int
     station: int
     category: str
     calls: tuple[str, ...]  # the category's experts (the table's first calls; dependents come from spec.dependencies)
     image_seed: int
+    components: tuple[WorkloadComponent, ...] = ()  # a board: every component (the fields above are the first's)
+
+    @property
+    def parts(self) -> tuple[WorkloadComponent, ...]:
+        return self.components or (WorkloadComponent(self.category, self.calls, self.image_seed),)
+
+    def part_id(self, k: int) -> str:
+        """The answer key of component k (a single component's is the request id)."""
+        return f"{self.request_id}/{k}" if self.components else str(self.request_id)
 
 
 def image_seed_for(seed: int, request_id: int) -> int:
@@ -66,6 +85,24 @@ def make_requests(spec: CoESpec, num_requests: int, *, seed: int, zipf_s: float 
             for i, r in enumerate(ranks.tolist())]
 
 
+def make_boards(spec: CoESpec, num_boards: int, *, seed: int, components_per_board: int, zipf_s: float = 1.1,
+                num_stations: int = 4) -> list[WorkloadRequest]:
+    """`num_boards` boards of `components_per_board` components each, every component's category drawn as
+    `make_requests` draws a request's (the same Zipf law), board i from station i % num_stations, each component with
+    its own image seed. Deterministic for (spec, seed, zipf_s, components_per_board)."""
+    if components_per_board < 1:
+        raise InvalidArgument(f"components_per_board is {components_per_board}", field="components_per_board",
+                              fix="use 1 or more components per board")
+    flat = make_requests(spec, num_boards * components_per_board, seed=seed, zipf_s=zipf_s, num_stations=1)
+    out = []
+    for i in range(num_boards):
+        parts = tuple(WorkloadComponent(r.category, r.calls, r.image_seed)
+                      for r in flat[i * components_per_board:(i + 1) * components_per_board])
+        out.append(WorkloadRequest(request_id=i, station=i % num_stations, category=parts[0].category,
+                                   calls=parts[0].calls, image_seed=parts[0].image_seed, components=parts))
+    return out
+
+
 def pattern_image(image_seed: int, size_px: int) -> np.ndarray:
     """A smooth random RGB pattern, uint8 [size, size, 3], deterministic for image_seed."""
     rng = np.random.default_rng(image_seed)
@@ -93,5 +130,7 @@ def images_for_seed(spec: CoESpec, image_seed: int) -> dict[int, np.ndarray]:
 
 
 def request_images(spec: CoESpec, request: WorkloadRequest) -> dict[int, np.ndarray]:
-    """{input size: uint8 [1, S, S, 3]} for every input size of the spec; deterministic from request.image_seed."""
-    return images_for_seed(spec, request.image_seed)
+    """{input size: uint8 [N, S, S, 3]} for every input size of the spec, row k component k's image (N = 1 for a
+    single component); deterministic from the image seeds."""
+    per = [images_for_seed(spec, p.image_seed) for p in request.parts]
+    return {size: np.concatenate([x[size] for x in per]) for size in spec.input_sizes_px}

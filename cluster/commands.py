@@ -45,7 +45,8 @@ def cmd_plan(args) -> int:
     problem = joint_problem(demand.coes, demand.costs, nodes, args.rps, usage=usage)
     result = plan(problem, args.method)
     executors = executor_sizing(demand.coes, demand.costs, usage, nodes, args.rps, result,
-                                dedicate_min_busy=args.dedicate_min_busy)
+                                dedicate_min_busy=args.dedicate_min_busy,
+                                components_per_request=args.components_per_request)
     names = " + ".join(c.spec.name for c in demand.coes)
     estimated = sorted(set(demand.keys) - demand.profiled)
     if estimated:
@@ -134,6 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--dedicate-min-busy", type=positive(float), default=DEFAULT_MIN_BUSY, metavar="B",
                     help="an expert whose planned calls keep at least B replicas busy gets its own autoscaled "
                          "deployment instead of a place in its node's pool (default %(default)s)")
+    pl.add_argument("--components-per-request", type=positive(int), default=1, metavar="N",
+                    help="components a request carries (a board: many); the memory model simulates requests of that "
+                         "shape when it sizes each node's pooled hosts (default %(default)s)")
     pl.add_argument("--explain", action="store_true", help="say why each expert sits where it does")
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(func=cmd_plan)

@@ -95,7 +95,7 @@ def next_step(config: ReplanConfig, state: ReplanState, usage: UsageProfile,
 
 def plan_on_inventory(demand: ServedDemand, requests_per_s: float, usage: UsageProfile, cluster: dict,
                       current: Placement, *, host_num_cpus: float = 1.0, torch_threads: int = 1,
-                      dedicate_min_busy: float = DEFAULT_MIN_BUSY) -> Plan:
+                      dedicate_min_busy: float = DEFAULT_MIN_BUSY, components_per_request: int = 1) -> Plan:
     """The placement of every served CoE's experts for `usage` (the joint usage) on the live inventory of a
     `describe()` reading, moving only what it must; with every expert profiled, each node's pooled hosts too
     (`Plan.executors`, by the memory model), else none (the settings' replicas and the node's memory)."""
@@ -104,7 +104,7 @@ def plan_on_inventory(demand: ServedDemand, requests_per_s: float, usage: UsageP
     result = plan(problem)
     if demand.fully_profiled:
         sizing = executor_sizing(demand.coes, demand.costs, usage, nodes, requests_per_s, result, host_num_cpus,
-                                 torch_threads, dedicate_min_busy)
+                                 torch_threads, dedicate_min_busy, components_per_request)
         result.executors = {n: x.to_json() for n, x in sizing.items()}
     return result
 

@@ -173,7 +173,8 @@ def node_memory(node: NodeCapacity, pool_memory_bytes: int, compute_slots: float
 
 def executor_sizing(coes: list[ServedCoE], costs: dict[str, ExpertCost], usage: UsageProfile,
                     nodes: list[NodeCapacity], requests_per_s: float, result: Plan, host_num_cpus: float = 1.0,
-                    torch_threads: int = 1, dedicate_min_busy: float = DEFAULT_MIN_BUSY) -> dict[str, NodePlan]:
+                    torch_threads: int = 1, dedicate_min_busy: float = DEFAULT_MIN_BUSY,
+                    components_per_request: int = 1) -> dict[str, NodePlan]:
     """Per planned node, which experts get a dedicated deployment (`cluster.dedicate`) and its pooled hosts on what is
     left (`cluster.memory_model.plan_node`: executors, each one's device and host budgets, which experts start on the
     device, in host memory or on disk, and the calls/s and switches/s that predicts), from the costs (by key), the calls
@@ -197,7 +198,8 @@ def executor_sizing(coes: list[ServedCoE], costs: dict[str, ExpertCost], usage: 
             edges = {(w.upstream, w.downstream): requests_per_s * w.probability / len(result.replicas[w.upstream])
                      for w in usage.edges if w.upstream in names and w.downstream in names}
             pool = plan_node(parts.pooled, edges, node_memory(node, parts.pool_memory_bytes, parts.pool_compute_slots),
-                             max_replicas=max(1, int(min(max_replicas, parts.pool_compute_slots))))
+                             max_replicas=max(1, int(min(max_replicas, parts.pool_compute_slots))),
+                             components_per_request=components_per_request)
         else:
             pool = NodePlan(0, 0, None, 0, (), (), (), 0.0, 0.0, 0.0, 1.0,
                             "no pool: every expert here has its own deployment")

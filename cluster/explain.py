@@ -52,7 +52,8 @@ def format_plan(plan: Plan, problem: PlacementProblem, *, explain: bool = True, 
                              f"on demand: {', '.join(x.on_demand) or '-'}")
                 lines.append(f"        predicted: {x.predicted_calls_per_s:.0f} calls/s sustained, "
                              f"{x.predicted_switches_per_s:.2f} switches/s at the planned {x.planned_calls_per_s:.1f} "
-                             f"calls/s ({100 * x.hit_share:.0f}% of them to experts starting on the device)"
+                             f"calls/s ({100 * x.hit_share:.0f}% of them to experts starting on the device); arrange "
+                             f"waits at most {x.max_wait_s:g} s"
                              + (f" - {x.reason}" if explain else ""))
             for e, d in sorted(x.dedicated.items()):
                 lines.append(f"      dedicated {e}: {d.min_replicas}-{d.max_replicas} replica(s), "

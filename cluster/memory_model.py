@@ -13,9 +13,12 @@ loads).
 
 For every executor count from 1 up to the node's compute slots (more executors run batches on more cores at once but
 each holds a smaller share of the memory, so more calls wait for switches), two seeded simulations of requests drawn
-from the node's calls: closed loop (enough stations to keep the node busy) gives the calls/s the node sustains, open
-loop at the planned rate the switches/s it will make there. The fewest executors that sustain `headroom` x the
-planned calls win, else the fastest. A node whose memory holds every expert it is given predicts no switch at all;
+from the node's calls (one component each, or boards of `components_per_request` whose calls run in waves): closed
+loop (enough stations to keep the node busy) gives the calls/s the node sustains, open loop at the planned rate the
+switches/s it will make there. The fewest executors that sustain `headroom` x the planned calls win, else the
+fastest; then arrange's wait bound (`max_wait_s`: how long a call may wait for its expert's group while resident
+experts run first) is chosen among `WAITS_S` the same way - a longer wait groups more calls per switch, a shorter one
+keeps a board's waves moving. A node whose memory holds every expert it is given predicts no switch at all;
 a node that holds few still gets a plan - slower, never refused. What cannot be served at all is an expert larger
 than an executor's device budget (with a batch's activations beside it), and `plan_node` never picks such a count.
 """
@@ -35,7 +38,8 @@ from expertmesh.experts.tiering import warm_plan
 if TYPE_CHECKING:
     from expertmesh.cluster.dedicate import Dedication
 
-CLOSED_LOOP_STATIONS = 16  # enough requests in flight that arrange can group calls, as a busy node's queue does
+CLOSED_LOOP_STATIONS = 16  # components in flight that keep a node busy enough for arrange to group calls
+WAITS_S = (0.05, 0.1, 0.2, 0.5)  # arrange's wait bounds tried (the pooled host's pool_max_wait_s; default 0.5)
 NUM_REQUESTS = 300  # per simulation: a few hundred calls settle the switch rate and keep a plan under a second
 MAX_WAIT_MS = 500.0  # the pooled host's pool_max_wait_s default
 SEED = 0
@@ -69,6 +73,7 @@ class NodePlan:
     reason: str
     options: tuple[dict, ...] = field(default=())  # every executor count tried: its prediction
     dedicated: dict[str, Dedication] = field(default_factory=dict)  # the node's hot experts (`cluster.dedicate`)
+    max_wait_s: float = MAX_WAIT_MS / 1000.0  # arrange's wait bound for this node's pools
 
     def to_json(self) -> dict:
         return {"num_replicas": self.num_replicas, "device_budget_bytes": self.device_budget_bytes,
@@ -77,6 +82,7 @@ class NodePlan:
                 "predicted_calls_per_s": round(self.predicted_calls_per_s, 3),
                 "predicted_switches_per_s": round(self.predicted_switches_per_s, 4),
                 "planned_calls_per_s": round(self.planned_calls_per_s, 3), "hit_share": round(self.hit_share, 4),
+                "max_wait_s": self.max_wait_s,
                 "reason": self.reason, "options": list(self.options),
                 "dedicated": {e: d.to_json() for e, d in sorted(self.dedicated.items())}}
 
@@ -100,10 +106,22 @@ def sim_experts(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], f
 
 
 def node_requests(experts: Mapping[str, SimExpert], entry_per_s: Mapping[str, float], num_requests: int,
-                  rate_per_s: float | None, seed: int = SEED) -> list[SimRequest]:
+                  rate_per_s: float | None, seed: int = SEED, components_per_request: int = 1) -> list[SimRequest]:
     """Seeded requests of the node's calls: the first call drawn by each expert's entry rate (its calls not made by an
     upstream on this node), each output triggering its downstream experts with the edges' probabilities (wave by
-    wave); open loop at `rate_per_s` (exponential gaps), or arrival 0 for a closed loop (None)."""
+    wave); open loop at `rate_per_s` requests/s (exponential gaps), or arrival 0 for a closed loop (None); with
+    `components_per_request` > 1, boards of that many such components."""
+    if components_per_request > 1:
+        parts = node_requests(experts, entry_per_s, num_requests * components_per_request, None, seed)
+        rng, out, t = random.Random(seed + 7), [], 0.0
+        for i in range(num_requests):
+            board = parts[i * components_per_request:(i + 1) * components_per_request]
+            if rate_per_s:
+                t += rng.expovariate(rate_per_s)
+            out.append(SimRequest.board(t, tuple(p.chain for p in board),
+                                        branches=tuple((k, st, e) for k, p in enumerate(board)
+                                                       for _, st, e in p.branches)))
+        return out
     rng = random.Random(seed)
     names = sorted(n for n, w in entry_per_s.items() if w > 0)
     weights = [entry_per_s[n] for n in names]
@@ -132,12 +150,18 @@ def entry_rates(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], f
             for e in experts}
 
 
-def _config(node: NodeMemory, replicas: int, reserve: int, *, stations: int | None) -> SimConfig:
+def _config(node: NodeMemory, replicas: int, reserve: int, *, stations: int | None,
+            max_wait_ms: float = MAX_WAIT_MS) -> SimConfig:
     return SimConfig(device_budget_bytes=node.device_bytes, host_budget_bytes=node.host_bytes,
                      num_parallel_executors=replicas, activation_reserve_bytes=reserve,
                      compute_slots=max(1, min(replicas, int(node.compute_slots))),
                      loads_use_compute=node.loads_use_compute, host_to_device_bytes_per_s=1e9, disk_bytes_per_s=2e8,
-                     max_wait_ms=MAX_WAIT_MS, warm_start=True, closed_loop_stations=stations)
+                     max_wait_ms=max_wait_ms, warm_start=True, closed_loop_stations=stations)
+
+
+def stations_for(components_per_request: int) -> int:
+    """Closed-loop stations that keep about CLOSED_LOOP_STATIONS components in flight (at least 4 requests)."""
+    return max(4, CLOSED_LOOP_STATIONS // max(1, components_per_request))
 
 
 def _policy(replicas: int):
@@ -146,11 +170,13 @@ def _policy(replicas: int):
 
 
 def predict(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], float], node: NodeMemory,
-            replicas: int) -> tuple[SimResult, SimResult | None, SimConfig] | None:
+            replicas: int, *, max_wait_s: float = MAX_WAIT_MS / 1000.0,
+            components_per_request: int = 1) -> tuple[SimResult, SimResult | None, SimConfig] | None:
     """(closed-loop result, open-loop result at the planned rate or None without traffic, the config) with
     `replicas` executors; None when an executor could not hold the largest expert beside a batch's activations."""
     reserve = max((e.activation_bytes for e in experts), default=0)
-    config = _config(node, replicas, reserve, stations=CLOSED_LOOP_STATIONS)
+    config = _config(node, replicas, reserve, stations=stations_for(components_per_request),
+                     max_wait_ms=1000.0 * max_wait_s)
     if config.pool_budget_bytes(replicas) < max((e.weights_bytes for e in experts), default=0):
         return None
     sims = sim_experts(experts, edges)
@@ -158,32 +184,40 @@ def predict(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], float
     if not any(w > 0 for w in entry.values()):
         entry = {e.name: 1.0 for e in experts}  # no traffic planned: every expert alike
     policy = _policy(replicas)
-    closed = simulate(sims, node_requests(sims, entry, NUM_REQUESTS, None), config, policy)
+    n = max(8, NUM_REQUESTS // components_per_request)
+    closed = simulate(sims, node_requests(sims, entry, n, None, components_per_request=components_per_request),
+                      config, policy)
     opened = None
-    if sum(e.calls_per_s for e in experts) > 0:  # requests/s to the node: one entry call each
-        requests = node_requests(sims, entry, NUM_REQUESTS, sum(entry.values()), seed=SEED + 1)
+    if sum(e.calls_per_s for e in experts) > 0:  # requests/s to the node: one entry call per component
+        rate = sum(entry.values()) / components_per_request
+        requests = node_requests(sims, entry, n, rate, seed=SEED + 1, components_per_request=components_per_request)
         opened = simulate(sims, requests, config.model_copy(update={"closed_loop_stations": None}), policy)
     return closed, opened, config
 
 
+def _rate(result: SimResult) -> float:
+    return result.num_calls / (result.makespan_ms / 1000.0) if result.makespan_ms > 0 else float("inf")
+
+
 def plan_node(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], float], node: NodeMemory, *,
-              max_replicas: int = 4, headroom: float = 2.0) -> NodePlan:
+              max_replicas: int = 4, headroom: float = 2.0, components_per_request: int = 1,
+              waits_s: Sequence[float] = WAITS_S) -> NodePlan:
     """The node's pooled hosts (see the module doc): `experts` with their planned calls/s, `edges` (upstream,
-    downstream) -> calls/s between them."""
+    downstream) -> calls/s between them, requests of `components_per_request` components (a board: more)."""
     planned = sum(e.calls_per_s for e in experts)
     reserve = max((e.activation_bytes for e in experts), default=0)
     sizes = {e.name: max(1, e.weights_bytes) for e in experts}
     usage = {e.name: e.calls_per_s for e in experts}
+    shape = {"components_per_request": components_per_request}
     options: list[tuple[int, float, float, SimConfig]] = []
     limit = max(1, min(max_replicas, int(node.compute_slots) if node.compute_slots >= 1 else 1))
     for r in range(1, limit + 1):
-        got = predict(experts, edges, node, r)
+        got = predict(experts, edges, node, r, **shape)
         if got is None:
             break  # more replicas only make each one's share smaller
         closed, opened, config = got
-        rate = closed.num_calls / (closed.makespan_ms / 1000.0) if closed.makespan_ms > 0 else float("inf")
         per_call = (opened.switches / opened.num_calls) if opened and opened.num_calls else 0.0
-        options.append((r, rate, per_call * planned, config))
+        options.append((r, _rate(closed), per_call * planned, config))
     if not options:
         largest = max(experts, key=lambda e: e.weights_bytes)
         return NodePlan(1, max(0, node.device_bytes - reserve), node.host_bytes, reserve, (), (),
@@ -193,6 +227,14 @@ def plan_node(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], flo
     enough = [o for o in options if o[1] >= headroom * planned]
     best = max(o[1] for o in options)
     r, rate, switches, config = enough[0] if enough else next(o for o in options if o[1] >= 0.98 * best)
+    waits = {config.max_wait_ms / 1000.0: (rate, switches)}
+    for wait in waits_s:
+        if wait not in waits:
+            closed, opened, _ = predict(experts, edges, node, r, max_wait_s=wait, **shape)
+            per_call = (opened.switches / opened.num_calls) if opened and opened.num_calls else 0.0
+            waits[wait] = (_rate(closed), per_call * planned)
+    wait = max(sorted(waits, reverse=True), key=lambda w: waits[w][0] * (1.0 + 1e-9 * w))  # ties: the longer wait
+    rate, switches = waits[wait]
     device = config.pool_budget_bytes(r)
     host = config.pool_host_budget_bytes(r)
     warm = warm_plan(list(sizes), sizes, usage, device_budget_bytes=device, host_budget_bytes=host)
@@ -201,7 +243,10 @@ def plan_node(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], flo
     hit = sum(usage[e] for e in resident) / planned if planned > 0 else 1.0
     tried = ", ".join(f"{n}: {c:.0f} calls/s, {s:.2f} switches/s" for n, c, s, _ in options)
     why = (f"{'the fewest that sustain' if enough else 'none sustains, so the fastest for'} {headroom * planned:.1f} "
-           f"calls/s ({headroom:g}x the planned {planned:.1f}); predicted by executors (simulated): {tried}")
+           f"calls/s ({headroom:g}x the planned {planned:.1f}); predicted by executors (simulated): {tried}; arrange "
+           f"waits at most {wait:g} s (" + ", ".join(f"{w:g} s: {c:.0f} calls/s" for w, (c, _) in sorted(waits.items()))
+           + ")")
     return NodePlan(r, device, host, reserve, resident, host_only, tuple(warm.on_demand(list(sizes))), rate, switches,
                     planned, hit, why, tuple({"num_replicas": n, "predicted_calls_per_s": round(c, 3),
-                                              "predicted_switches_per_s": round(s, 4)} for n, c, s, _ in options))
+                                              "predicted_switches_per_s": round(s, 4)} for n, c, s, _ in options),
+                    max_wait_s=wait)

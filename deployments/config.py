@@ -117,6 +117,9 @@ class ServeSettings(BaseModel):
     placement_poll_s: float = Field(5.0, gt=0, le=600, description="how often the in-cluster controller reads the nodes")
     placement_requests_per_s: float = Field(20.0, gt=0, description="the request rate the in-cluster controller "
                                                                     "plans for")
+    placement_components_per_request: int = Field(
+        1, ge=1, description="components a request carries (boards: many): the shape of the requests the placement "
+                             "controllers' memory model simulates when it sizes each node's pooled hosts")
     dedicate_min_busy: float = Field(
         0.5, gt=0, description="the in-cluster controller gives an expert its own autoscaled deployment when its "
                                "planned calls keep this many replicas busy (cluster.dedicate); the rest share pools")
@@ -183,6 +186,8 @@ class ExecutorPlan(BaseModel):
                                                                   "the node offers")
     resident: list[str] = Field(default_factory=list, description="experts the pool starts with on the device")
     host: list[str] = Field(default_factory=list, description="experts the pool starts with in host memory only")
+    max_wait_s: float | None = Field(None, gt=0, le=60, description="arrange's wait bound the plan chose; none: the "
+                                                                    "settings' pool_max_wait_s")
     dedicated: dict[str, DedicatedPlan] = Field(default_factory=dict, description="expert -> its own deployment here")
 
 
@@ -313,6 +318,8 @@ def sized(options: dict[str, Any], min_replicas: int, max_replicas: int, device_
         if plan.host_budget_bytes is not None:
             user_config["host_budget_bytes"] = plan.host_budget_bytes
         user_config["warm"] = {"device": list(plan.resident), "host": list(plan.host)}
+        if plan.max_wait_s is not None:
+            user_config["max_wait_s"] = plan.max_wait_s
     return {**options, "autoscaling_config": scaling, "user_config": user_config}
 
 

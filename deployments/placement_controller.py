@@ -108,7 +108,8 @@ class PlacementControllerDeployment:
 
         def planner(u: UsageProfile, cluster: dict, current: dict[str, list[str]]) -> Plan:
             result = plan_on_inventory(demand, rps, u, cluster, current, host_num_cpus=s.host_num_cpus,
-                                       torch_threads=s.torch_threads, dedicate_min_busy=s.dedicate_min_busy)
+                                       torch_threads=s.torch_threads, dedicate_min_busy=s.dedicate_min_busy,
+                                 components_per_request=s.placement_components_per_request)
             if not measured:
                 result.executors = {}  # costs estimated from checkpoints: no sizing (the settings' replicas)
             return result

@@ -112,7 +112,8 @@ def _start_controller(args: argparse.Namespace, spec: CoESpec, app: AppArgs) -> 
 
     def planner(usage, cluster, current):
         return plan_on_inventory(demand, args.plan_rps, usage, cluster, current, host_num_cpus=s.host_num_cpus,
-                                 torch_threads=s.torch_threads, dedicate_min_busy=s.dedicate_min_busy)
+                                 torch_threads=s.torch_threads, dedicate_min_busy=s.dedicate_min_busy,
+                                 components_per_request=s.placement_components_per_request)
 
     def apply(placement: dict[str, list[str]], executors: dict[str, dict]) -> None:
         runner.redeploy(AppArgs.model_validate({**app.model_dump(), "placement": placement,

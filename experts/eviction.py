@@ -5,7 +5,10 @@ drop, given a snapshot of what is resident (bytes, last use, load time, queued o
 and the dependency graph (each expert's upstream experts). The CoServe policy evicts in two stages:
 1. downstream experts none of whose upstream experts is resident, largest first - nothing resident can trigger them
    soon, and the largest frees the most with one eviction;
-2. then the lowest usage probability first (ties: least recently used).
+2. then the lowest usage probability per byte first (ties: least recently used). CoServe ranks by usage alone; with
+   experts two orders of magnitude apart in size (tiny component experts, ResNet-18-class detectors) that evicts
+   dozens of small experts - each a later switch - to free the room of one large one, so ExpertMesh ranks by what an
+   eviction costs per byte it frees (the knapsack's greedy order).
 An expert with queued or running work, or one the caller protects (the experts of the batch being made room for),
 is never chosen. LRU (least recently used first) and FIFO (first loaded first) stay selectable as baselines.
 The decision is the list of evictions, each with its reason (the metric label), or None when even every evictable
@@ -53,7 +56,8 @@ def _coserve_order(candidates: list[ResidentExpert], resident: set[str],
                    upstreams: Mapping[str, Collection[str]]) -> list[tuple[ResidentExpert, EvictionReason]]:
     orphaned = [e for e in candidates if upstreams.get(e.name) and not set(upstreams[e.name]) & resident]
     first = sorted(orphaned, key=lambda e: (-e.num_bytes, e.last_used_s, e.name))
-    rest = sorted((e for e in candidates if e not in orphaned), key=lambda e: (e.usage, e.last_used_s, e.name))
+    rest = sorted((e for e in candidates if e not in orphaned),
+                  key=lambda e: (e.usage / max(e.num_bytes, 1), e.last_used_s, e.name))
     return ([(e, EvictionReason.ORPHANED_DOWNSTREAM) for e in first]
             + [(e, EvictionReason.LOW_USAGE) for e in rest])
 

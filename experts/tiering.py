@@ -9,8 +9,8 @@ copy of the weights, inclusive: an expert on the device keeps its host copy whil
   cannot make room (a single expert larger than the budget: the caller reports it);
 - whether the incoming expert's weights, read from disk, are kept in host memory: yes when the host budget holds
   them after dropping host copies of experts that are not on the device - under the CoServe policy the least likely
-  to be used first (the usage probability; ties: least recently used), so the host tier keeps the experts a request
-  is likely to need; under the LRU and FIFO baselines the least recently used first.
+  to be used per byte first (the usage probability over the bytes; ties: least recently used), so the host tier keeps
+  the experts a request is likely to need; under the LRU and FIFO baselines the least recently used first.
 An expert leaving the device keeps its host copy when it has one (it is already counted in the host budget), else
 goes to disk. A budget of None is unlimited.
 """
@@ -92,7 +92,7 @@ def _host_drops(policy: EvictionPolicy, snap: PoolSnapshot, expert: str, num_byt
     on_device = {e.name for e in snap.device} - leaving
     drops: list[str] = []
     if policy is EvictionPolicy.COSERVE:
-        order = sorted(snap.host, key=lambda h: (h.usage, h.last_used_s, h.name))
+        order = sorted(snap.host, key=lambda h: (h.usage / max(h.num_bytes, 1), h.last_used_s, h.name))
     else:
         order = sorted(snap.host, key=lambda h: (h.last_used_s, h.name))
     for copy in order:
@@ -134,18 +134,19 @@ class WarmPlan:
 def warm_plan(experts: Sequence[str], sizes: Mapping[str, int], usage: Mapping[str, float], *,
               device_budget_bytes: int | None, host_budget_bytes: int | None,
               on_device: Collection[str] = (), in_host: Collection[str] = ()) -> WarmPlan:
-    """The pool's warm-up: the most used experts onto the device while the device budget holds them; then host-memory
-    copies while the host budget holds them - first of the experts left off the device (most used first: each one
-    there turns a disk read into a copy), then of the device's own (most used first: each one there makes its
-    eviction free). The rest stay on disk. What the pool holds already counts against the budgets and stays. One rule
-    for the pooled host's `warm`, the simulator's warm start and the planner's per-node tiers."""
+    """The pool's warm-up: the most used experts per byte onto the device while the device budget holds them (the
+    knapsack's greedy order: the most calls that start without a switch); then host-memory copies while the host
+    budget holds them - first of the experts left off the device (each one there turns a disk read into a copy), then
+    of the device's own (each one there makes its eviction free), most used per byte first. The rest stay on disk.
+    What the pool holds already counts against the budgets and stays. One rule for the pooled host's `warm`, the
+    simulator's warm start and the planner's per-node tiers."""
     device, host = set(on_device), set(in_host)
     device_used = sum(sizes[e] for e in device)
     host_used = sum(sizes[e] for e in host)
 
     def fits(budget: int | None, used: int, e: str) -> bool:
         return budget is None or used + sizes[e] <= budget
-    ranked = sorted(experts, key=lambda e: (-usage.get(e, 0.0), e))
+    ranked = sorted(experts, key=lambda e: (-usage.get(e, 0.0) / max(sizes[e], 1), e))
     for e in ranked:
         if e not in device and fits(device_budget_bytes, device_used, e):
             device.add(e)
