@@ -184,7 +184,7 @@ def predict(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], float
     if not any(w > 0 for w in entry.values()):
         entry = {e.name: 1.0 for e in experts}  # no traffic planned: every expert alike
     policy = _policy(replicas)
-    n = max(8, NUM_REQUESTS // components_per_request)
+    n = max(24, NUM_REQUESTS // components_per_request)  # boards: enough of them that their waves settle
     closed = simulate(sims, node_requests(sims, entry, n, None, components_per_request=components_per_request),
                       config, policy)
     opened = None
