@@ -252,12 +252,14 @@ def throughput(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------- node loss
 def node_loss_range(results: dict) -> str:
-    """Seconds from the node's loss until the re-planned placement was running."""
-    return f"{num(results['node_loss']['data']['replan']['running_after_s'], 1)} s"
+    """Seconds from the node's loss until the re-planned placement was running: make run's cluster, the short one."""
+    c = results["node_loss"]["data"]["clusters"]
+    return (f"{num(c['make_run']['replan']['running_after_s'], 1)} s (memory short after the loss: "
+            f"{num(c['memory_short']['replan']['running_after_s'], 1)} s)")
 
 
 def node_loss_colocation(results: dict) -> str:
-    c = results["node_loss"]["data"]["colocation"]
+    c = results["node_loss"]["data"]["clusters"]["make_run"]["colocation"]
     return f"{c['one_node']} of {c['inspections']} inspections ({c['requests']} requests)"
 
 
@@ -280,9 +282,8 @@ def _node_loss_before(before: dict | None) -> str:
                else f"ended in an error ({', '.join(f'{k} {v}' for k, v in sorted(st['errors_by_code'].items()))})."))
 
 
-def node_loss(results: dict) -> str:
-    d = results["node_loss"]["data"]
-    r, st, co, rec = d["replan"], d["station"], d["colocation"], d["recovery"]
+def _node_loss_one(d: dict) -> str:
+    r, st, rec = d["replan"], d["station"], d["recovery"]
     codes = st["codes"]
     errors = {k: v for k, v in codes.items() if k != "OK"}
     ended = (f"all ended: {codes.get('OK', 0)} answered, "
@@ -290,28 +291,39 @@ def node_loss(results: dict) -> str:
     if rec:
         slowest = sorted(e for e, s in rec["by_expert_s"].items() if num(s, 1) == num(rec["max_s"], 1))
         recovered = (f"every lost expert a request needed answered again within {num(rec['max_s'], 1)} s of the loss "
-                     f"(to each expert's first OK answer to a request sent after the loss: {len(rec['by_expert_s'])} "
-                     f"experts, {span(min(rec['by_expert_s'].values()), rec['max_s'], 1)} s, {and_list(slowest)} the "
-                     f"last)")
+                     f"({len(rec['by_expert_s'])} experts, {span(min(rec['by_expert_s'].values()), rec['max_s'], 1)} s, "
+                     f"{and_list(slowest)} the last)")
     else:
         recovered = "no request sent after the loss needed one of the lost experts"
     moved_to = sorted({n for ns in d["moved_to"].values() for n in ns} - {d["victim"]})
     moved = (f"moves {len(d['moved'])} experts ({', '.join(_short(e) for e in d['moved'])}) onto the "
              f"host{'s' * (len(moved_to) > 1)} on {and_list(moved_to)} and nothing else" if d["moved"] else "moves nothing")
+    off = (f"; memory is short on the survivors, so {and_list([_short(e) for e in d['off_the_device']])} start off the "
+           "device (in host memory or on disk)" if d.get("off_the_device") else "")
+    return (f"{recovered}; the controller began re-planning {num(max(0.0, r['began_s']), 1)} s after the loss and "
+            f"planned in {num(r['plan_s'], 1)} s; the new placement {moved}{off}, cut {d['cut_after']} of "
+            f"{d['total_weight']} calls/s, and was running {num(r['running_after_s'], 1)} s after the loss "
+            f"({num(r['plan_apply_s'], 1)} s to plan and apply). The station's {st['num_sent']} requests {ended}; "
+            f"{d['requests_past_30_s']} took longer than 30 s (the issue's deadline).")
+
+
+def node_loss(results: dict) -> str:
+    c = results["node_loss"]["data"]["clusters"]
+    run, short = c["make_run"], c["memory_short"]
+    co = run["colocation"]
     return "\n" + wrap(
         f"Measured on this 2-core machine (`tests/test_local_cluster.py::test_a_plan_puts_replicas_on_the_planned_nodes`, "
         f"or by hand: `expertmesh up --nodes 3 --node-memory-gb 0.06`, `expertmesh plan --json plan.json`, `expertmesh "
-        f"serve --address local --plan plan.json --replan`, a station at {num(st['rate_per_s'], 0)} requests/s for "
-        f"{num(st['duration_s'], 0)} s, then `expertmesh node remove {d['victim']}`). A lost node's experts are answered "
-        f"from a surviving expert host as soon as the router sees the node gone: the host loads them into its running "
-        f"process (no new process, no new replica), and {recovered}. The controller began re-planning "
-        f"{num(r['began_s'], 1)} s after the loss and planned in {num(r['plan_s'], 1)} s; the new placement {moved}, cut "
-        f"{d['cut_after']} of {d['total_weight']} calls/s, and was running {num(r['running_after_s'], 1)} s after the "
-        f"loss ({num(r['plan_apply_s'], 1)} s to plan and apply): the re-plan only reconfigures the running hosts, the "
-        f"router and the ingress through `user_config` (the same replica actors before and after). The station's "
-        f"{st['num_sent']} requests {ended}; {d['requests_past_30_s']} took longer than 30 s (the issue's "
-        f"deadline). Before the loss, {co['one_node']} of {co['inspections']} inspections ({co['requests']} requests) ran "
-        f"all their expert calls on one node (the plan cuts {co['plan_cut']}).{_node_loss_before(d.get('before_pooled_hosts'))}"
+        f"serve --address local --plan plan.json --replan`, a station at {num(run['station']['rate_per_s'], 0)} "
+        f"requests/s for {num(run['station']['duration_s'], 0)} s, then `expertmesh node remove {run['victim']}`). A "
+        f"lost node's experts are answered from a surviving expert host as soon as the router sees the node gone: the "
+        f"host loads them into its running process, and the re-plan only reconfigures the running hosts, the router and "
+        f"the ingress through `user_config` (the same replica actors before and after). On `make run`'s cluster (3 x "
+        f"0.06 GiB): {_node_loss_one(run)} Before the loss, {co['one_node']} of {co['inspections']} inspections "
+        f"({co['requests']} requests) ran all their expert calls on one node (the plan cuts {co['plan_cut']}). On a "
+        f"cluster whose memory cannot hold every expert once a node is gone (3 x {num(short['node_memory_gb'] * 1024, 1)} "
+        f"MiB, the profile at a batch of {short['profile_max_batch']}; the planner used to refuse such a re-plan at every "
+        f"poll): {_node_loss_one(short)}{_node_loss_before(c.get('before_pooled_hosts') or results['node_loss']['data'].get('before_pooled_hosts'))}"
         f" ({source_note('node_loss', results)}).") + "\n"
 
 

@@ -134,8 +134,9 @@ def node_loss_test(text: str) -> dict:
     co = _search(r"co-location: (\d+)/(\d+) inspections of (\d+) requests ran their plan on one node \(plan cut (\S+)\)",
                  text, "co-location line")
     applied = _search(r"\[placement\] re-planned and applied in ([\d.]+) s \((.*?); planned in ([\d.]+) s\): moved (.*?); "
-                      r"cut (\S+) of (\S+) calls/s; (.*)", text, "'[placement] re-planned and applied' log line")
-    loss = _search(r"node (\S+) removed: re-planning began ([\d.]+) s after, the new placement was running ([\d.]+) s "
+                      r"(?:memory short, off the device: (.*?); )?cut (\S+) of (\S+) calls/s; (.*)", text,
+                      "'[placement] re-planned and applied' log line")
+    loss = _search(r"node (\S+) removed: re-planning began (-?[\d.]+) s after, the new placement was running ([\d.]+) s "
                    r"after \(([\d.]+) s to plan and apply, ([\d.]+) s to plan\)", text, "node-loss timing line")
     recovered = re.search(r"lost experts answering again after ([\d.]+) s: (.*)", text)
     past = _search(r"requests past 30 s \(the station's deadline in the issue\): (\d+)", text, "'requests past 30 s' line")
@@ -146,8 +147,9 @@ def node_loss_test(text: str) -> dict:
         codes = None
     if not isinstance(codes, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in codes.items()):
         raise FigureParseError(f"the station's codes are not a dict of code -> count: {st[2]!r}")
-    placement = _placement(applied[7])
+    placement = _placement(applied[8])
     moved = [] if applied[4] == "nothing" else applied[4].split(", ")
+    offloaded = applied[5].split(", ") if applied[5] else []
     by_expert = ({e: float(s) for e, s in (part.rsplit(" ", 1) for part in recovered[2].removesuffix(" s").split(" s, "))}
                  if recovered else {})
     return {
@@ -155,8 +157,8 @@ def node_loss_test(text: str) -> dict:
         "colocation": {"one_node": int(co[1]), "inspections": int(co[2]), "requests": int(co[3]), "plan_cut": co[4]},
         "replan": {"reason": applied[2], "began_s": float(loss[2]), "running_after_s": float(loss[3]),
                    "plan_apply_s": float(loss[4]), "plan_s": float(loss[5])},
-        "moved": moved, "moved_to": {e: placement.get(e, []) for e in moved},
-        "cut_after": applied[5], "total_weight": applied[6], "placement_after": placement,
+        "moved": moved, "moved_to": {e: placement.get(e, []) for e in moved}, "off_the_device": offloaded,
+        "cut_after": applied[6], "total_weight": applied[7], "placement_after": placement,
         "recovery": {"max_s": float(recovered[1]), "by_expert_s": by_expert} if recovered else None,
         "requests_past_30_s": int(past[1]),
         "station": {"num_sent": int(st[1]), "codes": codes},

@@ -168,6 +168,10 @@ def refresh_make_run() -> None:
 
 NODE_LOSS_TEST = "tests/test_local_cluster.py::test_a_plan_puts_replicas_on_the_planned_nodes"
 NODE_LOSS_COMMAND = f"python -m pytest -s {NODE_LOSS_TEST}"
+# the test's clusters (CLUSTERS in tests/test_local_cluster.py): make run's own, and one whose memory is short after
+# the loss; each is a test id of its own
+NODE_LOSS_CLUSTERS = {"make_run": {"node_memory_gb": 0.06, "profile_max_batch": None},
+                      "memory_short": {"node_memory_gb": 0.005, "profile_max_batch": 2}}
 # the test's station under the loss (station_outcomes in tests/test_local_cluster.py): not printed, so stated here
 NODE_LOSS_STATION = {"rate_per_s": 4, "duration_s": 45, "board_every": 10, "client_timeout_s": 90}
 
@@ -189,22 +193,30 @@ def _before_pooled_hosts(old: dict) -> dict | None:
 
 
 def refresh_node_loss(from_log: Path | None = None, commit: str | None = None) -> None:
-    """Run the 3-node test (or read a saved `pytest -s` log of it) and record what it printed about the node loss."""
-    if from_log is None:
-        text, _ = run([PYTHON, "-m", "pytest", "-s", "-p", "no:cacheprovider", NODE_LOSS_TEST])
-    else:
-        text = from_log.read_text()
-    summary = parse.pytest_summary(text)
-    if summary["counts"].get("passed", 0) < 1 or summary["counts"].get("failed", 0) or summary["counts"].get("errors", 0):
-        raise SystemExit(f"figures: the node-loss test did not pass ({summary['summary']}); nothing written for "
-                         "node_loss")
-    f = parse.node_loss_test(text)
+    """Run the 3-node test on each of its clusters (or read a saved `pytest -s` log of both) and record what it printed
+    about the node loss."""
+    texts = {}
+    for cluster in NODE_LOSS_CLUSTERS:
+        if from_log is None:
+            texts[cluster], _ = run([PYTHON, "-m", "pytest", "-s", "-p", "no:cacheprovider",
+                                     f"{NODE_LOSS_TEST}[{cluster}]"])
+        else:
+            parts = from_log.read_text().split(f"[{cluster}]")
+            texts[cluster] = parts[1] if len(parts) > 1 else ""
+        summary = parse.pytest_summary(texts[cluster])
+        if summary["counts"].get("passed", 0) < 1 or summary["counts"].get("failed", 0) or summary["counts"].get("errors", 0):
+            raise SystemExit(f"figures: the node-loss test [{cluster}] did not pass ({summary['summary']}); nothing "
+                             "written for node_loss")
     old = blocks.load_results(ROOT).get("node_loss", {})
-    data = {**f, "station": {**NODE_LOSS_STATION, **f["station"]}, "before_pooled_hosts": _before_pooled_hosts(old)}
-    note = ("station: the test's station_outcomes (4 requests/s for 45 s, every 10th a board, a 90 s client deadline); "
-            "recovery: per lost expert, seconds from the loss to the first OK answer of a request sent after it that "
-            "used the expert (null when none did); before_pooled_hosts: the per-expert deployments' figures, carried "
-            "over from the previous file")
+    clusters = {c: {**NODE_LOSS_CLUSTERS[c], **(f := parse.node_loss_test(t)), "station": {**NODE_LOSS_STATION,
+                                                                                         **f["station"]}}
+                for c, t in texts.items()}
+    data = {"clusters": clusters, "before_pooled_hosts": _before_pooled_hosts(old)}
+    note = ("per cluster (make_run: 3 x 0.06 GiB, the profile as make run takes it; memory_short: 3 x 0.005 GiB with a "
+            "batch of 2, so two nodes cannot hold every expert): station: the test's station_outcomes (4 requests/s for "
+            "45 s, every 10th a board, a 90 s client deadline); recovery: per lost expert, seconds from the loss to the "
+            "first OK answer of a request sent after it that used the expert (null when none did); "
+            "before_pooled_hosts: the per-expert deployments' figures, carried over from the previous file")
     measured = None
     if from_log is not None:
         sha = git("rev-parse", "--verify", f"{commit or 'HEAD'}^{{commit}}")

@@ -1,28 +1,31 @@
-"""The simulator against the memory benchmark: fed this machine's profile and the benchmark's own workload, does it
-predict the measured closed-loop throughput and switches of each system? (`expertmesh bench simulate --check`)
+"""The simulator against the memory benchmark: fed this machine's profile and the benchmark's own workloads, does it
+predict the measured closed-loop throughput and switches of every system, the Serve multiplexing baselines included?
+(`expertmesh bench simulate --check`)
 
 Inputs, all from the machine and the run being predicted:
-- the experts' costs from a profile of the benchmark's CoE on this machine (`expertmesh profile --spec <its spec>`):
+- the experts' costs from the profile of the benchmark's CoE on this machine (the one the benchmark planned with):
   K and B, the best batch, bytes, the measured host -> device and disk -> device load times
-  (`simulate_profile.experts_from_profile`);
-- the requests the benchmark's closed loop sent (the same seed, order and stations), each as the chain of expert calls
-  it really makes: the CoE is run offline on each request's image (`experts.offline`-style waves), so the triggered
-  dependent calls are the ones serving made (every system gives the same answers);
-- the benchmark's budgets, stations, warm-up and arrange wait bound; one executor, as the benchmark's one host
-  replica; closed loop (`SimConfig.closed_loop_stations`): each station sends its next request when its last one
-  was answered, after the warm-up requests ran to their end (the counters start after them, as the benchmark's).
+  (`simulate_profile.experts_from_profile`); for the earlier multiplexing baseline also what its load function adds
+  (`from_pretrained` building the model, timed here per size class) and its eviction's garbage collection (the
+  profile's device -> disk move);
+- each workload's requests the closed loop sent (the same seeds, order and stations), each component as the calls it
+  really makes, wave by wave: the CoE is run offline on each component's image, so the triggered dependent calls are
+  the ones serving made (every system gives the same answers);
+- each system's configuration as the run recorded it: the memory model's executors, budgets, tiers and wait bound,
+  the ablation's policies, assign or Serve's power of two for two executors, the multiplexing configuration (its
+  deployments, K, batch size, host cache, loader), the pinned core (one compute slot; a CPU load takes it).
 
-One number is fitted, on one row only. The profile times the model alone; a replica also spends time on every
-call outside it (Serve's request handling, deserialising the images, the event loop), serially with compute on its
-one CPU. That per-call overhead is set so that the simulated every-expert-resident run (no switches) has the
-measured throughput; its p50 latency then is a check, not a fit. Every other row is a prediction. The prefetch of
-(a) is not simulated (it loaded nothing in the runs so far), and Serve multiplexing is not a policy of the simulator;
-both are said in the table.
+One number is fitted per workload, on one row. The profile times the model alone; a replica also spends time on
+every call outside it (Serve's request handling, deserialising images, the event loop) on the same core. That
+per-call overhead is set so that the simulated every-expert-resident run has the measured throughput; every other row -
+ExpertMesh, the ablation, the two executors, and each Serve multiplexing configuration - is a prediction.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+from dataclasses import replace
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,69 +33,146 @@ from pathlib import Path
 
 import numpy as np
 
-from expertmesh.bench.memory_run import MemorySettings, workload_zoo, served_experts
+from expertmesh.bench.memory_run import MemorySettings, served_experts, workload_zoo
+from expertmesh.bench.memory_search import candidates
 from expertmesh.bench.memory_workload import build_workload_coe
+from expertmesh.bench.memory_workload_requests import WorkloadRequest, make_boards, make_requests, request_images
 from expertmesh.bench.provenance import provenance
-from expertmesh.bench.memory_workload_requests import WorkloadRequest, make_requests, request_images
-from expertmesh.cluster.simulate import POLICIES, SimConfig, SimExpert, SimRequest, SimResult, simulate
+from expertmesh.cluster.simulate import (AssignPolicy, PolicySpec, ServeDeployment, SimConfig, SimExpert, SimRequest,
+                                         SimResult, simulate)
 from expertmesh.cluster.simulate_profile import experts_from_profile
 from expertmesh.errors import FailedPrecondition, InvalidArgument
+from expertmesh.experts.arrange import ArrangePolicy
+from expertmesh.experts.eviction import EvictionPolicy
+from expertmesh.experts.models import load_model
 from expertmesh.experts.offline import load_runtime, predict
-from expertmesh.experts.spec import CoESpec, load_spec
+from expertmesh.experts.spec import CoESpec, load_spec, resolve_checkpoint
 from expertmesh.profiler.store import ProfileStore
+from expertmesh.profiler.usage import from_spec
 from expertmesh.router.plan import Call, ExpertOutput, Reason
 from expertmesh.router.waves import PlanInFlight, record, take_calls
 
-# measured system -> (simulator policy, host tier kept, budget lifted, what the simulator leaves out)
-SYSTEMS: dict[str, tuple[str, bool, bool, str]] = {
-    "all_resident": ("evict_arrange", False, True, "the fitted row: its throughput sets the per-call overhead"),
-    "expertmesh": ("evict_arrange", True, False, "prefetch not simulated"),
-    "expertmesh_no_host_tier": ("evict_arrange", False, False, "prefetch not simulated"),
-    "fcfs_lru": ("fcfs_lru", True, False, ""),
-    "evict_only": ("eviction_only", True, False, ""),
-    "evict_arrange": ("evict_arrange", True, False, ""),
-}
-TOLERANCE = 0.20  # the issue's bar: within 20% of the measured figure
+TOLERANCE = 0.15  # the issue's bar: within 15% of every measured row
+HOST_SYSTEMS = {"all_resident", "expertmesh", "fcfs_lru", "evict_only", "evict_arrange", "expertmesh_2x_pow2",
+                "expertmesh_2x_assign"}
 
 
-def request_chains(spec: CoESpec, zoo: Path, requests: Sequence[WorkloadRequest],
-                   progress: Callable[[str], object] = print) -> list[tuple[str, ...]]:
-    """Each request's expert calls in the order serving makes them (its first calls, then the calls their outputs
-    trigger, wave by wave), from the CoE run offline on its image."""
-    images = [request_images(spec, r) for r in requests]
-    plans = {i: PlanInFlight.start(Call(e, Reason.TABLE) for e in r.calls) for i, r in enumerate(requests)}
+# ------------------------------------------------------------------ the requests, as serving made them
+def component_waves(spec: CoESpec, zoo: Path, requests: Sequence[WorkloadRequest],
+                    progress: Callable[[str], object] = print) -> list[list[list[list[str]]]]:
+    """Per request, per component, the experts of each wave it made (its first calls, then the calls their outputs
+    triggered), from the CoE run offline on each component's image."""
+    keys = [(i, k) for i, r in enumerate(requests) for k in range(len(r.parts))]
+    images = {}
+    for i, r in enumerate(requests):
+        rows = request_images(spec, r)
+        for k in range(len(r.parts)):
+            images[(i, k)] = {size: rows[size][k:k + 1] for size in rows}
+    plans = {j: PlanInFlight.start(Call(e, Reason.TABLE) for e in requests[i].parts[k].calls)
+             for j, (i, k) in enumerate(keys)}
+    waves: dict[int, list[list[str]]] = {j: [] for j in plans}
     runtimes = {}
     while wave := take_calls(plans):
+        now: dict[int, list[str]] = {}
         for name, items in wave.items():
             if name not in runtimes:
                 runtimes[name] = load_runtime(spec, spec.expert(name), zoo)
             size = spec.expert(name).input_size_px
-            batch = np.concatenate([images[i][size] for i, _ in items])
-            for (i, call), pred in zip(items, predict(runtimes[name], batch)):
-                record(spec, plans[i], call, ExpertOutput(name, pred.label, pred.score))
+            batch = np.concatenate([images[keys[j]][size] for j, _ in items])
+            for (j, call), pred in zip(items, predict(runtimes[name], batch)):
+                record(spec, plans[j], call, ExpertOutput(name, pred.label, pred.score))
+                now.setdefault(j, []).append(name)
+        for j, experts in now.items():
+            waves[j].append(experts)
         progress(f"  chains: a wave of {sum(len(v) for v in wave.values())} calls over {len(wave)} experts")
-    return [tuple(c.expert for c, _ in plans[i].done) for i in range(len(requests))]
+    out: list[list[list[list[str]]]] = [[] for _ in requests]
+    for j, (i, _) in enumerate(keys):
+        out[i].append(waves[j])
+    return out
 
 
-def sim_config(workload: Mapping, s: MemorySettings, *, host_tier: bool, lifted: bool,
-               call_overhead_ms: float) -> SimConfig:
-    device = int(workload["device_budget_bytes"])
-    total = int(workload["total_expert_bytes"])
-    return SimConfig(device_budget_bytes=2 * total if lifted else device,
-                     host_budget_bytes=int(workload["host_budget_bytes"]) if host_tier else 0,
-                     num_parallel_executors=1, activation_reserve_bytes=0,
-                     host_to_device_bytes_per_s=1e9, disk_bytes_per_s=1e9,  # unused: every load time is measured
-                     max_wait_ms=1000.0 * s.max_wait_s, closed_loop_stations=s.num_stations,
-                     warmup_requests=s.warmup_requests, call_overhead_ms=call_overhead_ms,
-                     turnaround_ms=0.0)  # the benchmark's driver sends a station's next request at once
+def sim_request(parts: list[list[list[str]]]) -> SimRequest:
+    """A request whose components made these waves: each component's first expert of every wave is its chain, the
+    others of a wave its branches."""
+    chains = tuple(tuple(w[0] for w in waves) for waves in parts)
+    branches = tuple((k, step, e) for k, waves in enumerate(parts) for step, w in enumerate(waves) for e in w[1:])
+    return SimRequest.board(0.0, chains, branches=branches)
 
 
-def fit_call_overhead(experts: Mapping[str, SimExpert], requests: Sequence[SimRequest],
-                      config: Callable[[float], SimConfig], measured_per_s: float) -> float:
-    """The per-call overhead (ms) at which the simulated all-resident throughput equals the measured one (bisection;
-    0 when even with none the simulation is slower)."""
-    def rate(overhead_ms: float) -> float:
-        return simulate(experts, requests, config(overhead_ms), POLICIES["evict_arrange"]).throughput_per_s
+# ------------------------------------------------------------------ each measured system as the simulator runs it
+def naive_costs(spec: CoESpec, zoo: Path, experts: Mapping[str, SimExpert], store: ProfileStore,
+                runs: int = 3) -> dict[str, tuple[float, float]]:
+    """expert -> (what the earlier multiplexing's load adds, ms: `from_pretrained` building the model, timed here per
+    size, over the fast path's disk load; its eviction, ms: the profile's device -> disk move, a full collection)."""
+    by_size: dict[int, float] = {}
+    out = {}
+    for name, x in experts.items():
+        if x.num_bytes not in by_size:
+            e = spec.expert(name)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                load_model(e, resolve_checkpoint(e, zoo))
+                times.append(1000.0 * (time.perf_counter() - t0))
+            by_size[x.num_bytes] = max(0.0, statistics.median(times) - (x.load_from_disk_ms or 0.0))
+        entry = store.get(name, "cpu")
+        unload = entry.move_ms("device", "disk") if entry else None
+        out[name] = (by_size[x.num_bytes], unload or 0.0)
+    return out
+
+
+def mux_policy(config: Mapping, w: Mapping, spec: CoESpec, s: MemorySettings, served: Sequence[str],
+               naive: Mapping[str, tuple[float, float]]) -> PolicySpec:
+    """The multiplexing configuration a run recorded, as the simulator's Serve deployments (the search's candidates are
+    deterministic from the budgets, so the label names them)."""
+    sizes = {e: int(b) for e, b in w["expert_bytes"].items()}
+    max_batch = {e: spec.expert(e).max_batch for e in served}
+    if config.get("loader") == "naive":
+        k = config["deployments"][0]["max_models"]
+        extra = max(v[0] for v in naive.values())
+        unload = statistics.median(v[1] for v in naive.values())
+        deps = (ServeDeployment(experts=tuple(sorted(served)), max_models=k, max_batch_size=max(max_batch.values()),
+                                batch_wait_ms=1000.0 * s.batch_wait_s, host_cache_bytes=0, load_extra_ms=extra,
+                                unload_ms=unload),)
+    else:
+        found = {c.label: c for c in candidates(sizes, w["usage"], max_batch, w["device_budget_bytes"],
+                                                  w["host_budget_bytes"])}
+        mux = found[config["label"]]
+        deps = tuple(ServeDeployment(experts=d.experts, max_models=d.max_models, max_batch_size=d.batch_max_images,
+                                     batch_wait_ms=1000.0 * s.batch_wait_s, host_cache_bytes=d.host_cache_bytes)
+                     for d in mux.deployments)
+    return PolicySpec(label=config.get("label", "multiplexed"), assign=AssignPolicy.SINGLE,
+                      arrange=ArrangePolicy.FCFS, evict=EvictionPolicy.LRU, serve_multiplexed=deps)
+
+
+def host_policy(name: str, run: Mapping) -> tuple[PolicySpec, int]:
+    """(the pooled host system's policy, its executors)."""
+    arrange = ArrangePolicy.FCFS if name in ("fcfs_lru", "evict_only") else ArrangePolicy.COSERVE
+    evict = EvictionPolicy.LRU if name == "fcfs_lru" else EvictionPolicy.COSERVE
+    prefetch = name in ("all_resident", "expertmesh", "expertmesh_2x_pow2", "expertmesh_2x_assign")
+    n = int((run["systems"][name].get("config") or {}).get("num_replicas") or 1)
+    assign = AssignPolicy.SINGLE if n == 1 else (AssignPolicy.PREDICTED if name.endswith("assign") else AssignPolicy.POW2)
+    return PolicySpec(label=name, assign=assign, arrange=arrange, evict=evict, prefetch=prefetch), n
+
+
+def sim_config(name: str, run: Mapping, w: Mapping, s: MemorySettings, doc: Mapping, overhead_ms: float) -> SimConfig:
+    cfg = run["systems"][name].get("config") or {}
+    st = run["stream"]
+    n = int(cfg.get("num_replicas") or 1)
+    device, host = cfg.get("device_budget_bytes"), cfg.get("host_budget_bytes")
+    lifted = name == "all_resident" or (name in HOST_SYSTEMS and device is None)
+    return SimConfig(device_budget_bytes=10 * int(w["total_expert_bytes"]) if lifted else int(device) * n,
+                     host_budget_bytes=None if lifted or host is None else int(host) * n,
+                     num_parallel_executors=n, activation_reserve_bytes=0,
+                     compute_slots=max(1, len((doc.get("pinned") or {}).get("system_cores") or [0])),
+                     loads_use_compute=True, host_to_device_bytes_per_s=1e9, disk_bytes_per_s=1e9,
+                     max_wait_ms=1000.0 * float(cfg.get("max_wait_s") or 0.5), closed_loop_stations=st["num_stations"],
+                     warmup_requests=st["warmup"], call_overhead_ms=overhead_ms, turnaround_ms=0.0)
+
+
+def fit_call_overhead(rate: Callable[[float], float], measured_per_s: float) -> float:
+    """The per-call overhead (ms) at which `rate` (simulated requests/s) equals the measured one (bisection; 0 when even
+    with none the simulation is slower)."""
     lo, hi = 0.0, 8.0
     if rate(lo) <= measured_per_s:
         return 0.0
@@ -104,10 +184,22 @@ def fit_call_overhead(experts: Mapping[str, SimExpert], requests: Sequence[SimRe
     return (lo + hi) / 2
 
 
+def _row(title: str, policy: str, real: Mapping, sim: SimResult) -> dict:
+    real_switches = (real.get("stats") or {}).get("switches")
+    return {"title": title, "policy": policy,
+            "measured": {"throughput_per_s": real["throughput_per_s"], "switches": real_switches,
+                         "p50_ms": real.get("p50_ms"), "p99_ms": real.get("p99_ms")},
+            "simulated": {"throughput_per_s": sim.throughput_per_s, "switches": sim.switches,
+                          "loads_from_host": sim.loads_from_host, "loads_from_disk": sim.loads_from_disk,
+                          "p50_ms": sim.p50_ms, "p99_ms": sim.p99_ms},
+            "throughput_error": sim.throughput_per_s / real["throughput_per_s"] - 1.0,
+            "switch_error": (sim.switches / real_switches - 1.0) if real_switches else None,
+            "p50_error": (sim.p50_ms / real["p50_ms"] - 1.0) if real.get("p50_ms") else None}
+
+
 def check(memory_doc: dict, profile_path: Path | None = None, device: str = "cpu",
           progress: Callable[[str], object] = print) -> dict:
-    """Predict every simulatable system of a memory benchmark results document; measured beside predicted. The
-    profile: `profile_path`, else <the benchmark's zoo>/profile.json."""
+    """Predict every system of a memory benchmark results document, per workload; measured beside predicted."""
     s = MemorySettings.model_validate({k: v for k, v in memory_doc["settings"].items()
                                        if k in MemorySettings.model_fields})
     spec_path = Path(build_workload_coe(s.workload_path(), s.workload_config(), progress=progress))
@@ -117,76 +209,87 @@ def check(memory_doc: dict, profile_path: Path | None = None, device: str = "cpu
     if not profile_path.exists():
         raise FailedPrecondition(f"no profile of the benchmark's CoE at {profile_path}", field="--profile",
                                  fix=f"expertmesh profile --spec {spec_path} --out {profile_path} --usage spec")
-    experts = experts_from_profile(ProfileStore.load(profile_path), device)
+    store = ProfileStore.load(profile_path)
+    store.usage = store.usage or from_spec(spec)
+    experts = experts_from_profile(store, device)
     served = served_experts(spec)
     missing = sorted(set(served) - set(experts))
     if missing:
         raise FailedPrecondition(f"the profile has no {device} entries for {', '.join(missing[:5])}", field="profile",
-                                 fix=f"profile the benchmark's CoE: expertmesh profile --spec {spec_path} --zoo {zoo} "
-                                     f"--usage spec")
-    all_requests = make_requests(spec, s.warmup_requests + s.closed_requests, seed=s.request_seed, zipf_s=s.zipf_s,
-                                 num_stations=s.num_stations)
-    t0 = time.perf_counter()
-    chains = request_chains(spec, zoo, all_requests, progress)
-    measured_chains = chains[s.warmup_requests:]
-    progress(f"  chains of {len(chains)} requests in {time.perf_counter() - t0:.1f} s "
-             f"({sum(map(len, measured_chains)) / len(measured_chains):.2f} calls each after the warm-up)")
-    requests = [SimRequest(0.0, chain) for chain in chains]
-    measured = memory_doc["systems"]
-    ref = measured["all_resident"]["closed"]["throughput_per_s"]
-    overhead_ms = fit_call_overhead(experts, requests, lambda o: sim_config(
-        memory_doc["workload"], s, host_tier=False, lifted=True, call_overhead_ms=o), ref)
-    progress(f"  per-call overhead fitted on the all-resident row: {overhead_ms:.2f} ms")
-    rows = {}
-    for name, (policy, host_tier, lifted, note) in SYSTEMS.items():
-        if name not in measured or "closed" not in measured[name]:
-            continue
-        config = sim_config(memory_doc["workload"], s, host_tier=host_tier, lifted=lifted, call_overhead_ms=overhead_ms)
-        sim: SimResult = simulate(experts, requests, config, POLICIES[policy])
-        real = measured[name]["closed"]
-        real_switches = (real.get("stats") or {}).get("switches")
-        rows[name] = {"title": measured[name]["title"], "policy": policy, "note": note,
-                      "measured": {"throughput_per_s": real["throughput_per_s"], "switches": real_switches,
-                                   "p50_ms": real.get("p50_ms"), "p99_ms": real.get("p99_ms")},
-                      "simulated": {"throughput_per_s": sim.throughput_per_s, "switches": sim.switches,
-                                    "loads_from_host": sim.loads_from_host, "loads_from_disk": sim.loads_from_disk,
-                                    "p50_ms": sim.p50_ms, "p99_ms": sim.p99_ms}}
-        r = rows[name]
-        r["throughput_error"] = sim.throughput_per_s / real["throughput_per_s"] - 1.0
-        r["switch_error"] = (sim.switches / real_switches - 1.0) if real_switches else None
-        r["p50_error"] = (sim.p50_ms / real["p50_ms"] - 1.0) if real.get("p50_ms") else None
-        progress(f"  {name}: measured {real['throughput_per_s']:.1f}/s, {real_switches} switches; simulated "
-                 f"{sim.throughput_per_s:.1f}/s, {sim.switches} switches")
-    predicted = [r for n, r in rows.items() if n != "all_resident"]
-    within = all(abs(r["throughput_error"]) <= TOLERANCE and (r["switch_error"] is None
-                 or abs(r["switch_error"]) <= TOLERANCE) for r in predicted)
+                                 fix=f"profile the benchmark's CoE: expertmesh profile --spec {spec_path} --usage spec")
+    experts = {e: x for e, x in experts.items() if e in served}
+    edges = {(x.upstream, x.downstream): x.probability for x in store.usage.edges}
+    usage = store.usage.usage
+    experts = {e: replace(x, triggers=tuple((d, p / max(usage.get(e, 0.0), 1e-12)) for (u, d), p in sorted(edges.items())
+                                            if u == e and d in experts)) for e, x in experts.items()}
+    naive = naive_costs(spec, zoo, experts, store)
+    w = memory_doc["workload"]
+    runs = {}
+    for stream, run in memory_doc["runs"].items():
+        st = run["stream"]
+        n = st["warmup"] + st["closed"]
+        reqs = (make_requests(spec, n, seed=s.request_seed, zipf_s=s.zipf_s, num_stations=s.num_stations)
+                if stream == "components" else
+                make_boards(spec, n, seed=s.request_seed + 1, zipf_s=s.zipf_s, num_stations=s.board_stations,
+                            components_per_board=s.components_per_board))
+        t0 = time.perf_counter()
+        requests = [sim_request(parts) for parts in component_waves(spec, zoo, reqs, lambda _: None)]
+        progress(f"{stream}: chains of {len(requests)} requests in {time.perf_counter() - t0:.1f} s")
+        measured = run["systems"]
+        ref = measured["all_resident"]["closed"]["throughput_per_s"]
+        ref_policy, _ = host_policy("all_resident", run)
+        overhead_ms = fit_call_overhead(lambda o: simulate(experts, requests, sim_config(
+            "all_resident", run, w, s, memory_doc, o), ref_policy).throughput_per_s, ref)
+        progress(f"  per-call overhead fitted on the all-resident row: {overhead_ms:.2f} ms")
+        rows = {}
+        for name, sys_ in measured.items():
+            if "closed" not in sys_:
+                continue
+            if name in HOST_SYSTEMS:
+                policy, _ = host_policy(name, run)
+                label = f"{policy.arrange.value} + {policy.evict.value}" + (" + prefetch" if policy.prefetch else "") + (
+                    f", {policy.assign.value} over 2" if policy.assign is not AssignPolicy.SINGLE else "")
+            else:
+                policy = mux_policy(sys_["config"], w, spec, s, served, naive)
+                label = f"Serve multiplexing: {policy.label}" + (" (naive loader)" if sys_["config"].get(
+                    "loader") == "naive" else "")
+            sim = simulate(experts, requests, sim_config(name, run, w, s, memory_doc, overhead_ms), policy)
+            rows[name] = _row(sys_["title"], label, sys_["closed"], sim)
+            progress(f"  {name}: measured {sys_['closed']['throughput_per_s']:.2f}/s, "
+                     f"{rows[name]['measured']['switches']} switches; simulated {sim.throughput_per_s:.2f}/s, "
+                     f"{sim.switches} switches")
+        predicted = [r for n, r in rows.items() if n != "all_resident"]
+        runs[stream] = {"call_overhead_ms": overhead_ms, "num_requests": st["closed"], "warmup_requests": st["warmup"],
+                        "rows": rows,
+                        "within_tolerance": all(abs(r["throughput_error"]) <= TOLERANCE for r in predicted),
+                        "switches_within_tolerance": all(r["switch_error"] is None or abs(r["switch_error"]) <= TOLERANCE
+                                                         for r in predicted)}
     return {"benchmark": "simulate_check", "memory_results": {k: memory_doc.get(k) for k in ("commit", "date")},
-            "profile": str(profile_path), "profile_device": device, "num_requests": len(measured_chains),
-            "warmup_requests": s.warmup_requests,
-            "mean_calls_per_request": sum(map(len, measured_chains)) / len(measured_chains),
-            "call_overhead_ms": overhead_ms, "tolerance": TOLERANCE, "rows": rows, "within_tolerance": within}
+            "profile": str(profile_path), "profile_device": device, "tolerance": TOLERANCE, "runs": runs,
+            "naive_load_extra_ms": {str(k): v for k, v in sorted({x.num_bytes: naive[e][0]
+                                                                   for e, x in experts.items()}.items())}}
 
 
 def table(doc: dict) -> str:
-    """The side-by-side table (markdown)."""
+    """The side-by-side tables (markdown), one per workload."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:+.0f}%"
-    lines = [f"Closed loop, {doc['num_requests']} requests after {doc['warmup_requests']} of warm-up "
-             f"({doc['mean_calls_per_request']:.2f} expert calls each); per-call overhead "
-             f"{doc['call_overhead_ms']:.1f} ms fitted on the all-resident row's throughput; memory results at "
-             f"{(doc['memory_results'].get('commit') or '')[:7]}:", "",
-             "| system | simulated as | req/s measured | simulated | error | switches measured | simulated | error "
-             "| p50 ms measured | simulated | left out |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
-    for r in doc["rows"].values():
-        m, s = r["measured"], r["simulated"]
-        lines.append(f"| {r['title']} | {r['policy']} | {m['throughput_per_s']:.1f} | {s['throughput_per_s']:.1f} | "
-                     f"{pct(r['throughput_error'])} | {m['switches'] if m['switches'] is not None else '-'} | "
-                     f"{s['switches']} | {pct(r['switch_error'])} | {m['p50_ms']:.0f} | {s['p50_ms']:.0f} | "
-                     f"{r['note'] or '-'} |")
-    lines.append("")
-    lines.append(f"Every predicted row within {100 * doc['tolerance']:.0f}% (throughput and switches): "
-                 f"{'yes' if doc['within_tolerance'] else 'no'}.")
-    return "\n".join(lines) + "\n"
+    lines = [f"Memory results at {(doc['memory_results'].get('commit') or '')[:7]}; every row but all-resident is a "
+             f"prediction (tolerance {100 * doc['tolerance']:.0f}%).", ""]
+    for stream, run in doc["runs"].items():
+        lines += [f"**{stream}** - closed loop, {run['num_requests']} requests after {run['warmup_requests']} of "
+                  f"warm-up; per-call overhead {run['call_overhead_ms']:.2f} ms fitted on the all-resident row:", "",
+                  "| system | simulated as | req/s measured | simulated | error | switches measured | simulated | "
+                  "error | p50 ms measured | simulated |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in run["rows"].values():
+            m, s = r["measured"], r["simulated"]
+            lines.append(f"| {r['title']} | {r['policy']} | {m['throughput_per_s']:.2f} | {s['throughput_per_s']:.2f} "
+                         f"| {pct(r['throughput_error'])} | {m['switches'] if m['switches'] is not None else '-'} | "
+                         f"{s['switches']} | {pct(r['switch_error'])} | {m['p50_ms'] or 0:.0f} | {s['p50_ms']:.0f} |")
+        lines += ["", f"Every predicted throughput within {100 * doc['tolerance']:.0f}%: "
+                      f"{'yes' if run['within_tolerance'] else 'no'}; every predicted switch count: "
+                      f"{'yes' if run['switches_within_tolerance'] else 'no'}.", ""]
+    return "\n".join(lines)
 
 
 def write(doc: dict, prefix: Path) -> None:
@@ -200,10 +303,10 @@ def cmd_check(args) -> int:
     path = Path(args.check)
     try:
         memory_doc = json.loads(path.read_text())
-        memory_doc["settings"], memory_doc["systems"]["all_resident"]["closed"]
+        memory_doc["settings"], [r["systems"]["all_resident"]["closed"] for r in memory_doc["runs"].values()]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument(f"{path} is not a memory benchmark's results with an all-resident closed loop "
-                              f"({type(exc).__name__})", field="--check",
+        raise InvalidArgument(f"{path} is not a memory benchmark's results with an all-resident closed loop per "
+                              f"workload ({type(exc).__name__})", field="--check",
                               fix="run `expertmesh bench memory` (all_resident and closed included) and pass its JSON")
     doc = provenance() | check(memory_doc, Path(args.profile) if args.profile else None,
                                progress=lambda line: print(line, flush=True))
