@@ -223,7 +223,7 @@ def node_plans(w: Workload, costs: dict[str, ExpertCost], b: Budgets, cores: int
     usage = from_spec(w.spec)
     placed = [c.model_copy(update={"calls_per_s": planned_rps * usage.usage.get(e, 0.0)}) for e, c in costs.items()]
     edges = {(x.upstream, x.downstream): planned_rps * x.probability for x in usage.edges
-             if x.upstream in costs and x.downstream in costs}
+             if x.kind == "dependency" and x.upstream in costs and x.downstream in costs}
     reserve = max(c.activation_bytes for c in placed)
     node = NodeMemory(device_bytes=b.device_bytes + reserve, host_bytes=b.host_bytes, compute_slots=cores)
     shape = {"components_per_request": components_per_request}

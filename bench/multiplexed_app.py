@@ -129,15 +129,25 @@ class MultiplexedExpertsBase:
 
     # ------------------------------------------------------------------ loading (what get_model does on a miss)
     async def _load(self, expert: str) -> LoadedExpert:
+        def timed(load) -> float:  # on the worker: the load itself, not the wait for the worker
+            t0 = time.perf_counter()
+            load()
+            return time.perf_counter() - t0
         if self.loader == "naive":
             spec = self.spec.expert(expert)
-            runtime = ExpertRuntime(spec, resolve_checkpoint(spec, self.zoo_root), image_limits=self.spec.image)
             tier = "disk"
-            await asyncio.get_running_loop().run_in_executor(self._worker, lambda: runtime.load(keep_host_copy=False))
+            runtime = None
+
+            def build_and_load() -> None:
+                nonlocal runtime
+                runtime = ExpertRuntime(spec, resolve_checkpoint(spec, self.zoo_root), image_limits=self.spec.image)
+                runtime.load(keep_host_copy=False)
+            seconds = await asyncio.get_running_loop().run_in_executor(self._worker, timed, build_and_load)
         else:
             runtime = self._runtime(expert)
             tier = "host" if runtime.in_host else "disk"
-            await asyncio.get_running_loop().run_in_executor(self._worker, lambda: runtime.load(keep_host_copy=True))
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                self._worker, timed, lambda: runtime.load(keep_host_copy=True))
             with self._lock:
                 self._cache[expert] = None
                 self._cache.move_to_end(expert)
@@ -145,6 +155,7 @@ class MultiplexedExpertsBase:
         loaded = LoadedExpert(runtime, self._freed)
         with self._lock:
             self._loads[tier] += 1
+            self._load_s += seconds
             self._hold(+1, loaded.num_bytes)
         return loaded
 
@@ -158,11 +169,13 @@ class MultiplexedExpertsBase:
     def _freed(self, loaded: LoadedExpert) -> None:
         """Serve evicted the model: the fast loader moves its weights back to the host cache (no collection), the
         naive one drops them with a full garbage collection."""
+        t0 = time.perf_counter()
         if self.loader == "naive":
             loaded.runtime.unload()
         else:
             loaded.runtime.offload()
         with self._lock:
+            self._unload_s += time.perf_counter() - t0
             self._evictions += 1
             self._hold(-1, -loaded.num_bytes)
             if self.loader == "fast":
@@ -237,13 +250,16 @@ class MultiplexedExpertsBase:
                     "device_budget_bytes": self.device_budget_bytes, "host_budget_bytes": self.host_cache_bytes,
                     "prefetch_hits": 0, "held_bytes": self._held_bytes, "num_models_held": self._num_held,
                     "peak_models_held": self._peak_held, "max_models_per_replica": self.max_models_per_replica,
-                    "loader": self.loader, "replica_id": self.replica_id, "node_id": self.node_id}
+                    "loader": self.loader, "replica_id": self.replica_id, "node_id": self.node_id,
+                    "load_ms_mean": 1000.0 * self._load_s / max(1, sum(self._loads.values())),
+                    "unload_ms_mean": 1000.0 * self._unload_s / max(1, self._evictions)}
 
     def reset_stats(self) -> None:
         with self._lock:
             self._reset_counters()
 
     def _reset_counters(self) -> None:
+        self._load_s = self._unload_s = 0.0
         self._loads = {"host": 0, "disk": 0}
         self._evictions = 0
         self._dropped = 0

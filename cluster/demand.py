@@ -196,7 +196,7 @@ def executor_sizing(coes: list[ServedCoE], costs: dict[str, ExpertCost], usage: 
         if parts.pooled:
             names = {e.name for e in parts.pooled}
             edges = {(w.upstream, w.downstream): requests_per_s * w.probability / len(result.replicas[w.upstream])
-                     for w in usage.edges if w.upstream in names and w.downstream in names}
+                     for w in usage.edges if w.kind == "dependency" and w.upstream in names and w.downstream in names}
             pool = plan_node(parts.pooled, edges, node_memory(node, parts.pool_memory_bytes, parts.pool_compute_slots),
                              max_replicas=max(1, int(min(max_replicas, parts.pool_compute_slots))),
                              components_per_request=components_per_request)

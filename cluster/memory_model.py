@@ -95,7 +95,7 @@ def sim_experts(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], f
     total = sum(calls.values()) or 1.0
     out = {}
     for e in experts:
-        ups = frozenset(u for (u, d) in edges if d == e.name and u in names)
+        ups = frozenset(u for (u, d) in edges if d == e.name and u in names)  # the node's dependency edges
         triggers = tuple(sorted((d, min(1.0, w / calls[e.name])) for (u, d), w in edges.items()
                                 if u == e.name and d in names and calls[e.name] > 0))
         out[e.name] = SimExpert(num_bytes=max(1, e.weights_bytes), k_ms_per_item=e.k_ms_per_item,
@@ -184,7 +184,7 @@ def predict(experts: Sequence[ExpertCost], edges: Mapping[tuple[str, str], float
     if not any(w > 0 for w in entry.values()):
         entry = {e.name: 1.0 for e in experts}  # no traffic planned: every expert alike
     policy = _policy(replicas)
-    n = max(24, NUM_REQUESTS // components_per_request)  # boards: enough of them that their waves settle
+    n = max(48, NUM_REQUESTS // components_per_request)  # boards: enough of them that their waves settle
     closed = simulate(sims, node_requests(sims, entry, n, None, components_per_request=components_per_request),
                       config, policy)
     opened = None

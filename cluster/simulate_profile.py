@@ -1,8 +1,9 @@
 """The simulator's experts from a measured profile (this machine's costs), to predict a real run. Pure.
 
 Each profiled expert becomes a `SimExpert`: its footprint, the latency fit's K and B, its best batch, its usage
-probability (the profile's usage weights) and its upstream experts (the usage profile's edges between profiled
-experts), and its measured load times: host -> device, and disk -> host + host -> device (medians).
+probability (the profile's usage weights) and its upstream experts (the usage profile's dependency edges between
+profiled experts: the spec's dependencies, what the pooled host's eviction reads - not the router's table edges),
+and its measured load times: host -> device, and disk -> host + host -> device (medians).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def experts_from_profile(store: ProfileStore, device: str) -> dict[str, SimExper
                               fix="run `expertmesh profile` on that device, or pick one the profile has")
     usage = store.usage.usage if store.usage else {}
     upstreams: dict[str, set[str]] = defaultdict(set)
-    for edge in store.usage.edges if store.usage else ():
-        if edge.upstream in profiles and edge.downstream in profiles:
+    for edge in store.usage.edges if store.usage else ():  # the dependency graph, as the pooled host reads it
+        if edge.kind == "dependency" and edge.upstream in profiles and edge.downstream in profiles:
             upstreams[edge.downstream].add(edge.upstream)
     out = {}
     for name, p in sorted(profiles.items()):
