@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from expertmesh.cluster.simulate_model import SimExpert
 from expertmesh.errors import InvalidArgument
-from expertmesh.profiler.store import ExpertProfile, ProfileStore
+from expertmesh.profiler.store import ProfileStore
 
 
 def experts_from_profile(store: ProfileStore, device: str) -> dict[str, SimExpert]:
