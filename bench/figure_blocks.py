@@ -177,13 +177,16 @@ def plan(results: dict) -> str:
 
 def plan_tight(results: dict) -> str:
     d = results["plan"]["data"]
-    exact, heur = d["tight"]["exact"], d["tight"]["heuristic"]
-    memory = f"With {num(d['tight']['node_memory_gb'] * 1024, 1)} MiB per node"
-    found = (f"{exact['cut']} of {exact['total']} dependent calls/s are cut ({exact['internal_pct']}% stay inside a "
-             f"node; the heuristic finds {heur['cut']}, {heur['internal_pct']}%)")
-    said = (f"{memory} the memory no longer allows `solder_fine` beside every upstream: {found}." if float(exact["cut"])
-            else f"{memory} the plan still cuts nothing: {found}.")
-    return "\n" + wrap(f"{said} Both plans: {source_note('plan', results)}.") + "\n"
+    t = d["tight"]
+    exact, heur = t["exact"], t["heuristic"]
+    off = sorted(e for es in (t.get("offloaded") or {}).values() for e in es)
+    said = (f"On {t['nodes']} nodes of {num(t['node_memory_gb'] * 1024, 1)} MiB (a node of such a cluster lost) the memory "
+            f"no longer holds every expert: the plan keeps {and_list(off) if off else 'none'} off the device (in host "
+            f"memory or loaded on demand) instead of refusing, and cuts {exact['cut']} of {exact['total']} dependent "
+            f"calls/s ({exact['internal_pct']}% stay inside a node; the heuristic finds {heur['cut']}, "
+            f"{heur['internal_pct']}%)")
+    return "\n" + wrap(f"{said}:") + f"\n\n```\n{t['printout']}\n```\n\n" + wrap(
+        f"Both plans: {source_note('plan', results)}.") + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- throughput

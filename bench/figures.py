@@ -118,17 +118,25 @@ def refresh_profile() -> None:
         "spec_usage": spec_usage}, note="the plot docs/profile-pcb-aoi.png is written by the same run")
 
 
+PLAN_SHORT = {"nodes": 2, "node_memory_gb": 0.04}  # a node lost: two nodes whose memory cannot hold every expert
+
+
 def refresh_plan() -> None:
-    base = [EXPERTMESH, "plan", "--nodes", "3", "--rps", "20"]
+    base = [EXPERTMESH, "plan", "--rps", "20"]
     with tempfile.TemporaryDirectory() as tmp:
-        text, _ = run(base + ["--node-memory-gb", "0.06", "--explain", "--json", str(Path(tmp) / "plan.json")])
+        text, _ = run(base + ["--nodes", "3", "--node-memory-gb", "0.06", "--explain", "--json",
+                              str(Path(tmp) / "plan.json")])
         plan_json = json.loads((Path(tmp) / "plan.json").read_text())
-    tight = {m: parse.plan_header(run(base + ["--node-memory-gb", "0.05", "--method", m])[0])
-             for m in ("exact", "heuristic")}
+        short_args = ["--nodes", str(PLAN_SHORT["nodes"]), "--node-memory-gb", str(PLAN_SHORT["node_memory_gb"])]
+        short_text, _ = run(base + short_args + ["--explain", "--json", str(Path(tmp) / "short.json")])
+        short_json = json.loads((Path(tmp) / "short.json").read_text())
+    tight = {m: parse.plan_header(run(base + short_args + ["--method", m])[0]) for m in ("exact", "heuristic")}
     write("plan", "expertmesh plan --nodes 3 --node-memory-gb 0.06 --rps 20 --explain", {
         "num_nodes": 3, "node_memory_gb": 0.06, "rps": 20, "printout": parse.plan_printout(text), "plan": plan_json,
-        "tight": {"node_memory_gb": 0.05, **tight}},
-        note="tight: expertmesh plan --nodes 3 --node-memory-gb 0.05 --rps 20 --method exact|heuristic")
+        "tight": {**PLAN_SHORT, **tight, "printout": parse.plan_printout(short_text),
+                  "offloaded": short_json.get("offloaded", {}), "executors": short_json.get("executors", {})}},
+        note=f"tight: expertmesh plan --nodes {PLAN_SHORT['nodes']} --node-memory-gb {PLAN_SHORT['node_memory_gb']} "
+             "--rps 20 --explain, and --method exact|heuristic")
 
 
 THROUGHPUT = ROOT / "bench" / "results" / "throughput.json"
