@@ -180,8 +180,9 @@ def plan_tight(results: dict) -> str:
     t = d["tight"]
     exact, heur = t["exact"], t["heuristic"]
     off = sorted(e for es in (t.get("offloaded") or {}).values() for e in es)
-    said = (f"On {t['nodes']} nodes of {num(t['node_memory_gb'] * 1024, 1)} MiB (a node of such a cluster lost) the memory "
-            f"no longer holds every expert: the plan keeps {and_list(off) if off else 'none'} off the device (in host "
+    said = (f"On {t['nodes']} nodes of {num(t['node_memory_gb'] * 1024, 1)} MiB (a node of such a cluster lost; the profile "
+            f"taken at a batch of {t.get('profile_max_batch', '?')}, where weights, not a batch's activations, fill the "
+            f"memory) it no longer holds every expert: the plan keeps {and_list(off) if off else 'none'} off the device (in host "
             f"memory or loaded on demand) instead of refusing, and cuts {exact['cut']} of {exact['total']} dependent "
             f"calls/s ({exact['internal_pct']}% stay inside a node; the heuristic finds {heur['cut']}, "
             f"{heur['internal_pct']}%)")

@@ -118,7 +118,9 @@ def refresh_profile() -> None:
         "spec_usage": spec_usage}, note="the plot docs/profile-pcb-aoi.png is written by the same run")
 
 
-PLAN_SHORT = {"nodes": 2, "node_memory_gb": 0.04}  # a node lost: two nodes whose memory cannot hold every expert
+# a node lost: two nodes whose memory cannot hold every expert. The default CoE's weights are tiny beside a batch's
+# activations, so the profile is taken at a batch of 2 (as the node-loss test's short cluster does)
+PLAN_SHORT = {"nodes": 2, "node_memory_gb": 0.005, "profile_max_batch": 2}
 
 
 def refresh_plan() -> None:
@@ -127,15 +129,20 @@ def refresh_plan() -> None:
         text, _ = run(base + ["--nodes", "3", "--node-memory-gb", "0.06", "--explain", "--json",
                               str(Path(tmp) / "plan.json")])
         plan_json = json.loads((Path(tmp) / "plan.json").read_text())
-        short_args = ["--nodes", str(PLAN_SHORT["nodes"]), "--node-memory-gb", str(PLAN_SHORT["node_memory_gb"])]
+        small = str(Path(tmp) / "profile-batch2.json")
+        run([EXPERTMESH, "profile", "--out", small, "--runs", "3", "--max-batch", str(PLAN_SHORT["profile_max_batch"]),
+             "--usage", "spec", "--no-progress", "--plot", str(Path(tmp) / "p.png")])
+        short_args = ["--nodes", str(PLAN_SHORT["nodes"]), "--node-memory-gb", str(PLAN_SHORT["node_memory_gb"]),
+                      "--profile", small]
         short_text, _ = run(base + short_args + ["--explain", "--json", str(Path(tmp) / "short.json")])
         short_json = json.loads((Path(tmp) / "short.json").read_text())
-    tight = {m: parse.plan_header(run(base + short_args + ["--method", m])[0]) for m in ("exact", "heuristic")}
+        tight = {m: parse.plan_header(run(base + short_args + ["--method", m])[0]) for m in ("exact", "heuristic")}
     write("plan", "expertmesh plan --nodes 3 --node-memory-gb 0.06 --rps 20 --explain", {
         "num_nodes": 3, "node_memory_gb": 0.06, "rps": 20, "printout": parse.plan_printout(text), "plan": plan_json,
         "tight": {**PLAN_SHORT, **tight, "printout": parse.plan_printout(short_text),
                   "offloaded": short_json.get("offloaded", {}), "executors": short_json.get("executors", {})}},
-        note=f"tight: expertmesh plan --nodes {PLAN_SHORT['nodes']} --node-memory-gb {PLAN_SHORT['node_memory_gb']} "
+        note=f"tight: expertmesh profile --max-batch {PLAN_SHORT['profile_max_batch']} --runs 3 --usage spec --out P, then "
+             f"expertmesh plan --nodes {PLAN_SHORT['nodes']} --node-memory-gb {PLAN_SHORT['node_memory_gb']} --profile P "
              "--rps 20 --explain, and --method exact|heuristic")
 
 

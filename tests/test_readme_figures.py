@@ -75,7 +75,7 @@ def test_a_figure_that_moves_in_the_file_fails_the_check():
     changed["make_run"]["data"]["station"]["p50_ms"] += 1.0
     assert [p for p in blocks.stale_blocks(README, changed) if "make_run.station" in p]
     changed = copy.deepcopy(RESULTS)
-    changed["node_loss"]["data"]["replan"]["running_after_s"] += 5
+    changed["node_loss"]["data"]["clusters"]["make_run"]["replan"]["running_after_s"] += 5
     stale = blocks.stale_blocks(README, changed)
     assert any("node_loss.range" in p for p in stale) and any("'node_loss'" in p for p in stale)
 
@@ -206,6 +206,29 @@ requests past 30 s (the station's deadline in the issue): 0
 """
 
 
+SHORT_LOSS_LOG = """co-location: 111/126 inspections of 96 requests ran their plan on one node (plan cut 0.5841)
+[placement] re-planning: node lost: node-1
+[placement] re-planned and applied in 1.0 s (node lost: node-1; planned in 0.2 s): moved chip_defect, qfp_defect; \
+memory short, off the device: general_defect, solder_fine; cut 0.101 of 4.72 calls/s; chip_defect@node-0, \
+general_defect@node-2, qfp_defect@node-2, solder_fine@node-0
+node node-1 removed: re-planning began -0.1 s after, the new placement was running 2.4 s after (1.0 s to plan and \
+apply, 0.2 s to plan)
+station during the loss: 180 requests, {'OK': 180}
+requests past 30 s (the station's deadline in the issue): 0
+.
+1 passed, 3 deselected in 163.27s (0:02:43)
+"""
+
+
+def test_a_degraded_replan_parses():
+    """Memory short after the loss: the log line names the experts off the device; a re-plan that began before the
+    removal command returned parses (a negative start)."""
+    f = parse.node_loss_test(SHORT_LOSS_LOG)
+    assert f["moved"] == ["chip_defect", "qfp_defect"] and f["off_the_device"] == ["general_defect", "solder_fine"]
+    assert f["replan"]["began_s"] == -0.1 and f["cut_after"] == "0.101" and f["recovery"] is None
+    assert f["placement_after"]["solder_fine"] == ["node-0"]
+
+
 def test_node_loss_output_parses():
     f = parse.node_loss_test(NODE_LOSS_LOG)
     assert f["victim"] == "node-1" and f["moved"] == ["polarity", "soic_defect", "solder_fine"]
@@ -229,10 +252,15 @@ def test_node_loss_output_without_a_lost_expert_hit_or_with_an_old_line_format()
 
 
 def test_the_node_loss_block_quotes_its_file():
-    f = parse.node_loss_test(NODE_LOSS_LOG)
+    f, short = parse.node_loss_test(NODE_LOSS_LOG), parse.node_loss_test(SHORT_LOSS_LOG)
+    station = {"rate_per_s": 4, "duration_s": 45}
     record = {**RESULTS["node_loss"], "provenance": "measured", "commit": "0123456789" * 4,
               "date": "2026-11-26T10:00:00+00:00", "load_average_1_5_15m": None,
-              "data": {**f, "station": {"rate_per_s": 4, "duration_s": 45, **f["station"]}, "before_pooled_hosts": None}}
+              "data": {"clusters": {
+                  "make_run": {"node_memory_gb": 0.06, "profile_max_batch": None, **f,
+                               "station": {**station, **f["station"]}},
+                  "memory_short": {"node_memory_gb": 0.005, "profile_max_batch": 2, **short,
+                                   "station": {**station, **short["station"]}}}, "before_pooled_hosts": None}}
     results = {**RESULTS, "node_loss": record}
     body = " ".join(blocks.render_block("node_loss", results).split())
     assert "answered from a surviving expert host as soon as the router sees the node gone" in body
@@ -240,11 +268,13 @@ def test_the_node_loss_block_quotes_its_file():
     assert "moves 3 experts (polarity, soic, solder_fine) onto the hosts on node-0 and node-2" in body
     assert "running 2.1 s after the loss (1.7 s to plan and apply)" in body
     assert "180 requests all ended: 170 answered, 10 explicit UNAVAILABLE; 0 took longer than 30 s" in body
+    assert "so general and solder_fine start off the device" in body and "running 2.4 s after the loss" in body
     assert "126 of 126 inspections (96 requests)" in body and "Before issue 12" not in body
-    assert blocks.render_block("node_loss.range", results) == "2.1 s"
+    assert blocks.render_block("node_loss.range", results) == "2.1 s (memory short after the loss: 2.4 s)"
     assert blocks.render_block("node_loss.colocation", results) == "126 of 126 inspections (96 requests)"
-    record["data"]["recovery"], record["data"]["station"]["codes"] = None, {"OK": 180}
-    record["data"]["moved_to"]["solder_fine"] = ["node-2"]
+    make_run = record["data"]["clusters"]["make_run"]
+    make_run["recovery"], make_run["station"]["codes"] = None, {"OK": 180}
+    make_run["moved_to"]["solder_fine"] = ["node-2"]
     body = " ".join(blocks.render_block("node_loss", results).split())
     assert "no request sent after the loss needed one of the lost experts" in body
     assert "180 requests were all answered; 0 took" in body and "onto the host on node-2 and nothing else" in body
