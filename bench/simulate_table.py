@@ -65,10 +65,11 @@ def _why(doc: dict) -> str:
             f"{bound['speedup_vs_fcfs_lru']:.2f}x FCFS + LRU. {100 * from_host:.0f}% of FCFS + LRU's switches come "
             f"from host memory (cheap) rather than disk. ExpertMesh loads "
             f"{doc['policies']['expertmesh']['loads_from_disk'] / num_tasks:.0f} per task from disk and "
-            f"{doc['policies']['expertmesh']['loads_from_host'] / num_tasks:.0f} from host memory. Host memory takes "
-            f"the experts a device evicts; under CoServe eviction it drops the least used copies first to make room "
-            f"(the pooled hosts' rule, experts/tiering.py), under the baselines the least recently used (the "
-            f"sensitivity row with ExpertMesh on the baselines' rule shows the difference).")
+            f"{doc['policies']['expertmesh']['loads_from_host'] / num_tasks:.0f} from host memory. Each executor keeps "
+            f"host copies within its share of host memory, as a pooled host replica does (the tiers are inclusive); "
+            f"to make room under CoServe eviction it drops the least used copies per byte first, under the baselines "
+            f"the least recently used (experts/tiering.py, the code the hosts run). One executor with arrange serves "
+            f"more than two with assign here: two divide the device, and each holds fewer of a task's experts.")
 
 
 def _costs(doc: dict) -> str:
