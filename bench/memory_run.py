@@ -353,6 +353,7 @@ def run_memory(s: MemorySettings) -> dict:
         say(f"  {stream}: the memory model plans {p[0].num_replicas} executor(s): {p[0].reason}")
     say("starting Ray (one loopback node) ...")
     t0 = time.perf_counter()
+    own_cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     _, cores = start_ray(s)
     doc["ray_start_s"] = time.perf_counter() - t0
     doc["pinned"] = {"system_cores": list(cores), "driver_cores": sorted(os.sched_getaffinity(0))}
@@ -389,6 +390,8 @@ def run_memory(s: MemorySettings) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if own_cores:  # the driver was pinned apart from the systems: give this process its cores back
+            pin_threads(own_cores)
     doc["machine"]["load_average_1_5_15m_at_end"] = list(os.getloadavg())
     return doc
 

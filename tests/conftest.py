@@ -97,3 +97,18 @@ def pytest_collection_modifyitems(items):
     """Tests on the shared Ray/Serve instance (the `serving` fixture) run last, in their files' order: the tests that
     start their own clusters (the 3-node node-loss test above all) then never share the 2 cores with it."""
     items.sort(key=lambda item: "serving" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(autouse=True)
+def _cores_unchanged():
+    """A test that pins this process to fewer cores would change what every later test measures and profiles (the
+    profile's device is "<cpu> (<n> cpus)"): fail the test that leaks it, not a later one."""
+    if not hasattr(os, "sched_getaffinity"):
+        yield
+        return
+    cores = os.sched_getaffinity(0)
+    yield
+    leaked = os.sched_getaffinity(0)
+    if leaked != cores:
+        os.sched_setaffinity(0, cores)
+        pytest.fail(f"this test left the process pinned to cores {sorted(leaked)} (it had {sorted(cores)})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 
@@ -225,7 +226,9 @@ def test_served_experts_are_what_requests_reach(default_spec):
 def test_quick_run_of_every_system(tmp_path):
     """`expertmesh bench memory --quick`: every system on one Ray node, every request answered with the all-resident
     run's labels, no pooled host over its budgets, the multiplexed baselines within their K."""
+    cores = os.sched_getaffinity(0)
     doc = run_memory(MemorySettings.quick())
+    assert os.sched_getaffinity(0) == cores  # the driver's pinning ends with the run (later tests profile this host)
     assert list(doc["runs"]) == ["components", "boards"]
     for stream, run in doc["runs"].items():
         assert list(run["systems"]) == list(SYSTEMS) and run["search"], stream
