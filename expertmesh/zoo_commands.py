@@ -11,14 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import file_eval
 from expertmesh.experts.calibration import CalibrationConfig
 from expertmesh.experts.report import evaluate, format_report, write_report
 from expertmesh.experts.spec import default_spec_path
+from expertmesh.experts.strict_yaml import load_strict
 from expertmesh.experts.zoo import BASELINE_SETS, build_zoo
 from expertmesh.profiler.calibration_run import calibrate, format_result, write_json, write_spec
 from expertmesh.profiler.measure import MeasureConfig
@@ -67,7 +66,7 @@ def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InvalidArgument(f"bad calibration option: {exc.errors()[0]['msg']}", field="--target-wrong-route/"
                               "--tie-tolerance", fix="give a share between 0 and 1, e.g. 0.01") from None
-    result, new_data = calibrate(spec, yaml.safe_load(source.read_text()), zoo_root, config,
+    result, new_data = calibrate(spec, load_strict(source.read_text()), zoo_root, config,
                                  profile=Path(args.profile) if args.profile else None, progress=not args.no_progress,
                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     print(format_result(result))

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from expertmesh.errors import SpecError, SpecProblem
+from expertmesh.experts.strict_yaml import DuplicateKeyError, load_strict
 from expertmesh.experts.image_processing import PREPROCESSOR_FILE, read_processing
 from expertmesh.experts.training_spec import (AUGMENTATIONS, FILE_DATA_KEYS, DataSpec,  # noqa: F401 (re-exported)
                                               TrainingSpec)
@@ -498,7 +499,11 @@ def load_spec(path: str | Path | None = None, *, zoo_root: Path | None = None) -
     if not path.is_file():
         raise SpecError([SpecProblem("<file>", f"no spec file at {str(path)!r}", "pass the path of a CoE spec YAML file")], str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_strict(path.read_text())
+    except DuplicateKeyError as exc:
+        raise SpecError([SpecProblem(f"<line {exc.line}>", f"the key {exc.key!r} is given twice (lines {exc.first_line} "
+                                     f"and {exc.line}); YAML would silently keep only the last",
+                                     "keep one of them (merge what each says)")], str(path)) from None
     except yaml.YAMLError as exc:
         raise SpecError([SpecProblem("<yaml>", f"not valid YAML: {exc}", "fix the YAML syntax at the line shown")], str(path)) from None
     spec = parse_spec(data, str(path), base_dir=path.parent)

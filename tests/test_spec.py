@@ -8,6 +8,7 @@ import yaml
 from expertmesh.cli import main
 from expertmesh.errors import CLI_EXIT_CODE, SpecError
 from expertmesh.experts.spec import check_spec, load_spec, parse_spec
+from expertmesh.experts.strict_yaml import DuplicateKeyError, load_strict
 
 
 def problems_of(data: dict, zoo_root=None):
@@ -155,3 +156,26 @@ def test_cli_spec_check_exit_codes(spec_data, tmp_path, capsys):
 
 def test_load_spec_default_path():
     assert load_spec().name == "pcb-aoi"
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(spec_data, tmp_path, capsys):
+    """Plain YAML keeps the last of two equal keys silently; `spec check` names both lines and the fix."""
+    text = yaml.safe_dump(spec_data, sort_keys=False)
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("name:"))
+    twice = "\n".join(lines[: at + 1] + [lines[at]] + lines[at + 1:]) + "\n"
+    path = tmp_path / "twice.yaml"
+    path.write_text(twice)
+    assert main(["spec", "check", str(path), "--skip-checkpoints"]) == CLI_EXIT_CODE
+    err = capsys.readouterr().err
+    assert f"the key 'name' is given twice (lines {at + 1} and {at + 2})" in err and "keep one of them" in err
+    with pytest.raises(SpecError):
+        load_spec(path)
+
+
+def test_strict_yaml_keeps_what_plain_yaml_accepts():
+    text = "a: 1\nb: {x: 1}\nbase: &k {p: 1}\nd:\n  <<: *k\n  q: 2\nlist: [1, 1]\n"
+    assert load_strict(text) == yaml.safe_load(text)
+    with pytest.raises(DuplicateKeyError) as info:
+        load_strict("a: 1\nb:\n  x: 1\n  x: 2\n")
+    assert (info.value.key, info.value.first_line, info.value.line) == ("x", 3, 4)
