@@ -79,13 +79,12 @@ def export_images(root: Path, seed: int, per_pair: dict[str, int], default: int)
 
 
 def spec_data() -> dict:
-    arch = {"family": "resnet", "config": {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1],
-                                           "layer_type": "basic"}}
+    """The spec README.md shows: only what the factory knows (names, labels, data, training lengths); architecture,
+    checkpoint, input_size_px and task take their defaults (`expertmesh spec check` prints them)."""
     defects = ["ok", "missing", "shifted", "bridge", "no_solder"]
 
     def expert(name, labels, data, **training):
-        return {"name": name, "task": "classify", "architecture": arch, "checkpoint": name, "input_size_px": 64,
-                "labels": labels, "pass_labels": ["ok"],
+        return {"name": name, "labels": labels, "pass_labels": ["ok"],
                 "training": {"data": data, "epochs": 40, "batch_size": 32, "early_stopping_patience": 12,
                              "augment": ["rot90", "hflip", "vflip"], **training}}
 
@@ -96,8 +95,7 @@ def spec_data() -> dict:
         "router": {"expert": "part_family", "min_confidence": 0.6, "fallback_expert": "general_aoi",
                    "expected_fallback_probability": 0.02},
         "experts": [
-            {"name": "part_family", "task": "route", "architecture": arch, "checkpoint": "part_family",
-             "input_size_px": 64, "labels": list(CATEGORIES),
+            {"name": "part_family", "labels": list(CATEGORIES),
              "training": {"data": {"folder": "aoi_export"}, "epochs": 20, "batch_size": 32,
                           "early_stopping_patience": 5, "augment": ["rot90", "hflip", "vflip"]}},
             expert("passive_aoi", defects, {"folder": "aoi_export/passive"}),

@@ -44,6 +44,11 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
     print(f"{args.file or 'embedded spec'}: OK: CoE {spec.name!r}, {len(spec.experts)} experts, "
           f"{len(spec.categories)} categories, {len(spec.dependencies)} dependencies, {len(spec.gating_rules)} rules"
           + ("" if args.skip_checkpoints else f", checkpoints present in {zoo_root}"))
+    chosen = {e.name: e.defaults_chosen() for e in spec.experts if e.defaults_chosen()}
+    if chosen:
+        print("defaults chosen for what the spec leaves out (README: The CoE spec):")
+        for name, values in chosen.items():
+            print(f"  {name:<24}" + ", ".join(f"{k} {v}" for k, v in values.items()))
     print("usage probability per request:")
     for name, p in sorted(usage.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<24}{p:>8.4f}")

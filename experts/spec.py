@@ -18,51 +18,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from expertmesh.errors import SpecError, SpecProblem
-from expertmesh.experts.strict_yaml import DuplicateKeyError, load_strict
+from expertmesh.experts.architecture_spec import (ARCHITECTURE_FAMILIES, DEFAULT_ARCHITECTURE,  # noqa: F401
+                                                  DEFAULT_INPUT_SIZE_PX, ArchitectureSpec)
 from expertmesh.experts.image_processing import PREPROCESSOR_FILE, read_processing
+from expertmesh.experts.strict_yaml import DuplicateKeyError, load_strict
 from expertmesh.experts.training_spec import (AUGMENTATIONS, FILE_DATA_KEYS, DataSpec,  # noqa: F401 (re-exported)
                                               TrainingSpec)
 from expertmesh.home import expertmesh_home
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-ARCHITECTURE_FAMILIES = ("resnet", "vit", "pretrained")
 PRETRAINED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ArchitectureSpec(_Strict):
-    """A Hugging Face image-classifier architecture built from a config (never downloaded), or (family `pretrained`)
-    a local checkpoint directory of any family AutoModelForImageClassification loads, used as is or fine-tuned."""
-
-    family: Literal["resnet", "vit", "pretrained"]
-    config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the family's HF config class")
-    path: str | None = Field(None, description="pretrained: the checkpoint directory, relative to the spec file "
-                             "(or absolute); config.json + weights, optionally preprocessor_config.json")
-
-    @model_validator(mode="after")
-    def _path_iff_pretrained(self) -> ArchitectureSpec:
-        if self.family == "pretrained":
-            if not self.path:
-                raise ValueError("family pretrained needs path; give path: DIR, a local checkpoint directory "
-                                 "(config.json + weights)")
-            if self.config:
-                raise ValueError("family pretrained takes its config from the checkpoint; remove config")
-        elif self.path is not None:
-            raise ValueError(f"path is only for family pretrained (this is {self.family!r}); remove path, or use "
-                             "family: pretrained")
-        return self
-
-    @field_validator("config")
-    @classmethod
-    def _no_label_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in ("num_labels", "id2label", "label2id", "image_size", "num_channels"):
-            if key in v:
-                raise ValueError(f"config key {key!r} is derived from the expert (labels, input_size_px); remove it")
-        return v
 
 
 class AutoscalingSpec(_Strict):
@@ -77,12 +47,20 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+#: The fields an expert may leave out, whose values `spec check` prints (`ExpertSpec.defaults_chosen`).
+DEFAULTED_FIELDS = ("task", "architecture", "checkpoint", "input_size_px")
+
+
 class ExpertSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    task: Literal["route", "classify"] = Field(description="route: the router's category classifier; classify: an expert")
-    architecture: ArchitectureSpec
-    checkpoint: str = Field(description="checkpoint directory, relative to the zoo directory (or absolute)")
-    input_size_px: int = Field(ge=16, le=1024)
+    task: Literal["route", "classify"] = Field(
+        "classify", description="route: the router's category classifier; classify: an expert. Default: route for "
+        "the expert router.expert names, classify for every other")
+    architecture: ArchitectureSpec = Field(default_factory=lambda: ArchitectureSpec(**DEFAULT_ARCHITECTURE),
+                                           description="default: DEFAULT_ARCHITECTURE, a 79K-parameter ResNet")
+    checkpoint: str = Field("", description="checkpoint directory, relative to the zoo directory (or absolute); "
+                            "default: the expert's name")
+    input_size_px: int = Field(DEFAULT_INPUT_SIZE_PX, ge=16, le=1024)
     labels: list[str] = Field(min_length=2)
     pass_labels: list[str] = Field(default_factory=list, description="labels that mean 'no defect found here'")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -97,6 +75,26 @@ class ExpertSpec(_Strict):
         if dupes:
             raise ValueError(f"duplicate labels {dupes}; list each label once")
         return v
+
+    @model_validator(mode="after")
+    def _checkpoint_defaults_to_name(self) -> ExpertSpec:
+        if not self.checkpoint:
+            object.__setattr__(self, "checkpoint", self.name)  # frozen: set once, while validating
+        return self
+
+    def defaults_chosen(self) -> dict[str, str]:
+        """The fields this expert's spec left out, each with the value it got (what `spec check` prints)."""
+        out: dict[str, str] = {}
+        for key in DEFAULTED_FIELDS:
+            if key in self.model_fields_set:
+                continue
+            value = getattr(self, key)
+            if key == "architecture":
+                cfg = value.config
+                value = (f"{value.family} {'-'.join(str(h) for h in cfg.get('hidden_sizes', []))} channels, "
+                         f"depths {cfg.get('depths')}")
+            out[key] = str(value)
+        return out
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> ExpertSpec:
@@ -211,6 +209,13 @@ class CoESpec(_Strict):
     gating_rules: list[GatingRuleSpec] = Field(default_factory=list)
     #: The folder relative paths in the spec (training.data) are resolved against: the spec file's, set by load_spec.
     _base_dir: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _router_task_defaults_to_route(self) -> CoESpec:
+        for e in self.experts:
+            if e.name == self.router.expert and "task" not in e.model_fields_set:
+                object.__setattr__(e, "task", "route")  # frozen: set once, while validating
+        return self
 
     @property
     def base_dir(self) -> Path:
