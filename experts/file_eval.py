@@ -3,18 +3,19 @@
 Every file-data model's data is listed, decoded and split exactly as `zoo build` split it (`labeled_data.split_data`:
 seeded by the spec's seed and each image's content, so the models hold out nearly the same images).
 
-* **Each expert alone** is scored on its own `validation` split (what `zoo build` printed as validation accuracy),
-  the router on its own split's categories.
-* **The whole CoE** is scored on the images of every file-data expert (the table's first, then the others, e.g. a
-  fallback trained on everything) that are held out from *every* model (their content is in no model's train
-  split), each image once: its category is its manifest row's `category`, else the router's label for the same
-  file (by content), else the one category whose table sends to that expert; its truth is DEFECT unless its
-  label is one of that expert's `pass_labels`. Images whose category cannot be told are left out (`num_unplaced`).
-  The set does not depend on the table, so a spec and its calibrated version are scored on the same images (as
-  long as the experts whose data hold them stay in the spec).
+`split` is the held-out side scored: `test` for the report (carved from the data, seeded and stratified, unless a
+manifest marks its own rows test: never trained on, never used to stop training or to calibrate), `validation` for
+`zoo calibrate`.
 
-`split` picks the held-out side: `validation` (calibration), or `test` (rows a manifest marks `test`: never used
-by training, the report's choice when there are any).
+* **Each expert alone** is scored on its own images of that side, the router on its own split's categories.
+* **The whole CoE** is scored on the images of that side of every file-data expert (the table's first, then the
+  others, e.g. a fallback trained on everything) that are held out from *every* model (for test: their content is
+  in no model's train or validation split; for validation: in no model's train split), each image once: its
+  category is its manifest row's `category`, else the router's label for the same file (by content), else the one
+  category whose table sends to that expert; its truth is DEFECT unless its label is one of that expert's
+  `pass_labels`. Images whose category cannot be told are left out (`num_unplaced`). The set does not depend on
+  the table, so a spec and its calibrated version are scored on the same images (as long as the experts whose data
+  hold them stay in the spec).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def read_splits(spec: CoESpec, *, progress: bool = True) -> dict[str, labeled_da
     for e in spec.experts:
         if not trains_on_files(e):
             continue
-        data, found = labeled_data.split_data(spec, e, progress=progress,
-                                              validation_fraction=resolve_plan(e.training).validation_fraction)
+        plan = resolve_plan(e.training)
+        data, found = labeled_data.split_data(spec, e, progress=progress, validation_fraction=plan.validation_fraction,
+                                              test_fraction=plan.test_fraction)
         problems += [labeled_data.DataProblem(p.file, f"[{e.name}] {p.message}", p.fix) for p in found]
         out[e.name] = data
     if problems:
@@ -92,7 +94,9 @@ def has_split(splits: dict[str, labeled_data.SplitData], split: str) -> bool:
 def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: str = "validation") -> HeldOut:
     """The held-out images (module doc) from the models' splits."""
     size = max(spec.input_sizes_px)
-    trained = {h for d in splits.values() for h, s in zip(d.hashes, d.splits) if s == "train" and h is not None}
+    # validation images were seen by no model's weights; test images neither by any model's early stopping
+    seen_sides = {"train"} if split == "validation" else {"train", "validation"}
+    trained = {h for d in splits.values() for h, s in zip(d.hashes, d.splits) if s in seen_sides and h is not None}
     per_expert = {}
     for name, d in splits.items():
         e = spec.expert(name)
@@ -163,7 +167,8 @@ class FileAccuracyReport(AccuracyReport):
 
 def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str | None = None) -> FileAccuracyReport:
     """Each model on its own held-out split, and the whole CoE as serving runs it on the images held out from every
-    model (`split`: default `test` when a manifest marks any rows so, else `validation`)."""
+    model (`split`: default `test` - carved from the data, or the rows a manifest marks test - when there is one,
+    else `validation`)."""
     t0 = time.perf_counter()
     splits = read_splits(spec, progress=progress)
     split = split or ("test" if has_split(splits, "test") else "validation")
@@ -171,8 +176,8 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
     if not len(held.images):
         raise InvalidArgument(f"no image is held out from every model in the {split!r} split, so the CoE cannot be "
                               "scored", field="experts[*].training.validation_fraction",
-                              fix="give the models a validation_fraction > 0 (default 0.2), or mark rows split: "
-                                  "test in a manifest")
+                              fix="give the models a test_fraction and validation_fraction > 0 (default 0.2 "
+                                  "each), or mark rows split: test in a manifest")
     runtimes = {e.name: load_runtime(spec, e, zoo_root) for e in spec.experts}
     params = {name: rt.num_parameters for name, rt in runtimes.items()}
     per_expert = []
@@ -210,5 +215,6 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
 def format_report(r: FileAccuracyReport) -> str:
     header = (f"Accuracy report: {r.spec}, trained on files; each model on its own {r.split} split, the CoE on the "
               f"{r.coe.num_images} {r.split} images no model trained on"
+              + (" or stopped on" if r.split == "test" else " (they chose the epochs: the figures flatter)")
               + (f" ({r.num_unplaced} more left out: no category known)" if r.num_unplaced else ""))
     return f"{header}\n\n{accuracy_tables(r.model_dump())} Evaluated in {r.seconds:.1f} s."

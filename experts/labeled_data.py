@@ -9,13 +9,14 @@ The steps, each pure except where it reads the disk:
 2. `read_images` decodes every file exactly as the ingress does (`experts.images.decode_image` with the spec's
    `ImageLimits`, then `resize_to` the expert's input size), hashing its bytes; a file that is unreadable or that
    the ingress would refuse is a problem naming the file and the fix.
-3. `assign_splits` gives every row without a manifest `split` a seeded, label-stratified train/validation side
-   (identical files, by content hash, always land on the same side). In a zoo the seed is the spec's and each
+3. `assign_splits` gives every row without a manifest `split` a seeded, label-stratified train/validation/test side
+   (identical files, by content hash, always land on the same side; test is carved only when no row is marked
+   test). Training sees train; early stopping and calibration validation; the report test. In a zoo the seed is the spec's and each
    label's images are ordered by a hash of (seed, content), the same order for every model: the router and the
    experts hold out (nearly) the same images, so the CoE can be scored on images none of its models trained on
    (`experts/file_eval.py`).
 4. `check_data` finds what is wrong with the whole set: a label with no (training) images, the same image in the
-   train and validation splits, the same image under two labels.
+   train split and a held-out one, the same image under two labels.
 
 `prepare` runs them for one expert and returns the arrays to train on, or the problems; `build_zoo` prepares every
 stale expert first and raises one `DataError` listing every problem before any training starts.
@@ -38,7 +39,7 @@ from expertmesh.errors import ExpertMeshError, InvalidArgument
 from expertmesh.experts.images import decode_image, resize_to
 from expertmesh.experts.spec import CoESpec, ExpertSpec, ImageLimits
 
-DATA_FORMAT_VERSION = "labeled-data-2"  # 2: splits ordered by (spec seed, content)
+DATA_FORMAT_VERSION = "labeled-data-3"  # 2: splits ordered by (spec seed, content); 3: a test split carved first
 SPLITS = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
 MANIFEST_COLUMNS = ("path", "label", "category", "split", "weight")
 _CSV_SUFFIXES = (".csv",)
@@ -300,13 +301,14 @@ def read_images(records: list[Record], limits: ImageLimits, size_px: int, *, des
 
 # --------------------------------------------------------------------------- 3. splitting
 def assign_splits(labels: list[str], hashes: list[str | None], given: list[str | None], fraction: float,
-                  seed: int, *, by_content: bool = False) -> list[str]:
-    """Each row's split: the given one, else seeded and stratified by label, `fraction` of each label's distinct
-    images (by content hash) to validation - at least one when the label has two or more, never all of them.
+                  seed: int, *, by_content: bool = False, test_fraction: float = 0.0) -> list[str]:
+    """Each row's split: the given one, else seeded and stratified by label: `test_fraction` of each label's distinct
+    images (by content hash) to test, `fraction` to validation - each at least one when the fraction is above 0
+    and the label has enough images, never leaving the label without a training image.
 
-    `by_content`: each label's images are ordered by sha256(seed, content hash) and the first ones held out, so
-    models that share images and a seed hold out the same ones however they label them (else a permutation seeded
-    by (seed, label): what generated data uses)."""
+    `by_content`: each label's images are ordered by sha256(seed, content hash) and the first ones held out (test
+    first, then validation), so models that share images and a seed hold out the same ones however they label them
+    (else a permutation seeded by (seed, label): what generated data uses)."""
     out: list[str] = [g or "" for g in given]
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (label, h, g) in enumerate(zip(labels, hashes, given)):
@@ -314,19 +316,26 @@ def assign_splits(labels: list[str], hashes: list[str | None], given: list[str |
             groups[label][h or f"unreadable-{i}"].append(i)
     for label, by_hash in groups.items():
         keys = sorted(by_hash)
-        n_val = 0
-        if fraction > 0 and len(keys) >= 2:
-            n_val = min(max(1, round(fraction * len(keys))), len(keys) - 1)
+        n_test = _held_out_count(test_fraction, len(keys), len(keys) - 1)
+        n_val = _held_out_count(fraction, len(keys), len(keys) - 1 - n_test)
         if by_content:
             order = sorted(range(len(keys)), key=lambda j: hashlib.sha256(f"{seed}|{keys[j]}".encode()).digest())
-            val = set(order[:n_val])
         else:
             rng_seed = int.from_bytes(hashlib.sha256(f"{seed}|{label}".encode()).digest()[:8], "little")
-            val = set(np.random.default_rng(rng_seed).permutation(len(keys))[:n_val].tolist())
+            order = np.random.default_rng(rng_seed).permutation(len(keys)).tolist()
+        side = {j: "test" for j in order[:n_test]}
+        side.update({j: "validation" for j in order[n_test:n_test + n_val]})
         for j, key in enumerate(keys):
             for i in by_hash[key]:
-                out[i] = "validation" if j in val else "train"
+                out[i] = side.get(j, "train")
     return out
+
+
+def _held_out_count(fraction: float, n: int, room: int) -> int:
+    """round(fraction * n), at least 1 when fraction > 0, at most `room` (what is left beside one training image)."""
+    if fraction <= 0 or room <= 0:
+        return 0
+    return min(max(1, round(fraction * n)), room)
 
 
 # --------------------------------------------------------------------------- 4. whole-set checks
@@ -363,11 +372,12 @@ def check_data(labels: list[str], records: list[Record], hashes: list[str | None
         sides = {}
         for i in idx:
             sides.setdefault(splits[i], i)
-        if "train" in sides and "validation" in sides:
-            a, b = sides["train"], sides["validation"]
-            problems.append(DataProblem(records[a].where, f"the same image as {records[b].where}, in the train split "
-                                        "here and the validation split there (validation would flatter the model)",
-                                        "remove one copy, or give both the same split"))
+        for held in ("validation", "test"):
+            if "train" in sides and held in sides:
+                a, b = sides["train"], sides[held]
+                problems.append(DataProblem(records[a].where, f"the same image as {records[b].where}, in the train "
+                                            f"split here and the {held} split there (the {held} figures would "
+                                            "flatter the model)", "remove one copy, or give both the same split"))
     return problems
 
 
@@ -382,9 +392,12 @@ class SplitData:
     splits: list[str]
 
 
-def split_data(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float, progress: bool = True
-               ) -> tuple[SplitData, list[DataProblem]]:
-    """List, decode, split (seeded by the spec's seed, by content: `assign_splits`) and check `expert`'s data."""
+def split_data(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float, test_fraction: float = 0.0,
+               progress: bool = True) -> tuple[SplitData, list[DataProblem]]:
+    """List, decode, split (seeded by the spec's seed, by content: `assign_splits`) and check `expert`'s data.
+
+    A test split is carved (`test_fraction` of each label) only when no manifest row of this data is marked test:
+    the user's own test rows are the test split then."""
     listing = list_data(spec, expert)
     folder = expert.training.data.folder is not None
     how_to_add = (f"add images under {listing.source}/{{label}}/" if folder
@@ -392,18 +405,20 @@ def split_data(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float,
     recs = listing.records
     images, hashes, bad_files = read_images(recs, spec.image, expert.input_size_px, progress=progress,
                                             desc=f"reading {expert.name} images")
+    carve = 0.0 if any(r.split == "test" for r in recs) else test_fraction
     splits = assign_splits([r.label for r in recs], hashes, [r.split for r in recs], validation_fraction, spec.seed,
-                           by_content=True)
+                           by_content=True, test_fraction=carve)
     problems = listing.problems + bad_files
     if recs or not listing.problems:  # an unreadable folder or manifest already says why no class has images
         problems += check_data(expert.labels, recs, hashes, splits, listing.source, how_to_add)
     return SplitData(recs, images, hashes, splits), problems
 
 
-def prepare(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float,
+def prepare(spec: CoESpec, expert: ExpertSpec, *, validation_fraction: float, test_fraction: float = 0.0,
             progress: bool = True) -> tuple[TrainingData | None, list[DataProblem]]:
     """List, decode, split and check `expert`'s data: the arrays to train on, or None and every problem found."""
-    data, problems = split_data(spec, expert, validation_fraction=validation_fraction, progress=progress)
+    data, problems = split_data(spec, expert, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                                progress=progress)
     if problems:
         return None, problems
     recs, images, splits = data.records, data.images, data.splits

@@ -1,7 +1,9 @@
 """Training one image classifier on CPU (or CUDA) from in-memory uint8 images. Deterministic for a seed.
 
-Given validation images, each epoch ends with the validation accuracy; the best epoch's weights are kept and
-training stops after `early_stopping_patience` epochs without a better one. Given per-image weights (class
+Given validation images, each epoch ends with the validation accuracy (balanced accuracy when the classes are
+balanced in the loss); the best epoch's weights are kept and training stops after `early_stopping_patience` epochs
+without a better one, but never in the first half of the epochs (`may_stop`: the one-cycle schedule anneals in the
+second half). Given per-image weights (class
 balancing times a manifest's weights), the loss is the weighted mean cross-entropy of each batch.
 """
 
@@ -32,6 +34,7 @@ class TrainStats:
     train_accuracy: float
     num_validation: int = 0
     validation_accuracy: float | None = None
+    validation_balanced_accuracy: float | None = None
     best_epoch: int | None = None
     stopped_early: bool = False
 
@@ -41,6 +44,7 @@ class TrainPlan:
     """The training choices the spec leaves to the data source (TrainingSpec's keys that default to None)."""
 
     validation_fraction: float
+    test_fraction: float
     augment: tuple[str, ...]
     early_stopping_patience: int | None
     class_weighting: str
@@ -50,12 +54,14 @@ DEFAULT_AUGMENT = ("rot90", "hflip")  # what pcb-aoi has always used: every quar
 
 
 def resolve_plan(t: TrainingSpec) -> TrainPlan:
-    """File data: 20% validation, early stopping after 3 epochs, balanced classes. Generated data: as it always
-    trained (no hold-out, all epochs, no weighting: the generator balances the labels), unless the spec says."""
+    """File data: 20% test (unless a manifest marks test rows), 20% validation, early stopping after 3 epochs,
+    balanced classes. Generated data: as it always trained (no hold-out, all epochs, no weighting: the generator
+    balances the labels, and the report scores freshly generated images), unless the spec says."""
     files = t.data is not None
     fraction = t.validation_fraction if t.validation_fraction is not None else (0.2 if files else 0.0)
     return TrainPlan(
         validation_fraction=fraction,
+        test_fraction=t.test_fraction if t.test_fraction is not None else (0.2 if files else 0.0),
         augment=tuple(t.augment) if t.augment is not None else DEFAULT_AUGMENT,
         early_stopping_patience=t.early_stopping_patience or (3 if fraction > 0 else None),
         class_weighting=t.class_weighting or ("balanced" if files else "none"))
@@ -79,14 +85,31 @@ def _augment(x: torch.Tensor, gen: torch.Generator, augment: tuple[str, ...] = D
 
 
 @torch.no_grad()
-def _accuracy(model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str) -> float:
+def _scores(model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
+            ) -> tuple[float, float]:
+    """(accuracy, balanced accuracy: the mean of each present label's recall) of `model` on x, y."""
     model.eval()
-    correct = 0
+    preds = []
     for s in range(0, len(x), batch_size):
-        logits = model(pixel_values=x[s:s + batch_size].to(device)).logits
-        correct += int((logits.argmax(-1).cpu() == y[s:s + batch_size]).sum())
+        preds.append(model(pixel_values=x[s:s + batch_size].to(device)).logits.argmax(-1).cpu())
     model.train()
-    return correct / max(len(x), 1)
+    return scores(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), y)
+
+
+def scores(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of predicted labels against true ones (pure)."""
+    if not len(y):
+        return 0.0, 0.0
+    hit = pred == y
+    recalls = [float(hit[y == c].float().mean()) for c in torch.unique(y)]
+    return float(hit.float().mean()), float(np.mean(recalls))
+
+
+def may_stop(epoch: int, epochs: int) -> bool:
+    """Early stopping may end training only in the schedule's second half: one-cycle plans its learning rate over
+    every epoch (warm-up, then annealing), so an epoch of the first half is judged at a high learning rate, and a
+    stop there keeps weights the annealing never refined (an expert once stopped at epoch 13 of 40, keeping epoch 1)."""
+    return epoch + 1 > epochs // 2
 
 
 def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray, *, seed: int,
@@ -115,7 +138,7 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.learning_rate, total_steps=t.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     loss_ema, correct, seen = 0.0, 0, 0
-    best: tuple[float, int, dict] | None = None  # (validation accuracy, epoch, weights)
+    best: tuple | None = None  # (score, epoch, weights, validation accuracy, balanced accuracy)
     epochs_run, since_best, val_acc = 0, 0, None
     bar = tqdm(total=t.epochs * steps_per_epoch, desc=f"train {expert.name}", unit="step", disable=not progress, leave=False)
     for epoch in range(t.epochs):
@@ -147,13 +170,17 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
         epochs_run = epoch + 1
         if x_val is None:
             continue
-        val_acc = _accuracy(model, x_val, y_val, t.batch_size, device)
+        val_acc, val_balanced = _scores(model, x_val, y_val, t.batch_size, device)
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_ema:.3f}", acc=f"{correct / max(seen, 1):.3f}", val=f"{val_acc:.3f}")
-        if best is None or val_acc > best[0]:
-            best, since_best = (val_acc, epoch + 1, copy.deepcopy(model.state_dict())), 0
+        # balanced classes in the loss: choose the epoch by balanced accuracy too (plain accuracy would prefer an
+        # epoch that answers the majority label for everything)
+        score = val_balanced if plan.class_weighting == "balanced" else val_acc
+        if best is None or score > best[0]:
+            best, since_best = (score, epoch + 1, copy.deepcopy(model.state_dict()), val_acc, val_balanced), 0
         else:
             since_best += 1
-            if plan.early_stopping_patience is not None and since_best >= plan.early_stopping_patience:
+            if (plan.early_stopping_patience is not None and since_best >= plan.early_stopping_patience
+                    and may_stop(epoch, t.epochs)):
                 break
     bar.close()
     if best is not None:
@@ -161,6 +188,7 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
     model = model.to("cpu").eval()
     return model, TrainStats(len(x_all), epochs_run, time.perf_counter() - t0, loss_ema, correct / max(seen, 1),
                              num_validation=0 if x_val is None else len(x_val),
-                             validation_accuracy=None if best is None else best[0],
+                             validation_accuracy=None if best is None else best[3],
+                             validation_balanced_accuracy=None if best is None else best[4],
                              best_epoch=None if best is None else best[1],
                              stopped_early=epochs_run < t.epochs)

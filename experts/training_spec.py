@@ -15,7 +15,8 @@ class _Strict(BaseModel):
 AUGMENTATIONS = ("rot90", "hflip", "vflip", "brightness")
 #: Training keys that only exist since training from files: left out of a checkpoint's fingerprint while unset,
 #: so the experts of specs written before them keep their fingerprints (and their checkpoints stay current).
-FILE_DATA_KEYS = ("data", "validation_fraction", "augment", "early_stopping_patience", "class_weighting")
+FILE_DATA_KEYS = ("data", "validation_fraction", "test_fraction", "augment", "early_stopping_patience",
+                  "class_weighting")
 
 
 class DataSpec(_Strict):
@@ -55,6 +56,9 @@ class TrainingSpec(_Strict):
     data: DataSpec | None = Field(None, description="train on these labeled images instead of generated ones")
     validation_fraction: float | None = Field(None, ge=0, lt=1, description="held out per label; default 0.2 for "
                                               "file data, 0 (no hold-out) for generated data")
+    test_fraction: float | None = Field(None, ge=0, lt=1, description="file data: held out per label for the report "
+                                        "(never trained on, never used to stop or calibrate); default 0.2, or 0 when "
+                                        "a manifest marks rows split: test")
     augment: list[str] | None = Field(None, description=f"any of {list(AUGMENTATIONS)}, or 'none'; default rot90, hflip")
     early_stopping_patience: int | None = Field(None, ge=1, le=1000, description="epochs without a better validation "
                                                 "accuracy before stopping; default 3")
@@ -82,6 +86,9 @@ class TrainingSpec(_Strict):
             if self.target is None:
                 raise ValueError("training has neither target nor data; give target: component|defect to train on "
                                  "generated images, or data: {folder: PATH} to train on your own")
+            if self.test_fraction:
+                raise ValueError("test_fraction applies to training.data (file data); generated data is scored on "
+                                 "freshly generated images: remove test_fraction")
             return self
         generated_only = [k for k in ("target", "components", "defects", "num_train_per_label")
                           if k in self.model_fields_set]

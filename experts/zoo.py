@@ -302,8 +302,9 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
         _save(model, spec, e, ckpt, stats, fps[e.name], files.get(e.name))
         result.trained.append(e.name)
         result.stats[e.name] = stats.__dict__
-        val_note = (f", validation accuracy {stats.validation_accuracy:.3f} ({stats.num_validation} images, epoch "
-                    f"{stats.best_epoch} kept)" if stats.validation_accuracy is not None else "")
+        val_note = (f", validation accuracy {stats.validation_accuracy:.3f}, balanced "
+                    f"{stats.validation_balanced_accuracy:.3f} ({stats.num_validation} images, epoch {stats.best_epoch} "
+                    "kept)" if stats.validation_accuracy is not None else "")
         log(f"[{i}/{len(stale)}] {e.name}: {stats.num_images} images x {stats.epochs} epochs in {stats.seconds:.1f} s, "
             f"train accuracy {stats.train_accuracy:.3f}{val_note}, {num_parameters(model):,} parameters -> {ckpt}")
     result.seconds = time.perf_counter() - t0
@@ -314,13 +315,15 @@ def _read_file_data(spec: CoESpec, experts: list[ExpertSpec], progress: bool, lo
     """Every file-data expert's images, decoded and checked; one DataError with every problem of every expert."""
     out, problems = {}, []
     for e in experts:
-        data, found = labeled_data.prepare(spec, e, progress=progress,
-                                           validation_fraction=resolve_plan(e.training).validation_fraction)
+        plan = resolve_plan(e.training)
+        data, found = labeled_data.prepare(spec, e, progress=progress, validation_fraction=plan.validation_fraction,
+                                           test_fraction=plan.test_fraction)
         problems += [labeled_data.DataProblem(p.file, f"[{e.name}] {p.message}", p.fix) for p in found]
         if data is not None:
             out[e.name] = data
-            log(f"{e.name}: {len(data.y_train)} training and {len(data.y_val)} validation images from "
-                f"{labeled_data.data_path(spec, e)}")
+            num_test = sum(data.counts["test"].values())
+            log(f"{e.name}: {len(data.y_train)} training, {len(data.y_val)} validation and {num_test} test images "
+                f"from {labeled_data.data_path(spec, e)}")
     if problems:
         raise labeled_data.DataError(problems)
     return out

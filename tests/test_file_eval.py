@@ -5,6 +5,7 @@ No Ray."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -166,9 +167,10 @@ def test_report_and_calibrate_measure_on_the_files(factory, capsys):
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress",
                  "--json", str(factory / "report.json")]) == 0
     out = capsys.readouterr().out
-    assert "trained on files; each model on its own validation split" in out and "passive_x" in out
+    assert "trained on files; each model on its own test split" in out and "passive_x" in out
+    assert "no model trained on or stopped on" in out  # the carved test split, not the one that chose the epochs
     r = json.loads((factory / "report.json").read_text())
-    assert r["split"] == "validation" and 0 < r["coe"]["num_images"] < 60 and r["monolithic"] is None
+    assert r["split"] == "test" and 0 < r["coe"]["num_images"] < 60 and r["monolithic"] is None
     assert {e["expert"] for e in r["experts"]} == {"family", "passive_x", "polar_x", "general"}
     assert all(e["train_seconds"] > 0 for e in r["experts"]) and 0 <= r["coe"]["defect_recall"] <= 1
 
@@ -178,11 +180,25 @@ def test_report_and_calibrate_measure_on_the_files(factory, capsys):
     out = capsys.readouterr().out
     assert "validation images of its files that no model trained on" in out
     cal = json.loads((factory / "cal.json").read_text())
-    assert cal["source"] == "files" and cal["num_images"] == r["coe"]["num_images"]
+    assert cal["source"] == "files" and cal["num_images"] > 0  # the validation images, not the report's test ones
+    test_hashes = held_out_hashes(factory, "test")
+    assert test_hashes and not test_hashes & held_out_hashes(factory, "validation")
     assert set(cal["scores"]["passive"]) == {"passive_x", "general"}  # polar_x does not know "shifted"
-    assert set(cal["scores"]["polar"]) == {"polar_x", "general"}
+    spec = load_spec(spec_file)
+    held = file_eval.held_out(spec, file_eval.read_splits(spec, progress=False), "validation")
+    polar_labels = {lab for lab, cat in zip(held.raw_labels, held.categories) if cat == "polar"}
+    # passive_x may judge polar parts only when none of their validation images is one it never learnt (reversed)
+    assert set(cal["scores"]["polar"]) == {"polar_x", "general"} | (
+        {"passive_x"} if file_eval.judges(spec.expert("passive_x"), polar_labels) else set())
     calibrated = load_spec(new, zoo_root=zoo)  # its data paths still resolve (written beside the spec)
     assert calibrated.version == 2 and calibrated.router.min_confidence == cal["threshold"]["min_confidence"]
+
+
+def held_out_hashes(factory, split: str) -> set[str]:
+    """The content of the CoE's held-out images of `split`."""
+    spec = load_spec(factory / "spec.yaml")
+    held = file_eval.held_out(spec, file_eval.read_splits(spec, progress=False), split)
+    return {hashlib.sha256(img.tobytes()).hexdigest() for img in held.images}
 
 
 def test_usage_sample_of_a_file_coe_runs_on_its_files(factory):

@@ -131,6 +131,31 @@ def test_split_is_seeded_and_stratified():
     assert given[0] == "test" and ld.assign_splits(["a", "a"], ["x", "y"], [None, None], 0.0, 0) == ["train", "train"]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_test_split_is_carved_stratified_and_never_overlaps(seed):
+    """Test first, then validation, by content: the sides never share an image, every label keeps a training image,
+    and without a test fraction the split is exactly what it was before test was carved."""
+    rng = np.random.default_rng(seed)
+    labels = [str(x) for x in rng.choice(["ok", "crack", "finger"], p=[0.7, 0.2, 0.1], size=200)] + ["rare"] * 2
+    hashes = [f"h{rng.integers(0, 150)}" for _ in range(202)]  # duplicates across the set, some across labels
+    splits = ld.assign_splits(labels, hashes, [None] * 202, 0.2, seed=seed, by_content=True, test_fraction=0.2)
+    assert ld.assign_splits(labels, hashes, [None] * 202, 0.2, seed=seed, by_content=True, test_fraction=0.0) == \
+        ld.assign_splits(labels, hashes, [None] * 202, 0.2, seed=seed, by_content=True)
+    for label in set(labels):
+        sides = {}
+        for lab, h, s in zip(labels, hashes, splits):
+            if lab == label:
+                sides.setdefault(h, set()).add(s)
+        assert all(len(v) == 1 for v in sides.values())  # one content, one side
+        counts = {s: sum(1 for v in sides.values() if s in v) for s in ("train", "validation", "test")}
+        assert counts["train"] >= 1
+        if len(sides) >= 5:  # stratified: about a fifth of each label's distinct images on each held-out side
+            for held in ("validation", "test"):
+                assert abs(counts[held] - 0.2 * len(sides)) <= 1, (label, counts)
+    rare = [s for lab, s in zip(labels, splits) if lab == "rare"]
+    assert sorted(rare) == ["test", "train"]  # two images: one tested, one trained, none left for validation
+
+
 def test_manifest_split_is_honoured(dataset, tmp_path):
     rows = [(str(r.path), r.label) for r in ld.list_folder(dataset / "images", LABELS, {}).records]
     splits = {rel: ("validation" if i % 4 == 0 else "train") for i, (rel, _) in enumerate(rows)}
@@ -187,9 +212,12 @@ def test_train_from_folders_end_to_end(dataset, tmp_path):
         meta = json.loads((tmp_path / "zoo" / name / META_FILE).read_text())
         assert 0 <= meta["train"]["validation_accuracy"] <= 1 and 1 <= meta["train"]["best_epoch"] <= 3
         assert meta["train"]["num_validation"] > 0
-    assert meta["train"]["num_images"] + meta["train"]["num_validation"] == 12
+    router = json.loads((tmp_path / "zoo" / "router" / META_FILE).read_text())["data"]["images"]
+    num_test = sum(router["test"].values())
+    assert num_test > 0 and meta["train"]["num_images"] + meta["train"]["num_validation"] + num_test == 12
     chip = json.loads((tmp_path / "zoo" / "chip" / META_FILE).read_text())["data"]["images"]
-    assert chip["train"]["misaligned"] + chip["validation"]["misaligned"] == 4 and chip["validation"]["misaligned"] == 1
+    assert sum(chip[s]["misaligned"] for s in ("train", "validation", "test")) == 4
+    assert chip["validation"]["misaligned"] == chip["test"]["misaligned"] == 1
     assert build_zoo(spec, tmp_path / "zoo", **quiet).trained == []
     touched = dataset / "images" / "misaligned" / "001.png"
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
@@ -252,3 +280,23 @@ def test_augment_none_and_defaults():
         0.2, ("rot90", "hflip"), 3, "balanced")
     generated = resolve_plan(parse_spec(spec_data({"folder": "a"})).expert("router").training)
     assert (generated.validation_fraction, generated.early_stopping_patience, generated.class_weighting) == (0.0, None, "none")
+
+
+def test_early_stopping_waits_for_the_schedules_second_half():
+    from expertmesh.experts.training import may_stop
+
+    assert [e + 1 for e in range(40) if may_stop(e, 40)][0] == 21
+    assert not may_stop(12, 40) and may_stop(20, 40) and may_stop(0, 1) and may_stop(1, 3)
+
+
+def test_balanced_accuracy_sees_through_the_majority_answer():
+    import torch
+
+    from expertmesh.experts.training import scores
+
+    y = torch.tensor([0] * 8 + [1, 2])
+    always_ok = torch.zeros(10, dtype=torch.long)
+    acc, balanced = scores(always_ok, y)
+    assert acc == pytest.approx(0.8) and balanced == pytest.approx(1 / 3)
+    acc2, balanced2 = scores(torch.tensor([0] * 5 + [1, 1, 1, 1, 2]), y)
+    assert acc2 < acc and balanced2 > balanced  # the epoch a balanced loss should keep
