@@ -116,6 +116,10 @@ def _add_zoo_commands(sub: argparse._SubParsersAction) -> None:
     add_spec_args(calib)
     calib.add_argument("--target-wrong-route", type=float, default=0.01,
                        help="largest share of accepted requests the router may send to a wrong category (default 0.01)")
+    calib.add_argument("--target-defect-recall", type=float,
+                       help="also choose each judging expert's operating point (pass_min_probability) so that it finds "
+                            "this share of the defects on the validation images, with the fewest false calls (e.g. "
+                            "0.95: an escape rate of 5%%); default: keep the operating points")
     calib.add_argument("--tie-tolerance", type=float, default=0.005,
                        help="scores this close to the best are tied; ties go to the cheaper expert (default 0.005)")
     calib.add_argument("--out", help="the new spec YAML (default: <zoo>/<name>.v<version+1>.yaml; never the input "

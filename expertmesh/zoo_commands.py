@@ -62,10 +62,14 @@ def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
     spec, zoo_root = checked_spec_and_zoo(args)
     source = Path(args.spec) if args.spec else default_spec_path()
     try:
-        config = CalibrationConfig(target_wrong_route=args.target_wrong_route, tie_tolerance=args.tie_tolerance)
+        config = CalibrationConfig(target_wrong_route=args.target_wrong_route, tie_tolerance=args.tie_tolerance,
+                                   target_defect_recall=args.target_defect_recall)
     except ValueError as exc:
-        raise InvalidArgument(f"bad calibration option: {exc.errors()[0]['msg']}", field="--target-wrong-route/"
-                              "--tie-tolerance", fix="give a share between 0 and 1, e.g. 0.01") from None
+        err = exc.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "--target-wrong-route"
+        raise InvalidArgument(f"bad calibration option {flag}: {err['msg']}", field=flag,
+                              fix="give a share between 0 and 1, e.g. 0.01 for --target-wrong-route or 0.95 for "
+                                  "--target-defect-recall") from None
     result, new_data = calibrate(spec, load_strict(source.read_text()), zoo_root, config,
                                  profile=Path(args.profile) if args.profile else None, progress=not args.no_progress,
                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))

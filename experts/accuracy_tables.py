@@ -6,6 +6,7 @@ torch and the models so the README check can render it without loading them.
 
 from __future__ import annotations
 
+from expertmesh.experts.line_figures import confusion_lines
 
 SYSTEMS = (("CoE", "coe"), ("mono (active)", "monolithic"), ("mono (total)", "monolithic_total"))
 
@@ -27,6 +28,9 @@ def accuracy_tables(report: dict) -> str:
               + (f"{s['defect_recall']:>15.4f}" if s.get("defect_recall") is not None else f"{'-':>15}")
               + f"{s['defect_accuracy']:>12.4f}{s['num_uncertain']:>10}"
               f"{s['active_parameters_per_image']:>15,.0f}{s['total_parameters']:>14,}" for name, s in rows]
+    figures = confusion_lines(report["coe"])
+    if figures:
+        lines += ["", "CoE on the line: " + figures[0], *figures[1:]]
     lines.append(f"\nCoE calls {report['coe']['mean_experts_per_image']:.2f} models per image (router included).")
     if timed:  # the training times the zoo build recorded in the checkpoints (generating the images not included)
         experts = sum(e.get("train_seconds") or 0 for e in report["experts"])

@@ -44,6 +44,8 @@ class CalibrationConfig(BaseModel):
                                                                     "to a wrong category")
     tie_tolerance: float = Field(0.005, ge=0, lt=1, description="scores this close to the best (absolute) are tied")
     cost_tolerance: float = Field(0.1, ge=0, lt=10, description="costs this close to the cheapest (relative) are equal")
+    target_defect_recall: float | None = Field(None, gt=0, le=1, description="choose each expert's operating point "
+                                               "(pass_min_probability) for this recall of defects; none: keep them")
 
 
 Option = tuple[str, ...]  # a table entry: the experts a category calls, in order

@@ -30,6 +30,7 @@ from expertmesh.errors import InvalidArgument
 from expertmesh.experts import labeled_data
 from expertmesh.experts.accuracy_tables import accuracy_tables
 from expertmesh.experts.images import resize_to
+from expertmesh.experts.line_figures import line_figures
 from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.report import AccuracyReport, ExpertAccuracy, SystemAccuracy
@@ -202,7 +203,8 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
         if any(held.is_defect) else 1.0,
         num_uncertain=sum(o.verdict is Verdict.UNCERTAIN for o in outcomes), num_images=len(runs),
         mean_experts_per_image=float(np.mean([len(r.outputs) + 1 for r in runs])),
-        active_parameters_per_image=float(np.mean(used)), total_parameters=sum(params.values()))
+        active_parameters_per_image=float(np.mean(used)), total_parameters=sum(params.values()),
+        **line_figures([o.verdict for o in outcomes], held.is_defect))
     router_own = held.per_expert.get(spec.router.expert)
     router_acc = (float(np.mean([spec.router_expert.labels.index(p.label) == t for p, t in
                                  zip(predict(runtimes[spec.router.expert], router_own.x), router_own.y)]))

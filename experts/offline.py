@@ -34,6 +34,12 @@ def predict(rt: ExpertRuntime, images: np.ndarray) -> list[Prediction]:
     return out
 
 
+def probabilities(rt: ExpertRuntime, images: np.ndarray) -> np.ndarray:
+    """Every image's softmax over the expert's labels [N, K] (what an operating point is chosen on)."""
+    out = [rt.probabilities(rt.pixel_values(images[s:s + BATCH])).numpy() for s in range(0, len(images), BATCH)]
+    return np.concatenate(out) if out else np.zeros((0, len(rt.spec.labels)), dtype=np.float32)
+
+
 @dataclass
 class ImageRun:
     """One image through the CoE: the router's prediction and every call made, with its output."""

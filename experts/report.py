@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from expertmesh.experts.line_figures import line_figures
 from expertmesh.experts.accuracy_tables import SYSTEMS, accuracy_tables
 from expertmesh.experts.offline import load_runtime, predict, run_coe
 from expertmesh.experts.pcb_aoi import dataset
@@ -45,6 +46,9 @@ class SystemAccuracy(BaseModel):
     active_parameters_per_image: float
     total_parameters: int
     train_seconds: float | None = None  # a baseline's training time as recorded in its checkpoint
+    escape_rate: float | None = None  # of the defective parts, the share passed (experts/line_figures.py)
+    false_call_rate: float | None = None  # of the good parts, the share not passed
+    confusion: dict[str, dict[str, int]] | None = None  # truth (good, defective) -> verdict -> count
 
 
 class AccuracyReport(BaseModel):
@@ -95,6 +99,7 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, baseline: bool = True, progress: 
         mean_experts_per_image=float(np.mean([len(outputs[i]) + 1 for i in range(len(images))])),
         active_parameters_per_image=float(np.mean(used)),
         total_parameters=sum(params.values()),
+        **line_figures([o.verdict for o in outcomes], [d != NO_DEFECT for _, d in truth]),
     )
     baselines = {name: _baseline_accuracy(spec, zoo_root / directory, match, images, truth) if baseline else None
                  for name, (directory, match) in BASELINES.items()}

@@ -26,6 +26,7 @@ from expertmesh.errors import FailedPrecondition, InvalidArgument
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from expertmesh.experts.operating_point import decide
 from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.models import load_model, num_parameters
 from expertmesh.experts.images import decode_image
@@ -90,6 +91,7 @@ class ExpertRuntime:
         self._footprint_bytes = 0
         self._num_parameters = 0
         self._lock = threading.RLock()
+        self._pass_mask = torch.tensor([label in spec.pass_labels for label in spec.labels], dtype=torch.bool)
 
     @property
     def name(self) -> str:
@@ -230,8 +232,17 @@ class ExpertRuntime:
                                       field="pixel_values", fix=f"preprocess with to_pixel_values(images, {size})")
             logits = self._model(pixel_values=pixel_values.to(self.device)).logits
             probs = torch.softmax(logits.float(), dim=-1).cpu()
-        scores, idx = probs.max(dim=-1)
+        idx, scores = decide(probs, self._pass_mask, self.spec.pass_min_probability)
         return [Prediction(self.spec.labels[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist())]
+
+    @torch.inference_mode()
+    def probabilities(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The softmax over the expert's labels [N, K] of a preprocessed batch (the expert must be on DEVICE)."""
+        with self._lock:
+            if self._model is None:
+                raise FailedPrecondition(f"expert {self.name!r} is in tier {self.tier.value}, not on the device",
+                                         fix="call load() first")
+            return torch.softmax(self._model(pixel_values=pixel_values.to(self.device)).logits.float(), dim=-1).cpu()
 
     def pixel_values(self, images) -> torch.Tensor:
         """Decoded RGB images (PIL, or uint8 arrays [N, H, W, 3]) -> this expert's input batch: the checkpoint's

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -27,7 +28,10 @@ from tqdm import tqdm
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import calibration as cal
 from expertmesh.experts import file_eval
-from expertmesh.experts.offline import load_runtime, predict
+from expertmesh.experts.line_figures import line_figures
+from expertmesh.experts.offline import load_runtime, predict, probabilities
+from expertmesh.experts.operating_point import (choose_pass_min_probability, decide, flag_rates,
+                                                pass_probability)
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT
 from expertmesh.experts.spec import CoESpec, check_spec, parse_spec
@@ -58,6 +62,21 @@ class ThresholdResult(BaseModel):
     current_fallback_rate: float
 
 
+class OperatingPointRow(BaseModel):
+    """One expert's operating point before and after, on the validation images of the categories it judges."""
+
+    expert: str
+    current: float | None
+    chosen: float
+    defect_recall_current: float
+    defect_recall: float
+    false_call_rate_current: float
+    false_call_rate: float
+    num_defective: int
+    num_good: int
+    reached: bool
+
+
 class CalibrationResult(BaseModel):
     spec: str
     version: int
@@ -74,6 +93,12 @@ class CalibrationResult(BaseModel):
     dropped_experts: list[str]
     verdict_accuracy_current: float  # the whole CoE on the validation images, current spec
     verdict_accuracy_calibrated: float
+    target_defect_recall: float | None = None
+    operating_points: list[OperatingPointRow] = []
+    defect_recall_current: float | None = None  # the whole CoE on the validation images
+    defect_recall_calibrated: float | None = None
+    false_call_rate_current: float | None = None
+    false_call_rate_calibrated: float | None = None
     seconds: float
 
 
@@ -138,16 +163,19 @@ def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.Calibr
     zoo_root = Path(zoo_root)
     images, categories, is_defect, options, seed = validation_images(spec, progress)
     outputs: dict[str, list[ExpertOutput]] = {}
+    probs: dict[str, np.ndarray] = {}  # with a recall target: each judging expert's softmax, to move its point
     params: dict[str, int] = {}
     router_preds = []
     for e in tqdm(spec.experts, desc="running every expert on every image", disable=not progress):
         rt = load_runtime(spec, e, zoo_root)
         params[e.name] = rt.num_parameters
-        preds = predict(rt, images)
         if e.name == spec.router.expert:
-            router_preds = [(p.label, float(p.score)) for p in preds]
+            router_preds = [(p.label, float(p.score)) for p in predict(rt, images)]
+        elif config.target_defect_recall is not None and e.pass_labels:
+            probs[e.name] = probabilities(rt, images)
+            outputs[e.name] = _outputs_at(e, probs[e.name], e.pass_min_probability)
         else:
-            outputs[e.name] = [ExpertOutput(e.name, p.label, float(p.score)) for p in preds]
+            outputs[e.name] = [ExpertOutput(e.name, p.label, float(p.score)) for p in predict(rt, images)]
 
     by_cat: dict[str, list[int]] = {}
     for i, cat in enumerate(categories):
@@ -159,15 +187,32 @@ def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.Calibr
     router_pairs = [(score, label == cat) for (label, score), cat in zip(router_preds, categories)]
     th = cal.threshold_for_target(router_pairs, config.target_wrong_route)
     new_data, dropped = cal.calibrated_spec_data(spec_data, {c: ch.option for c, ch in chosen.items()}, th)
+    points: list[OperatingPointRow] = []
+    current_outputs = outputs
+    if config.target_defect_recall is not None:
+        table = {c: ch.option for c, ch in chosen.items()}
+        points, outputs = _operating_points(spec, table, categories, is_defect, probs, outputs,
+                                            config.target_defect_recall)
+        chosen_p = {row.expert: row.chosen for row in points}
+        for e in new_data["experts"]:
+            if e["name"] in chosen_p:
+                e["pass_min_probability"] = chosen_p[e["name"]]
     new_spec = parse_spec(new_data, "<calibrated spec>")
     problems = check_spec(new_spec, zoo_root)
     if problems:  # cannot happen with a checked input spec; said plainly if it does
         raise InvalidArgument(f"the calibrated spec fails its checks: {'; '.join(map(str, problems))}",
                               field="categories", fix="report this; calibrate with the input spec unchanged")
 
-    def accuracy(s: CoESpec) -> float:
-        outcomes = cal.simulate_coe(s, router_preds, outputs)
+    def outcomes_of(s: CoESpec, outs: dict[str, list[ExpertOutput]]) -> list:
+        return cal.simulate_coe(s, router_preds, outs)
+
+    before, after = outcomes_of(spec, current_outputs), outcomes_of(new_spec, outputs)
+
+    def accuracy(outcomes: list) -> float:
         return float(np.mean([cal.verdict_correct(o.verdict, d) for o, d in zip(outcomes, is_defect)]))
+
+    line_before = line_figures([o.verdict for o in before], is_defect)
+    line_after = line_figures([o.verdict for o in after], is_defect)
 
     cur_wrong, cur_fb = cal.rates_at(router_pairs, spec.router.min_confidence)
     rows = [TableRow(category=c, current=list(current[c]), chosen=list(ch.option), score=ch.score,
@@ -183,9 +228,48 @@ def calibrate(spec: CoESpec, spec_data: dict, zoo_root: Path, config: cal.Calibr
                                   current_min_confidence=spec.router.min_confidence,
                                   current_wrong_route_rate=cur_wrong, current_fallback_rate=cur_fb),
         router_pairs=router_pairs, dropped_experts=dropped,
-        verdict_accuracy_current=accuracy(spec), verdict_accuracy_calibrated=accuracy(new_spec),
+        verdict_accuracy_current=accuracy(before), verdict_accuracy_calibrated=accuracy(after),
+        target_defect_recall=config.target_defect_recall, operating_points=points,
+        defect_recall_current=_recall(line_before), defect_recall_calibrated=_recall(line_after),
+        false_call_rate_current=line_before["false_call_rate"], false_call_rate_calibrated=line_after["false_call_rate"],
         seconds=time.perf_counter() - t0)
     return result, new_data
+
+
+def _recall(figures: dict) -> float | None:
+    return None if figures["escape_rate"] is None else 1.0 - figures["escape_rate"]
+
+
+def _outputs_at(e, probs: np.ndarray, pass_min_probability: float | None) -> list[ExpertOutput]:
+    """The expert's outputs at an operating point, from its softmax (what its runtime answers there)."""
+    mask = torch.tensor([label in e.pass_labels for label in e.labels], dtype=torch.bool)
+    idx, score = decide(torch.from_numpy(np.asarray(probs)), mask, pass_min_probability)
+    return [ExpertOutput(e.name, e.labels[i], float(p)) for i, p in zip(idx.tolist(), score.tolist())]
+
+
+def _operating_points(spec: CoESpec, table: dict, categories: list[str], is_defect: list[bool],
+                      probs: dict[str, np.ndarray], outputs: dict[str, list[ExpertOutput]], target: float
+                      ) -> tuple[list[OperatingPointRow], dict[str, list[ExpertOutput]]]:
+    """Each expert the new table sends a category to: the least pass_min_probability that finds `target` of the
+    defects among those categories' validation images; the outputs every expert gives at its new point."""
+    truth = np.asarray(is_defect, dtype=bool)
+    rows, new_outputs = [], dict(outputs)
+    for name, p in probs.items():
+        judged = np.array([name in table.get(c, ()) for c in categories], dtype=bool)
+        if not judged.any():
+            continue
+        e = spec.expert(name)
+        p_pass = pass_probability(p[judged], e.labels, e.pass_labels)
+        now = np.array([o.label not in e.pass_labels for o, j in zip(outputs[name], judged) if j])
+        point = choose_pass_min_probability(p_pass, truth[judged], target)
+        recall_now, false_now = flag_rates(now, truth[judged])
+        rows.append(OperatingPointRow(expert=name, current=e.pass_min_probability, chosen=point.pass_min_probability,
+                                      defect_recall_current=recall_now, defect_recall=point.defect_recall,
+                                      false_call_rate_current=false_now, false_call_rate=point.false_call_rate,
+                                      num_defective=point.num_defective, num_good=point.num_good,
+                                      reached=point.reached))
+        new_outputs[name] = _outputs_at(e, p, point.pass_min_probability)
+    return rows, new_outputs
 
 
 def format_result(r: CalibrationResult) -> str:
@@ -203,6 +287,20 @@ def format_result(r: CalibrationResult) -> str:
              f"fallback rate: {t.current_fallback_rate:.4f} -> {t.fallback_rate:.4f}"]
     if r.dropped_experts:
         lines.append(f"experts no longer reached, dropped from the new spec: {', '.join(r.dropped_experts)}")
+    if r.target_defect_recall is not None:
+        lines += ["", f"operating points for a defect recall of {r.target_defect_recall:.4f} (pass_min_probability: "
+                  "a pass label only when the pass labels' probabilities add up to at least it)",
+                  f"{'expert':<22}{'pass_min_probability':>24}{'defect recall':>18}{'false-call rate':>18}"
+                  f"{'defective / good':>18}"]
+        for p in r.operating_points:
+            was = "argmax" if p.current is None else f"{p.current:.4f}"
+            lines.append(f"{p.expert:<22}{was + ' -> ' + f'{p.chosen:.4f}':>24}"
+                         f"{f'{p.defect_recall_current:.3f} -> {p.defect_recall:.3f}':>18}"
+                         f"{f'{p.false_call_rate_current:.3f} -> {p.false_call_rate:.3f}':>18}"
+                         f"{f'{p.num_defective} / {p.num_good}':>18}" + ("" if p.reached else "  NOT REACHED"))
+        if r.defect_recall_current is not None:
+            lines.append(f"CoE defect recall {r.defect_recall_current:.4f} -> {r.defect_recall_calibrated:.4f}, "
+                         f"false-call rate {r.false_call_rate_current:.4f} -> {r.false_call_rate_calibrated:.4f}")
     lines.append(f"CoE verdict accuracy on these validation images: {r.verdict_accuracy_current:.4f} (v{r.version}) -> "
                  f"{r.verdict_accuracy_calibrated:.4f} (v{r.new_version}); calibrated in {r.seconds:.1f} s")
     return "\n".join(lines)

@@ -56,7 +56,7 @@ class Route:
 @dataclass(frozen=True)
 class Outcome:
     verdict: Verdict
-    defect: str  # the deciding label ("" when PASS without a label, or UNCERTAIN)
+    defect: str  # the deciding label ("" when PASS, or UNCERTAIN because nothing ran)
     decided_by: str | None = None
 
 
@@ -118,13 +118,20 @@ def aggregate(spec: CoESpec, outputs: list[ExpertOutput]) -> Outcome:
     """One verdict from all outputs, in call order.
 
     An output that triggered a downstream expert defers to it; every other output is terminal.
-    A terminal label outside its expert's pass_labels is a defect (the first one decides);
-    no terminal output at all (nothing ran) is UNCERTAIN; otherwise PASS.
+    A terminal label that is neither a pass label nor an uncertain label of its expert is a defect (the first one
+    decides); else a terminal uncertain label makes the verdict UNCERTAIN (a person should look; the first one is
+    named); no terminal output at all (nothing ran) is UNCERTAIN; otherwise PASS.
     """
     terminal = [o for o in outputs if not _triggers_something(spec, o)]
     if not terminal:
         return Outcome(Verdict.UNCERTAIN, "", None)
+    uncertain = None
     for o in terminal:
-        if o.label not in spec.expert(o.expert).pass_labels:
+        e = spec.expert(o.expert)
+        if o.label in e.uncertain_labels:
+            uncertain = uncertain or o
+        elif o.label not in e.pass_labels:
             return Outcome(Verdict.DEFECT, o.label, o.expert)
+    if uncertain is not None:
+        return Outcome(Verdict.UNCERTAIN, uncertain.label, uncertain.expert)
     return Outcome(Verdict.PASS, "", None)

@@ -207,3 +207,32 @@ def test_usage_sample_of_a_file_coe_runs_on_its_files(factory):
     u = measure_usage(spec, factory / "zoo", "sample")
     assert u.source == "sample" and u.num_requests > 0 and u.usage["family"] == 1.0
     assert u.usage["passive_x"] + u.usage["polar_x"] + u.usage["general"] == pytest.approx(1.0)
+
+
+def test_calibrate_chooses_operating_points_for_a_target_recall(factory, capsys):
+    """`zoo calibrate --target-defect-recall`: each judging expert's least pass_min_probability that finds that
+    share of its categories' defective validation images; the written spec carries it and its report runs at it."""
+    spec_file, zoo = factory / "spec.yaml", factory / "zoo"
+    new = factory / "spec.recall.yaml"
+    capsys.readouterr()
+    assert main(["zoo", "calibrate", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress",
+                 "--target-wrong-route", "0.9", "--target-defect-recall", "0.9", "--out", str(new),
+                 "--json", str(factory / "recall.json")]) == 0
+    out = capsys.readouterr().out
+    assert "operating points for a defect recall of 0.9000" in out and "CoE defect recall" in out
+    cal = json.loads((factory / "recall.json").read_text())
+    points = cal["operating_points"]
+    assert points and all(p["reached"] and p["defect_recall"] >= 0.9 for p in points)
+    calibrated = load_spec(new, zoo_root=zoo)
+    assert all(calibrated.expert(p["expert"]).pass_min_probability == p["chosen"] for p in points)
+    assert main(["zoo", "report", "--spec", str(new), "--zoo", str(zoo), "--no-progress",
+                 "--json", str(factory / "recall-report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "escape rate (defects passed)" in out and "truth \\ verdict" in out
+    coe = json.loads((factory / "recall-report.json").read_text())["coe"]
+    assert sum(sum(row.values()) for row in coe["confusion"].values()) == coe["num_images"]
+
+    assert main(["zoo", "calibrate", "--spec", str(spec_file), "--zoo", str(zoo), "--no-progress",
+                 "--target-defect-recall", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--target-defect-recall" in err and "fix:" in err
