@@ -149,7 +149,11 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--station-rate", type=positive(float), default=10.0, help="station requests per second")
     serve.add_argument("--stop-after-station", action="store_true", help="stop cleanly after the station run")
     serve.add_argument("--station-images", help="the station sends these files instead of generated images: "
-                                                "FOLDER/.../<label>/<image>; good parts are the spec's pass_labels")
+                                                "FOLDER/.../<label>/<image> (or a path,label manifest); good parts are "
+                                                "the spec's pass_labels")
+    serve.add_argument("--station-each", type=positive(int), help="with --station-images: send every image exactly "
+                                                                  "this many times, then score them exactly (the "
+                                                                  "station's --each; --station-seconds is ignored)")
     serve.add_argument("--duration", type=positive(float), help="stop after this many seconds (default: until a signal)")
     serve.add_argument("--replan", action="store_true", help="watch the cluster and re-plan and redeploy on node loss "
                                                              "or join (needs --address and --plan)")
@@ -209,7 +213,12 @@ def _add_station_command(sub: argparse._SubParsersAction) -> None:
     station.add_argument("--board-fraction", type=float, default=0.1, help="share of requests sent as InspectBoard")
     station.add_argument("--defect-rate", type=float, default=0.3, help="share of generated parts with a defect")
     station.add_argument("--images", help="send these image files instead of generated ones: FOLDER/.../<label>/<image> "
-                                           "(the image's folder names its label)")
+                                           "(the image's folder names its label), or a manifest .csv/.jsonl of path,label "
+                                           "rows (paths relative to it)")
+    station.add_argument("--each", type=positive(int), help="with --images: send every image exactly this many times "
+                                                            "(single requests at --rate, --duration ignored) and score "
+                                                            "them exactly: accuracy, escape and false-call rates, "
+                                                            "confusion matrix")
     station.add_argument("--pass-labels", default="ok", help="with --images: the labels meaning a good part "
                                                              "(comma-separated)")
     station.add_argument("--seed", type=int, default=7)

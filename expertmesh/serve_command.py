@@ -40,6 +40,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.replan and not (args.address and app.placement):
         raise InvalidArgument("--replan needs a cluster and a plan", field="--replan",
                               fix="pass --address HOST:PORT and --plan FILE (expertmesh up; expertmesh plan --json FILE)")
+    if getattr(args, "station_each", None) and not getattr(args, "station_images", None):
+        raise InvalidArgument("--station-each scores your own images exactly, but no --station-images were given",
+                              field="--station-each", fix="add --station-images FOLDER, or drop --station-each")
     print(f"starting Ray and Serve, deploying {spec.name!r} ({len(spec.experts)} experts) from {zoo_root} ...", flush=True)
     t0 = time.perf_counter()
     prometheus = controller = report = None
@@ -53,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prometheus = _start_prometheus(args)
         if args.replan:
             controller = _start_controller(args, spec, app)
-        if args.station_seconds:
+        if args.station_seconds or getattr(args, "station_each", None):
             report = _station_run(args, spec, app, tokens, prometheus)
         if args.stop_after_station and report is not None:
             reason = "station run done"
@@ -85,15 +88,17 @@ def _station_run(args: argparse.Namespace, spec: CoESpec, app: AppArgs, tokens: 
                  prometheus: PrometheusServer | None) -> StationReport:
     table = TokenTable.load(tokens)
     token, factory = next(iter(table.factories_by_token.items()))
-    print(f"station run for {args.station_seconds:.0f} s at {args.station_rate} req/s as {factory} ...", flush=True)
+    each = getattr(args, "station_each", None)
+    how = f"each image {each} time(s)" if each else f"for {args.station_seconds:.0f} s"
+    print(f"station run {how} at {args.station_rate} req/s as {factory} ...", flush=True)
     pool = None
     if getattr(args, "station_images", None):  # your files; good parts: folders named by a pass label
         pool = load_images(Path(args.station_images), {p for e in spec.experts for p in e.pass_labels},
                            field="--station-images")
         print(f"  sending {len(pool)} images from {args.station_images}", flush=True)
     report = run_station(f"127.0.0.1:{app.settings.grpc_port}", token, factory, rate_per_s=args.station_rate,
-                         duration_s=args.station_seconds, mix={c.name: c.probability for c in spec.categories},
-                         pool=pool)
+                         duration_s=args.station_seconds or 0.0, mix={c.name: c.probability for c in spec.categories},
+                         pool=pool, each=each)
     print(report.format(), flush=True)
     if prometheus is not None:
         _print_hit_rates(prometheus)

@@ -299,6 +299,13 @@ def read_images(records: list[Record], limits: ImageLimits, size_px: int, *, des
     return images, hashes, problems
 
 
+def manifest_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) of every row of a CSV or JSON-lines manifest, and the problems reading it (as text)."""
+    out = Listing(str(path))
+    rows = _manifest_rows(path, out)
+    return rows, [str(p) for p in out.problems]
+
+
 # --------------------------------------------------------------------------- 3. splitting
 def assign_splits(labels: list[str], hashes: list[str | None], given: list[str | None], fraction: float,
                   seed: int, *, by_content: bool = False, test_fraction: float = 0.0) -> list[str]:

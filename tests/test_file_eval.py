@@ -119,12 +119,20 @@ def test_station_sends_your_files_with_truth_from_their_folders(tmp_path):
             generator.generate("sot23", "ok", 0, i).save(tmp_path / "cat" / label / f"{i}.{'jpg' if i else 'png'}")
     (tmp_path / "README.txt").write_text("not an image")
     pool = load_images(tmp_path, {"ok"})
-    assert len(pool) == 5 and {c for c, _, _ in pool} == {"cat"}
-    assert sorted(d for _, d, _ in pool) == ["bridge", "bridge", "ok", "ok", "ok"]
-    assert {b[:4] for _, _, b in pool} == {b"\x89PNG", b"\xff\xd8\xff\xe0"}  # sent as they are
+    assert len(pool) == 5 and {p.component for p in pool} == {"cat"}
+    assert sorted(p.defect for p in pool) == ["bridge", "bridge", "ok", "ok", "ok"]
+    assert {p.image[:4] for p in pool} == {b"\x89PNG", b"\xff\xd8\xff\xe0"}  # sent as they are
+    assert {(p.file.split("/")[1], p.label) for p in pool} == {("ok", "ok"), ("bridge", "bridge")}
     with pytest.raises(InvalidArgument, match="no PNG or JPEG") as err:
         load_images(tmp_path / "cat" / "missing-folder", {"ok"})
     assert err.value.field == "--images"
+    # the same files from a manifest (paths relative to it), and a row that names no file
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{p.file},{p.label}\n" for p in pool))
+    again = load_images(tmp_path / "m.csv", {"ok"})
+    assert sorted((p.file, p.defect, p.image) for p in again) == sorted((p.file, p.defect, p.image) for p in pool)
+    (tmp_path / "bad.csv").write_text("path,label\ncat/ok/none.png,ok\n")
+    with pytest.raises(InvalidArgument, match="no file cat/ok/none.png"):
+        load_images(tmp_path / "bad.csv", {"ok"})
 
 
 @pytest.fixture(scope="module")

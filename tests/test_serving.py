@@ -367,6 +367,42 @@ def test_verdicts_are_the_offline_coes_and_match_the_ground_truth(serving, stub,
     assert correct / len(pairs) >= 0.95, f"verdict accuracy {correct / len(pairs):.3f} against the ground truth"
 
 
+def test_station_scores_your_files_exactly_from_the_wire(serving, default_spec, tmp_path):
+    """`expertmesh station --images FOLDER --each 2`: every file sent exactly twice over gRPC, every answer scored
+    against its folder's label (the exact served score: accuracy, escape and false-call rates, confusion matrix),
+    the traces naming each file and its label, and each file's verdict the offline CoE's for it."""
+    from PIL import Image
+
+    from expertmesh.station import load_images, run_station
+
+    pairs = [("chip_resistor", "ok"), ("chip_resistor", "misaligned"), ("sot23", "ok"), ("diode", "reversed_polarity"),
+             ("qfp", "solder_bridge"), ("electrolytic_capacitor", "ok")]
+    for k, (component, defect) in enumerate(pairs * 2):
+        folder = tmp_path / "line" / component / defect
+        folder.mkdir(parents=True, exist_ok=True)
+        generator.generate(component, defect, 321, k).save(folder / f"part{k:02d}.png")
+    pool = load_images(tmp_path / "line", {"ok"})
+    traces = tmp_path / "traces.jsonl"
+    report = run_station(serving.grpc_target, serving.tokens["factory-a"], "factory-a", rate_per_s=40,
+                         duration_s=0.1, pool=pool, each=2, traces_path=traces, progress=False)
+    assert report.failure() is None and report.num_sent == report.num_ok == 24 and (report.num_images, report.repeats) \
+        == (12, 2)
+    assert sum(sum(row.values()) for row in report.confusion.values()) == 24
+    assert sum(report.confusion["defective"].values()) == 12  # 3 defective pairs x 2 files x 2 sends
+    assert report.escape_rate == report.confusion["defective"]["PASS"] / 12
+    assert "exact score: each of 12 images sent 2 time(s)" in report.format()
+    records = [json.loads(line) for line in traces.read_text().splitlines()]
+    assert sorted(r["file"] for r in records) == sorted(p.file for p in pool for _ in range(2))
+    by_file = {}
+    for r in records:
+        assert r["label"] == r["file"].split("/")[-2] and r["truth"] == ("PASS" if r["label"] == "ok" else "DEFECT")
+        by_file.setdefault(r["file"], set()).add(r["verdict"])
+    images = np.stack([np.asarray(Image.open(tmp_path / "line" / p.file).convert("RGB")) for p in pool])
+    expected = offline_runs(default_spec, serving.zoo, images)
+    for part, run in zip(pool, expected):
+        assert by_file[part.file] == {aggregate(default_spec, run.outputs).verdict.value}, part.file
+
+
 def test_queue_full_is_resource_exhausted_and_nothing_is_dropped(serving, stub):
     """A flood past the ingress's ongoing + queued limits: every request ends in a result or RESOURCE_EXHAUSTED."""
     from concurrent.futures import ThreadPoolExecutor
