@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts import labeled_data
+from expertmesh.experts import file_baseline, labeled_data
 from expertmesh.experts.accuracy_tables import accuracy_tables
 from expertmesh.experts.images import resize_to
 from expertmesh.experts.line_figures import line_figures
 from expertmesh.experts.offline import load_runtime, predict, run_coe
+from expertmesh.experts.runtime import ExpertRuntime
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.report import AccuracyReport, ExpertAccuracy, SystemAccuracy
 from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
@@ -92,6 +93,23 @@ def has_split(splits: dict[str, labeled_data.SplitData], split: str) -> bool:
     return any(s == split for d in splits.values() for s in d.splits)
 
 
+def categorizer(spec: CoESpec, splits: dict[str, labeled_data.SplitData]):
+    """f(record, content hash, expert name) -> the image's category or None: its manifest row's `category`, else
+    the router's label for the same content, else the one category whose table sends to that expert."""
+    router = splits.get(spec.router.expert)
+    category_of = {h: r.label for r, h in zip(router.records, router.hashes)} if router is not None else {}
+    served: dict[str, list[str]] = {}
+    for c in spec.categories:
+        for name in c.experts:
+            served.setdefault(name, []).append(c.name)
+
+    def category(record: labeled_data.Record, h: str | None, expert: str) -> str | None:
+        sole = served[expert][0] if len(served.get(expert, [])) == 1 else None
+        return record.category or category_of.get(h) or sole
+
+    return category
+
+
 def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: str = "validation") -> HeldOut:
     """The held-out images (module doc) from the models' splits."""
     size = max(spec.input_sizes_px)
@@ -104,12 +122,7 @@ def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: st
         keep = [i for i, s in enumerate(d.splits) if s == split]
         per_expert[name] = ExpertHeldOut(d.images[keep], np.array([e.labels.index(d.records[i].label) for i in keep],
                                                                   dtype=np.int64))
-    router = splits.get(spec.router.expert)
-    category_of = {h: r.label for r, h in zip(router.records, router.hashes)} if router is not None else {}
-    served = {}
-    for c in spec.categories:
-        for name in c.experts:
-            served.setdefault(name, []).append(c.name)
+    category = categorizer(spec, splits)
     names = [n for c in spec.categories for n in c.experts] + [e.name for e in spec.experts]
     names = [n for i, n in enumerate(names) if n in splits and n != spec.router.expert and n not in names[:i]]
     known = {c.name for c in spec.categories}
@@ -121,7 +134,7 @@ def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: st
         for r, h, s, img in zip(d.records, d.hashes, d.splits, d.images):
             if s != split or h is None or h in trained or h in seen:
                 continue
-            cat = r.category or category_of.get(h) or (served[name][0] if len(served.get(name, [])) == 1 else None)
+            cat = category(r, h, name)
             if cat not in known:
                 unplaced.add(h)
                 continue
@@ -210,8 +223,36 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
                                  zip(predict(runtimes[spec.router.expert], router_own.x), router_own.y)]))
                   if router_own is not None and len(router_own.y) else float("nan"))
     return FileAccuracyReport(spec=spec.name, eval_seed=spec.seed, num_eval_per_pair=0, router_accuracy=router_acc,
-                              experts=per_expert, coe=coe, monolithic=None, seconds=time.perf_counter() - t0,
+                              experts=per_expert, coe=coe, monolithic=monolith_accuracy(spec, zoo_root, held),
+                              seconds=time.perf_counter() - t0,
                               split=split, num_unplaced=held.num_unplaced)
+
+
+def monolith_accuracy(spec: CoESpec, zoo_root: Path, held: HeldOut) -> SystemAccuracy | None:
+    """The files' monolith (`experts/file_baseline.py`) on the CoE's held-out images, or None when it is not built
+    (or not current): PASS iff it names a pass label; the defect right iff it names the image's own label."""
+    if not file_baseline.applies(spec) or not file_baseline.is_current(spec, zoo_root):
+        return None
+    mono = file_baseline.monolith_spec(spec)
+    rt = ExpertRuntime(mono, Path(zoo_root) / file_baseline.DIRECTORY, device="cpu", image_limits=spec.image)
+    rt.load()
+    size = mono.input_size_px
+    images = np.stack([resize_to(img, size) if img.shape[0] != size else img for img in held.images]) \
+        if len(held.images) else held.images
+    found = [p.label.split(file_baseline.SEPARATOR, 1)[1] for p in predict(rt, images)]
+    passing = {p.split(file_baseline.SEPARATOR, 1)[1] for p in mono.pass_labels}
+    verdicts = [Verdict.PASS if f in passing else Verdict.DEFECT for f in found]
+    right_verdict = [(v is Verdict.DEFECT) == d for v, d in zip(verdicts, held.is_defect)]
+    n = rt.num_parameters
+    return SystemAccuracy(
+        verdict_accuracy=float(np.mean(right_verdict)),
+        defect_accuracy=float(np.mean([f == lab for f, lab in zip(found, held.labels)])),
+        defect_recall=float(np.mean([v is Verdict.DEFECT for v, d in zip(verdicts, held.is_defect) if d]))
+        if any(held.is_defect) else 1.0,
+        num_uncertain=0, num_images=len(found), mean_experts_per_image=1.0, active_parameters_per_image=float(n),
+        total_parameters=n, train_seconds=((read_meta(Path(zoo_root) / file_baseline.DIRECTORY) or {}).get("train")
+                                           or {}).get("seconds"),
+        **line_figures(verdicts, held.is_defect))
 
 
 def format_report(r: FileAccuracyReport) -> str:
@@ -219,4 +260,7 @@ def format_report(r: FileAccuracyReport) -> str:
               f"{r.coe.num_images} {r.split} images no model trained on"
               + (" or stopped on" if r.split == "test" else " (they chose the epochs: the figures flatter)")
               + (f" ({r.num_unplaced} more left out: no category known)" if r.num_unplaced else ""))
-    return f"{header}\n\n{accuracy_tables(r.model_dump())} Evaluated in {r.seconds:.1f} s."
+    missing = ("" if r.monolithic is not None else f"\n{file_baseline.NAME}: not built for this spec (the matched-"
+               f"parameter monolith over every category and label); `expertmesh zoo build --only "
+               f"{file_baseline.NAME}` trains it")
+    return f"{header}\n\n{accuracy_tables(r.model_dump())}{missing}\nEvaluated in {r.seconds:.1f} s."

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts import labeled_data
+from expertmesh.experts import file_baseline, labeled_data
 from expertmesh.experts.checkpoint_header import checkpoint_digest
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.models import build_model, load_model, num_parameters
@@ -207,6 +207,24 @@ class BuildResult:
 
 def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats, fp: str, data=None) -> None:
     """`fp`: the fingerprint taken before the data was read (a file changed meanwhile leaves the expert stale)."""
+    extra: dict = {"generator": generator.GENERATOR_VERSION}
+    if data is not None:  # trained on files: where from, and the images per split and label
+        extra = {"data": {"source": str(labeled_data.data_path(spec, expert)), "images": data.counts}}
+    source = pretrained_source(spec, expert)
+    copies = []
+    if source is not None:  # brought: where from; its preprocessing goes with it (serving and profiling read it)
+        extra["pretrained"] = str(source)
+        if stats is None:
+            extra["generator"] = None
+        if (source / PREPROCESSOR_FILE).is_file():
+            copies.append(source / PREPROCESSOR_FILE)
+    _save_checkpoint(model, expert, checkpoint_dir, stats, fp, extra=extra, copies=copies)
+
+
+def _save_checkpoint(model, expert: ExpertSpec, checkpoint_dir: Path, stats, fp: str, *, extra: dict | None = None,
+                     copies: list[Path] = ()) -> None:
+    """The checkpoint directory, written whole or not at all: weights, config, `copies`, and META_FILE (the
+    fingerprint, labels, training stats and `extra`)."""
     tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
@@ -214,18 +232,10 @@ def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats,
         "expert": expert.name, "fingerprint": fp, "labels": list(expert.labels),
         "input_size_px": expert.input_size_px, "num_parameters": num_parameters(model),
         "train": stats.__dict__ if stats is not None else None, "torch": torch.__version__, "transformers": transformers.__version__,
-        "generator": generator.GENERATOR_VERSION, "recipe": RECIPE_VERSION,
+        "recipe": RECIPE_VERSION, **(extra or {}),
     }
-    if data is not None:  # trained on files: where from, and the images per split and label
-        del meta["generator"]
-        meta["data"] = {"source": str(labeled_data.data_path(spec, expert)), "images": data.counts}
-    source = pretrained_source(spec, expert)
-    if source is not None:  # brought: where from; its preprocessing goes with it (serving and profiling read it)
-        meta["pretrained"] = str(source)
-        if stats is None:
-            meta["generator"] = None
-        if (source / PREPROCESSOR_FILE).is_file():
-            shutil.copyfile(source / PREPROCESSOR_FILE, tmp / PREPROCESSOR_FILE)
+    for path in copies:
+        shutil.copyfile(path, tmp / path.name)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +269,10 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
             stale.append((e, ckpt))
     if result.skipped:
         log(f"up to date, skipped: {', '.join(result.skipped)}")
+    files_monolith = BASELINE_NAME in wanted and file_baseline.applies(spec)
     if not stale:
+        if files_monolith:
+            _build_files_monolith(spec, zoo_root, result, device, progress, force, log)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -307,8 +320,20 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
                     "kept)" if stats.validation_accuracy is not None else "")
         log(f"[{i}/{len(stale)}] {e.name}: {stats.num_images} images x {stats.epochs} epochs in {stats.seconds:.1f} s, "
             f"train accuracy {stats.train_accuracy:.3f}{val_note}, {num_parameters(model):,} parameters -> {ckpt}")
+    if files_monolith:
+        _build_files_monolith(spec, zoo_root, result, device, progress, force, log)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _build_files_monolith(spec, zoo_root, result: BuildResult, device, progress, force, log) -> None:
+    """The monolithic baseline of a CoE trained on files (`experts/file_baseline.py`), after its experts."""
+    outcome, stats = file_baseline.build(spec, zoo_root, device=device, progress=progress, force=force, log=log)
+    if outcome == "current":
+        result.skipped.append(BASELINE_NAME)
+    elif outcome == "trained":
+        result.trained.append(BASELINE_NAME)
+        result.stats[BASELINE_NAME] = stats
 
 
 def _read_file_data(spec: CoESpec, experts: list[ExpertSpec], progress: bool, log) -> dict[str, labeled_data.TrainingData]:

@@ -15,7 +15,7 @@ import yaml
 
 from expertmesh.cli import main
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts import file_eval
+from expertmesh.experts import file_baseline, file_eval
 from expertmesh.experts import labeled_data as ld
 from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.spec import load_spec, parse_spec
@@ -178,7 +178,10 @@ def test_report_and_calibrate_measure_on_the_files(factory, capsys):
     assert "trained on files; each model on its own test split" in out and "passive_x" in out
     assert "no model trained on or stopped on" in out  # the carved test split, not the one that chose the epochs
     r = json.loads((factory / "report.json").read_text())
-    assert r["split"] == "test" and 0 < r["coe"]["num_images"] < 60 and r["monolithic"] is None
+    assert r["split"] == "test" and 0 < r["coe"]["num_images"] < 60
+    mono = r["monolithic"]  # the files' monolith, on the same test images
+    assert mono is not None and mono["num_images"] == r["coe"]["num_images"] and "mono (active)" in out
+    assert 0.5 < mono["active_parameters_per_image"] / r["coe"]["active_parameters_per_image"] < 2
     assert {e["expert"] for e in r["experts"]} == {"family", "passive_x", "polar_x", "general"}
     assert all(e["train_seconds"] > 0 for e in r["experts"]) and 0 <= r["coe"]["defect_recall"] <= 1
 
@@ -200,6 +203,20 @@ def test_report_and_calibrate_measure_on_the_files(factory, capsys):
         {"passive_x"} if file_eval.judges(spec.expert("passive_x"), polar_labels) else set())
     calibrated = load_spec(new, zoo_root=zoo)  # its data paths still resolve (written beside the spec)
     assert calibrated.version == 2 and calibrated.router.min_confidence == cal["threshold"]["min_confidence"]
+
+
+def test_the_files_monolith_never_trains_on_the_test_images(factory):
+    """Its classes are every (category, label) of the table experts; its train and validation images are theirs,
+    each under its category; none is a test image of the CoE."""
+    spec = load_spec(factory / "spec.yaml")
+    mono = file_baseline.monolith_spec(spec)
+    assert mono.labels == ["passive/ok", "passive/missing", "passive/shifted", "polar/ok", "polar/missing",
+                           "polar/reversed"] and mono.pass_labels == ["passive/ok", "polar/ok"]
+    x, y, x_val, y_val, counts = file_baseline.training_arrays(spec, mono, file_eval.read_splits(spec, progress=False))
+    seen = {hashlib.sha256(img.tobytes()).hexdigest() for img in np.concatenate([x, x_val])}
+    assert len(y) and len(y_val) and not seen & held_out_hashes(factory, "test")
+    assert file_baseline.is_current(spec, factory / "zoo")
+    assert sum(counts["train"].values()) == len(y) and set(counts["train"]) <= set(mono.labels)
 
 
 def held_out_hashes(factory, split: str) -> set[str]:
