@@ -215,9 +215,38 @@ def check_spec(spec: CoESpec, zoo_root: Path | None = None) -> list[SpecProblem]
     _check_gating_rules(spec, found)
     _check_reachable(spec, graph, found)
     _check_pretrained(spec, found)
+    _check_init_from(spec, found)
     if zoo_root is not None:
         _check_checkpoints(spec, zoo_root, found)
     return found.problems
+
+
+def _check_init_from(spec: CoESpec, found: _Findings) -> None:
+    """`training.init_from` names another expert of the same architecture and input size, without a cycle."""
+    names = {e.name: e for e in spec.experts}
+    for i, e in enumerate(spec.experts):
+        source = e.training.init_from if e.training else None
+        if source is None:
+            continue
+        field = f"experts[{i}].training.init_from"
+        if source not in names or source == e.name:
+            found.add(field, f"{source!r} is not another expert of this spec",
+                      f"name the expert whose weights {e.name!r} starts from: one of {sorted(set(names) - {e.name})}")
+            continue
+        s = names[source]
+        if (s.architecture, s.input_size_px) != (e.architecture, e.input_size_px):
+            found.add(field, f"{source!r} has another architecture or input size than {e.name!r}",
+                      "give both the same architecture and input_size_px (only the head may differ)")
+        seen, at = {e.name}, s
+        while at.training is not None and at.training.init_from is not None:
+            if at.training.init_from in seen:
+                found.add(field, f"init_from goes round in a circle through {sorted(seen)}",
+                          "let one of them start from scratch (remove its init_from)")
+                break
+            seen.add(at.name)
+            if at.training.init_from not in names:
+                break
+            at = names[at.training.init_from]
 
 
 def pretrained_source(spec: CoESpec, expert: ExpertSpec) -> Path | None:

@@ -16,7 +16,7 @@ AUGMENTATIONS = ("rot90", "hflip", "vflip", "brightness")
 #: Training keys that only exist since training from files: left out of a checkpoint's fingerprint while unset,
 #: so the experts of specs written before them keep their fingerprints (and their checkpoints stay current).
 FILE_DATA_KEYS = ("data", "validation_fraction", "test_fraction", "augment", "early_stopping_patience",
-                  "class_weighting")
+                  "class_weighting", "init_from")
 
 
 class DataSpec(_Strict):
@@ -63,6 +63,9 @@ class TrainingSpec(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1, le=1000, description="epochs without a better validation "
                                                 "accuracy before stopping; default 3")
     class_weighting: Literal["balanced", "none"] | None = Field(None, description="default: balanced for file data")
+    init_from: str | None = Field(None, description="start from this other expert's trained weights (a new head when "
+                                  "the labels differ): a backbone shared across experts, trained on all their images "
+                                  "(as CCoE shares one); it must have the same architecture and input size")
 
     @field_validator("augment", mode="before")
     @classmethod

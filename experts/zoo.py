@@ -77,6 +77,9 @@ def fingerprint(spec: CoESpec, expert: ExpertSpec) -> str:
         shaped_by["image"] = spec.image.model_dump(mode="json")
     else:
         shaped_by["generator"] = generator.GENERATOR_VERSION
+    init_from = expert.training.init_from if expert.training else None
+    if init_from is not None:  # it starts from another expert's weights: those shape it too
+        shaped_by["init_from"] = fingerprint(spec, spec.expert(init_from))
     if expert.name in BASELINES:  # a baseline trains on the whole pool, which the experts shape
         shaped_by["pool"] = sorted(f"{c}/{d}:{n}" for (c, d), n in dataset.train_counts(spec).items())
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True).encode()).hexdigest()
@@ -88,6 +91,38 @@ def resolved(spec: CoESpec, expert: ExpertSpec) -> ExpertSpec:
     if source is None:
         return expert
     return expert.model_copy(update={"architecture": expert.architecture.model_copy(update={"path": str(source)})})
+
+
+def starting_point(spec: CoESpec, expert: ExpertSpec, zoo_root: Path) -> ExpertSpec:
+    """The expert as training builds it: from its `training.init_from` expert's checkpoint in this zoo (as a local
+    pretrained checkpoint, its head replaced when the labels differ), else `resolved`."""
+    init_from = expert.training.init_from if expert.training else None
+    if init_from is None:
+        return resolved(spec, expert)
+    source = resolve_checkpoint(spec.expert(init_from), zoo_root)
+    if not (source / "model.safetensors").is_file():
+        raise InvalidArgument(f"{expert.name!r} starts from {init_from!r} (training.init_from), which is not built in "
+                              f"{zoo_root}", field=f"experts.{expert.name}.training.init_from",
+                              fix=f"build it first (`expertmesh zoo build --only {init_from}`), or build both")
+    return expert.model_copy(update={"architecture": ArchitectureSpec(family="pretrained", path=str(source))})
+
+
+def build_order(spec: CoESpec, experts: list[ExpertSpec]) -> list[ExpertSpec]:
+    """`experts` in spec order, except that an expert comes after the one its `training.init_from` names."""
+    names = {e.name for e in experts}
+    done: list[ExpertSpec] = []
+
+    def visit(e: ExpertSpec, path: frozenset[str]) -> None:
+        if e in done or e.name in path:
+            return
+        source = e.training.init_from if e.training else None
+        if source in names:
+            visit(next(x for x in experts if x.name == source), path | {e.name})
+        done.append(e)
+
+    for e in experts:
+        visit(e, frozenset())
+    return done
 
 
 def trains_on_generated(expert: ExpertSpec) -> bool:
@@ -253,7 +288,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
     if set(baselines) - set(BASELINES):
         raise InvalidArgument(f"unknown baselines {sorted(set(baselines) - set(BASELINES))}", field="--baselines",
                               fix=f"use names from {sorted(BASELINES)}")
-    targets = [e for e in spec.experts if only is None or e.name in only]
+    targets = build_order(spec, [e for e in spec.experts if only is None or e.name in only])
     unknown = sorted(set(only or []) - {e.name for e in spec.experts} - set(BASELINES))
     if unknown:
         raise InvalidArgument(f"unknown experts {unknown}", field="--only", fix=f"use names from the spec: {[e.name for e in spec.experts]}")
@@ -310,7 +345,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
             else:
                 x, y = pool.arrays_for(dataset.expert_samples(spec, e), e.labels, counts=dataset.per_pair_counts(spec, e))
             x, y, val, weights = _generated_split(x, y, plan, seed, len(e.labels))
-        model, stats = train_classifier(resolved(spec, e), x, y, seed=seed, device=device, progress=progress, plan=plan,
+        model, stats = train_classifier(starting_point(spec, e, zoo_root), x, y, seed=seed, device=device, progress=progress, plan=plan,
                                         validation=val, weights=weights)
         _save(model, spec, e, ckpt, stats, fps[e.name], files.get(e.name))
         result.trained.append(e.name)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from expertmesh.errors import SpecError
 from expertmesh.experts import labeled_data as ld
@@ -300,3 +302,37 @@ def test_balanced_accuracy_sees_through_the_majority_answer():
     assert acc == pytest.approx(0.8) and balanced == pytest.approx(1 / 3)
     acc2, balanced2 = scores(torch.tensor([0] * 5 + [1, 1, 1, 1, 2]), y)
     assert acc2 < acc and balanced2 > balanced  # the epoch a balanced loss should keep
+
+
+def test_an_expert_starts_from_another_experts_backbone(dataset, tmp_path):
+    """training.init_from: built after the expert it names (whatever the spec's order), from that expert's trained
+    weights (a new head when the labels differ), and stale whenever that expert changes."""
+    data = spec_data({"folder": str(dataset / "images")}, router_data={"folder": str(dataset / "categories")})
+    first = data["experts"][1]
+    second = {**first, "name": "chip2", "checkpoint": "chip2",
+              "training": {**first["training"], "init_from": "chip", "epochs": 1, "learning_rate": 1e-9}}
+    data["experts"].insert(1, second)  # listed before the expert it starts from
+    data["categories"][1]["experts"] = ["chip2"]
+    spec = write_spec(tmp_path / "spec.yaml", data)
+    res = build_zoo(spec, tmp_path / "zoo", baselines=(), **quiet)
+    assert res.trained.index("chip") < res.trained.index("chip2")
+    a = load_file(str(tmp_path / "zoo" / "chip" / "model.safetensors"))
+    b = load_file(str(tmp_path / "zoo" / "chip2" / "model.safetensors"))
+    shared = [k for k in a if k in b and a[k].shape == b[k].shape and "classifier" not in k and "num_batches" not in k
+              and "running" not in k]
+    assert shared and all(torch.allclose(a[k], b[k], atol=1e-5) for k in shared)  # lr 1e-9: still chip's backbone
+    changed = write_spec(tmp_path / "spec.yaml", {**data, "seed": 5})
+    assert not is_current(changed, changed.expert("chip2"), tmp_path / "zoo" / "chip2")
+
+
+@pytest.mark.parametrize("init_from,message", [
+    ("ghost", "'ghost' is not another expert"), ("chip", "is not another expert"),
+    ("router", "another architecture or input size"),
+])
+def test_init_from_must_name_a_matching_expert(init_from, message, dataset):
+    data = spec_data({"folder": str(dataset / "images")}, init_from=init_from)
+    if init_from == "router":
+        data["experts"][0]["input_size_px"] = 48
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert message in str(info.value) and "init_from" in str(info.value)
