@@ -15,6 +15,7 @@ The export is laid out as an inspection line would write it, and as the walk-thr
 
   DIR/el_export/<type>/<grade>/cellNNNN.png     type: mono, poly (the router's categories);
                                                 grade: ok (p = 0), suspect (p = 1/3 or 2/3), defective (p = 1)
+  DIR/el_export/manifest.csv                    path,label,category of every cell (label: its grade)
 
 The paper's CNN figure (88.42% average accuracy) is for telling functional from defective cells; the CoE's
 matching figure is its PASS/DEFECT verdict accuracy with `suspect` counted as a defect grade (`pass_labels: [ok]`).
@@ -23,6 +24,7 @@ matching figure is its PASS/DEFECT verdict accuracy with `suspect` counted as a 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import re
 import shlex
@@ -82,12 +84,16 @@ def spec_data() -> dict:
 def export(root: Path) -> Path:
     """Copy the package's cells into `root/el_export/<type>/<grade>/` and write the spec; returns the spec's path."""
     data = package_data()
+    rows = []
     for path, kind, grade in read_labels(data):
         folder = root / "el_export" / kind / grade
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / Path(path).name
         if not target.exists():
             shutil.copyfile(data / path, target)
+        rows.append((target.relative_to(root / "el_export").as_posix(), grade, kind))
+    with open(root / "el_export" / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "category"), *rows])
     spec = root / "solar-cells.yaml"
     spec.write_text("# ELPV solar cells as a factory's export (bench/real_data_demo.py writes it).\n"
                     + yaml.safe_dump(spec_data(), sort_keys=False))

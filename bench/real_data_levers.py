@@ -43,18 +43,30 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                        {"input_size_px": 128, "architecture": WIDE, "training": {"augment": ALL_AUGMENT}}),
     "px128_deep_aug": ("input 128 px, ResNet 32-64-128-256, + vflip, brightness",
                        {"input_size_px": 128, "architecture": DEEP, "training": {"augment": ALL_AUGMENT}}),
+    "px128_wide_aug_shared": ("as px128_wide_aug, both experts fine-tuned from a shared backbone: a fallback "
+                              "expert trained on every cell (training.init_from)",
+                              {"input_size_px": 128, "architecture": WIDE, "training": {"augment": ALL_AUGMENT},
+                               "shared": True}),
 }
+SHARED = "all_cells"
 
 
 def variant_spec(name: str) -> dict:
     data = spec_data()
-    overrides = VARIANTS[name][1]
+    overrides = dict(VARIANTS[name][1])
+    shared = overrides.pop("shared", False)
+    if shared:  # the fallback: every cell, every grade; the experts start from its weights
+        data["experts"].append({"name": SHARED, "labels": ["ok", "suspect", "defective"], "pass_labels": ["ok"],
+                                "training": {"data": {"manifest": "el_export/manifest.csv"}, "epochs": 40}})
+        data["router"]["fallback_expert"] = SHARED
     for e in data["experts"][1:]:
         for key, value in overrides.items():
             if key == "training":
                 e["training"] = {**e["training"], **value}
             else:
                 e[key] = copy.deepcopy(value)
+        if shared and e["name"] != SHARED:
+            e["training"] = {**e["training"], "init_from": SHARED}
     return data
 
 
