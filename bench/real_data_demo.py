@@ -13,12 +13,13 @@ for measuring only and never copied into this repository).
 
 The export is laid out as an inspection line would write it, and as the walk-through expects:
 
-  DIR/el_export/<type>/<grade>/cellNNNN.png     type: mono, poly (the router's categories);
-                                                grade: ok (p = 0), suspect (p = 1/3 or 2/3), defective (p = 1)
+  DIR/el_export/<type>/<grade>/cellNNNN.png     type: mono, poly (the router's categories); grade: the graders'
+                                                defect probability: ok (0), unlikely (1/3), likely (2/3),
+                                                defective (1)
   DIR/el_export/manifest.csv                    path,label,category of every cell (label: its grade)
 
-The paper's CNN figure (88.42% average accuracy) is for telling functional from defective cells; the CoE's
-matching figure is its PASS/DEFECT verdict accuracy with `suspect` counted as a defect grade (`pass_labels: [ok]`).
+The paper's CNN figure (88.42% average accuracy) is for telling functional cells (p < 0.5) from defective ones
+(p >= 0.5); the CoE's matching figure is its PASS/DEFECT verdict accuracy with `pass_labels: [ok, unlikely]`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GRADES = {0.0: "ok", 1 / 3: "suspect", 2 / 3: "suspect", 1.0: "defective"}
+#: the package's defect probability -> the grade folder; the paper counts a cell defective from p = 0.5 up
+GRADES = {0.0: "ok", 1 / 3: "unlikely", 2 / 3: "likely", 1.0: "defective"}
+PASS_GRADES = ["ok", "unlikely"]
 TYPES = ("mono", "poly")
 
 
@@ -68,11 +71,11 @@ def read_labels(data: Path) -> list[tuple[str, str, str]]:
 def spec_data() -> dict:
     """The walk-through's spec for these cells, in the README's form: names, labels, data; everything else default."""
     def expert(kind: str) -> dict:
-        return {"name": f"{kind}_cells", "labels": ["ok", "suspect", "defective"], "pass_labels": ["ok"],
+        return {"name": f"{kind}_cells", "labels": list(dict.fromkeys(GRADES.values())), "pass_labels": PASS_GRADES,
                 "training": {"data": {"folder": f"el_export/{kind}"}, "epochs": 40}}
 
     return {"name": "solar-cells", "seed": 0,
-            "description": "ELPV electroluminescence cells: two product types, three defect grades",
+            "description": "ELPV electroluminescence cells: two product types, four defect grades",
             "router": {"expert": "cell_type"},
             "experts": [{"name": "cell_type", "labels": list(TYPES),
                          "training": {"data": {"folder": "el_export"}, "epochs": 20}},

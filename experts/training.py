@@ -106,9 +106,10 @@ def scores(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 def may_stop(epoch: int, epochs: int) -> bool:
-    """Early stopping may end training only in the schedule's second half: one-cycle plans its learning rate over
-    every epoch (warm-up, then annealing), so an epoch of the first half is judged at a high learning rate, and a
-    stop there keeps weights the annealing never refined (an expert once stopped at epoch 13 of 40, keeping epoch 1)."""
+    """Whether epoch (0-based) counts toward early stopping's patience: only those of the schedule's second half.
+    One-cycle plans its learning rate over every epoch (warm-up, then annealing), so an epoch of the first half is
+    judged at a high learning rate, and a stop there keeps weights the annealing never refined (an expert once stopped
+    at epoch 13 of 40, keeping epoch 1). So training runs at least half its epochs plus the patience."""
     return epoch + 1 > epochs // 2
 
 
@@ -177,10 +178,9 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
         score = val_balanced if plan.class_weighting == "balanced" else val_acc
         if best is None or score > best[0]:
             best, since_best = (score, epoch + 1, copy.deepcopy(model.state_dict()), val_acc, val_balanced), 0
-        else:
+        elif may_stop(epoch, t.epochs):  # patience counts only the epochs of the schedule's second half
             since_best += 1
-            if (plan.early_stopping_patience is not None and since_best >= plan.early_stopping_patience
-                    and may_stop(epoch, t.epochs)):
+            if plan.early_stopping_patience is not None and since_best >= plan.early_stopping_patience:
                 break
     bar.close()
     if best is not None:
