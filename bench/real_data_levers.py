@@ -41,6 +41,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                             {"training": {**NO_AUGMENT, "epochs": 100}, "input_size_px": 96}),
     "no_augment_100_wide": ("no augmentation, 100 epochs, ResNet 32-64-128",
                             {"training": {**NO_AUGMENT, "epochs": 100}, "architecture": WIDE}),
+    "no_augment_100_unweighted": ("no augmentation, 100 epochs, classes unweighted (class_weighting: none)",
+                                  {"training": {**NO_AUGMENT, "epochs": 100, "class_weighting": "none"}}),
+    "flips_100_unweighted": ("flips, 100 epochs, classes unweighted",
+                             {"training": {**FLIPS, "epochs": 100, "class_weighting": "none"}}),
     "no_augment_100_shared": ("no augmentation, 100 epochs, both experts fine-tuned from a shared backbone: a "
                               "fallback expert trained on every cell (training.init_from)",
                               {"training": {**NO_AUGMENT, "epochs": 100}, "shared": True}),
