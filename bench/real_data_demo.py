@@ -72,7 +72,7 @@ def spec_data() -> dict:
     """The walk-through's spec for these cells, in the README's form: names, labels, data; everything else default."""
     def expert(kind: str) -> dict:
         return {"name": f"{kind}_cells", "labels": list(dict.fromkeys(GRADES.values())), "pass_labels": PASS_GRADES,
-                "training": {"data": {"folder": f"el_export/{kind}"}, "epochs": 40}}
+                "training": {"data": {"folder": f"el_export/{kind}"}, "epochs": 100}}
 
     return {"name": "solar-cells", "seed": 0,
             "description": "ELPV electroluminescence cells: two product types, four defect grades",

@@ -278,10 +278,11 @@ def test_augment_none_and_defaults():
     spec = parse_spec(spec_data({"folder": "a"}, augment="none"))
     assert resolve_plan(spec.expert("chip").training).augment == ()
     plan = resolve_plan(parse_spec(spec_data({"folder": "a"})).expert("chip").training)
-    assert (plan.validation_fraction, plan.augment, plan.early_stopping_patience, plan.class_weighting) == (
-        0.2, ("rot90", "hflip"), 3, "balanced")
+    assert (plan.validation_fraction, plan.test_fraction, plan.augment, plan.early_stopping_patience,
+            plan.class_weighting) == (0.2, 0.2, ("hflip", "vflip"), 3, "none")  # chosen on real images
     generated = resolve_plan(parse_spec(spec_data({"folder": "a"})).expert("router").training)
-    assert (generated.validation_fraction, generated.early_stopping_patience, generated.class_weighting) == (0.0, None, "none")
+    assert (generated.validation_fraction, generated.test_fraction, generated.augment,
+            generated.early_stopping_patience, generated.class_weighting) == (0.0, 0.0, ("rot90", "hflip"), None, "none")
 
 
 def test_early_stopping_waits_for_the_schedules_second_half():
