@@ -125,7 +125,7 @@ chart: setup
 
 ## The README walk-through "Serve your own inspection data": a factory's labeled images written to disk (PNG and JPEG,
 ## some greyscale, an imbalanced class), a CoE spec trained from them, then spec check, zoo build, zoo report, zoo
-## calibrate, and serve with a 10 s station sending the line's new images, all with the real CLI (a few minutes);
+## calibrate, and serve with a station sending each of the line's new images once, all with the real CLI (a few minutes);
 ## every command and its output go to docs/own-data-walkthrough.txt. OWN_DATA_DIR (its zoo and home) is made afresh.
 OWN_DATA_DIR ?= /tmp/expertmesh-own-data
 .PHONY: own-data-demo

@@ -3,7 +3,7 @@ for a small CoE trained from them, and the user's commands run one after another
 
   python bench/own_data_demo.py export DIR          write the dataset and the spec under DIR (nothing else)
   python bench/own_data_demo.py run DIR [--out F]   export, then run spec check, zoo build, zoo report, zoo
-                                                    calibrate and serve (a 10 s station on the line's new images),
+                                                    calibrate and serve (a station sending each of the line's new images once),
                                                     each command and its output written to F
                                                     (default docs/own-data-walkthrough.txt)
 
@@ -155,7 +155,7 @@ def run(root: Path, out: Path) -> int:
          "--no-progress"],
         ["expertmesh", "zoo", "report", "--spec", str(calibrated), "--zoo", str(zoo), "--no-progress"],
         ["expertmesh", "serve", "--spec", str(calibrated), "--zoo", str(zoo), "--no-profile", "--no-prometheus",
-         "--station-seconds", "10", "--station-rate", "10", "--station-images", str(root / "line_today"),
+         "--station-each", "1", "--station-rate", "10", "--station-images", str(root / "line_today"),
          "--stop-after-station", "--grpc-port", "9310", "--http-port", "8310", "--metrics-port", "8390"],
     ]
     rc = 0

@@ -271,7 +271,10 @@ def run_station(target: str, token: str, factory_id: str, *, rate_per_s: float, 
         with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(max_workers=64) as ex:
             send = _Sender(pb_grpc.InspectionServiceStub(channel), tally, pool, token, factory_id, station_id,
                            board_size, timeout_s, coe)
-            while (now := time.perf_counter()) - start < duration_s if total is None else sent < total:
+            while True:
+                now = time.perf_counter()
+                if (now - start >= duration_s) if total is None else (sent >= total):
+                    break
                 due = start + sent / rate_per_s
                 if due > now:
                     time.sleep(min(due - now, 0.05))

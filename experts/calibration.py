@@ -228,7 +228,9 @@ def calibrated_spec_data(data: dict, table: Mapping[str, Option], threshold: Thr
         new = {d["downstream"] for d in deps if d["upstream"] in reached} - reached
         reached |= new
         grew = bool(new)
-    dropped = [e["name"] for e in out["experts"] if e.get("task") == "classify" and e["name"] not in reached]
+    router = out["router"]["expert"]  # a spec may leave `task` out: route for the router, classify for the rest
+    dropped = [e["name"] for e in out["experts"]
+               if e.get("task", "route" if e["name"] == router else "classify") == "classify" and e["name"] not in reached]
     out["experts"] = [e for e in out["experts"] if e["name"] not in dropped]
     if deps:
         out["dependencies"] = [d for d in deps if d["upstream"] not in dropped and d["downstream"] not in dropped]

@@ -111,6 +111,9 @@ def test_calibrated_spec_data_raises_version_and_drops_unreached_experts():
     assert spec.version == 2 and spec.category("sot23").experts == ["chip_defect"]
     assert spec.router.min_confidence == 0.73 and spec.router.expected_fallback_probability == 0.02
     assert all("sot23_defect" not in (d.upstream, d.downstream) for d in spec.dependencies)
+    for e in data["experts"]:  # a spec that leaves `task` to its default: the same experts dropped, the router kept
+        e.pop("task")
+    assert cal.calibrated_spec_data(data, table, th)[1] == ["sot23_defect"]
 
 
 # --------------------------------------------------------------------------- the command, on the tiny zoo

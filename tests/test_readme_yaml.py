@@ -72,6 +72,13 @@ def test_readme_own_data_spec_is_what_the_demo_writes():
     assert parse_spec(yaml.safe_load(readme)) == parse_spec(demo_spec_data())
 
 
+def test_readme_real_data_spec_is_what_the_real_data_demo_writes():
+    from expertmesh.bench.real_data_demo import spec_data as real_spec_data
+
+    readme = next(text for where, text in BLOCKS if "name: solar-cells" in text)
+    assert parse_spec(yaml.safe_load(readme)) == parse_spec(real_spec_data())
+
+
 def test_spec_check_prints_the_defaults_it_chose(tmp_path, capsys):
     readme = next(text for where, text in BLOCKS if "name: factory-coe" in text)
     (tmp_path / "s.yaml").write_text(readme)
