@@ -163,7 +163,7 @@ def summary(tally: Tally, measured_s: float) -> dict:
 
 def run_isolation(s: IsolationSettings, zoo: Path, spec_path: str | None = None) -> dict:
     doc: dict = {"benchmark": "isolation", **provenance(), "settings": s.model_dump(mode="json")}
-    images = [png for _, _, png in sample_components(s.pool_size, s.seed, 0.3)]
+    images = [part.image for part in sample_components(s.pool_size, s.seed, 0.3)]
     quota = {"rate_per_s": s.flood_rate_per_s, "max_in_flight": s.flood_max_in_flight}
     with tempfile.TemporaryDirectory(prefix="em-isolation-") as workdir:
         tokens_file = Path(workdir) / "tokens.yaml"

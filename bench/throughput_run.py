@@ -129,7 +129,7 @@ def run_throughput(s: ThroughputSettings, spec: CoESpec, zoo: Path, profile: Pat
     offline = "offline" in s.parts and target is None
     num_images = max(s.pool_size, s.offline_components if offline else 0)
     say(f"generating {num_images} components ...")
-    pngs = [png for _, _, png in sample_components(num_images, s.seed, s.defect_rate)]
+    pngs = [part.image for part in sample_components(num_images, s.seed, s.defect_rate)]
     images = pngs[:s.pool_size]
     if offline:
         say(f"offline bound: {s.offline_components} components, {s.offline_repeats} timed runs ...")

@@ -358,7 +358,7 @@ class ProbeBoard:
 
     def __init__(self, target: str, token: str) -> None:
         self.streaming, self.streamed, self.code, self.details = threading.Event(), 0, None, ""
-        images = [png for _, _, png in sample_components(20, seed=7, defect_rate=0.2)]
+        images = [part.image for part in sample_components(20, seed=7, defect_rate=0.2)]
         self.request = pb.InspectBoardRequest(board_id="probe", factory_id="factory-a", components=[
             pb.InspectRequest(image=images[i % len(images)]) for i in range(PROBE_BOARD_SIZE)])
         self.target, self.token = target, token
