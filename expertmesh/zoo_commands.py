@@ -13,7 +13,7 @@ from pathlib import Path
 
 from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts import file_eval
+from expertmesh.experts import file_baseline, file_eval
 from expertmesh.experts.calibration import CalibrationConfig
 from expertmesh.experts.report import evaluate, format_report, write_report
 from expertmesh.experts.spec import default_spec_path
@@ -34,6 +34,13 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     baselines = BASELINE_SETS["none" if args.no_baseline else args.baselines]
     res = build_zoo(spec, zoo_root, only=args.only, force=args.force, baselines=baselines,
                     device=args.device, progress=not args.no_progress)
+    wanted = set(baselines) if args.only is None else set(args.only)
+    if file_baseline.NAME in wanted and file_baseline.applies(spec):  # a CoE on files: its monolith, after its experts
+        t0 = time.perf_counter()
+        outcome, _ = file_baseline.build(spec, zoo_root, device=args.device, progress=not args.no_progress,
+                                         force=args.force)
+        (res.trained if outcome == "trained" else res.skipped if outcome == "current" else []).append(file_baseline.NAME)
+        res.seconds += time.perf_counter() - t0
     print(f"zoo build done in {res.seconds:.1f} s: {len(res.trained)} trained, {len(res.skipped)} up to date")
     return 0
 

@@ -7,8 +7,9 @@ images the table experts train on (their `train` splits, each image under its ca
 `validation` splits, and never sees the `test` images `zoo report` scores both on. Its training settings are the
 first table expert's (epochs, batch size, learning rate, augmentation, class weighting).
 
-`zoo build` builds it (as `monolithic`, unless `--no-baseline`); `zoo report` scores it beside the CoE, or names it
-as not built with the command that builds it.
+`expertmesh zoo build` builds it after the experts (as `monolithic`, unless `--no-baseline`; `build_zoo` itself
+builds only the experts and the generated-data baselines); `zoo report` scores it beside the CoE, or names it as not
+built with the command that builds it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import numpy as np
 
 from expertmesh.experts import labeled_data
 from expertmesh.experts.architecture_spec import ArchitectureSpec
+from expertmesh.experts.file_splits import categorizer, read_splits
+from expertmesh.experts.images import resize_to
 from expertmesh.experts.spec import CoESpec, ExpertSpec
+from expertmesh.experts.training import resolve_plan, train_classifier
+from expertmesh.experts.zoo import (RECIPE_VERSION, _save_checkpoint, expert_parameters, expert_seed, read_meta,
+                                    resolved)
 
 NAME = "monolithic"
 DIRECTORY = "_baselines/monolithic_files"
@@ -49,8 +55,6 @@ def applies(spec: CoESpec) -> bool:
 def monolith_spec(spec: CoESpec) -> ExpertSpec:
     """The baseline's spec: labels `<category>/<label>`, pass labels likewise, the smallest 3-stage ResNet width
     closest to the CoE's active parameters per image."""
-    from expertmesh.experts.zoo import expert_parameters, resolved
-
     judges = table_experts(spec)
     labels = [f"{c}{SEPARATOR}{label}" for c, e in judges.items() for label in e.labels]
     passing = [f"{c}{SEPARATOR}{label}" for c, e in judges.items() for label in e.pass_labels]
@@ -76,8 +80,6 @@ def monolith_spec(spec: CoESpec) -> ExpertSpec:
 
 def fingerprint(spec: CoESpec, mono: ExpertSpec) -> str:
     """The monolith's spec, the seed and every file-data model's data (the router's gives the categories)."""
-    from expertmesh.experts.zoo import RECIPE_VERSION
-
     data = {e.name: labeled_data.digest(labeled_data.list_data(spec, e)) for e in spec.experts
             if e.training is not None and e.training.data is not None}
     shaped_by = {"expert": mono.model_dump(mode="json", include={"name", "architecture", "input_size_px", "labels",
@@ -88,8 +90,6 @@ def fingerprint(spec: CoESpec, mono: ExpertSpec) -> str:
 
 
 def is_current(spec: CoESpec, zoo_root: Path) -> bool:
-    from expertmesh.experts.zoo import read_meta
-
     directory = Path(zoo_root) / DIRECTORY
     meta = read_meta(directory)
     return (meta is not None and meta.get("fingerprint") == fingerprint(spec, monolith_spec(spec))
@@ -99,9 +99,6 @@ def is_current(spec: CoESpec, zoo_root: Path) -> bool:
 def training_arrays(spec: CoESpec, mono: ExpertSpec, splits: dict[str, labeled_data.SplitData]):
     """(x_train, y_train, x_val, y_val, counts) at the monolith's input size: every table expert's images of its
     categories, each on the side its own expert's split put it."""
-    from expertmesh.experts.file_eval import categorizer
-    from expertmesh.experts.images import resize_to
-
     size = mono.input_size_px
     category_of = categorizer(spec, splits)
     xs: dict[str, list] = {"train": [], "validation": []}
@@ -130,10 +127,6 @@ def build(spec: CoESpec, zoo_root: Path, *, device: str = "cpu", progress: bool 
           log=print) -> tuple[str, dict | str | None]:
     """Train the monolith unless it is current: ("trained", its stats), ("current", None), or ("not built", why)
     when the table experts' images say nothing about some (category, label)."""
-    from expertmesh.experts.file_eval import read_splits
-    from expertmesh.experts.training import resolve_plan, train_classifier
-    from expertmesh.experts.zoo import _save_checkpoint, expert_seed
-
     mono = monolith_spec(spec)
     directory = Path(zoo_root) / DIRECTORY
     if not force and is_current(spec, zoo_root):

@@ -36,7 +36,7 @@ from expertmesh.experts.runtime import ExpertRuntime
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, defect_correct, verdict_correct
 from expertmesh.experts.report import AccuracyReport, ExpertAccuracy, SystemAccuracy
 from expertmesh.experts.spec import CoESpec, ExpertSpec, resolve_checkpoint
-from expertmesh.experts.training import resolve_plan
+from expertmesh.experts.file_splits import categorizer, has_split, read_splits  # noqa: F401 (re-exported)
 from expertmesh.experts.zoo import read_meta
 from expertmesh.router.plan import Verdict, aggregate
 
@@ -71,43 +71,6 @@ class HeldOut:
     is_defect: list[bool]
     per_expert: dict[str, ExpertHeldOut] = field(default_factory=dict)
     num_unplaced: int = 0
-
-
-def read_splits(spec: CoESpec, *, progress: bool = True) -> dict[str, labeled_data.SplitData]:
-    """Every file-data model's data as `zoo build` splits it; one DataError listing every problem."""
-    out, problems = {}, []
-    for e in spec.experts:
-        if not trains_on_files(e):
-            continue
-        plan = resolve_plan(e.training)
-        data, found = labeled_data.split_data(spec, e, progress=progress, validation_fraction=plan.validation_fraction,
-                                              test_fraction=plan.test_fraction)
-        problems += [labeled_data.DataProblem(p.file, f"[{e.name}] {p.message}", p.fix) for p in found]
-        out[e.name] = data
-    if problems:
-        raise labeled_data.DataError(problems)
-    return out
-
-
-def has_split(splits: dict[str, labeled_data.SplitData], split: str) -> bool:
-    return any(s == split for d in splits.values() for s in d.splits)
-
-
-def categorizer(spec: CoESpec, splits: dict[str, labeled_data.SplitData]):
-    """f(record, content hash, expert name) -> the image's category or None: its manifest row's `category`, else
-    the router's label for the same content, else the one category whose table sends to that expert."""
-    router = splits.get(spec.router.expert)
-    category_of = {h: r.label for r, h in zip(router.records, router.hashes)} if router is not None else {}
-    served: dict[str, list[str]] = {}
-    for c in spec.categories:
-        for name in c.experts:
-            served.setdefault(name, []).append(c.name)
-
-    def category(record: labeled_data.Record, h: str | None, expert: str) -> str | None:
-        sole = served[expert][0] if len(served.get(expert, [])) == 1 else None
-        return record.category or category_of.get(h) or sole
-
-    return category
 
 
 def held_out(spec: CoESpec, splits: dict[str, labeled_data.SplitData], split: str = "validation") -> HeldOut:

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from expertmesh.errors import InvalidArgument
-from expertmesh.experts import file_baseline, labeled_data
+from expertmesh.experts import labeled_data
 from expertmesh.experts.checkpoint_header import checkpoint_digest
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.models import build_model, load_model, num_parameters
@@ -304,10 +304,7 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
             stale.append((e, ckpt))
     if result.skipped:
         log(f"up to date, skipped: {', '.join(result.skipped)}")
-    files_monolith = BASELINE_NAME in wanted and file_baseline.applies(spec)
     if not stale:
-        if files_monolith:
-            _build_files_monolith(spec, zoo_root, result, device, progress, force, log)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -355,20 +352,8 @@ def build_zoo(spec: CoESpec, zoo_root: Path, *, only: list[str] | None = None, f
                     "kept)" if stats.validation_accuracy is not None else "")
         log(f"[{i}/{len(stale)}] {e.name}: {stats.num_images} images x {stats.epochs} epochs in {stats.seconds:.1f} s, "
             f"train accuracy {stats.train_accuracy:.3f}{val_note}, {num_parameters(model):,} parameters -> {ckpt}")
-    if files_monolith:
-        _build_files_monolith(spec, zoo_root, result, device, progress, force, log)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _build_files_monolith(spec, zoo_root, result: BuildResult, device, progress, force, log) -> None:
-    """The monolithic baseline of a CoE trained on files (`experts/file_baseline.py`), after its experts."""
-    outcome, stats = file_baseline.build(spec, zoo_root, device=device, progress=progress, force=force, log=log)
-    if outcome == "current":
-        result.skipped.append(BASELINE_NAME)
-    elif outcome == "trained":
-        result.trained.append(BASELINE_NAME)
-        result.stats[BASELINE_NAME] = stats
 
 
 def _read_file_data(spec: CoESpec, experts: list[ExpertSpec], progress: bool, log) -> dict[str, labeled_data.TrainingData]:
