@@ -186,7 +186,8 @@ def test_fine_tune_from_a_checkpoint_with_new_labels(ckpts, tmp_path):
             a = np.full((28, 28, 3), 60 * i + 20, np.uint8) + rng.integers(0, 20, (28, 28, 3), dtype=np.uint8)
             Image.fromarray(a).save(tmp_path / "imgs" / label / f"{j}.png")
     data = spec_data(expert_path=str(ckpts / "mobilenet"), labels=labels, pass_labels=["good"],
-                     training={"data": {"folder": "imgs"}, "epochs": 1, "batch_size": 4, "validation_fraction": 0.0})
+                     training={"data": {"folder": "imgs"}, "epochs": 1, "batch_size": 4, "validation_fraction": 0.0,
+                               "test_fraction": 0.0})  # every image trains
     data["experts"][0]["architecture"]["path"] = str(ckpts / "convnext")
     spec = parse_spec(data, base_dir=tmp_path)
     root = tmp_path / "zoo"
