@@ -25,18 +25,13 @@ missing, shifted (misaligned, 5x rarer than ok: the imbalanced class), bridge, n
 
 from __future__ import annotations
 
-import argparse
 import csv
-import os
-import re
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
+from expertmesh.bench import walkthrough
 from expertmesh.experts.pcb_aoi import generator
 
 CATEGORIES = {"passive": ("chip_resistor", "chip_capacitor"), "sot": ("sot23",),
@@ -140,13 +135,9 @@ def _tree_summary(root: Path) -> str:
 
 def run(root: Path, out: Path) -> int:
     """Export, then the user's commands in order; each command line and its output go to `out` (and stdout)."""
-    env = {**os.environ, "EXPERTMESH_HOME": str(root / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
-    bin_dir = Path(sys.executable).parent
     spec = export(root)
     zoo = root / "zoo"
     calibrated = root / "factory-coe.v2.yaml"
-    log = [f"# `make own-data-demo` (bench/own_data_demo.py run {root}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-           f"$ python bench/own_data_demo.py export {root}", _tree_summary(root)]
     steps = [
         ["expertmesh", "spec", "check", str(spec), "--zoo", str(zoo), "--skip-checkpoints"],
         ["expertmesh", "zoo", "build", "--spec", str(spec), "--zoo", str(zoo), "--no-progress"],
@@ -158,36 +149,13 @@ def run(root: Path, out: Path) -> int:
          "--station-each", "1", "--station-rate", "10", "--station-images", str(root / "line_today"),
          "--stop-after-station", "--grpc-port", "9310", "--http-port", "8310", "--metrics-port", "8390"],
     ]
-    rc = 0
-    for cmd in steps:
-        print(f"$ {shlex.join(cmd)}", flush=True)
-        proc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).rstrip()  # Ray's log colours
-        print(text, flush=True)
-        log += [f"$ {shlex.join(cmd)}", text] + ([f"(exit code {proc.returncode})"] if proc.returncode else [])
-        if proc.returncode:
-            rc = proc.returncode
-            break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(log).replace(str(root), "$DEMO") + "\n")
-    print(f"wrote {out}")
-    return rc
+    return walkthrough.record(root, out, target="own-data-demo", script="bench/own_data_demo.py",
+                              summary=_tree_summary(root), steps=steps)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export")
-    e.add_argument("dir", type=Path)
-    r = sub.add_parser("run")
-    r.add_argument("dir", type=Path)
-    r.add_argument("--out", type=Path, default=ROOT / "docs" / "own-data-walkthrough.txt")
-    args = p.parse_args(argv)
-    if args.cmd == "export":
-        print(f"wrote {export(args.dir)}\n{_tree_summary(args.dir)}")
-        return 0
-    return run(args.dir, args.out)
+    return walkthrough.main(argv, doc=__doc__, export=export, summary=_tree_summary, run=run,
+                            default_out=ROOT / "docs" / "own-data-walkthrough.txt")
 
 
 if __name__ == "__main__":

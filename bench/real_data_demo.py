@@ -25,19 +25,14 @@ The paper's CNN figure (88.42% average accuracy) is for telling functional cells
 
 from __future__ import annotations
 
-import argparse
 import csv
-import os
-import re
-import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
+from expertmesh.bench import walkthrough
 ROOT = Path(__file__).resolve().parents[1]
 #: the package's defect probability -> the grade folder; the paper counts a cell defective from p = 0.5 up
 GRADES = {0.0: "ok", 1 / 3: "unlikely", 2 / 3: "likely", 1.0: "defective"}
@@ -113,15 +108,10 @@ def tree_summary(root: Path) -> str:
 
 
 def run(root: Path, out: Path) -> int:
-    """Export, then the user's commands in order; each command and its output go to `out` (and stdout)."""
-    env = {**os.environ, "EXPERTMESH_HOME": str(root / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
-    bin_dir = Path(sys.executable).parent
+    """Export, then the user's commands in order; each command line and its output go to `out` (and stdout)."""
     spec = export(root)
     zoo = root / "zoo"
     calibrated = root / "solar-cells.v2.yaml"
-    log = [f"# `make real-data-demo` (bench/real_data_demo.py run {root}), "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-           f"$ python bench/real_data_demo.py export {root}", tree_summary(root)]
     steps = [
         ["expertmesh", "spec", "check", str(spec), "--zoo", str(zoo), "--skip-checkpoints"],
         ["expertmesh", "zoo", "build", "--spec", str(spec), "--zoo", str(zoo), "--no-progress"],
@@ -130,38 +120,13 @@ def run(root: Path, out: Path) -> int:
          "--out", str(calibrated), "--no-progress"],
         ["expertmesh", "zoo", "report", "--spec", str(calibrated), "--zoo", str(zoo), "--no-progress"],
     ]
-    rc = 0
-    for cmd in steps:
-        print(f"$ {shlex.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).rstrip()
-        print(text, flush=True)
-        log += [f"$ {shlex.join(cmd)}", text, f"({time.perf_counter() - t0:.0f} s)"]
-        if proc.returncode:
-            log.append(f"(exit code {proc.returncode})")
-            rc = proc.returncode
-            break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(log).replace(str(root), "$DEMO") + "\n")
-    print(f"wrote {out}")
-    return rc
+    return walkthrough.record(root, out, target="real-data-demo", script="bench/real_data_demo.py",
+                              summary=tree_summary(root), steps=steps, timed=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export")
-    e.add_argument("dir", type=Path)
-    r = sub.add_parser("run")
-    r.add_argument("dir", type=Path)
-    r.add_argument("--out", type=Path, default=ROOT / "docs" / "real-data-walkthrough.txt")
-    args = p.parse_args(argv)
-    if args.cmd == "export":
-        print(f"wrote {export(args.dir)}\n{tree_summary(args.dir)}")
-        return 0
-    return run(args.dir, args.out)
+    return walkthrough.main(argv, doc=__doc__, export=export, summary=tree_summary, run=run,
+                            default_out=ROOT / "docs" / "real-data-walkthrough.txt")
 
 
 if __name__ == "__main__":
