@@ -68,7 +68,11 @@ def flag_rates(flagged: np.ndarray, is_defect: np.ndarray) -> tuple[float, float
     return recall, false_calls
 
 
+def pass_mask(labels: list[str], pass_labels: list[str]) -> torch.Tensor:
+    """[K] booleans: which of an expert's labels are pass labels (what `decide` takes)."""
+    return torch.tensor([label in pass_labels for label in labels], dtype=torch.bool)
+
+
 def pass_probability(probs: np.ndarray, labels: list[str], pass_labels: list[str]) -> np.ndarray:
     """P(a pass label) per row of `probs` [N, K]."""
-    mask = np.array([label in pass_labels for label in labels], dtype=bool)
-    return np.asarray(probs)[:, mask].sum(axis=1)
+    return np.asarray(probs)[:, pass_mask(labels, pass_labels).numpy()].sum(axis=1)

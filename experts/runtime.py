@@ -26,7 +26,7 @@ from expertmesh.errors import FailedPrecondition, InvalidArgument
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from expertmesh.experts.operating_point import decide
+from expertmesh.experts.operating_point import decide, pass_mask
 from expertmesh.experts.checkpoint_header import WEIGHTS_FILE, checkpoint_bytes
 from expertmesh.experts.models import load_model, num_parameters
 from expertmesh.experts.images import decode_image
@@ -91,7 +91,7 @@ class ExpertRuntime:
         self._footprint_bytes = 0
         self._num_parameters = 0
         self._lock = threading.RLock()
-        self._pass_mask = torch.tensor([label in spec.pass_labels for label in spec.labels], dtype=torch.bool)
+        self._pass_mask = pass_mask(spec.labels, spec.pass_labels)
 
     @property
     def name(self) -> str:
@@ -221,7 +221,13 @@ class ExpertRuntime:
 
     @torch.inference_mode()
     def infer(self, pixel_values: torch.Tensor) -> list[Prediction]:
-        """Classify a preprocessed batch [N, 3, S, S]; the expert must be on DEVICE."""
+        """Classify a preprocessed batch [N, 3, S, S] at the expert's operating point; it must be on DEVICE."""
+        idx, scores = decide(self.probabilities(pixel_values), self._pass_mask, self.spec.pass_min_probability)
+        return [Prediction(self.spec.labels[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist())]
+
+    @torch.inference_mode()
+    def probabilities(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The softmax over the expert's labels [N, K] of a preprocessed batch [N, 3, S, S] (on DEVICE)."""
         with self._lock:
             if self._model is None:
                 raise FailedPrecondition(f"expert {self.name!r} is in tier {self.tier.value}, not on the device",
@@ -231,18 +237,7 @@ class ExpertRuntime:
                 raise InvalidArgument(f"batch has shape {tuple(pixel_values.shape)}, expected [N, 3, {size}, {size}]",
                                       field="pixel_values", fix=f"preprocess with to_pixel_values(images, {size})")
             logits = self._model(pixel_values=pixel_values.to(self.device)).logits
-            probs = torch.softmax(logits.float(), dim=-1).cpu()
-        idx, scores = decide(probs, self._pass_mask, self.spec.pass_min_probability)
-        return [Prediction(self.spec.labels[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist())]
-
-    @torch.inference_mode()
-    def probabilities(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The softmax over the expert's labels [N, K] of a preprocessed batch (the expert must be on DEVICE)."""
-        with self._lock:
-            if self._model is None:
-                raise FailedPrecondition(f"expert {self.name!r} is in tier {self.tier.value}, not on the device",
-                                         fix="call load() first")
-            return torch.softmax(self._model(pixel_values=pixel_values.to(self.device)).logits.float(), dim=-1).cpu()
+            return torch.softmax(logits.float(), dim=-1).cpu()
 
     def pixel_values(self, images) -> torch.Tensor:
         """Decoded RGB images (PIL, or uint8 arrays [N, H, W, 3]) -> this expert's input batch: the checkpoint's

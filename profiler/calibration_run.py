@@ -30,7 +30,7 @@ from expertmesh.experts import calibration as cal
 from expertmesh.experts import file_eval
 from expertmesh.experts.line_figures import line_figures
 from expertmesh.experts.offline import load_runtime, predict, probabilities
-from expertmesh.experts.operating_point import (choose_pass_min_probability, decide, flag_rates,
+from expertmesh.experts.operating_point import (choose_pass_min_probability, decide, flag_rates, pass_mask,
                                                 pass_probability)
 from expertmesh.experts.pcb_aoi import dataset
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT
@@ -242,8 +242,7 @@ def _recall(figures: dict) -> float | None:
 
 def _outputs_at(e, probs: np.ndarray, pass_min_probability: float | None) -> list[ExpertOutput]:
     """The expert's outputs at an operating point, from its softmax (what its runtime answers there)."""
-    mask = torch.tensor([label in e.pass_labels for label in e.labels], dtype=torch.bool)
-    idx, score = decide(torch.from_numpy(np.asarray(probs)), mask, pass_min_probability)
+    idx, score = decide(torch.from_numpy(np.asarray(probs)), pass_mask(e.labels, e.pass_labels), pass_min_probability)
     return [ExpertOutput(e.name, e.labels[i], float(p)) for i, p in zip(idx.tolist(), score.tolist())]
 
 
