@@ -27,8 +27,8 @@ from expertmesh.experts.file_splits import categorizer, read_splits
 from expertmesh.experts.images import resize_to
 from expertmesh.experts.spec import CoESpec, ExpertSpec
 from expertmesh.experts.training import resolve_plan, train_classifier
-from expertmesh.experts.zoo import (RECIPE_VERSION, _save_checkpoint, expert_parameters, expert_seed, read_meta,
-                                    resolved)
+from expertmesh.experts.zoo import (RECIPE_VERSION, baseline_architectures, closest_in_parameters, expert_parameters,
+                                    expert_seed, read_meta, resolved, save_checkpoint)
 
 NAME = "monolithic"
 DIRECTORY = "_baselines/monolithic_files"
@@ -63,19 +63,11 @@ def monolith_spec(spec: CoESpec) -> ExpertSpec:
                                              for c in spec.categories)
     first = next(iter(judges.values()))
     training = first.training.model_copy(update={"label_map": {}})
-    best = None
-    for width in range(8, 129, 2):
-        arch = ArchitectureSpec(family="resnet", config={"embedding_size": width, "hidden_sizes": [width, 2 * width,
-                                                         4 * width], "depths": [1, 1, 1], "layer_type": "basic"})
-        candidate = ExpertSpec(name=NAME, task="classify", architecture=arch, checkpoint=DIRECTORY, labels=labels,
-                               input_size_px=max(e.input_size_px for e in spec.experts), pass_labels=passing,
-                               training=training)
-        gap = abs(expert_parameters(candidate) - target)
-        if best is not None and gap > best[0]:
-            break
-        if best is None or gap < best[0]:
-            best = (gap, candidate)
-    return best[1]
+    return closest_in_parameters(
+        (ExpertSpec(name=NAME, task="classify", architecture=ArchitectureSpec(family="resnet", config=config),
+                    checkpoint=DIRECTORY, labels=labels, input_size_px=max(e.input_size_px for e in spec.experts),
+                    pass_labels=passing, training=training)
+         for config in baseline_architectures(spec, "active")), target)
 
 
 def fingerprint(spec: CoESpec, mono: ExpertSpec) -> str:
@@ -89,10 +81,11 @@ def fingerprint(spec: CoESpec, mono: ExpertSpec) -> str:
     return hashlib.sha256(json.dumps(shaped_by, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def is_current(spec: CoESpec, zoo_root: Path) -> bool:
+def is_current(spec: CoESpec, zoo_root: Path, mono: ExpertSpec | None = None) -> bool:
+    """Whether the zoo holds the monolith of this spec and data (`mono`: its spec, when the caller has it)."""
     directory = Path(zoo_root) / DIRECTORY
     meta = read_meta(directory)
-    return (meta is not None and meta.get("fingerprint") == fingerprint(spec, monolith_spec(spec))
+    return (meta is not None and meta.get("fingerprint") == fingerprint(spec, mono or monolith_spec(spec))
             and (directory / "model.safetensors").is_file())
 
 
@@ -129,7 +122,7 @@ def build(spec: CoESpec, zoo_root: Path, *, device: str = "cpu", progress: bool 
     when the table experts' images say nothing about some (category, label)."""
     mono = monolith_spec(spec)
     directory = Path(zoo_root) / DIRECTORY
-    if not force and is_current(spec, zoo_root):
+    if not force and is_current(spec, zoo_root, mono):
         log(f"up to date, skipped: {NAME} (the files' monolith)")
         return "current", None
     fp = fingerprint(spec, mono)
@@ -147,7 +140,7 @@ def build(spec: CoESpec, zoo_root: Path, *, device: str = "cpu", progress: bool 
         f"classes, sized to the CoE's active parameters per image")
     model, stats = train_classifier(mono, x, y, seed=expert_seed(spec, NAME), device=device, progress=progress,
                                     plan=plan, validation=(x_val, y_val), weights=weights)
-    _save_checkpoint(model, mono, directory, stats, fp, extra={"data": {"images": counts}})
+    save_checkpoint(model, mono, directory, stats, fp, extra={"data": {"images": counts}})
     log(f"{NAME}: {len(y)} images x {stats.epochs} epochs in {time.perf_counter() - t0:.1f} s, validation accuracy "
         f"{stats.validation_accuracy:.3f} (epoch {stats.best_epoch} kept) -> {directory}")
     return "trained", stats.__dict__

@@ -194,15 +194,14 @@ def evaluate(spec: CoESpec, zoo_root: Path, *, progress: bool = True, split: str
 def monolith_accuracy(spec: CoESpec, zoo_root: Path, held: HeldOut) -> SystemAccuracy | None:
     """The files' monolith (`experts/file_baseline.py`) on the CoE's held-out images, or None when it is not built
     (or not current): PASS iff it names a pass label; the defect right iff it names the image's own label."""
-    if not file_baseline.applies(spec) or not file_baseline.is_current(spec, zoo_root):
+    if not file_baseline.applies(spec):
         return None
-    mono = file_baseline.monolith_spec(spec)
+    mono = file_baseline.monolith_spec(spec)  # at the spec's largest input size: the held-out images' size
+    if not file_baseline.is_current(spec, zoo_root, mono):
+        return None
     rt = ExpertRuntime(mono, Path(zoo_root) / file_baseline.DIRECTORY, device="cpu", image_limits=spec.image)
     rt.load()
-    size = mono.input_size_px
-    images = np.stack([resize_to(img, size) if img.shape[0] != size else img for img in held.images]) \
-        if len(held.images) else held.images
-    found = [p.label.split(file_baseline.SEPARATOR, 1)[1] for p in predict(rt, images)]
+    found = [p.label.split(file_baseline.SEPARATOR, 1)[1] for p in predict(rt, held.images)]
     passing = {p.split(file_baseline.SEPARATOR, 1)[1] for p in mono.pass_labels}
     verdicts = [Verdict.PASS if f in passing else Verdict.DEFECT for f in found]
     right_verdict = [(v is Verdict.DEFECT) == d for v, d in zip(verdicts, held.is_defect)]

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,7 +189,7 @@ def baseline_training() -> TrainingSpec:
     return TrainingSpec(target="defect", epochs=BASELINE_EPOCHS)
 
 
-def _baseline_architectures(spec: CoESpec, match: str):
+def baseline_architectures(spec: CoESpec, match: str):
     """Candidate shapes, smallest first. Active: the experts' 3-stage ResNet scaled in width. Total: the active
     baseline's 3 stages as they are, plus a fourth stage (one basic block at 1/32 of the input resolution) scaled
     in width: there parameters grow ~quadratically with width while compute per image stays close to the active
@@ -212,12 +212,18 @@ def monolithic_spec(spec: CoESpec, match: str = "active") -> ExpertSpec:
     name = {m: n for n, (_, m) in BASELINES.items()}[match]
     labels = [f"{c}/{d}" for c, d in generator.all_pairs()]
     target = heldout_active_parameters(spec) if match == "active" else total_parameters(spec)
+    return closest_in_parameters(
+        (ExpertSpec(name=name, task="classify", architecture=ArchitectureSpec(family="resnet", config=config),
+                    checkpoint=BASELINES[name][0], input_size_px=max(e.input_size_px for e in spec.experts),
+                    labels=labels, pass_labels=[l for l in labels if l.endswith("/ok")], training=baseline_training())
+         for config in baseline_architectures(spec, match)), target)
+
+
+def closest_in_parameters(candidates: Iterable[ExpertSpec], target: float) -> ExpertSpec:
+    """The candidate whose parameter count is closest to `target`; the candidates grow in parameters, so the search
+    stops once past the closest (the first of a tie wins)."""
     best = None
-    for config in _baseline_architectures(spec, match):
-        arch = ArchitectureSpec(family="resnet", config=config)
-        candidate = ExpertSpec(name=name, task="classify", architecture=arch, checkpoint=BASELINES[name][0],
-                               input_size_px=max(e.input_size_px for e in spec.experts), labels=labels,
-                               pass_labels=[l for l in labels if l.endswith("/ok")], training=baseline_training())
+    for candidate in candidates:
         gap = abs(expert_parameters(candidate) - target)
         if best is not None and gap > best[0]:
             break  # parameters grow with width: past the closest
@@ -253,10 +259,10 @@ def _save(model, spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path, stats,
             extra["generator"] = None
         if (source / PREPROCESSOR_FILE).is_file():
             copies.append(source / PREPROCESSOR_FILE)
-    _save_checkpoint(model, expert, checkpoint_dir, stats, fp, extra=extra, copies=copies)
+    save_checkpoint(model, expert, checkpoint_dir, stats, fp, extra=extra, copies=copies)
 
 
-def _save_checkpoint(model, expert: ExpertSpec, checkpoint_dir: Path, stats, fp: str, *, extra: dict | None = None,
+def save_checkpoint(model, expert: ExpertSpec, checkpoint_dir: Path, stats, fp: str, *, extra: dict | None = None,
                      copies: list[Path] = ()) -> None:
     """The checkpoint directory, written whole or not at all: weights, config, `copies`, and META_FILE (the
     fingerprint, labels, training stats and `extra`)."""
