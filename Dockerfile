@@ -1,13 +1,17 @@
 # The image the Helm chart runs on every Ray pod (head and workers): Ray 2.60.0 (the pinned version) plus ExpertMesh.
 # Not built in CI (no Docker engine there); build and push it yourself:
 #   docker build -t registry.example/expertmesh:0.1.0 .                                   # CPU
-#   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu \
-#                --build-arg CONSTRAINTS=constraints-cuda.txt -t registry.example/expertmesh:0.1.0-gpu .   # CUDA
+#   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu --build-arg CONSTRAINTS=constraints-cuda.txt \
+#                --build-arg TORCH_INDEX_URL= -t registry.example/expertmesh:0.1.0-gpu .                  # CUDA
 # Checkpoints are not baked in: the chart mounts them from a PVC, or an init container builds them (models.source).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 FROM ${RAY_IMAGE}
 
 ARG CONSTRAINTS=constraints-cpu.txt
+# Where torch's build comes from: PyTorch's CPU index for constraints-cpu.txt (torch==2.13.0+cpu exists only there;
+# PyPI has the CUDA build alone for Linux x86_64, so against PyPI alone the CPU constraint cannot be met); empty for
+# the CUDA build, which is PyPI's. The Makefile's setup does the same (TORCH_INDEX_URL there).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /opt/expertmesh
 COPY --chown=ray:users pyproject.toml README.md constraints-cpu.txt constraints-cuda.txt ./
 COPY --chown=ray:users proto/ proto/
@@ -25,6 +29,7 @@ ENV PIP_CONSTRAINT=/opt/expertmesh/${CONSTRAINTS} \
     RAY_USAGE_STATS_ENABLED=0 \
     EXPERTMESH_HOME=/models
 RUN pip install --no-cache-dir "torch==2.13.0" \
+      ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
  && pip install --no-cache-dir . \
  && python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. proto/expertmesh/v1/inspection.proto \
  && pip install --no-cache-dir --no-deps . \

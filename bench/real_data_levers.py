@@ -49,6 +49,22 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                   {"training": {**NO_AUGMENT, "epochs": 100, "class_weighting": "none"}}),
     "flips_100_unweighted": ("flips, 100 epochs, classes unweighted",
                              {"training": {**FLIPS, "epochs": 100, "class_weighting": "none"}}),
+    "flips_100_unweighted_seed1": ("as flips_100_unweighted with spec seed 1 (other splits, initial weights and "
+                                   "batch order): the noise between two runs of one recipe",
+                                   {"training": {**FLIPS, "epochs": 100, "class_weighting": "none"}, "seed": 1}),
+    "flips_100_unweighted_px128": ("flips, 100 epochs, classes unweighted, 128 px",
+                                   {"training": {**FLIPS, "epochs": 100, "class_weighting": "none"},
+                                    "input_size_px": 128}),
+    "flips_100_unweighted_px96_wide": ("flips, 100 epochs, classes unweighted, 96 px, ResNet 32-64-128",
+                                       {"training": {**FLIPS, "epochs": 100, "class_weighting": "none"},
+                                        "input_size_px": 96, "architecture": WIDE}),
+    "flips_100_unweighted_nostop": ("flips, 100 epochs, classes unweighted, no early stop (every epoch runs; the "
+                                    "best validation epoch is kept)",
+                                    {"training": {**FLIPS, "epochs": 100, "class_weighting": "none",
+                                                  "early_stopping_patience": 1000}}),
+    "flips_100_unweighted_nostop_px128": ("as flips_100_unweighted_nostop, 128 px",
+                                          {"training": {**FLIPS, "epochs": 100, "class_weighting": "none",
+                                                        "early_stopping_patience": 1000}, "input_size_px": 128}),
     "no_augment_100_shared": ("no augmentation, 100 epochs, both experts fine-tuned from a shared backbone: a "
                               "fallback expert trained on every cell (training.init_from)",
                               {"training": {**NO_AUGMENT, "epochs": 100}, "shared": True}),
@@ -60,6 +76,7 @@ def variant_spec(name: str) -> dict:
     data = spec_data()
     overrides = dict(VARIANTS[name][1])
     shared = overrides.pop("shared", False)
+    data["seed"] = overrides.pop("seed", data["seed"])
     if shared:  # the fallback: every cell, every grade; the experts start from its weights
         data["experts"].append({"name": SHARED, "labels": list(dict.fromkeys(GRADES.values())),
                                 "pass_labels": PASS_GRADES,

@@ -6,13 +6,15 @@ Light to import (Ray is imported only when a command reaches a cluster), so `exp
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from expertmesh.cli_options import add_coe_args, add_gpu_arg, add_spec_args, positive, spec_and_zoo
+from expertmesh.cli_options import (add_coe_args, add_gpu_arg, add_json_arg, add_spec_args, emit_json, positive,
+                                    spec_and_zoo)
 from expertmesh.cluster.dedicate import DEFAULT_MIN_BUSY
 from expertmesh.cluster.demand import executor_sizing, joint_problem
 from expertmesh.cluster.explain import format_plan, plan_json
@@ -53,9 +55,7 @@ def cmd_plan(args) -> int:
         print(f"estimated from their checkpoints (no current profile): {', '.join(estimated)}", file=sys.stderr)
     print(format_plan(result, problem, explain=args.explain, executors=executors,
                       title=f"{names} on {len(nodes)} nodes at {args.rps:g} requests/s: "))
-    if args.json:
-        Path(args.json).write_text(plan_json(result, executors))
-        print(f"plan JSON: {args.json}")
+    emit_json(args, plan_json(result, executors))
     return 0
 
 
@@ -95,7 +95,11 @@ def cmd_status(args) -> int:
     if not address:
         raise InvalidArgument("no local cluster is up and no --address given", field="--address",
                               fix="run `expertmesh up` or pass --address HOST:PORT")
-    print(format_status(describe(address), address))
+    desc = describe(address)
+    if args.json:
+        emit_json(args, json.dumps({"address": address, **desc}, indent=1))
+    else:
+        print(format_status(desc, address))
     return 0
 
 
@@ -117,6 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=cmd_node_remove)
     st = sub.add_parser("status", help="nodes, their capacity, and which replicas run where")
     st.add_argument("--address", help="Ray address (default: the local cluster's)")
+    add_json_arg(st, "the nodes and replicas")
     st.set_defaults(func=cmd_status)
 
     pl = sub.add_parser("plan", help="plan where each expert runs so dependent experts share a node")
@@ -139,5 +144,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="components a request carries (a board: many); the memory model simulates requests of that "
                          "shape when it sizes each node's pooled hosts (default %(default)s)")
     pl.add_argument("--explain", action="store_true", help="say why each expert sits where it does")
-    pl.add_argument("--json", help="also write the plan as JSON here")
+    add_json_arg(pl, "the plan")
     pl.set_defaults(func=cmd_plan)

@@ -6,8 +6,11 @@ Used by the local cluster's supervisor and status (cluster.local) and by `expert
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from types import ModuleType
+
+from expertmesh.errors import Unavailable
 
 
 def keep_ray_on_loopback() -> None:
@@ -24,6 +27,20 @@ def is_loopback(address: str) -> bool:
     return address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "::1")
 
 
+def _require_listening(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens: Ray's own client retries an absent GCS for minutes."""
+    if address in ("auto", "local") or ":" not in address or "://" in address:
+        return  # Ray resolves these itself
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise Unavailable(f"no Ray cluster answers at {address} ({exc})", field="--address",
+                          fix="start one (`expertmesh up`), or pass the address `expertmesh up` or `ray start` "
+                              "printed") from None
+
+
 def connect(address: str) -> ModuleType:
     """Join a running Ray cluster as a driver (a loopback cluster stays on loopback); returns the `ray` module."""
     if is_loopback(address):
@@ -33,5 +50,11 @@ def connect(address: str) -> ModuleType:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        _require_listening(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, TimeoutError) as exc:  # a runtime failure (exit 1), not a traceback
+            raise Unavailable(f"no Ray cluster answers at {address} ({type(exc).__name__}: {exc})", field="--address",
+                              fix="start one (`expertmesh up`), or pass the address `expertmesh up` or `ray start` "
+                                  "printed") from None
     return ray

@@ -1,8 +1,10 @@
-"""The `expertmesh` command line. Bad input ends with a message naming the field and the fix, exit code 2."""
+"""The `expertmesh` command line. Bad input ends with a message naming the field and the fix, exit code 2; a
+runtime failure (a cluster unreachable, a deadline passed) with exit code 1 (expertmesh.errors decides which)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Callable
@@ -12,11 +14,12 @@ import yaml
 
 from expertmesh.bench.memory_command import register as register_memory_bench
 from expertmesh.bench.simulate_command import register as register_simulate_bench
-from expertmesh.cli_options import add_spec_args, positive, spec_and_zoo
+from expertmesh.cli_options import add_json_arg, add_spec_args, positive, spec_and_zoo, wants_json_stdout
 from expertmesh.cluster import commands as cluster_commands
 from expertmesh.deployments.served import build_serve_config
 from expertmesh.deployments.dashboard import dashboard_json
-from expertmesh.errors import CLI_EXIT_CODE, ExpertMeshError, SpecError
+from expertmesh import __version__
+from expertmesh.errors import ExpertMeshError, SpecError
 from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.spec import check_spec
 from expertmesh.serve_options import add_serve_args, app_args
@@ -107,7 +110,7 @@ def _add_zoo_commands(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_build"))
     report = zoo.add_parser("report", help="accuracy report on held-out generated images (table + JSON)")
     add_spec_args(report)
-    report.add_argument("--json", help="where to write the JSON report (default: <zoo>/report.json)")
+    add_json_arg(report, "the report", default="<zoo>/report.json")
     report.add_argument("--min-router-accuracy", type=float, help="exit 1 if the router is less accurate")
     report.add_argument("--min-verdict-accuracy", type=float, help="exit 1 if the CoE's verdicts are less accurate")
     report.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_report"))
@@ -125,7 +128,7 @@ def _add_zoo_commands(sub: argparse._SubParsersAction) -> None:
     calib.add_argument("--out", help="the new spec YAML (default: <zoo>/<name>.v<version+1>.yaml; never the input "
                                      "spec unless named here)")
     calib.add_argument("--profile", help="profile store for costs (default: <zoo>/profile.json; none: parameters)")
-    calib.add_argument("--json", help="also write the scores, table and threshold as JSON here")
+    add_json_arg(calib, "the scores, table and threshold")
     calib.set_defaults(func=loaded_on_use("expertmesh.zoo_commands", "cmd_zoo_calibrate"))
 
 
@@ -173,6 +176,7 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
                                                          "it, or `local` (the one `expertmesh up` started)")
     roll.add_argument("--factory", help="canary: the factory whose requests it answers a share of")
     roll.add_argument("--share", type=float, default=0.1, help="canary: that share, in (0, 1] (default 0.1)")
+    add_json_arg(roll, "status: each CoE's rollout state and the canary comparisons")
     roll.add_argument("--coe", default="", metavar="NAME", help="the CoE to change, by spec name, when the app serves "
                                                                 "several (default: its first, `--spec`)")
     roll.set_defaults(func=loaded_on_use("expertmesh.rollout_command", "cmd_rollout"))
@@ -222,7 +226,7 @@ def _add_station_command(sub: argparse._SubParsersAction) -> None:
     station.add_argument("--pass-labels", default="ok", help="with --images: the labels meaning a good part "
                                                              "(comma-separated)")
     station.add_argument("--seed", type=int, default=7)
-    station.add_argument("--json", help="also write the figures as JSON here")
+    add_json_arg(station, "the figures")
     station.add_argument("--traces", help="write every response's trace as JSON lines here (input of "
                                           "`expertmesh profile --usage traces`)")
     station.add_argument("--no-progress", action="store_true")
@@ -265,7 +269,12 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="expertmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 success; 1 a runtime failure (the cluster, a deadline, a failed check the command "
+               "reports); 2 bad input (a spec, a flag, a file: the message names the field and the fix); 130 "
+               "interrupted")
+    parser.add_argument("--version", action="version", version=f"expertmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_spec_command(sub)
     _add_zoo_commands(sub)
@@ -280,10 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if wants_json_stdout(args):  # `--json -`: stdout carries the JSON alone; the rest goes to stderr
+            args.json_stdout = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                return args.func(args)
         return args.func(args)
     except ExpertMeshError as exc:  # SpecError included: every problem listed
         print(f"error: {exc}", file=sys.stderr)
-        return CLI_EXIT_CODE
+        return exc.cli_exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ cluster commands use it without reaching into the serving layer. The serve flags
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,3 +80,33 @@ def coe_share(text: str) -> tuple[str, float]:
     if not sep or not name or not share > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=SHARE with a share > 0 (e.g. pcb-lite=0.5)")
     return name, share
+
+
+#: `--json -`: the JSON goes to standard output, and `cli.main` sends everything else the command prints to standard
+#: error, so `expertmesh ... --json - | jq` reads JSON alone.
+STDOUT = "-"
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    p.add_argument("--json", metavar="PATH", help=f"also write {what} as JSON to PATH; '-': to standard output (the "
+                                                  "rest of the output then goes to standard error)"
+                                                  + (f" (default: {default})" if default else ""))
+
+
+def emit_json(args: argparse.Namespace, text: str, path: Path | None = None) -> None:
+    """Write `text` where `--json` says (or to `path` when it is unset): a file, or `-` for standard output."""
+    target = args.json if args.json else path
+    if target is None:
+        return
+    if str(target) == STDOUT:
+        out = getattr(args, "json_stdout", None) or sys.stdout  # cli.main keeps the real stdout here
+        out.write(text if text.endswith("\n") else text + "\n")
+        out.flush()
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_text(text)
+    print(f"JSON: {target}")
+
+
+def wants_json_stdout(args: argparse.Namespace) -> bool:
+    return getattr(args, "json", None) == STDOUT

@@ -2,7 +2,7 @@
 
 An error carries a stable `code` (an `ErrorCode`), a human `message`, and optionally the
 `field` at fault and the `fix`. The ingresses (gRPC and HTTP) and the CLI map codes to their
-status in *this* module only (`grpc_status`, `ExpertMeshError.http_status`, `CLI_EXIT_CODE`),
+status in *this* module only (`grpc_status`, `ExpertMeshError.http_status`, `ExpertMeshError.cli_exit_code`),
 so the same fault reads the same everywhere.
 """
 
@@ -40,8 +40,15 @@ _STATUS: dict[ErrorCode, tuple[str, int]] = {
     ErrorCode.INTERNAL: ("INTERNAL", 500),
 }
 
-#: Exit code of a CLI command that was given bad input (a spec, a flag, a file).
+#: Exit code of a CLI command that was given bad input (a spec, a flag, a file, a token): the caller must change
+#: what it passed. argparse's own usage errors exit with 2 too.
 CLI_EXIT_CODE = 2
+#: Exit code of a CLI command that failed at run time (a cluster unreachable, a deadline passed, an internal fault):
+#: the same command may work later.
+CLI_RUNTIME_EXIT_CODE = 1
+#: The codes whose errors are the caller's input; the rest are runtime failures.
+_INPUT_CODES = frozenset({ErrorCode.INVALID_ARGUMENT, ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.NOT_FOUND,
+                          ErrorCode.FAILED_PRECONDITION, ErrorCode.UNAUTHENTICATED, ErrorCode.PERMISSION_DENIED})
 
 
 class ExpertMeshError(Exception):
@@ -74,6 +81,11 @@ class ExpertMeshError(Exception):
     @property
     def http_status(self) -> int:
         return _STATUS[self.code][1]
+
+    @property
+    def cli_exit_code(self) -> int:
+        """2 for bad input (CLI_EXIT_CODE), 1 for a runtime failure (CLI_RUNTIME_EXIT_CODE)."""
+        return CLI_EXIT_CODE if self.code in _INPUT_CODES else CLI_RUNTIME_EXIT_CODE
 
 
 class InvalidArgument(ExpertMeshError):

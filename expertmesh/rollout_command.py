@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import time
 import urllib.request
 from collections import defaultdict
@@ -23,6 +24,7 @@ from pathlib import Path
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from expertmesh.cli_options import emit_json
 from expertmesh.cluster import rollout, rollout_store
 from expertmesh.cluster.prometheus import scrape_targets
 from expertmesh.cluster.rollout import RolloutRefused, RolloutState
@@ -53,9 +55,16 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             first = next(iter(served))
             states = {name: rollout_store.read("" if name == first else name) for name in served
                       if not args.coe or name == args.coe}  # every CoE's live change, or the one named
+            comparisons = read_comparisons()
+            if args.json:
+                emit_json(args, json.dumps({"coes": {name: state.model_dump() for name, state in states.items()},
+                                            "canary_comparisons": [
+                                                {"canary": c, "stable": st, "revision": rev, "outcomes": dict(n)}
+                                                for (c, st, rev), n in comparisons.items()]}, indent=1))
+                return 0
             for name, state in states.items():
                 print(describe(state, app, name, served[name]))
-            print(format_comparisons(read_comparisons(), states))
+            print(format_comparisons(comparisons, states))
             return 0
         state = rollout_store.read(coe)
         steps = plan_steps(args, state, app, coe)

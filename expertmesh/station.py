@@ -28,6 +28,7 @@ from typing import IO
 import grpc
 import numpy as np
 
+from expertmesh.cli_options import emit_json
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts.labeled_data import manifest_rows
 from expertmesh.experts.line_figures import confusion_lines, line_figures
@@ -306,6 +307,5 @@ def cmd_station(args: argparse.Namespace) -> int:
                          traces_path=Path(args.traces) if args.traces else None, pool=pool, coe=args.coe or "",
                          each=args.each)
     print(report.format())
-    if args.json:
-        Path(args.json).write_text(report.to_json())
+    emit_json(args, report.to_json())
     return 1 if report.failure() else 0

@@ -7,11 +7,12 @@ machine); `cli.py` imports it only when one of these commands runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from expertmesh.cli_options import checked_spec_and_zoo, spec_and_zoo
+from expertmesh.cli_options import checked_spec_and_zoo, emit_json, spec_and_zoo, wants_json_stdout
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import file_baseline, file_eval
 from expertmesh.experts.calibration import CalibrationConfig
@@ -19,7 +20,7 @@ from expertmesh.experts.report import evaluate, format_report, write_report
 from expertmesh.experts.spec import default_spec_path
 from expertmesh.experts.strict_yaml import load_strict
 from expertmesh.experts.zoo import BASELINE_SETS, build_zoo
-from expertmesh.profiler.calibration_run import calibrate, format_result, write_json, write_spec
+from expertmesh.profiler.calibration_run import calibrate, format_result, write_spec
 from expertmesh.profiler.measure import MeasureConfig
 from expertmesh.profiler.plot import plot_profiles
 from expertmesh.profiler.run import format_profiles, measure_usage, profile_zoo
@@ -53,9 +54,12 @@ def cmd_zoo_report(args: argparse.Namespace) -> int:
     else:
         report = evaluate(spec, zoo_root, progress=not args.no_progress)
         print(format_report(report))
-    out = Path(args.json) if args.json else zoo_root / "report.json"
-    write_report(report, out)
-    print(f"JSON report: {out}")
+    if wants_json_stdout(args):
+        emit_json(args, json.dumps(report.model_dump(), indent=2))
+    else:
+        out = Path(args.json) if args.json else zoo_root / "report.json"
+        write_report(report, out)
+        print(f"JSON report: {out}")
     if args.min_router_accuracy is not None and report.router_accuracy < args.min_router_accuracy:
         print(f"FAIL: router accuracy {report.router_accuracy:.4f} < {args.min_router_accuracy}", file=sys.stderr)
         return 1
@@ -81,9 +85,7 @@ def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
                                  profile=Path(args.profile) if args.profile else None, progress=not args.no_progress,
                                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     print(format_result(result))
-    if args.json:
-        write_json(result, Path(args.json))
-        print(f"JSON: {args.json}")
+    emit_json(args, json.dumps(result.model_dump(), indent=1))
     t = result.threshold
     if not t.reachable:
         raise InvalidArgument(f"no router threshold reaches a wrong-route rate of {t.target_wrong_route} on the "

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 
+import pytest
 import yaml
 
-from expertmesh.cli import main
+from expertmesh import __version__
+from expertmesh.cli import build_parser, main
+from expertmesh.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
+                               Unavailable)
 from expertmesh.experts.spec import parse_spec
 from expertmesh.experts.zoo import heldout_active_parameters, total_parameters
 
@@ -52,6 +57,11 @@ def test_zoo_build_and_report(tmp_path, capsys):
     assert abs(report["monolithic_total"]["total_parameters"] - total) <= 0.05 * total, (total, report["monolithic_total"])
     assert report["monolithic_total"]["defect_recall"] is not None
 
+    # `--json -`: standard output carries the report's JSON alone (the table goes to standard error)
+    assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", "-", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == report and "router accuracy" in captured.err
+
     # a threshold the tiny zoo cannot meet fails the command
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file),
                  "--no-progress", "--min-router-accuracy", "1.01"]) == 1
@@ -60,3 +70,22 @@ def test_zoo_build_and_report(tmp_path, capsys):
 def test_report_without_zoo_names_the_fix(tmp_path, capsys):
     assert main(["zoo", "report", "--zoo", str(tmp_path), "--no-progress"]) == 2
     assert "expertmesh zoo build" in capsys.readouterr().err
+
+
+def test_version_and_help_name_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"expertmesh {__version__}"
+    assert "2 bad input" in build_parser().format_help() and "1 a runtime failure" in build_parser().format_help()
+
+
+def test_exit_code_tells_bad_input_from_a_runtime_failure(capsys):
+    """2: the caller must change what it passed; 1: the same command may work later (expertmesh.errors decides)."""
+    assert [e("x").cli_exit_code for e in (InvalidArgument, NotFound, FailedPrecondition)] == [2, 2, 2]
+    assert [e("x").cli_exit_code for e in (Unavailable, DeadlineExceeded, Internal)] == [1, 1, 1]
+    with socket.socket() as s:  # a port nothing listens on: refused at once, not Ray's minutes of retries
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    assert main(["status", "--address", address]) == 1
+    assert "no Ray cluster answers" in capsys.readouterr().err
+    assert main(["zoo", "report", "--spec", "/nonexistent/spec.yaml", "--no-progress"]) == 2  # bad input
