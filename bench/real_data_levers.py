@@ -2,7 +2,7 @@
 trained once per variant, each scored on the same held-out test split (carved from the data, seeded and
 stratified; no variant trains, stops or calibrates on it).
 
-  python -m expertmesh.bench.real_data_levers DIR [--variants a,b] [--out bench/results/real_data]
+  python -m expertmesh.bench.real_data_levers DIR [--variants a,b] [--merge] [--out bench/results/real_data]
 
 Each variant changes the walk-through's spec in one place (input size, model width and depth, augmentation,
 epochs) and trains every model of the CoE into its own zoo under DIR. Writes OUT.json and OUT.md: per variant the
@@ -65,6 +65,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "flips_100_unweighted_nostop_px128": ("as flips_100_unweighted_nostop, 128 px",
                                           {"training": {**FLIPS, "epochs": 100, "class_weighting": "none",
                                                         "early_stopping_patience": 1000}, "input_size_px": 128}),
+    "flips_100_unweighted_px128_verdict": ("as flips_100_unweighted_px128, the epoch kept chosen by validation "
+                                           "verdict accuracy (training.select_epoch_by: verdict_accuracy)",
+                                           {"training": {**FLIPS, "epochs": 100, "class_weighting": "none",
+                                                         "select_epoch_by": "verdict_accuracy"},
+                                            "input_size_px": 128}),
     "no_augment_100_shared": ("no augmentation, 100 epochs, both experts fine-tuned from a shared backbone: a "
                               "fallback expert trained on every cell (training.init_from)",
                               {"training": {**NO_AUGMENT, "epochs": 100}, "shared": True}),
@@ -103,7 +108,8 @@ def run_variant(root: Path, name: str, log=print, monolith: bool = False) -> dic
         file_baseline.build(spec, zoo, progress=False, log=lambda m: log(f"  {m}"))
     report = file_eval.evaluate(spec, zoo, progress=False, split="test")
     r = report.model_dump()
-    return {"variant": name, "changes": VARIANTS[name][0], "build_s": time.perf_counter() - t0,
+    return {"variant": name, "changes": VARIANTS[name][0], "commit": provenance()["commit"],
+            "build_s": time.perf_counter() - t0,
             "train_s": train_s, "router_accuracy": r["router_accuracy"], "experts": r["experts"], "coe": r["coe"],
             "monolithic": r["monolithic"], "split": r["split"]}
 
@@ -115,8 +121,8 @@ def markdown(doc: dict) -> str:
              "variant scored on the same test split (20% of each label, seeded by content; never trained, stopped "
              "or calibrated on). Verdict accuracy is PASS (ok, unlikely: p < 0.5) against DEFECT (likely, defective).", "",
              "| variant | changes | CoE verdict acc | defect recall | exact grade acc | mono_cells | poly_cells | "
-             "router | params per expert | train s | monolith verdict acc |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "router | params per expert | train s | monolith verdict acc | commit |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for v in doc["variants"]:
         acc = {e["expert"]: e for e in v["experts"]}
         lines.append(
@@ -124,8 +130,12 @@ def markdown(doc: dict) -> str:
             f"| {v['coe']['defect_accuracy']:.3f} | {acc['mono_cells']['accuracy']:.3f} | "
             f"{acc['poly_cells']['accuracy']:.3f} | {v['router_accuracy']:.3f} | "
             f"{acc['mono_cells']['num_parameters']:,} | {v['train_s']:.0f} | "
-            + (f"{v['monolithic']['verdict_accuracy']:.3f} |" if v.get("monolithic") else "- |"))
-    lines += ["", f"Test images: {doc['variants'][0]['coe']['num_images']} (the CoE's); the published CNN figure "
+            + (f"{v['monolithic']['verdict_accuracy']:.3f} |" if v.get("monolithic") else "- |")
+            + f" {(v.get('commit') or doc['commit'] or '?')[:7]} |")
+    lines += ["", "Rows measured at another commit than the file's were kept from an earlier run (`--merge`): "
+              "each variant names its augmentation, class weighting and epochs, so a later change of the defaults leaves "
+              "its row as it was.",
+              "", f"Test images: {doc['variants'][0]['coe']['num_images']} (the CoE's); the published CNN figure "
               "for functional against defective cells is 88.42% (Deitsch et al., Solar Energy 185, 2019, on their "
               "own 25% test split)."]
     return "\n".join(lines) + "\n"
@@ -136,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--out", type=Path, default=Path("bench/results/real_data"))
+    p.add_argument("--merge", action="store_true", help="keep OUT.json's rows of the variants not run now (each row "
+                                                          "names the commit it was measured at), in VARIANTS' order")
     p.add_argument("--monolith", default="no_augment_100", help="comma list of the variants whose matched-parameter "
                                                               "monolith is built and scored too")
     args = p.parse_args(argv)
@@ -145,10 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--variants: unknown {unknown}; use names from {list(VARIANTS)}")
     export(args.dir)
     doc = {"benchmark": "real_data", **provenance(), "variants": []}
+    kept: dict[str, dict] = {}
+    if args.merge and args.out.with_suffix(".json").exists():
+        before = json.loads(args.out.with_suffix(".json").read_text())
+        kept = {v["variant"]: {"commit": before["commit"], **v} for v in before["variants"]
+                if v["variant"] in VARIANTS and v["variant"] not in names}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {VARIANTS[name][0]}", flush=True)
         v = run_variant(args.dir, name, monolith=name in args.monolith.split(","))
-        doc["variants"].append(v)
+        done = {**kept, **{x["variant"]: x for x in doc["variants"]}, name: v}
+        doc["variants"] = [done[n] for n in VARIANTS if n in done]
         print(f"  verdict accuracy {v['coe']['verdict_accuracy']:.3f}, defect recall {v['coe']['defect_recall']:.3f}, "
               f"exact grade {v['coe']['defect_accuracy']:.3f}, trained in {v['train_s']:.0f} s", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -421,12 +421,3 @@ def proxy_options(settings: ServeSettings) -> dict[str, dict[str, Any]]:
             "http_options": {"host": s.http_host, "port": s.http_port, "request_timeout_s": s.request_timeout_s},
             "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": True,
                              "request_timeout_s": s.request_timeout_s}}
-
-
-def resolve_paths(args: AppArgs, base: Path) -> AppArgs:
-    """Make relative paths in `args` absolute against `base` (Serve may run in another working directory)."""
-    def absolute(p: str | None) -> str | None:
-        return None if p is None else str((base / p).resolve()) if not Path(p).is_absolute() else p
-    return args.model_copy(update={"spec": absolute(args.spec), "zoo": absolute(args.zoo),
-                                   "coes": [absolute(c) for c in args.coes],
-                                   "tokens_file": absolute(args.tokens_file), "profile": absolute(args.profile)})

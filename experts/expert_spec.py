@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from expertmesh.experts.architecture_spec import DEFAULT_ARCHITECTURE, DEFAULT_INPUT_SIZE_PX, ArchitectureSpec
+from expertmesh.experts.architecture_spec import (DEFAULT_ARCHITECTURE, DEFAULT_INPUT_SIZE_PX, FILE_DATA_INPUT_SIZE_PX,
+                                                  ArchitectureSpec)
 from expertmesh.experts.training_spec import TrainingSpec
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
@@ -47,7 +48,9 @@ class ExpertSpec(_Strict):
                                            description="default: DEFAULT_ARCHITECTURE, a 79K-parameter ResNet")
     checkpoint: str = Field("", description="checkpoint directory, relative to the zoo directory (or absolute); "
                             "default: the expert's name")
-    input_size_px: int = Field(DEFAULT_INPUT_SIZE_PX, ge=16, le=1024)
+    input_size_px: int = Field(DEFAULT_INPUT_SIZE_PX, ge=16, le=1024, description="the side the image is resized to; "
+                               f"default {DEFAULT_INPUT_SIZE_PX}, or {FILE_DATA_INPUT_SIZE_PX} for an expert trained on "
+                               "your files (training.data)")
     labels: list[str] = Field(min_length=2)
     pass_labels: list[str] = Field(default_factory=list, description="labels that mean 'no defect found here'")
     uncertain_labels: list[str] = Field(default_factory=list, description="labels that mean 'a person should look': "
@@ -75,6 +78,12 @@ class ExpertSpec(_Strict):
             object.__setattr__(self, "checkpoint", self.name)  # frozen: set once, while validating
         return self
 
+    @model_validator(mode="after")
+    def _file_data_input_size(self) -> ExpertSpec:
+        if "input_size_px" not in self.model_fields_set and self.training is not None and self.training.data is not None:
+            object.__setattr__(self, "input_size_px", FILE_DATA_INPUT_SIZE_PX)  # still unset: spec check prints it
+        return self
+
     def defaults_chosen(self) -> dict[str, str]:
         """The fields this expert's spec left out, each with the value it got (what `spec check` prints)."""
         out: dict[str, str] = {}
@@ -94,6 +103,9 @@ class ExpertSpec(_Strict):
         unknown = [x for x in self.pass_labels if x not in self.labels]
         if unknown:
             raise ValueError(f"pass_labels {unknown} are not in labels {self.labels}; add them to labels or drop them")
+        if self.training is not None and self.training.select_epoch_by == "verdict_accuracy" and not self.pass_labels:
+            raise ValueError("training.select_epoch_by verdict_accuracy needs pass_labels (the verdict is pass label "
+                             "or not); add pass_labels or choose accuracy")
         unknown = [x for x in self.uncertain_labels if x not in self.labels]
         if unknown:
             raise ValueError(f"uncertain_labels {unknown} are not in labels {self.labels}; add them to labels or drop "

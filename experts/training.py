@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from expertmesh.experts.models import build_model
 from expertmesh.experts.image_processing import read_processing
+from expertmesh.experts.operating_point import pass_mask
 from expertmesh.experts.preprocess import to_pixel_values
 from expertmesh.experts.spec import ExpertSpec, TrainingSpec
 
@@ -48,6 +49,7 @@ class TrainPlan:
     augment: tuple[str, ...]
     early_stopping_patience: int | None
     class_weighting: str
+    select_epoch_by: str = "accuracy"
 
 
 DEFAULT_AUGMENT = ("rot90", "hflip")  # what pcb-aoi has always used: every quarter turn and flip of the scene
@@ -70,7 +72,8 @@ def resolve_plan(t: TrainingSpec) -> TrainPlan:
         test_fraction=t.test_fraction if t.test_fraction is not None else (0.2 if files else 0.0),
         augment=tuple(t.augment) if t.augment is not None else (FILE_AUGMENT if files else DEFAULT_AUGMENT),
         early_stopping_patience=t.early_stopping_patience or (3 if fraction > 0 else None),
-        class_weighting=t.class_weighting or "none")
+        class_weighting=t.class_weighting or "none",
+        select_epoch_by=t.select_epoch_by or ("balanced_accuracy" if t.class_weighting == "balanced" else "accuracy"))
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, augment: tuple[str, ...] = DEFAULT_AUGMENT) -> torch.Tensor:
@@ -91,24 +94,27 @@ def _augment(x: torch.Tensor, gen: torch.Generator, augment: tuple[str, ...] = D
 
 
 @torch.no_grad()
-def _scores(model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
-            ) -> tuple[float, float]:
-    """(accuracy, balanced accuracy: the mean of each present label's recall) of `model` on x, y."""
+def _scores(model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str,
+            passing: torch.Tensor | None = None) -> tuple[float, float, float | None]:
+    """`scores` of `model` on x, y."""
     model.eval()
     preds = []
     for s in range(0, len(x), batch_size):
         preds.append(model(pixel_values=x[s:s + batch_size].to(device)).logits.argmax(-1).cpu())
     model.train()
-    return scores(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), y)
+    return scores(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), y, passing)
 
 
-def scores(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, balanced accuracy) of predicted labels against true ones (pure)."""
+def scores(pred: torch.Tensor, y: torch.Tensor, passing: torch.Tensor | None = None
+           ) -> tuple[float, float, float | None]:
+    """(accuracy, balanced accuracy: the mean of each present label's recall, verdict accuracy: pass label or not,
+    as `passing` [K] marks them; None without it) of predicted labels against true ones (pure)."""
     if not len(y):
-        return 0.0, 0.0
+        return 0.0, 0.0, None if passing is None else 0.0
     hit = pred == y
     recalls = [float(hit[y == c].float().mean()) for c in torch.unique(y)]
-    return float(hit.float().mean()), float(np.mean(recalls))
+    verdict = None if passing is None else float((passing[pred] == passing[y]).float().mean())
+    return float(hit.float().mean()), float(np.mean(recalls)), verdict
 
 
 def may_stop(epoch: int, epochs: int) -> bool:
@@ -139,6 +145,7 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
     if validation is not None and len(validation[1]):
         x_val, y_val = to_pixel_values(validation[0], expert.input_size_px, processing), torch.from_numpy(validation[1])
     model = build_model(expert, seed).to(device).train()
+    verdict_mask = pass_mask(expert.labels, expert.pass_labels) if expert.pass_labels else None
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, (len(x_all) + t.batch_size - 1) // t.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=1e-4)
@@ -177,11 +184,12 @@ def train_classifier(expert: ExpertSpec, images: np.ndarray, labels: np.ndarray,
         epochs_run = epoch + 1
         if x_val is None:
             continue
-        val_acc, val_balanced = _scores(model, x_val, y_val, t.batch_size, device)
+        val_acc, val_balanced, val_verdict = _scores(model, x_val, y_val, t.batch_size, device, verdict_mask)
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_ema:.3f}", acc=f"{correct / max(seen, 1):.3f}", val=f"{val_acc:.3f}")
-        # balanced classes in the loss: choose the epoch by balanced accuracy too (plain accuracy would prefer an
-        # epoch that answers the majority label for everything)
-        score = val_balanced if plan.class_weighting == "balanced" else val_acc
+        # balanced classes in the loss: the epoch is chosen by balanced accuracy by default (plain accuracy would
+        # prefer an epoch that answers the majority label for everything)
+        score = {"accuracy": val_acc, "balanced_accuracy": val_balanced,
+                 "verdict_accuracy": val_verdict}[plan.select_epoch_by]
         if best is None or score > best[0]:
             best, since_best = (score, epoch + 1, copy.deepcopy(model.state_dict()), val_acc, val_balanced), 0
         elif may_stop(epoch, t.epochs):  # patience counts only the epochs of the schedule's second half

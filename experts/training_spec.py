@@ -16,7 +16,7 @@ AUGMENTATIONS = ("rot90", "hflip", "vflip", "brightness")
 #: Training keys that only exist since training from files: left out of a checkpoint's fingerprint while unset,
 #: so the experts of specs written before them keep their fingerprints (and their checkpoints stay current).
 FILE_DATA_KEYS = ("data", "validation_fraction", "test_fraction", "augment", "early_stopping_patience",
-                  "class_weighting", "init_from")
+                  "class_weighting", "init_from", "select_epoch_by")
 
 
 class DataSpec(_Strict):
@@ -63,6 +63,10 @@ class TrainingSpec(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1, le=1000, description="epochs without a better validation "
                                                 "accuracy before stopping; default 3")
     class_weighting: Literal["balanced", "none"] | None = Field(None, description="default: balanced for file data")
+    select_epoch_by: Literal["accuracy", "balanced_accuracy", "verdict_accuracy"] | None = Field(
+        None, description="the validation score that picks the epoch kept (and that early stopping watches): the "
+        "label's accuracy, its balanced accuracy, or the PASS/DEFECT verdict's accuracy (needs pass_labels); "
+        "default: balanced_accuracy with class_weighting balanced, else accuracy")
     init_from: str | None = Field(None, description="start from this other expert's trained weights (a new head when "
                                   "the labels differ): a backbone shared across experts, trained on all their images "
                                   "(as CCoE shares one); it must have the same architecture and input size")

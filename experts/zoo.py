@@ -29,7 +29,6 @@ import transformers
 from expertmesh.errors import InvalidArgument
 from expertmesh.experts import labeled_data
 from expertmesh.experts.checkpoint_header import checkpoint_digest
-from expertmesh.experts.graph import usage_probabilities
 from expertmesh.experts.models import build_model, load_model, num_parameters
 from expertmesh.experts.pcb_aoi import dataset, generator
 from expertmesh.experts.image_processing import PREPROCESSOR_FILE
@@ -148,12 +147,6 @@ def is_current(spec: CoESpec, expert: ExpertSpec, checkpoint_dir: Path) -> bool:
 
 def expert_parameters(expert: ExpertSpec) -> int:
     return num_parameters(build_model(expert, 0))
-
-
-def active_parameters(spec: CoESpec) -> float:
-    """Expected parameters a request runs through: sum of usage probability x parameters."""
-    usage = usage_probabilities(spec)
-    return sum(usage[e.name] * expert_parameters(resolved(spec, e)) for e in spec.experts)
 
 
 def heldout_active_parameters(spec: CoESpec) -> float:

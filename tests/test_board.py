@@ -31,7 +31,10 @@ def refused(board_id="b", factory_id="factory-a", components=(comp(),), limits=L
 
 
 def test_a_whole_board_is_accepted():
-    check_board("b", "factory-a", "s", [comp(), comp("factory-a")], LIMITS, max_image_bytes=100)
+    """A board within every limit passes the check (it returns, refusing nothing), whatever its size up to the limit."""
+    for n in range(1, LIMITS.max_components + 1):
+        assert check_board("b", "factory-a", "s", [comp("factory-a")] * n, LIMITS, max_image_bytes=100) is None
+    assert check_board("b", "factory-a", "s", [comp(), comp(image_num_bytes=100)], LIMITS, max_image_bytes=100) is None
 
 
 @pytest.mark.parametrize("kwargs, kind, field, fragment", [

@@ -20,7 +20,7 @@ from expertmesh.errors import SpecError
 from expertmesh.experts import labeled_data as ld
 from expertmesh.experts.images import decode_image
 from expertmesh.experts.pcb_aoi import generator
-from expertmesh.experts.spec import ImageLimits, load_spec, parse_spec
+from expertmesh.experts.spec import ExpertSpec, ImageLimits, load_spec, parse_spec
 from expertmesh.experts.zoo import META_FILE, RECIPE_VERSION, build_zoo, fingerprint, is_current, monolithic_spec
 
 from conftest import default_spec_data, tiny_spec_data
@@ -299,10 +299,26 @@ def test_balanced_accuracy_sees_through_the_majority_answer():
 
     y = torch.tensor([0] * 8 + [1, 2])
     always_ok = torch.zeros(10, dtype=torch.long)
-    acc, balanced = scores(always_ok, y)
-    assert acc == pytest.approx(0.8) and balanced == pytest.approx(1 / 3)
-    acc2, balanced2 = scores(torch.tensor([0] * 5 + [1, 1, 1, 1, 2]), y)
+    acc, balanced, verdict = scores(always_ok, y)
+    assert acc == pytest.approx(0.8) and balanced == pytest.approx(1 / 3) and verdict is None
+    acc2, balanced2, _ = scores(torch.tensor([0] * 5 + [1, 1, 1, 1, 2]), y)
     assert acc2 < acc and balanced2 > balanced  # the epoch a balanced loss should keep
+
+
+def test_verdict_accuracy_counts_only_pass_or_not():
+    """select_epoch_by verdict_accuracy: a wrong grade on the right side of pass/defect is no mistake."""
+    import torch
+
+    from expertmesh.experts.operating_point import pass_mask
+    from expertmesh.experts.training import scores
+
+    passing = pass_mask(["ok", "unlikely", "likely", "defective"], ["ok", "unlikely"])
+    y = torch.tensor([0, 1, 2, 3])
+    acc, _, verdict = scores(torch.tensor([1, 0, 3, 0]), y, passing)  # two grades swapped within a side, one escape
+    assert acc == 0.0 and verdict == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="select_epoch_by verdict_accuracy needs pass_labels"):
+        ExpertSpec(name="x", labels=["a", "b"],
+                   training={"data": {"folder": "f"}, "select_epoch_by": "verdict_accuracy"})
 
 
 def test_an_expert_starts_from_another_experts_backbone(dataset, tmp_path):

@@ -41,7 +41,7 @@ def test_the_spec_passes_spec_check_with_its_defaults_printed(exported, capsys):
     _, spec = exported
     assert main(["spec", "check", str(spec), "--skip-checkpoints"]) == 0
     out = capsys.readouterr().out
-    assert "mono_cells" in out and "input_size_px 64" in out
+    assert "mono_cells" in out and "input_size_px 128" in out  # file data: 128 px by default
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -489,16 +489,3 @@ def _photometric(a: np.ndarray, rng) -> Image.Image:
 def generate(component: str, defect: str, seed: int, index: int) -> Image.Image:
     """Image `index` of (`component`, `defect`) for `seed`: the same arguments always give the same pixels."""
     return render(component, defect, image_rng(seed, component, defect, index))
-
-
-def generate_array(pairs: list[tuple[str, str]], num_per_pair: int, seed: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """A uint8 array [N, H, W, 3] of `num_per_pair` images per pair, and the (component, defect) of each."""
-    out = np.empty((len(pairs) * num_per_pair, IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3), dtype=np.uint8)
-    truth: list[tuple[str, str]] = []
-    k = 0
-    for comp, defect in pairs:
-        for i in range(num_per_pair):
-            out[k] = np.asarray(generate(comp, defect, seed, i))
-            truth.append((comp, defect))
-            k += 1
-    return out, truth
