@@ -30,10 +30,13 @@ WIDE = {"family": "resnet", "config": {"embedding_size": 32, "hidden_sizes": [32
 #: The file-data defaults before this table chose new ones (rot90 + hflip, balanced classes): every variant names its
 #: augmentation and class weighting, so the table means the same whatever the defaults become.
 BEFORE = {"augment": ["rot90", "hflip"], "class_weighting": "balanced"}
+#: ... and the input size before it: every model of a variant trains at 64 px unless the variant names another size
+#: (files now default to 128 px), so each row means what it says.
+BEFORE_SIZE_PX = 64
 NO_AUGMENT = {**BEFORE, "augment": "none"}
 FLIPS = {**BEFORE, "augment": ["hflip", "vflip"]}
 
-#: name -> (what it changes, overrides of the graded experts; the router keeps the defaults). Each variant adds one
+#: name -> (what it changes, overrides of the graded experts; the router keeps the other defaults). Each variant adds one
 #: lever to the one before it, except where it says otherwise.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "defaults": ("the defaults before this table: 64 px, the 79K-parameter ResNet, rot90 + hflip, balanced "
@@ -87,6 +90,8 @@ def variant_spec(name: str) -> dict:
                                 "pass_labels": PASS_GRADES,
                                 "training": {"data": {"manifest": "el_export/manifest.csv"}, "epochs": 40}})
         data["router"]["fallback_expert"] = SHARED
+    for e in data["experts"]:
+        e["input_size_px"] = BEFORE_SIZE_PX
     for e in data["experts"][1:]:
         for key, value in overrides.items():
             if key == "training":

@@ -6,9 +6,10 @@ exception text. Here such a request becomes `Unparsable`, which the proxy passes
 the ingress answers INVALID_ARGUMENT naming the message type (`deployments/ingress.py`).
 
 A request in flight inside an ingress replica that dies (its process killed, its node lost) reaches Serve's proxy as
-a RayActorError, which the proxy answers INTERNAL with Ray's actor-death text. Nothing about the request was wrong and
-another replica takes the retry, so the proxy's handlers for this service (Serve's `service_handler_factory`, wrapped
-while this service registers) turn exactly that case into UNAVAILABLE, which clients retry.
+a RayActorError (ActorDiedError, ActorUnavailableError), which the proxy answers INTERNAL with Ray's actor-death
+text. Nothing about the request was wrong and another replica takes the retry, so the proxy's status function is
+wrapped when this service registers (`answer_replica_loss_unavailable`): an exception of those types, and nothing
+else, becomes UNAVAILABLE, which clients retry. The types decide, not the text.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
+from ray.exceptions import RayActorError
+from ray.serve._private.proxy_request_response import ResponseStatus
+from ray.serve.exceptions import gRPCStatusError
 
 from expertmesh.v1 import inspection_pb2 as pb
 
 SERVICE = "expertmesh.v1.InspectionService"
-_REPLICA_LOSS = ("actor died", "actordiederror", "actorunavailableerror", "actor is unavailable", "rayactorerror")
 REPLICA_LOST_DETAILS = ("the ingress replica serving this request was lost (its process or node died); fix: retry, "
                         "another replica answers")
 
@@ -43,44 +46,40 @@ def _tolerant(message_cls) -> Callable[[bytes], object]:
     return parse
 
 
-def retryable_replica_loss(context) -> None:
-    """INTERNAL with Ray's actor-death text (the proxy's answer for a replica that died mid-request) -> UNAVAILABLE."""
-    if context.code() == grpc.StatusCode.INTERNAL and any(m in (context.details() or "").lower() for m in _REPLICA_LOSS):
-        context.set_code(grpc.StatusCode.UNAVAILABLE)
-        context.set_details(REPLICA_LOST_DETAILS)
+def is_replica_loss(exc: BaseException) -> bool:
+    """Whether `exc`, as it reaches the proxy, says the replica serving the request died (by type)."""
+    if isinstance(exc, gRPCStatusError):
+        exc = exc.original_exception
+    return isinstance(exc, RayActorError)  # ActorDiedError and ActorUnavailableError included
 
 
-def _wrap_factory(factory: Callable) -> Callable:
-    """Serve's handler factory, its unary and server-streaming handlers followed by `retryable_replica_loss`."""
-    def make(service_method: str, streaming_type):
-        handler = factory(service_method=service_method, streaming_type=streaming_type)
-        if streaming_type.name == "UNARY_UNARY":
-            async def unary(request, context):
-                response = await handler(request, context)
-                retryable_replica_loss(context)
-                return response
-            return unary
-        if streaming_type.name == "UNARY_STREAM":
-            async def stream(request, context):
-                async for message in handler(request, context):
-                    yield message
-                retryable_replica_loss(context)
-            return stream
-        return handler
-    return make
+def replica_loss_status(status_of: Callable) -> Callable:
+    """Serve's `get_grpc_response_status(exc, request_timeout_s, request_id)`, a replica loss answered UNAVAILABLE."""
+    if getattr(status_of, "__wrapped_status__", None) is not None:
+        return status_of  # wrapped already
+
+    def status(exc: BaseException, request_timeout_s, request_id: str):
+        if is_replica_loss(exc):
+            return ResponseStatus(code=grpc.StatusCode.UNAVAILABLE, is_error=True, message=REPLICA_LOST_DETAILS)
+        return status_of(exc, request_timeout_s, request_id)
+
+    status.__wrapped_status__ = status_of
+    return status
+
+
+def answer_replica_loss_unavailable() -> None:
+    """In Serve's proxy process: its status function (looked up by name at each failed call) wrapped once."""
+    from ray.serve._private import proxy
+
+    proxy.get_grpc_response_status = replica_loss_status(proxy.get_grpc_response_status)
 
 
 def add_inspection_service(servicer, server) -> None:
     """What `inspection_pb2_grpc.add_InspectionServiceServicer_to_server` does, with `_tolerant` parsing and, on
-    Serve's proxy, `retryable_replica_loss` after each call (the proxy's factory is wrapped for this service only)."""
-    factory = getattr(server, "service_handler_factory", None)  # Serve's gRPCGenericServer; absent elsewhere
-    if factory is not None:
-        server.service_handler_factory = _wrap_factory(factory)
-    try:
-        _register(servicer, server)
-    finally:
-        if factory is not None:
-            server.service_handler_factory = factory
+    Serve's proxy (its gRPCGenericServer has a `service_handler_factory`), a lost replica answered UNAVAILABLE."""
+    if getattr(server, "service_handler_factory", None) is not None:
+        answer_replica_loss_unavailable()
+    _register(servicer, server)
 
 
 def _register(servicer, server) -> None:

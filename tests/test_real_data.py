@@ -56,4 +56,12 @@ def test_lever_table():
            "coe": {"verdict_accuracy": 0.8, "defect_recall": 0.7, "defect_accuracy": 0.6, "num_images": 525},
            "experts": [{"expert": n, "accuracy": 0.5, "num_parameters": 79_000} for n in ("mono_cells", "poly_cells")]}
     text = markdown({"date": "d", "machine": {"cpu_count": 2}, "commit": "abc", "variants": [row]})
-    assert "| defaults | x | 0.800 | 0.700 | 0.600 | 0.500 | 0.500 | 1.000 | 79,000 | 10 | - |" in text
+    assert "| defaults | x | 0.800 | 0.700 | 0.600 | 0.500 | 0.500 | 1.000 | 79,000 | 10 | - | abc |" in text
+
+
+def test_variants_train_at_the_size_they_name():
+    """Every variant pins the input size it was measured at (64 px unless it names one), whatever the defaults."""
+    sizes = {e["name"]: e["input_size_px"] for e in variant_spec("defaults")["experts"]}
+    assert sizes == {"cell_type": 64, "mono_cells": 64, "poly_cells": 64}
+    sizes = {e["name"]: e["input_size_px"] for e in variant_spec("flips_100_unweighted_px128")["experts"]}
+    assert sizes == {"cell_type": 64, "mono_cells": 128, "poly_cells": 128}
