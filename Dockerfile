@@ -13,7 +13,7 @@ ARG CONSTRAINTS=constraints-cpu.txt
 # the CUDA build, which is PyPI's. The Makefile's setup does the same (TORCH_INDEX_URL there).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /opt/expertmesh
-COPY --chown=ray:users pyproject.toml README.md constraints-cpu.txt constraints-cuda.txt ./
+COPY --chown=ray:users pyproject.toml setup.py README.md constraints-cpu.txt constraints-cuda.txt ./
 COPY --chown=ray:users proto/ proto/
 COPY --chown=ray:users expertmesh/ expertmesh/
 COPY --chown=ray:users experts/ experts/
@@ -24,15 +24,14 @@ COPY --chown=ray:users deployments/ deployments/
 COPY --chown=ray:users bench/ bench/
 
 # torch first, held to the build the constraints file names (CPU, or CUDA with constraints-cuda.txt); then the
-# package (ray[serve] is already the image's, at the same pinned version); then the gRPC stubs from the .proto.
+# package (ray[serve] is already the image's, at the same pinned version), whose build generates the gRPC stubs from
+# the .proto (setup.py).
 ENV PIP_CONSTRAINT=/opt/expertmesh/${CONSTRAINTS} \
     RAY_USAGE_STATS_ENABLED=0 \
     EXPERTMESH_HOME=/models
 RUN pip install --no-cache-dir "torch==2.13.0" \
       ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
  && pip install --no-cache-dir . \
- && python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. proto/expertmesh/v1/inspection.proto \
- && pip install --no-cache-dir --no-deps . \
  && python -c "import expertmesh.deployments.app, expertmesh.v1.inspection_pb2_grpc"
 
 # Runs as the base image's non-root user `ray` (uid 1000, group `users` gid 100), numerically so Kubernetes'

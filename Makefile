@@ -136,7 +136,8 @@ own-data-demo: setup
 ## The same walk-through on real images nobody here generated: the ELPV solar cells the elpv-dataset package ships
 ## (2,624 electroluminescence images; CC BY-NC-SA, used for measuring only), exported as a factory's folders, then
 ## spec check, zoo build and zoo report; every command and its output go to docs/real-data-walkthrough.txt.
-## `real-data-levers` trains the training choices compared in bench/results/real_data.md (about 15 minutes here).
+## `real-data-levers` trains the training choices compared in bench/results/real_data.md (about 25 minutes here);
+## `make real-data-levers VARIANTS=a,b` re-runs just those, keeping the file's other rows (--merge).
 REAL_DATA_DIR ?= /tmp/expertmesh-real-data
 .PHONY: real-data-demo real-data-levers
 real-data-demo: setup
@@ -144,7 +145,8 @@ real-data-demo: setup
 	$(BIN)/python bench/real_data_demo.py run $(REAL_DATA_DIR)
 real-data-levers: setup
 	rm -rf $(REAL_DATA_DIR)-levers
-	$(BIN)/python -m expertmesh.bench.real_data_levers $(REAL_DATA_DIR)-levers --out bench/results/real_data
+	$(BIN)/python -m expertmesh.bench.real_data_levers $(REAL_DATA_DIR)-levers --out bench/results/real_data \
+	  $(if $(VARIANTS),--variants $(VARIANTS) --merge)
 
 ## Every test (unit and integration); CI runs exactly this. The serving tests run the real default zoo,
 ## so it is built first (no baseline; current checkpoints are skipped).

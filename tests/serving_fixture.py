@@ -1,8 +1,12 @@
-"""One Ray + Serve instance for every integration test of the session (starting it costs ~20-40 s)."""
+"""Test support shared by the integration tests: one Ray + Serve instance for the session (starting it costs ~20-40
+s), the CLI as a user runs it (`cli`), and the teardown of a `serve` process and its local cluster (`stop_serve`)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -14,6 +18,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from expertmesh.cluster.ports import free_port  # noqa: F401 - the tests import it from here
 
 GRPC_MAX_MESSAGE_MIB = 8.0  # the shared instance's gRPC message limit
+
+
+def cli(env: dict | None, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`expertmesh ARGS` as a separate process, as a user runs it (env: its environment; None: this one's)."""
+    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stop_serve(serve: subprocess.Popen | None, env: dict) -> None:
+    """End a `serve` process as a signal would (SIGTERM, then kill after 60 s) and take its local cluster down."""
+    if serve is not None:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    cli(env, "down")
 
 
 @dataclass

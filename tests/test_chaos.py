@@ -44,7 +44,7 @@ from expertmesh.experts.spec import default_spec_path, load_spec
 from expertmesh.station import sample_components
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
-from serving_fixture import free_port
+from serving_fixture import cli, free_port, stop_serve
 
 
 DEADLINE_S = 30.0  # each request's client deadline, also sent as the deadline metadata (TIMEOUT_HEADER)
@@ -56,11 +56,6 @@ WARM_S = 12.0  # load before the first fault
 PROBE_BOARD_SIZE = 200  # a board still streaming from the ingress when it is killed (a few seconds of work)
 MIN_PAUSE_S, MAX_PAUSE_S, SETTLE_S = 15.0, 45.0, 5.0  # between faults (cluster/chaos.py next_fault_due)
 AFTER_LAST_S = 20.0  # load after the node loss recovered (at most 80 s after it)
-
-
-def cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 class Stations:
@@ -344,13 +339,7 @@ def test_faults_under_station_load_end_every_request_explicitly(tmp_path, defaul
         leaked = [o.details for o in outcomes if any(s in o.details for s in ("Traceback", 'File "'))]
         assert not leaked, f"{len(leaked)} errors carry a stack trace, e.g. {leaked[0][:500]}"
     finally:
-        if serve is not None:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-        cli(env, "down")
+        stop_serve(serve, env)
 
 
 class ProbeBoard:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,14 +26,9 @@ from expertmesh.experts.spec import default_spec_path, load_spec
 from expertmesh.station import sample_components
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
-from serving_fixture import free_port, metric_total
+from serving_fixture import cli, free_port, metric_total, stop_serve
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_up_status_down_on_loopback(tmp_path):
@@ -343,10 +337,4 @@ def test_a_plan_puts_replicas_on_the_planned_nodes(tmp_path, default_zoo, cluste
         leaked = [o.details for o in outcomes if any(s in o.details for s in ("Traceback", "ray::", 'File "'))]
         assert not leaked, f"{len(leaked)} errors carry a stack trace, e.g. {leaked[0][:500]}"
     finally:
-        if serve is not None:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-        cli(env, "down")
+        stop_serve(serve, env)

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from serving_fixture import cli
 
 RUNS = 10
-
-
-def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.mark.slow
@@ -32,10 +26,10 @@ def test_profile_then_plan_ten_times_in_a_row(tmp_path, default_zoo):
     fits = []
     for i in range(RUNS):
         prof = cli(env, "profile", *zoo, "--out", str(store), "--force", "--no-progress", "--plot",
-                   str(tmp_path / "p.png"))
+                   str(tmp_path / "p.png"), timeout=600)
         assert prof.returncode == 0, f"run {i + 1}: profile failed\n{prof.stdout[-1500:]}{prof.stderr[-1500:]}"
         out = cli(env, "plan", *zoo, "--profile", str(store), "--nodes", "3", "--node-memory-gb", "0.06",
-                  "--explain", "--json", str(plan))
+                  "--explain", "--json", str(plan), timeout=600)
         assert out.returncode == 0, f"run {i + 1}: plan failed\n{out.stdout[-1500:]}{out.stderr[-1500:]}"
         assert "Traceback" not in out.stderr + prof.stderr
         entries = json.loads(store.read_text())["entries"]
