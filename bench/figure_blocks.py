@@ -400,6 +400,16 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 GROUPS = sorted({name.split(".")[0] for name in RENDERERS})
 
 
+def documents(root: Path) -> list[Path]:
+    """The texts that quote figures: the README and the pages under docs/ (not docs/figures/, which are renderings)."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def all_documents_text(root: Path) -> str:
+    """Every document's text, one after another: the blocks of all of them, each name once (what `check` reads)."""
+    return "\n".join(p.read_text() for p in documents(root))
+
+
 def load_results(root: Path) -> dict[str, dict]:
     """Every group's results file under root/docs/figures, by group."""
     return {g: json.loads((root / FIGURES_DIR / f"{g}.json").read_text()) for g in GROUPS

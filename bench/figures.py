@@ -327,15 +327,19 @@ REFRESH: dict[str, Callable[[], None]] = {
 
 def render() -> None:
     results = blocks.load_results(ROOT)
-    readme = ROOT / "README.md"
-    readme.write_text(blocks.render_readme(readme.read_text(), results))
+    for doc in blocks.documents(ROOT):
+        text = doc.read_text()
+        rendered = blocks.render_readme(text, results)
+        if rendered != text:
+            doc.write_text(rendered)
     for group in results:
         (ROOT / blocks.FIGURES_DIR / f"{group}.md").write_text(blocks.group_markdown(group, results))
-    print(f"figures: README.md blocks and {blocks.FIGURES_DIR}/*.md rendered from {len(results)} files")
+    print(f"figures: the blocks of README.md and docs/*.md, and {blocks.FIGURES_DIR}/*.md, rendered from "
+          f"{len(results)} files")
 
 
 def check() -> int:
-    readme, results = (ROOT / "README.md").read_text(), blocks.load_results(ROOT)
+    readme, results = blocks.all_documents_text(ROOT), blocks.load_results(ROOT)
     for group in blocks.unmeasured_groups(readme, results):
         print(f"figures: {group} is not measured yet (no {blocks.FIGURES_DIR}/{group}.json, no README block); "
               f"`make figures FIGURES={group}` measures it")

@@ -19,10 +19,6 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "config": {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1], "layer_type": "basic"}}
 #: What an expert gets when its spec leaves `input_size_px` out (pcb-aoi's size for most of its experts).
 DEFAULT_INPUT_SIZE_PX = 64
-#: ... and an expert trained on your files (`training.data`): real crops are larger and their defects finer than the
-#: generated ones; on ELPV cells 128 px gave 2.6 points of verdict accuracy over 64 px with the same model and split
-#: (bench/results/real_data.md), for about 3x the training time. Smaller images: set input_size_px to their size.
-FILE_DATA_INPUT_SIZE_PX = 128
 
 
 class _Strict(BaseModel):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import figure_blocks as blocks  # noqa: E402  (bench/ is scripts, not a package)
 import figure_parse as parse  # noqa: E402
 
-README = (ROOT / "README.md").read_text()
+README = blocks.all_documents_text(ROOT)  # README.md and docs/*.md: a block quotes its figures where its section is
 RESULTS = blocks.load_results(ROOT)
 
 

@@ -85,7 +85,7 @@ def test_spec_check_prints_the_defaults_it_chose(tmp_path, capsys):
     assert main(["spec", "check", str(tmp_path / "s.yaml"), "--skip-checkpoints"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("part_family") and "task" in x)
-    assert "task route" in line and "checkpoint part_family" in line and "input_size_px 128" in line  # file data
+    assert "task route" in line and "checkpoint part_family" in line and "input_size_px 64" in line
     assert "architecture resnet 16-32-64 channels" in line
     assert "passive_aoi" in out and "task classify" in out
 
