@@ -1,4 +1,5 @@
-"""The README's figure blocks, rendered from the results files under docs/figures/ (pure: no Ray, no torch).
+"""The figure blocks of README.md and docs/*.md, rendered from the results files under docs/figures/ (pure: no Ray,
+no torch). Their links start at the repository's root (`/docs/figures/...`), so a block reads the same on any page.
 
 A block is README text between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`; NAME is `<group>` or
 `<group>.<part>`, and the group names the results file `docs/figures/<group>.json` it is rendered from. A block whose
@@ -57,7 +58,7 @@ def source_note(group: str, results: dict) -> str:
     load = r.get("load_average_1_5_15m")
     if load and load[1] > 2.5:
         made += f", on a shared machine (load average {load[1]:g} over 5 min)"
-    return f"[`{FIGURES_DIR}/{group}.json`]({FIGURES_DIR}/{group}.json): {made}; `make figures` refreshes it"
+    return f"[`{FIGURES_DIR}/{group}.json`](/{FIGURES_DIR}/{group}.json): {made}; `make figures` refreshes it"
 
 
 # ---------------------------------------------------------------------------------------------------- make run
@@ -248,8 +249,8 @@ def throughput(results: dict) -> str:
     table = "\n".join([f"| `expertmesh bench throughput` | before ({docs[0]['commit'][:7]}) | now ({docs[1]['commit'][:7]}) |",
                        "|---|---|---|", *(f"| {label} | {' | '.join(cells)} |" for label, cells in rows)])
     after = wrap(f"`before` is the design before issue 12 ({docs[0]['commit'][:7]}, measured {docs[0]['date'][:10]}, "
-                 f"not re-run); every sweep point is in [`{THROUGHPUT_RESULTS}.md`]({THROUGHPUT_RESULTS}.md), the plot "
-                 f"in [`{THROUGHPUT_RESULTS}.png`]({THROUGHPUT_RESULTS}.png) "
+                 f"not re-run); every sweep point is in [`{THROUGHPUT_RESULTS}.md`](/{THROUGHPUT_RESULTS}.md), the plot "
+                 f"in [`{THROUGHPUT_RESULTS}.png`](/{THROUGHPUT_RESULTS}.png) "
                  f"({source_note('throughput', results)}).")
     return f"\n{table}\n\n{after}\n"
 

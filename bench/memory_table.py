@@ -312,6 +312,6 @@ def update_readme(readme_path: Path, results_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"),
+    update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/memory-limited-serving.md"),
                   Path(sys.argv[2] if len(sys.argv) > 2 else "bench/results/memory.json"))
     print("README memory table rewritten")

@@ -49,7 +49,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
           + ("" if args.skip_checkpoints else f", checkpoints present in {zoo_root}"))
     chosen = {e.name: e.defaults_chosen() for e in spec.experts if e.defaults_chosen()}
     if chosen:
-        print("defaults chosen for what the spec leaves out (README: The CoE spec):")
+        print("defaults chosen for what the spec leaves out (docs/coe-spec.md):")
         for name, values in chosen.items():
             print(f"  {name:<24}" + ", ".join(f"{k} {v}" for k, v in values.items()))
     print("usage probability per request:")

@@ -169,3 +169,10 @@ def node_name() -> str:
     except Exception:  # noqa: BLE001 - older Ray or no labels: fall back to the id
         labels = {}
     return labels.get("expertmesh.io/node") or ctx.get_node_id()[:12]
+
+
+def reference_table() -> str:
+    """The metrics reference docs/observability.md quotes, one row per declaration (a test keeps the two equal)."""
+    rows = ["| metric (as scraped) | type | labels | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{m.exported}` | {m.kind} | {', '.join(m.tag_keys) or '-'} | {m.description} |" for m in METRICS]
+    return "\n".join(rows)

@@ -116,3 +116,14 @@ def test_the_memory_budget_is_what_the_node_declares(declared_mib, device_bytes,
 def test_a_negative_declared_budget_is_refused():
     with pytest.raises(ValueError, match="expertmesh_memory_mib is -1.*fix"):
         memory_budget_bytes(-1, machine_bytes=GIB, device_bytes=None)
+
+
+def test_the_metrics_reference_is_the_declarations():
+    """docs/observability.md's table is `reference_table()`: every declared metric, its labels and meaning."""
+    from pathlib import Path
+
+    from expertmesh.metrics import reference_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "observability.md").read_text()
+    assert reference_table() in doc, "regenerate the table: python -c 'from expertmesh.metrics import " \
+                                     "reference_table; print(reference_table())'"

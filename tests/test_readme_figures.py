@@ -122,7 +122,7 @@ def test_the_throughput_block_compares_before_and_now(throughput_results):
     assert rows["deploy to first answer, s"] == ["66.2", "66.2 |"]
     assert rows["replicas' RSS after load (processes)"][0] == "6,159 MiB (13)"
     assert "throughput-before.json` at 0123456, 2026-11-27" in " ".join(body.split())
-    assert "(bench/results/throughput.md)" in body and "(bench/results/throughput.png)" in body
+    assert "(/bench/results/throughput.md)" in body and "(/bench/results/throughput.png)" in body  # from the root
 
 
 def test_a_throughput_block_needs_its_file_and_its_file_needs_a_block(throughput_results):
@@ -309,6 +309,6 @@ def test_the_training_blocks_quote_their_file():
     body = " ".join(blocks.render_block("training", results).split())
     assert body.startswith("- **Measured:** `make run` trains the 2 experts in 255 s on this 2-core machine")
     assert "151 s training the experts (the slowest `component_classifier`, 121 s), 70 s generating the images" in body
-    assert "(docs/figures/training.json): `expertmesh zoo build --zoo TMP --baselines none` at 0123456, 2026-11-27" in body
+    assert "(/docs/figures/training.json): `expertmesh zoo build --zoo TMP --baselines none` at 0123456, 2026-11-27" in body
     assert blocks.render_block("training.total", results) == "255 s"
     assert blocks.render_block("training.split", results).startswith("255 s on 2 cores, measured: the experts 151 s")
