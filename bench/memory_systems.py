@@ -265,7 +265,7 @@ class HostSystem(DeployedSystem):
         for k, row in enumerate(rows):
             if row["pending"]:
                 raise RuntimeError(f"the host left calls pending: {row['pending']}")
-            out[request.part_id(k)] = {t["expert"]: t["label"] for t in row["trace"]}
+            out[request.part_id(k)] = {t.expert: t.label for t in row["trace"]}
         return out
 
 

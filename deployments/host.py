@@ -39,6 +39,7 @@ from expertmesh.experts.revisions import Revision, RevisionSet
 from expertmesh.experts.spec import resolve_checkpoint
 from expertmesh.metrics import instruments, node_name
 from expertmesh.router.plan import Call, ExpertOutput
+from expertmesh.router.trace import TraceEntry
 from expertmesh.router.waves import PlanInFlight, record, take_calls
 
 logger = logging.getLogger("ray.serve")
@@ -136,18 +137,16 @@ class ExpertHostDeployment:
         spec = rev.spec
         inflight = {i: PlanInFlight.start(calls, planned) for i, (calls, planned) in enumerate(plans)}
         sent = {c.expert for calls, _ in plans for c in calls}  # sent here: run even if not hosted (a re-route)
-        traces: dict[int, list[dict]] = {i: [] for i in inflight}
+        traces: dict[int, list[TraceEntry]] = {i: [] for i in inflight}
         while wave := take_calls(inflight, lambda e: e in self.hosted or e in sent):
             groups = list(wave.items())
             results = await asyncio.gather(*(self._call(expert, images, items) for expert, items in groups))
             for (expert, items), rows in zip(groups, results):
                 for (i, call), (pred, info) in zip(items, rows):
                     record(spec, inflight[i], call, ExpertOutput(expert, pred.label, pred.score))
-                    traces[i].append({"latency_ms": info.latency_ms, "batch_size": info.batch_size,
-                                      "readiness": info.readiness, "node_id": self.node_id,
-                                      "replica_id": self.replica_id, "expert": expert, "label": pred.label,
-                                      "score": pred.score, "reason": call.reason.value,
-                                      "because_of": call.because_of or ""})
+                    traces[i].append(TraceEntry(
+                        expert, pred.label, pred.score, call.reason, call.because_of or "", info.latency_ms,
+                        info.batch_size, info.readiness, self.node_id, self.replica_id))
         return [{"trace": traces[i], "pending": p.pending, "planned": sorted(p.planned)} for i, p in inflight.items()]
 
     async def _call(self, expert: str, images: dict[int, np.ndarray], items: list[tuple[int, Call]]) -> list:

@@ -73,9 +73,7 @@ def to_proto(request_id: str, result: dict, board_id: str = "", index: int = 0) 
         request_id=request_id, category=result["category"], category_confidence=result["category_confidence"],
         verdict=_VERDICTS[result["verdict"]], defect=result["defect"], latency_ms=result["latency_ms"],
         board_id=board_id, component_index=index, coe_version=result.get("coe_version", ""),
-        experts=[pb.ExpertTrace(expert=t["expert"], label=t["label"], score=t["score"], latency_ms=t["latency_ms"],
-                                reason=t["reason"], because_of=t["because_of"], node_id=t["node_id"],
-                                replica_id=t["replica_id"], version=t.get("version", "")) for t in result["trace"]])
+        experts=[pb.ExpertTrace(**t.wire()) for t in result["trace"]])
 
 
 UNAUTHENTICATED_LABEL = "unauthenticated"  # the factory label of a request whose token failed
@@ -447,8 +445,7 @@ class IngressDeployment:
             return JSONResponse({"request_id": rid, **{k: result[k] for k in (
                 "category", "category_confidence", "verdict", "defect", "latency_ms")},
                 "coe_version": result.get("coe_version", ""),
-                "experts": [{k: t.get(k, "") for k in ("expert", "label", "score", "latency_ms", "reason", "because_of",
-                                                          "node_id", "replica_id", "version")} for t in result["trace"]]})
+                "experts": [t.wire() for t in result["trace"]]})
         except ExpertMeshError as err:
             self._record("http", factory_id, t0, err.code.value)
             return JSONResponse({"error": err.to_dict(), "request_id": rid}, status_code=err.http_status)

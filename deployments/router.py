@@ -36,7 +36,8 @@ from expertmesh.metrics import instruments, node_name
 from expertmesh.cluster.rollout import RolloutState
 from expertmesh.router.canary import Assignment, CanarySplitter, agreement
 from expertmesh.router.locality import host_for
-from expertmesh.router.plan import Call, ExpertOutput, Reason, RequestMeta, aggregate, route
+from expertmesh.router.plan import Call, Reason, RequestMeta, aggregate, route
+from expertmesh.router.trace import TraceEntry
 from expertmesh.router.waves import PlanInFlight, merge
 
 MAX_HOST_ROUNDS = 16  # a plan crosses hosts at most this often (the dependency graph is acyclic: a backstop)
@@ -234,13 +235,14 @@ class RouterDeployment:
         sub = images if everything else {size: arr[index] for size, arr in images.items()}
         preds = await asyncio.to_thread(self._classify, classifier, sub[classifier.spec.input_size_px])
         step1_ms = (time.perf_counter() - t0) * 1000.0
-        first = {"expert": classifier.name, "reason": "router", "because_of": "", "latency_ms": step1_ms,
-                 "batch_size": len(preds), "readiness": "ready", "node_id": self.node_id, "replica_id": self.replica_id}
+        def first(p) -> TraceEntry:  # the category classifier's own entry, in this process
+            return TraceEntry(classifier.name, p.label, p.score, Reason.ROUTER, "", step1_ms, len(preds), "ready",
+                              self.node_id, self.replica_id)
         routes = [route(spec, p.label, p.score, RequestMeta(**metas[i])) for p, i in zip(preds, rows)]
         counted = [r for r, i in zip(routes, rows) if i not in shadows]
         self._record_routes(spec.name, classifier.name, counted, len(counted), time.perf_counter() - t0)
         plans = {k: PlanInFlight.start(r.calls) for k, r in enumerate(routes)}
-        traces: dict[int, list[dict]] = {k: [] for k in plans}
+        traces: dict[int, list[TraceEntry]] = {k: [] for k in plans}
         failed: dict[int, ExpertMeshError] = {}
         await self._run_plans(rev, sub, plans, traces, failed, [deadlines[i] for i in rows])
         out: dict[int, dict | ExpertMeshError] = {}
@@ -248,12 +250,12 @@ class RouterDeployment:
             if k in failed:
                 out[i] = failed[k]
                 continue
-            outcome = aggregate(spec, [ExpertOutput(t["expert"], t["label"], t["score"]) for t in traces[k]])
-            trace = [{**first, "label": p.label, "score": p.score}] + traces[k]
+            outcome = aggregate(spec, [t.output() for t in traces[k]])
+            trace = [first(p)] + traces[k]
             out[i] = {"category": r.category, "category_confidence": r.confidence, "fallback": r.fallback,
                       "rules": list(r.rules), "verdict": outcome.verdict.value, "defect": outcome.defect,
-                      "trace": [{**t, "expert": rev.names.get(t["expert"], plain_name(t["expert"])),
-                                 "version": rev.versions.get(t["expert"], "")} for t in trace],
+                      "trace": [t.named(rev.names.get(t.expert, plain_name(t.expert)), rev.versions.get(t.expert, ""))
+                                for t in trace],
                       "latency_ms": (time.perf_counter() - t0) * 1000.0,
                       "decided_by": rev.names.get(outcome.decided_by or "", plain_name(outcome.decided_by or "")), "coe": spec.name, "coe_version": rev.label}
         return out
@@ -375,8 +377,7 @@ class RouterDeployment:
             if host:
                 near[k] = self._node_of.get(host, host)
             traces[k].extend(answer["trace"])
-            done = [(Call(t["expert"], Reason(t["reason"]), t["because_of"] or None),
-                     ExpertOutput(t["expert"], t["label"], t["score"])) for t in answer["trace"]]
+            done = [(t.call(), t.output()) for t in answer["trace"]]
             merge(plans[k], done, answer["pending"], answer["planned"])
 
     def _record_routes(self, coe: str, classifier: str, routes: list, num_requests: int, seconds: float) -> None:

@@ -36,6 +36,7 @@ from expertmesh.experts.pcb_aoi import generator
 from expertmesh.experts.pcb_aoi.truth import NO_DEFECT, sample_pairs, verdict_correct
 from expertmesh.experts.images import encode_png
 from expertmesh.router.plan import Verdict
+from expertmesh.router.trace import TraceEntry
 from expertmesh.v1 import inspection_pb2 as pb
 from expertmesh.v1 import inspection_pb2_grpc as pb_grpc
 
@@ -160,9 +161,7 @@ def trace_record(resp: pb.InspectResponse, part: Component | None = None) -> dic
         if part is not None and part.file else {}
     return {**sent, "request_id": resp.request_id, "category": resp.category, "verdict": pb.Verdict.Name(resp.verdict),
             "defect": resp.defect, "latency_ms": resp.latency_ms,
-            "experts": [{"expert": t.expert, "label": t.label, "score": t.score, "latency_ms": t.latency_ms,
-                         "reason": t.reason, "because_of": t.because_of, "node_id": t.node_id,
-                         "replica_id": t.replica_id} for t in resp.experts]}
+            "experts": [TraceEntry.from_wire(t).wire() for t in resp.experts]}
 
 
 def response_verdict(resp: pb.InspectResponse) -> Verdict:

@@ -18,6 +18,10 @@ from expertmesh.experts.spec import CoESpec, GatingRuleSpec
 
 
 class Reason(str, enum.Enum):
+    """Why an expert was called: the category classifier itself (step 1: ROUTER, in traces only), the category
+    table, a gating rule, a dependency trigger, or the fallback."""
+
+    ROUTER = "router"
     TABLE = "table"
     RULE = "rule"
     DEPENDENCY = "dependency"
