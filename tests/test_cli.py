@@ -45,7 +45,10 @@ def test_zoo_build_and_report(tmp_path, capsys):
     report = json.loads(report_file.read_text())
     assert report["coe"]["num_images"] == 49 * 2
     assert {e["expert"] for e in report["experts"]} >= {"component_classifier", "polarity", "solder_fine"}
-    assert 0 <= report["coe"]["verdict_accuracy"] <= 1 and report["monolithic"]["total_parameters"] > 0
+    # the tiny zoo (a few epochs) finds nearly every defect (0.99 here) and is right on most verdicts (0.81), and the
+    # table printed the JSON's figure
+    assert report["coe"]["defect_recall"] >= 0.9 and report["coe"]["verdict_accuracy"] >= 0.75, report["coe"]
+    assert f"{report['coe']['verdict_accuracy']:.4f}" in out and report["monolithic"]["total_parameters"] > 0
     assert report["coe"]["mean_experts_per_image"] >= 2  # the router and at least one expert
     # README ("The default CoE"): experts of ~80-170k parameters each; one baseline sized to the CoE's active
     # parameters per image on the held-out mix (the width whose parameter count comes closest: within 10%), one to
@@ -60,7 +63,9 @@ def test_zoo_build_and_report(tmp_path, capsys):
     # `--json -`: standard output carries the report's JSON alone (the table goes to standard error)
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", "-", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out) == report and "router accuracy" in captured.err
+    streamed = json.loads(captured.out)
+    assert streamed.pop("seconds") > 0 and streamed == {k: v for k, v in report.items() if k != "seconds"}
+    assert "router accuracy" in captured.err
 
     # a threshold the tiny zoo cannot meet fails the command
     assert main(["zoo", "report", "--spec", str(spec_file), "--zoo", str(zoo), "--json", str(report_file),
