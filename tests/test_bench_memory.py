@@ -247,11 +247,10 @@ def test_quick_run_of_every_system(tmp_path):
         assert switches["all_resident"] == 0, switches
         # memory is short for every other system, so experts move: the run exercises eviction and switching ...
         assert all(n > 0 for name, n in switches.items() if name != "all_resident"), (stream, switches)
-        # ... and dependency-aware scheduling and eviction never switch more than FCFS + LRU on the same budgets (the
+        # ... and ExpertMesh's dependency-aware scheduling and eviction never switch more than FCFS + LRU on the same budgets (the
         # full run: 94 against 428 on components, 134 against 674 on boards; this quick run's 9 experts and 8 boards
         # can tie: 5 and 5 on boards once)
         assert switches["expertmesh"] <= switches["fcfs_lru"], (stream, switches)
-        assert switches["evict_only"] <= switches["fcfs_lru"], (stream, switches)
         for name in ("expertmesh_2x_pow2", "expertmesh_2x_assign"):  # two executors, the memory model's budgets
             sys = run["systems"][name]
             each = sys["closed"]["stats"]["per_replica"]
