@@ -36,9 +36,13 @@ def _require_listening(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return
     except (OSError, ValueError) as exc:
-        raise Unavailable(f"no Ray cluster answers at {address} ({exc})", field="--address",
-                          fix="start one (`expertmesh up`), or pass the address `expertmesh up` or `ray start` "
-                              "printed") from None
+        raise unreachable(address, str(exc)) from None
+
+
+def unreachable(address: str, why: str) -> Unavailable:
+    """The error for an address where no Ray cluster answers (a runtime failure: exit 1)."""
+    return Unavailable(f"no Ray cluster answers at {address} ({why})", field="--address",
+                       fix="start one (`expertmesh up`), or pass the address `expertmesh up` or `ray start` printed")
 
 
 def connect(address: str) -> ModuleType:
@@ -54,7 +58,5 @@ def connect(address: str) -> ModuleType:
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, TimeoutError) as exc:  # a runtime failure (exit 1), not a traceback
-            raise Unavailable(f"no Ray cluster answers at {address} ({type(exc).__name__}: {exc})", field="--address",
-                              fix="start one (`expertmesh up`), or pass the address `expertmesh up` or `ray start` "
-                                  "printed") from None
+            raise unreachable(address, f"{type(exc).__name__}: {exc}") from None
     return ray

@@ -93,10 +93,10 @@ def add_json_arg(p: argparse.ArgumentParser, what: str, default: str | None = No
                                                   + (f" (default: {default})" if default else ""))
 
 
-def emit_json(args: argparse.Namespace, text: str, path: Path | None = None) -> None:
-    """Write `text` where `--json` says (or to `path` when it is unset): a file, or `-` for standard output."""
-    target = args.json if args.json else path
-    if target is None:
+def emit_json(args: argparse.Namespace, text: str) -> None:
+    """Write `text` where `--json` says, if it says: a file, or `-` for standard output."""
+    target = args.json
+    if not target:
         return
     if str(target) == STDOUT:
         out = getattr(args, "json_stdout", None) or sys.stdout  # cli.main keeps the real stdout here

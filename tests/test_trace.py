@@ -19,7 +19,7 @@ def test_the_wire_fields_are_the_protos():
 
 
 def test_proto_json_and_pickle_carry_an_entry_whole():
-    on_wire = {k: v for k, v in ENTRY.wire().items()}
+    on_wire = ENTRY.wire()
     assert list(on_wire) == list(WIRE_FIELDS) and on_wire["reason"] == "dependency"
     assert TraceEntry.from_wire(pb.ExpertTrace(**ENTRY.wire())).wire() == ENTRY.wire()  # gRPC (score as float32)
     assert TraceEntry.from_wire(json.loads(json.dumps(ENTRY.wire()))).wire() == ENTRY.wire()  # HTTP
